@@ -1,0 +1,748 @@
+/**
+ * banshare hub: relays ban and unban events between the nodes of a fleet.
+ *
+ *   node --import tsx hub.ts --tokens /etc/banshare/tokens --state /var/lib/banshare/journal.jsonl
+ *   node --import tsx hub.ts add-node web1 --tokens /etc/banshare/tokens   # prints web1's token
+ *
+ * Nodes authenticate with `Authorization: Bearer TOKEN` on the WebSocket upgrade; the token
+ * file holds only SHA-256 hashes. The hub keeps the fleet's claims (messages.ts), writes every
+ * accepted event to its journal and fsyncs before it acks, and pushes each event to every
+ * other node's agents. `GET /healthz` and `GET /metrics` answer on the same port.
+ *
+ * @module
+ */
+
+import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
+import { once } from "node:events";
+import { createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
+import { appendFile, mkdir, open, readFile, rename, type FileHandle } from "node:fs/promises";
+import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
+import type { AddressInfo } from "node:net";
+import { dirname } from "node:path";
+import type { Duplex } from "node:stream";
+import { fileURLToPath } from "node:url";
+import { WebSocketServer, type WebSocket } from "ws";
+import yargs from "yargs";
+import {
+  ALL_ORIGINS,
+  CSV_HEADER,
+  DEFAULT_MAX_PREFIX,
+  MAX_NODE_FRAME_BYTES,
+  PROTOCOL_VERSION,
+  blockedUntil,
+  csvRow,
+  eventUntil,
+  isName,
+  mergeClaim,
+  parseNodeFrame,
+  pruneClaims,
+  type BanFrame,
+  type Claims,
+  type CsvRecord,
+  type ErrorCode,
+  type FleetEvent,
+  type HubFrame,
+  type PrefixLimits,
+  type Role,
+  type UnbanFrame,
+} from "./messages.ts";
+
+/** One enrolled node from the token file. */
+export interface TokenEntry {
+  name: string;
+  hash: string;
+  role: Role;
+}
+
+/** Everything `startHub` needs; `parseArgs` turns flags into this. */
+export interface HubOptions {
+  host: string;
+  port: number;
+  tokensFile: string;
+  statePath?: string;
+  csvPath?: string;
+  heartbeatMs: number;
+  maxPrefix: PrefixLimits;
+  tlsCert?: string;
+  tlsKey?: string;
+  /** Largest number of events in one `sync` frame. */
+  syncChunk: number;
+  /** A socket with more than this many bytes queued is dropped rather than grow the hub. */
+  maxBufferedBytes: number;
+  log: (line: string) => void;
+}
+
+/** A running hub. */
+export interface Hub {
+  port: number;
+  hubId: string;
+  claims: Claims;
+  seq(): number;
+  reloadTokens(): Promise<void>;
+  close(): Promise<void>;
+}
+
+const ROLES: Role[] = ["node", "reader", "admin"];
+const DEFAULT_PORT = 7700;
+const SYNC_CHUNK = 5000;
+const JOURNAL_MAGIC = "banshare-journal";
+
+// ---------------------------------------------------------------------------------------------
+// Pure helpers
+
+/** SHA-256 of a token, hex: what the token file stores. */
+export function hashToken(token: string): string {
+  return createHash("sha256").update(token, "utf8").digest("hex");
+}
+
+/** Parses the token file: `NAME SHA256HEX [ROLE]` per line, `#` comments. Throws on the first bad line. */
+export function parseTokens(text: string, file = "tokens"): TokenEntry[] {
+  const out: TokenEntry[] = [];
+  const names = new Set<string>();
+  text.split("\n").forEach((raw, i) => {
+    const line = raw.replace(/#.*/, "").trim();
+    if (!line) return;
+    const [name, hash, role = "node", extra] = line.split(/\s+/);
+    const where = `${file}:${i + 1}`;
+    if (extra !== undefined) throw new Error(`${where}: expected "NAME SHA256HEX [ROLE]", got ${line.split(/\s+/).length} fields`);
+    if (!isName(name)) throw new Error(`${where}: expected a node name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(name)}`);
+    if (!/^[0-9a-f]{64}$/.test(hash ?? "")) throw new Error(`${where}: expected a 64-digit lowercase SHA-256 hex hash for ${name}`);
+    if (!ROLES.includes(role as Role)) throw new Error(`${where}: expected role node, reader or admin, got ${JSON.stringify(role)}`);
+    if (names.has(name)) throw new Error(`${where}: node ${name} is listed twice`);
+    names.add(name);
+    out.push({ name, hash, role: role as Role });
+  });
+  return out;
+}
+
+/** Finds the entry whose hash matches `token`, comparing every entry in constant time. */
+export function findToken(entries: TokenEntry[], token: string): TokenEntry | undefined {
+  const presented = Buffer.from(hashToken(token), "hex");
+  let found: TokenEntry | undefined;
+  for (const e of entries) {
+    if (timingSafeEqual(presented, Buffer.from(e.hash, "hex"))) found = e;
+  }
+  return found;
+}
+
+/** Reads the bearer token of an upgrade request, or undefined. */
+export function bearerToken(req: Pick<IncomingMessage, "headers">): string | undefined {
+  const m = /^Bearer ([\x21-\x7e]{1,512})$/.exec(req.headers.authorization ?? "");
+  return m?.[1];
+}
+
+/** Parses `HOST:PORT`, `[V6]:PORT` or `PORT`. Throws with one sentence on anything else. */
+export function parseListen(s: string): { host: string; port: number } {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(s) ?? /^()()(\d{1,5})$/.exec(s);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new Error(`Expected --listen as HOST:PORT or [IPV6]:PORT, got ${JSON.stringify(s)}`);
+  return { host: m[1] || m[2] || "127.0.0.1", port };
+}
+
+/** Turns an accepted ban or unban frame into the event the fleet stores, given the claims it joins. */
+export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number, claims: Claims, now: number): FleetEvent {
+  const byOrigin = claims.get(f.ip);
+  const isAll = f.type === "unban" && f.all === true;
+  const previous = isAll ? blockedUntil(byOrigin, now) : byOrigin?.get(origin)?.kind === "ban" ? byOrigin.get(origin)!.until : undefined;
+  return {
+    seq: String(seq),
+    kind: f.type,
+    ip: f.ip,
+    origin: isAll ? ALL_ORIGINS : origin,
+    jail: f.jail,
+    until: eventUntil(f.type, f.detectedAt, f.type === "ban" ? f.bantime : undefined, previous),
+    detectedAt: f.detectedAt,
+    id: f.id,
+    relayedAt: now,
+  };
+}
+
+/**
+ * The events a connecting agent needs: every live claim not its own, or, when resuming from
+ * `afterSeq`, only those accepted after it. Claims are last-writer-wins, so the newest event
+ * per (ip, origin) is all a resuming agent lacks; superseded and expired ones need no resend.
+ */
+export function syncEvents(claims: Claims, node: string, afterSeq: number | undefined, now: number): FleetEvent[] {
+  const out: FleetEvent[] = [];
+  for (const byOrigin of claims.values()) {
+    for (const e of byOrigin.values()) {
+      if (e.origin === node || (e.until !== null && e.until <= now)) continue;
+      if (afterSeq !== undefined && Number(e.seq) <= afterSeq) continue;
+      out.push(e);
+    }
+  }
+  return out.sort((a, b) => Number(a.seq) - Number(b.seq));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Journal: append-only JSONL, group commit, compaction by rename
+
+interface JournalHeader {
+  journal: typeof JOURNAL_MAGIC;
+  v: number;
+  hub: string;
+  seq: number;
+}
+
+/** What a journal file held when it was opened. */
+export interface JournalContents {
+  hubId: string;
+  seq: number;
+  events: FleetEvent[];
+  skipped: number;
+}
+
+/** Parses a journal file's text. A torn or corrupt line is skipped and counted, never fatal. */
+export function parseJournal(text: string): JournalContents | undefined {
+  const lines = text.split("\n");
+  let header: JournalHeader;
+  try {
+    header = JSON.parse(lines[0]);
+  } catch {
+    return undefined;
+  }
+  if (header?.journal !== JOURNAL_MAGIC || typeof header.hub !== "string") return undefined;
+  const events: FleetEvent[] = [];
+  let skipped = 0;
+  let seq = Number(header.seq) || 0;
+  for (const line of lines.slice(1)) {
+    if (!line) continue;
+    try {
+      const e = JSON.parse(line) as FleetEvent;
+      if (typeof e.ip !== "string" || typeof e.seq !== "string") throw new Error("not an event");
+      events.push(e);
+      seq = Math.max(seq, Number(e.seq));
+    } catch {
+      skipped++;
+    }
+  }
+  return { hubId: header.hub, seq, events, skipped };
+}
+
+/** Callbacks the journal makes: events just made durable, the state to compact to, a fatal write error. */
+interface JournalHooks {
+  durable: (events: FleetEvent[]) => void;
+  live: () => { claims: Claims; seq: number };
+  fatal: (e: Error) => void;
+}
+
+class Journal {
+  private fh?: FileHandle;
+  private pending: FleetEvent[] = [];
+  private waiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
+  private flushing = false;
+  private lines = 0;
+  private failed?: Error;
+
+  private constructor(
+    private readonly path: string | undefined,
+    readonly hubId: string,
+    private readonly hooks: JournalHooks,
+  ) {}
+
+  /** Opens (or creates) the journal at `path` and returns what it held; compact it before appending. */
+  static async open(path: string | undefined, log: (s: string) => void, hooks: JournalHooks): Promise<{ journal: Journal; contents: JournalContents }> {
+    let contents: JournalContents = { hubId: randomBytes(8).toString("hex"), seq: 0, events: [], skipped: 0 };
+    if (path) {
+      await mkdir(dirname(path), { recursive: true });
+      const text = existsSync(path) ? await readFile(path, "utf8") : "";
+      if (text.length) {
+        const parsed = parseJournal(text);
+        if (!parsed) throw new Error(`${path} is not a banshare journal: refusing to overwrite it`);
+        contents = parsed;
+        if (parsed.skipped) log(`warning: skipped ${parsed.skipped} torn or corrupt line(s) in ${path}; every other event is kept`);
+      }
+    }
+    return { journal: new Journal(path, contents.hubId, hooks), contents };
+  }
+
+  /** Rewrites the journal as the live claims: temp file, fsync, rename, fsync the folder, reopen. */
+  async compact(): Promise<void> {
+    if (!this.path) return;
+    const { claims, seq } = this.hooks.live();
+    const tmp = `${this.path}.tmp`;
+    const out = await open(tmp, "w", 0o600);
+    try {
+      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq };
+      let chunk = JSON.stringify(header) + "\n";
+      let lines = 0;
+      for (const byOrigin of claims.values()) {
+        for (const e of byOrigin.values()) {
+          chunk += JSON.stringify(e) + "\n";
+          lines++;
+          if (chunk.length > 1 << 20) {
+            await out.write(chunk);
+            chunk = "";
+          }
+        }
+      }
+      await out.write(chunk);
+      await out.sync();
+      this.lines = lines;
+    } finally {
+      await out.close();
+    }
+    await rename(tmp, this.path);
+    const dir = await open(dirname(this.path), "r");
+    await dir.sync().finally(() => dir.close());
+    await this.fh?.close();
+    this.fh = await open(this.path, "a", 0o600);
+  }
+
+  /** Appends events; resolves once they are durable. Every event queued meanwhile shares one fsync. */
+  append(events: FleetEvent[]): Promise<void> {
+    if (this.failed) return Promise.reject(this.failed);
+    this.pending.push(...events);
+    const p = new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
+    if (!this.flushing) void this.flush();
+    return p;
+  }
+
+  /** Resolves once everything appended so far is durable. */
+  barrier(): Promise<void> {
+    return this.flushing || this.pending.length ? this.append([]) : this.failed ? Promise.reject(this.failed) : Promise.resolve();
+  }
+
+  private async flush(): Promise<void> {
+    this.flushing = true;
+    try {
+      // Let the current burst of frames queue up first: one write and one fsync for all of them.
+      await new Promise((r) => setImmediate(r));
+      while (this.pending.length || this.waiters.length) {
+        const events = this.pending.splice(0);
+        const waiters = this.waiters.splice(0);
+        if (this.path && events.length) {
+          await this.fh!.write(events.map((e) => JSON.stringify(e) + "\n").join(""));
+          // fsync before ack: an acked ban must survive kill -9 and power loss.
+          await this.fh!.sync();
+          this.lines += events.length;
+        }
+        if (events.length) this.hooks.durable(events);
+        for (const w of waiters) w.resolve();
+        if (this.lines > Math.max(10_000, 4 * this.hooks.live().claims.size)) await this.compact();
+      }
+    } catch (e) {
+      this.failed = e as Error;
+      for (const w of this.waiters.splice(0)) w.reject(this.failed);
+      this.hooks.fatal(this.failed);
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.barrier().catch(() => {});
+    await this.fh?.close();
+    this.fh = undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The hub
+
+interface Conn {
+  ws: WebSocket;
+  entry: TokenEntry;
+  token: string;
+  remote: string;
+  hello: boolean;
+  /** An agent that receives events (it said `want: "events"` and got its sync). */
+  receiving: boolean;
+  alive: boolean;
+}
+
+interface Counters {
+  eventsIn: Record<string, number>;
+  eventsOut: number;
+  refused: Record<string, number>;
+  unauthorized: number;
+}
+
+/** Starts a hub and resolves once it listens. */
+export async function startHub(opts: HubOptions): Promise<Hub> {
+  const log = opts.log;
+  let tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
+  const claims: Claims = new Map();
+  const conns = new Set<Conn>();
+  const counters: Counters = { eventsIn: { ban: 0, unban: 0 }, eventsOut: 0, refused: {}, unauthorized: 0 };
+  let csv: WriteStream | undefined;
+  let closing = false;
+
+  const { journal, contents } = await Journal.open(opts.statePath, log, {
+    durable: (events) => relay(events),
+    live: () => {
+      pruneClaims(claims, Date.now());
+      return { claims, seq };
+    },
+    fatal: (e) => {
+      log(`error: journal write failed, stopping so that no unsaved event is acked: ${e.message}`);
+      process.exitCode = 1;
+      void hub.close();
+    },
+  });
+  let seq = contents.seq;
+  for (const e of contents.events) mergeClaim(claims, e);
+  await journal.compact();
+
+  if (opts.csvPath) {
+    await mkdir(dirname(opts.csvPath), { recursive: true });
+    if (!existsSync(opts.csvPath)) await appendFile(opts.csvPath, CSV_HEADER + "\n");
+    csv = createWriteStream(opts.csvPath, { flags: "a" });
+    csv.on("error", (e) => log(`warning: cannot write ${opts.csvPath}: ${e.message}`));
+  }
+  const record = (r: Omit<CsvRecord, "time" | "node"> & { node?: string }) => csv?.write(csvRow({ time: Date.now(), node: "hub", ...r }));
+
+  const send = (c: Conn, f: HubFrame) => {
+    if (c.ws.readyState !== c.ws.OPEN) return;
+    if (c.ws.bufferedAmount > opts.maxBufferedBytes) {
+      log(`dropping ${c.entry.name} (${c.remote}): more than ${opts.maxBufferedBytes} bytes queued, it is not reading`);
+      c.ws.terminate();
+      return;
+    }
+    c.ws.send(JSON.stringify(f));
+  };
+
+  const refuse = (c: Conn | undefined, code: ErrorCode, message: string, id?: string, ip?: string) => {
+    counters.refused[code] = (counters.refused[code] ?? 0) + 1;
+    const who = c ? `${c.entry.name} (${c.remote})` : "unknown";
+    log(`refused from ${who}: ${message}`);
+    record({ action: "REJECT", ip, origin: c?.entry.name, detail: `${code}: ${message}` });
+    if (c) send(c, { type: "error", code, message, id });
+  };
+
+  // Relay: events made durable by one journal flush go out together, one frame per agent.
+  const relay = (events: FleetEvent[]) => {
+    let receivers = 0;
+    for (const c of conns) {
+      if (!c.receiving) continue;
+      receivers++;
+      const theirs = events.filter((e) => e.origin !== c.entry.name);
+      if (!theirs.length) continue;
+      counters.eventsOut += theirs.length;
+      if (theirs.length === 1) send(c, { type: "event", ...theirs[0] });
+      else send(c, { type: "sync", full: false, events: theirs, seq: theirs[theirs.length - 1].seq });
+    }
+    const now = Date.now();
+    for (const e of events) record({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receivers} agent(s)` });
+  };
+
+  const accept = async (c: Conn, f: BanFrame | UnbanFrame) => {
+    const now = Date.now();
+    const e = toEvent(f, c.entry.name, seq + 1, claims, now);
+    if (!mergeClaim(claims, e)) {
+      // A replay or an older event: nothing changes, but the sender still gets its ack.
+      await journal.barrier();
+      send(c, { type: "ack", id: f.id, seq: claims.get(e.ip)?.get(e.origin)?.seq ?? String(seq) });
+      return;
+    }
+    seq++;
+    counters.eventsIn[e.kind]++;
+    record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${c.entry.name} (${c.remote})` });
+    await journal.append([e]);
+    send(c, { type: "ack", id: f.id, seq: e.seq });
+  };
+
+  const startSync = (c: Conn, cursor: { hub: string; seq: string } | undefined) => {
+    const now = Date.now();
+    const resumeFrom = cursor && cursor.hub === journal.hubId && /^\d+$/.test(cursor.seq) && Number(cursor.seq) <= seq ? Number(cursor.seq) : undefined;
+    const events = syncEvents(claims, c.entry.name, resumeFrom, now);
+    const full = resumeFrom === undefined;
+    for (let i = 0; i === 0 || i < events.length; i += opts.syncChunk) {
+      const chunk = events.slice(i, i + opts.syncChunk);
+      send(c, { type: "sync", full, events: chunk, seq: String(seq), more: i + opts.syncChunk < events.length || undefined });
+    }
+    c.receiving = true;
+    log(`${c.entry.name} (${c.remote}) ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
+  };
+
+  const onFrame = (c: Conn, data: Buffer, isBinary: boolean) => {
+    c.alive = true;
+    if (isBinary) return refuse(c, "bad_frame", "Expected a JSON text frame, got a binary frame");
+    if (data.length > MAX_NODE_FRAME_BYTES) return refuse(c, "too_big", `Expected a frame of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${data.length}`);
+    const parsed = parseNodeFrame(data.toString("utf8"), Date.now(), opts.maxPrefix);
+    if (!parsed.ok) return refuse(c, parsed.code, parsed.message, parsed.id);
+    const f = parsed.value;
+    if (f.type === "hello") {
+      if (c.hello) return refuse(c, "bad_frame", "Expected one hello per connection, got a second");
+      if (f.node !== undefined && f.node !== c.entry.name) {
+        refuse(c, "forbidden", `This token belongs to node ${c.entry.name}, not ${f.node}`);
+        c.ws.close(1008, "token does not match node");
+        return;
+      }
+      c.hello = true;
+      send(c, { type: "welcome", v: PROTOCOL_VERSION, hub: journal.hubId, node: c.entry.name, role: c.entry.role, seq: String(seq) });
+      if (f.want === "events") startSync(c, f.cursor);
+      return;
+    }
+    if (!c.hello) return refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
+    if (c.entry.role === "reader") return refuse(c, "forbidden", `Node ${c.entry.name} has the reader role and cannot publish`, f.id, f.ip);
+    if (f.type === "unban" && f.all && c.entry.role !== "admin") return refuse(c, "forbidden", `Only an admin can unban for every node; ${c.entry.name} is a ${c.entry.role}`, f.id, f.ip);
+    accept(c, f).catch((e: Error) => refuse(c, "internal", `Could not store the event: ${e.message}`, f.id, f.ip));
+  };
+
+  const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false });
+
+  const handleHttp = (req: IncomingMessage, res: ServerResponse) => {
+    const path = (req.url ?? "/").split("?")[0];
+    if (path === "/healthz") {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify({ ok: true, hub: journal.hubId, seq: String(seq), nodes: conns.size, claims: claims.size }) + "\n");
+    } else if (path === "/metrics") {
+      res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
+      res.end(metricsText());
+    } else {
+      res.writeHead(404, { "content-type": "text/plain" });
+      res.end("banshare hub: WebSocket endpoint; see /healthz and /metrics\n");
+    }
+  };
+
+  const metricsText = () => {
+    const lines = [
+      "# HELP banshare_connected_nodes WebSocket connections, by role.",
+      "# TYPE banshare_connected_nodes gauge",
+      ...ROLES.map((r) => `banshare_connected_nodes{role="${r}"} ${[...conns].filter((c) => c.entry.role === r).length}`),
+      "# HELP banshare_events_in_total Events accepted from nodes, by kind.",
+      "# TYPE banshare_events_in_total counter",
+      ...Object.entries(counters.eventsIn).map(([k, v]) => `banshare_events_in_total{kind="${k}"} ${v}`),
+      "# HELP banshare_events_out_total Events sent to agents.",
+      "# TYPE banshare_events_out_total counter",
+      `banshare_events_out_total ${counters.eventsOut}`,
+      "# HELP banshare_refused_total Frames refused, by reason.",
+      "# TYPE banshare_refused_total counter",
+      ...Object.entries(counters.refused).map(([k, v]) => `banshare_refused_total{reason="${k}"} ${v}`),
+      `banshare_refused_total{reason="unauthorized"} ${counters.unauthorized}`,
+      "# HELP banshare_claims Addresses with at least one live claim.",
+      "# TYPE banshare_claims gauge",
+      `banshare_claims ${claims.size}`,
+      "# HELP banshare_seq Sequence number of the last accepted event.",
+      "# TYPE banshare_seq gauge",
+      `banshare_seq ${seq}`,
+    ];
+    return lines.join("\n") + "\n";
+  };
+
+  const handleUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    socket.on("error", () => socket.destroy());
+    const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+    const token = bearerToken(req);
+    const entry = token === undefined ? undefined : findToken(tokens, token);
+    if (!entry || closing) {
+      counters.unauthorized++;
+      const why = closing ? "hub is stopping" : token === undefined ? "no bearer token" : "unknown token";
+      log(`refused connection from ${remote}: ${why}`);
+      record({ action: "REJECT", detail: `unauthorized: ${why} from ${remote}` });
+      socket.end(`HTTP/1.1 ${closing ? "503 Service Unavailable" : "401 Unauthorized"}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+      return;
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => {
+      const c: Conn = { ws, entry, token: token!, remote, hello: false, receiving: false, alive: true };
+      conns.add(c);
+      ws.on("message", (data: Buffer, isBinary) => onFrame(c, data, isBinary));
+      ws.on("pong", () => (c.alive = true));
+      ws.on("error", (e) => log(`${entry.name} (${remote}): ${e.message}`));
+      ws.on("close", () => conns.delete(c));
+    });
+  };
+
+  const server: Server =
+    opts.tlsCert && opts.tlsKey
+      ? createHttpsServer({ cert: await readFile(opts.tlsCert), key: await readFile(opts.tlsKey) }, handleHttp)
+      : createHttpServer(handleHttp);
+  server.on("upgrade", handleUpgrade);
+  server.listen(opts.port, opts.host);
+  await once(server, "listening");
+  const port = (server.address() as AddressInfo).port;
+
+  // Heartbeat: a node that missed the last ping's pong is gone (cable pulled, host frozen).
+  const heartbeat = setInterval(() => {
+    for (const c of conns) {
+      if (!c.alive) {
+        log(`${c.entry.name} (${c.remote}) missed a heartbeat; dropping it`);
+        c.ws.terminate();
+        continue;
+      }
+      c.alive = false;
+      c.ws.ping();
+    }
+  }, opts.heartbeatMs);
+  heartbeat.unref();
+  const pruner = setInterval(() => pruneClaims(claims, Date.now()), 60_000);
+  pruner.unref();
+
+  let closed: Promise<void> | undefined;
+  const hub: Hub = {
+    port,
+    hubId: journal.hubId,
+    claims,
+    seq: () => seq,
+    async reloadTokens() {
+      tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
+      for (const c of conns) {
+        const now = findToken(tokens, c.token);
+        if (!now || now.name !== c.entry.name || now.role !== c.entry.role) {
+          log(`${c.entry.name} (${c.remote}): token revoked or changed; disconnecting`);
+          c.ws.close(1008, "token revoked");
+        }
+      }
+      log(`loaded ${tokens.length} node(s) from ${opts.tokensFile}`);
+    },
+    close() {
+      closed ??= (async () => {
+        closing = true;
+        clearInterval(heartbeat);
+        clearInterval(pruner);
+        await journal.barrier().catch(() => {});
+        for (const c of conns) c.ws.terminate();
+        wss.close();
+        await new Promise<void>((resolve) => server.close(() => resolve()));
+        await journal.close();
+        if (csv) await new Promise<void>((resolve) => csv!.end(resolve));
+      })();
+      return closed;
+    },
+  };
+  log(`listening on ${opts.tlsCert ? "wss" : "ws"}://${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${port} as hub ${journal.hubId}, ${claims.size} address(es) claimed, seq ${seq}${opts.statePath ? "" : " (no --state: nothing survives a restart)"}`);
+  return hub;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+
+/** Adds a node to the token file and returns its new token (32 random bytes, base64url). */
+export async function addNode(tokensFile: string, name: string, role: Role): Promise<string> {
+  if (!isName(name)) throw new Error(`Expected a node name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(name)}`);
+  const text = existsSync(tokensFile) ? await readFile(tokensFile, "utf8") : "";
+  if (parseTokens(text, tokensFile).some((e) => e.name === name)) throw new Error(`Node ${name} is already in ${tokensFile}; remove its line first to issue a new token`);
+  const token = randomBytes(32).toString("base64url");
+  await mkdir(dirname(tokensFile), { recursive: true });
+  await appendFile(tokensFile, `${text && !text.endsWith("\n") ? "\n" : ""}${name} ${hashToken(token)} ${role}\n`, { mode: 0o600 });
+  return token;
+}
+
+export type ParsedArgs =
+  | { command: "serve"; options: Omit<HubOptions, "log"> }
+  | { command: "add-node"; name: string; tokensFile: string; role: Role };
+
+/** Turns the command line (without `node hub.ts`) into a command. Throws with one sentence on bad usage. */
+export function parseArgs(argv: string[]): ParsedArgs {
+  let result: ParsedArgs | undefined;
+  yargs(argv)
+    .scriptName("hub.ts")
+    .usage("Usage: node --import tsx hub.ts [serve] --tokens FILE [options]\n       node --import tsx hub.ts add-node NAME --tokens FILE [--role node|reader|admin]")
+    .env("BANSHARE")
+    .config("config", "JSON file with any of these options")
+    .option("tokens", { type: "string", demandOption: true, describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
+    .command(
+      ["serve", "$0"],
+      "Run the hub",
+      (y) =>
+        y
+          .option("listen", { type: "string", default: `127.0.0.1:${DEFAULT_PORT}`, describe: "Address and port to listen on, HOST:PORT or [IPV6]:PORT" })
+          .option("state", { type: "string", describe: "Journal file (JSONL); without it the fleet state is lost on restart" })
+          .option("csv", { type: "string", describe: "Structured log: one CSV row per received, relayed or refused event" })
+          .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings; a node that misses one is dropped" })
+          .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 bans broader than this prefix length" })
+          .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 bans broader than this prefix length" })
+          .option("tls-cert", { type: "string", describe: "PEM certificate: serve wss:// (needs --tls-key)" })
+          .option("tls-key", { type: "string", describe: "PEM private key for --tls-cert" })
+          .option("max-buffered", { type: "number", default: 64, describe: "MiB queued to one socket before the hub drops it as too slow" }),
+      (a) => {
+        const { host, port } = parseListen(a.listen);
+        for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
+          if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new Error(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
+        }
+        if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new Error("Expected --tls-cert and --tls-key together, got only one");
+        result = {
+          command: "serve",
+          options: {
+            host,
+            port,
+            tokensFile: a.tokens,
+            statePath: a.state,
+            csvPath: a.csv,
+            heartbeatMs: a.heartbeat * 1000,
+            maxPrefix: { v4: a.maxPrefixV4, v6: a.maxPrefixV6 },
+            tlsCert: a.tlsCert,
+            tlsKey: a.tlsKey,
+            syncChunk: SYNC_CHUNK,
+            maxBufferedBytes: a.maxBuffered * 1024 * 1024,
+          },
+        };
+      },
+    )
+    .command(
+      "add-node <name>",
+      "Enrol a node: append its token hash to the token file and print the token once",
+      (y) =>
+        y
+          .positional("name", { type: "string", demandOption: true, describe: "Node name, usually the host name" })
+          .option("role", { choices: ROLES, default: "node" as Role, describe: "node: send and receive; reader: receive only; admin: node plus fleet-wide unban" }),
+      (a) => {
+        result = { command: "add-node", name: a.name, tokensFile: a.tokens, role: a.role as Role };
+      },
+    )
+    .strict()
+    .fail((msg, err) => {
+      throw err ?? new Error(msg);
+    })
+    .help()
+    .version(false)
+    .wrap(null)
+    .parseSync();
+  if (!result) throw new Error("Expected a command: serve or add-node");
+  return result;
+}
+
+function logLine(line: string): void {
+  process.stderr.write(`${new Date().toISOString()} hub: ${line}\n`);
+}
+
+/** Runs the hub or one of its commands from the command line. */
+export async function main(argv = process.argv.slice(2)): Promise<void> {
+  let args: ParsedArgs;
+  try {
+    args = parseArgs(argv);
+  } catch (e) {
+    process.stderr.write(`hub.ts: ${(e as Error).message}\n`);
+    process.exitCode = 2;
+    return;
+  }
+  if (args.command === "add-node") {
+    try {
+      const token = await addNode(args.tokensFile, args.name, args.role);
+      process.stdout.write(token + "\n");
+      process.stderr.write(`Added ${args.name} (${args.role}) to ${args.tokensFile}. Save the token above on that node in a root-only file (e.g. /etc/banshare/token, mode 600); it is not shown again. A running hub loads it on SIGHUP.\n`);
+    } catch (e) {
+      process.stderr.write(`hub.ts: ${(e as Error).message}\n`);
+      process.exitCode = 2;
+    }
+    return;
+  }
+  let hub: Hub;
+  try {
+    hub = await startHub({ ...args.options, log: logLine });
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    process.stderr.write(`hub.ts: ${err.code === "ENOENT" || err.code === "EADDRINUSE" || err.code === "EACCES" || /^Expected|refusing|tokens/.test(err.message) ? err.message : err.stack}\n`);
+    process.exitCode = err.code === "EADDRINUSE" || err.code === "EACCES" ? 1 : 2;
+    return;
+  }
+  const stop = (sig: string) => {
+    logLine(`${sig}: stopping`);
+    void hub.close().then(() => logLine("stopped"));
+  };
+  process.once("SIGTERM", () => stop("SIGTERM"));
+  process.once("SIGINT", () => stop("SIGINT"));
+  process.on("SIGHUP", () => void hub.reloadTokens().catch((e: Error) => logLine(`SIGHUP: kept the old token list: ${e.message}`)));
+}
+
+function isMain(): boolean {
+  try {
+    return realpathSync(process.argv[1] ?? "") === fileURLToPath(import.meta.url);
+  } catch {
+    return false;
+  }
+}
+
+if (isMain()) await main();

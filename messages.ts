@@ -1,0 +1,556 @@
+/**
+ * banshare wire protocol v1: frame types, constants, validators and the claim-merge rule.
+ *
+ * This is the one file hub.ts, agent.ts and ban.ts share. It does no I/O: every function
+ * here is pure, so each script can validate every inbound frame the same way and the
+ * fleet converges on one state whatever the delivery order.
+ *
+ * @module
+ */
+
+import { isIPv4, isIPv6 } from "node:net";
+
+/** Protocol version spoken in `hello` and `welcome`. */
+export const PROTOCOL_VERSION = 1;
+
+/** Largest frame a node may send to the hub, in bytes. A ban frame is about 200 bytes. */
+export const MAX_NODE_FRAME_BYTES = 16 * 1024;
+
+/** Largest frame the hub sends (a `sync` chunk), in bytes. */
+export const MAX_HUB_FRAME_BYTES = 64 * 1024 * 1024;
+
+/** Longest ban accepted, in seconds (10 years). Fail2Ban's permanent ban is `-1`. */
+export const MAX_BANTIME_S = 10 * 365 * 24 * 3600;
+
+/** How far into the future an origin's `detectedAt` may be before it is refused (clock skew). */
+export const MAX_CLOCK_SKEW_MS = 5 * 60 * 1000;
+
+/** How long a tombstone of a permanent ban is kept, in ms. */
+export const PERMANENT_TOMBSTONE_MS = 30 * 24 * 3600 * 1000;
+
+/** How long a tombstone is kept when the claim it cancels is not known, in ms. */
+export const UNKNOWN_TOMBSTONE_MS = 24 * 3600 * 1000;
+
+/** Origin of an admin unban that lifts every older claim on an address. */
+export const ALL_ORIGINS = "*";
+
+export type Role = "node" | "reader" | "admin";
+export type Kind = "ban" | "unban";
+
+/** A position in the hub's event stream; opaque strings to the agent. */
+export interface Cursor {
+  hub: string;
+  seq: string;
+}
+
+/** Node -> hub, first frame. */
+export interface HelloFrame {
+  type: "hello";
+  v: number;
+  node?: string;
+  want?: "events";
+  cursor?: Cursor;
+}
+
+/** Node -> hub: one Fail2Ban ban. */
+export interface BanFrame {
+  type: "ban";
+  id: string;
+  ip: string;
+  jail: string;
+  bantime: number;
+  detectedAt: number;
+}
+
+/** Node -> hub: one Fail2Ban unban; `all` (admin only) lifts every node's older claim. */
+export interface UnbanFrame {
+  type: "unban";
+  id: string;
+  ip: string;
+  jail: string;
+  detectedAt: number;
+  all?: boolean;
+}
+
+export type NodeFrame = HelloFrame | BanFrame | UnbanFrame;
+
+/**
+ * One accepted event: a claim by `origin` on `ip`. For a ban, `until` is when it ends
+ * (ms, null for permanent); for an unban (a tombstone), when the tombstone may be dropped.
+ */
+export interface FleetEvent {
+  seq: string;
+  kind: Kind;
+  ip: string;
+  origin: string;
+  jail: string;
+  until: number | null;
+  detectedAt: number;
+  id: string;
+  relayedAt: number;
+}
+
+export interface WelcomeFrame {
+  type: "welcome";
+  v: number;
+  hub: string;
+  node: string;
+  role: Role;
+  seq: string;
+}
+
+export interface SyncFrame {
+  type: "sync";
+  full: boolean;
+  events: FleetEvent[];
+  seq: string;
+  /** More `sync` frames follow (a large state is streamed in chunks). */
+  more?: boolean;
+}
+
+export interface EventFrame extends FleetEvent {
+  type: "event";
+}
+
+export interface AckFrame {
+  type: "ack";
+  id: string;
+  seq: string;
+}
+
+export interface ErrorFrame {
+  type: "error";
+  code: ErrorCode;
+  message: string;
+  id?: string;
+}
+
+export type HubFrame = WelcomeFrame | SyncFrame | EventFrame | AckFrame | ErrorFrame;
+
+export type ErrorCode =
+  | "bad_frame"
+  | "bad_ip"
+  | "version"
+  | "not_hello"
+  | "forbidden"
+  | "protected"
+  | "too_big"
+  | "rate_limited"
+  | "internal";
+
+/** A frame that failed validation: what to answer, and which frame it answers. */
+export interface Invalid {
+  ok: false;
+  code: ErrorCode;
+  message: string;
+  id?: string;
+}
+
+export type Checked<T> = { ok: true; value: T } | Invalid;
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/;
+const ID_RE = /^[A-Za-z0-9_.:-]{1,64}$/;
+
+/** True when `s` is a valid node or jail name: 1-64 of `A-Z a-z 0-9 _ . : -`, not starting with a sign. */
+export function isName(s: unknown): s is string {
+  return typeof s === "string" && NAME_RE.test(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+
+/** A parsed, canonical address or network. */
+export interface Address {
+  family: 4 | 6;
+  /** Network bytes, host bits cleared. */
+  bytes: Uint8Array;
+  prefix: number;
+  /** Canonical text: `1.2.3.4`, `2001:db8::1`, `10.0.0.0/24`, `2001:db8::/64`. */
+  text: string;
+}
+
+function v4Bytes(s: string): Uint8Array {
+  return Uint8Array.from(s.split(".").map(Number));
+}
+
+function v6Bytes(s: string): Uint8Array {
+  let text = s;
+  const out = new Uint8Array(16);
+  // A trailing dotted quad (::ffff:1.2.3.4) becomes two hextets.
+  const quad = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  if (quad) {
+    const b = v4Bytes(quad[1]);
+    text = text.slice(0, quad.index) + ((b[0] << 8) | b[1]).toString(16) + ":" + ((b[2] << 8) | b[3]).toString(16);
+  }
+  const [head, tail] = text.includes("::") ? text.split("::") : [text, undefined];
+  const h = head ? head.split(":") : [];
+  const t = tail === undefined ? [] : tail ? tail.split(":") : [];
+  const groups = tail === undefined ? h : [...h, ...Array(8 - h.length - t.length).fill("0"), ...t];
+  groups.forEach((g, i) => {
+    const n = parseInt(g, 16);
+    out[i * 2] = n >> 8;
+    out[i * 2 + 1] = n & 0xff;
+  });
+  return out;
+}
+
+function v6Text(b: Uint8Array): string {
+  const groups: number[] = [];
+  for (let i = 0; i < 16; i += 2) groups.push((b[i] << 8) | b[i + 1]);
+  // RFC 5952: compress the longest run of two or more zero groups, the first one on a tie.
+  let best = -1;
+  let bestLen = 1;
+  for (let i = 0; i < 8; ) {
+    if (groups[i] !== 0) {
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < 8 && groups[j] === 0) j++;
+    if (j - i > bestLen) {
+      best = i;
+      bestLen = j - i;
+    }
+    i = j;
+  }
+  const hex = groups.map((g) => g.toString(16));
+  if (best < 0) return hex.join(":");
+  return hex.slice(0, best).join(":") + "::" + hex.slice(best + bestLen).join(":");
+}
+
+function maskBytes(bytes: Uint8Array, prefix: number): Uint8Array {
+  const out = Uint8Array.from(bytes);
+  for (let i = 0; i < out.length; i++) {
+    const bits = Math.max(0, Math.min(8, prefix - i * 8));
+    out[i] &= bits === 0 ? 0 : (0xff << (8 - bits)) & 0xff;
+  }
+  return out;
+}
+
+/**
+ * Parses an IPv4 or IPv6 address or CIDR network into its canonical form; undefined when
+ * `s` is not one. Host bits of a network are cleared; an IPv4-mapped IPv6 address becomes
+ * IPv4. Nothing but digits, hex, dots, colons and one slash passes, so a parsed address is
+ * safe as an argv element.
+ */
+export function parseAddress(s: unknown): Address | undefined {
+  if (typeof s !== "string" || s.length === 0 || s.length > 64) return undefined;
+  const slash = s.indexOf("/");
+  const host = slash < 0 ? s : s.slice(0, slash);
+  const bits = slash < 0 ? undefined : s.slice(slash + 1);
+  let family: 4 | 6;
+  let bytes: Uint8Array;
+  if (isIPv4(host)) {
+    family = 4;
+    bytes = v4Bytes(host);
+  } else if (isIPv6(host) && !host.includes("%")) {
+    bytes = v6Bytes(host);
+    const mapped = bytes.slice(0, 10).every((x) => x === 0) && bytes[10] === 0xff && bytes[11] === 0xff;
+    if (mapped) {
+      family = 4;
+      bytes = bytes.slice(12);
+    } else family = 6;
+  } else return undefined;
+  const max = family === 4 ? 32 : 128;
+  let prefix = max;
+  if (bits !== undefined) {
+    if (!/^\d{1,3}$/.test(bits)) return undefined;
+    prefix = Number(bits) - (family === 4 && host.includes(":") ? 96 : 0);
+    if (prefix < 0 || prefix > max) return undefined;
+  }
+  bytes = maskBytes(bytes, prefix);
+  const base = family === 4 ? Array.from(bytes).join(".") : v6Text(bytes);
+  return { family, bytes, prefix, text: prefix === max ? base : `${base}/${prefix}` };
+}
+
+/** True when network `outer` contains address or network `inner`. */
+export function contains(outer: Address, inner: Address): boolean {
+  if (outer.family !== inner.family || inner.prefix < outer.prefix) return false;
+  const masked = maskBytes(inner.bytes, outer.prefix);
+  return masked.every((b, i) => b === outer.bytes[i]);
+}
+
+/** True when `a` and `b` share any address. */
+export function overlaps(a: Address, b: Address): boolean {
+  return contains(a, b) || contains(b, a);
+}
+
+const NEVER_BAN = [
+  ["0.0.0.0/8", "unspecified"],
+  ["127.0.0.0/8", "loopback"],
+  ["169.254.0.0/16", "link-local"],
+  ["224.0.0.0/4", "multicast"],
+  ["255.255.255.255/32", "broadcast"],
+  ["::/128", "unspecified"],
+  ["::1/128", "loopback"],
+  ["fe80::/10", "link-local"],
+  ["ff00::/8", "multicast"],
+].map(([cidr, why]) => ({ net: parseAddress(cidr)!, why }));
+
+/** Prefix limits: a ban may not be broader than these. */
+export interface PrefixLimits {
+  v4: number;
+  v6: number;
+}
+
+/** Default limits: single IPv4 addresses, IPv6 networks no broader than a /64. */
+export const DEFAULT_MAX_PREFIX: PrefixLimits = { v4: 32, v6: 64 };
+
+/**
+ * Checks that `s` is an address that may be banned: valid, not loopback, unspecified,
+ * link-local or multicast, and no broader than `limits`. Returns the canonical address or
+ * a one-sentence reason.
+ */
+export function checkBannable(s: unknown, limits: PrefixLimits = { v4: 0, v6: 0 }): Checked<Address> {
+  const addr = parseAddress(s);
+  if (!addr) {
+    return { ok: false, code: "bad_ip", message: `Expected an IPv4 or IPv6 address or CIDR network, got ${quote(s)}` };
+  }
+  for (const { net, why } of NEVER_BAN) {
+    if (overlaps(net, addr)) return { ok: false, code: "bad_ip", message: `Refusing to ban ${addr.text}: it is a ${why} address` };
+  }
+  const limit = addr.family === 4 ? limits.v4 : limits.v6;
+  if (addr.prefix < limit) {
+    return { ok: false, code: "bad_ip", message: `Refusing to ban ${addr.text}: networks broader than /${limit} are not accepted` };
+  }
+  return { ok: true, value: addr };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames
+
+function quote(v: unknown): string {
+  const s = typeof v === "string" ? JSON.stringify(v) : v === undefined ? "nothing" : typeof v;
+  return s.length > 80 ? s.slice(0, 77) + "..." : s;
+}
+
+function bad(message: string, id?: string, code: ErrorCode = "bad_frame"): Invalid {
+  return { ok: false, code, message, id };
+}
+
+function isInt(v: unknown): v is number {
+  return typeof v === "number" && Number.isSafeInteger(v);
+}
+
+/**
+ * Parses and validates one frame a node sent to the hub. `now` bounds `detectedAt`.
+ * Unknown fields are ignored; missing or mistyped ones are refused.
+ */
+export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits): Checked<NodeFrame> {
+  let f: unknown;
+  try {
+    f = JSON.parse(data);
+  } catch {
+    return bad("Expected a JSON object, got text that is not JSON");
+  }
+  if (typeof f !== "object" || f === null || Array.isArray(f)) return bad(`Expected a JSON object, got ${Array.isArray(f) ? "an array" : typeof f}`);
+  const o = f as Record<string, unknown>;
+  const id = typeof o.id === "string" && ID_RE.test(o.id) ? o.id : undefined;
+  switch (o.type) {
+    case "hello": {
+      if (o.v !== PROTOCOL_VERSION) return bad(`Expected protocol version ${PROTOCOL_VERSION}, got ${quote(o.v)}`, undefined, "version");
+      if (o.node !== undefined && !isName(o.node)) return bad(`Expected "node" to be a node name, got ${quote(o.node)}`);
+      if (o.want !== undefined && o.want !== "events") return bad(`Expected "want" to be "events" or absent, got ${quote(o.want)}`);
+      let cursor: Cursor | undefined;
+      if (o.cursor !== undefined) {
+        const c = o.cursor as Record<string, unknown> | null;
+        if (typeof c !== "object" || c === null || typeof c.hub !== "string" || typeof c.seq !== "string" || c.hub.length > 64 || c.seq.length > 64) {
+          return bad(`Expected "cursor" to be {hub, seq} strings, got ${quote(JSON.stringify(o.cursor))}`);
+        }
+        cursor = { hub: c.hub, seq: c.seq };
+      }
+      return { ok: true, value: { type: "hello", v: PROTOCOL_VERSION, node: o.node as string | undefined, want: o.want as "events" | undefined, cursor } };
+    }
+    case "ban":
+    case "unban": {
+      if (!id) return bad(`Expected "id" to be 1-64 characters of A-Z a-z 0-9 _ . : -, got ${quote(o.id)}`);
+      const ip = checkBannable(o.ip, limits);
+      if (!ip.ok) return { ...ip, id };
+      if (!isName(o.jail)) return bad(`Expected "jail" to be a jail name, got ${quote(o.jail)}`, id);
+      if (!isInt(o.detectedAt) || o.detectedAt <= 0) return bad(`Expected "detectedAt" to be a time in ms, got ${quote(o.detectedAt)}`, id);
+      if (o.detectedAt > now + MAX_CLOCK_SKEW_MS) return bad(`Expected "detectedAt" not to be in the future, got ${o.detectedAt - now} ms ahead of the hub's clock`, id);
+      if (o.type === "unban") {
+        if (o.all !== undefined && typeof o.all !== "boolean") return bad(`Expected "all" to be a boolean, got ${quote(o.all)}`, id);
+        return { ok: true, value: { type: "unban", id, ip: ip.value.text, jail: o.jail, detectedAt: o.detectedAt, all: o.all === true || undefined } };
+      }
+      if (!isInt(o.bantime) || (o.bantime !== -1 && (o.bantime < 1 || o.bantime > MAX_BANTIME_S))) {
+        return bad(`Expected "bantime" to be -1 or 1-${MAX_BANTIME_S} seconds, got ${quote(o.bantime)}`, id);
+      }
+      return { ok: true, value: { type: "ban", id, ip: ip.value.text, jail: o.jail, bantime: o.bantime, detectedAt: o.detectedAt } };
+    }
+    case undefined:
+      return bad(`Expected a "type" field, got none`, id);
+    default:
+      return bad(`Expected "type" to be hello, ban or unban, got ${quote(o.type)}`, id);
+  }
+}
+
+function checkEvent(e: unknown): string | undefined {
+  if (typeof e !== "object" || e === null) return "an event is not an object";
+  const o = e as Record<string, unknown>;
+  if (o.kind !== "ban" && o.kind !== "unban") return `event kind ${quote(o.kind)}`;
+  if (typeof o.seq !== "string") return `event seq ${quote(o.seq)}`;
+  if (!parseAddress(o.ip) || parseAddress(o.ip)!.text !== o.ip) return `event ip ${quote(o.ip)}`;
+  if (o.origin !== ALL_ORIGINS && !isName(o.origin)) return `event origin ${quote(o.origin)}`;
+  if (!isName(o.jail)) return `event jail ${quote(o.jail)}`;
+  if (o.until !== null && !isInt(o.until)) return `event until ${quote(o.until)}`;
+  if (!isInt(o.detectedAt) || !isInt(o.relayedAt)) return "event times";
+  if (typeof o.id !== "string") return `event id ${quote(o.id)}`;
+  return undefined;
+}
+
+/** Parses and validates one frame the hub sent to an agent or sender. */
+export function parseHubFrame(data: string): Checked<HubFrame> {
+  let f: Record<string, unknown>;
+  try {
+    f = JSON.parse(data);
+  } catch {
+    return bad("Expected a JSON frame from the hub, got text that is not JSON");
+  }
+  if (typeof f !== "object" || f === null) return bad("Expected a JSON object from the hub");
+  switch (f.type) {
+    case "welcome":
+      if (typeof f.hub !== "string" || typeof f.node !== "string" || typeof f.seq !== "string") return bad("Malformed welcome frame");
+      return { ok: true, value: f as unknown as WelcomeFrame };
+    case "sync": {
+      if (typeof f.full !== "boolean" || typeof f.seq !== "string" || !Array.isArray(f.events)) return bad("Malformed sync frame");
+      for (const e of f.events) {
+        const why = checkEvent(e);
+        if (why) return bad(`Malformed sync frame: ${why}`);
+      }
+      return { ok: true, value: f as unknown as SyncFrame };
+    }
+    case "event": {
+      const why = checkEvent(f);
+      return why ? bad(`Malformed event frame: ${why}`) : { ok: true, value: f as unknown as EventFrame };
+    }
+    case "ack":
+      if (typeof f.id !== "string" || typeof f.seq !== "string") return bad("Malformed ack frame");
+      return { ok: true, value: f as unknown as AckFrame };
+    case "error":
+      if (typeof f.code !== "string" || typeof f.message !== "string") return bad("Malformed error frame");
+      return { ok: true, value: f as unknown as ErrorFrame };
+    default:
+      return bad(`Unknown frame type ${quote(f.type)} from the hub`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claims: the fleet state as a last-writer-wins map (ip, origin) -> newest event
+
+/** The claims on one address, by origin. */
+export type AddressClaims = Map<string, FleetEvent>;
+/** The fleet state: address -> origin -> newest event. */
+export type Claims = Map<string, AddressClaims>;
+
+/** True when event `a` is newer than `b`: later `detectedAt`, then the larger `id`. */
+export function isNewer(a: Pick<FleetEvent, "detectedAt" | "id">, b: Pick<FleetEvent, "detectedAt" | "id">): boolean {
+  return a.detectedAt !== b.detectedAt ? a.detectedAt > b.detectedAt : a.id > b.id;
+}
+
+/**
+ * Merges one event into the claims map: it replaces the claim of the same (ip, origin) only
+ * when newer. Returns true when the map changed. Replaying an event, or an older one,
+ * changes nothing, so delivery order never matters.
+ */
+export function mergeClaim(claims: Claims, e: FleetEvent): boolean {
+  let byOrigin = claims.get(e.ip);
+  const old = byOrigin?.get(e.origin);
+  if (old && !isNewer(e, old)) return false;
+  if (!byOrigin) claims.set(e.ip, (byOrigin = new Map()));
+  byOrigin.set(e.origin, e);
+  return true;
+}
+
+/**
+ * When the address is blocked until, given its claims: `undefined` when not blocked, `null`
+ * when blocked for good, else the latest `until` (ms) among the active ban claims. A ban claim
+ * is active until its `until`, unless an admin unban (origin `*`) newer than it exists.
+ */
+export function blockedUntil(byOrigin: AddressClaims | undefined, now: number): number | null | undefined {
+  if (!byOrigin) return undefined;
+  const all = byOrigin.get(ALL_ORIGINS);
+  let result: number | undefined;
+  for (const [origin, c] of byOrigin) {
+    if (origin === ALL_ORIGINS || c.kind !== "ban") continue;
+    if (c.until !== null && c.until <= now) continue;
+    if (all && !isNewer(c, all)) continue;
+    if (c.until === null) return null;
+    if (result === undefined || c.until > result) result = c.until;
+  }
+  return result;
+}
+
+/** True when a claim can be forgotten: its ban has ended, or its tombstone has served its time. */
+export function isExpired(c: FleetEvent, now: number): boolean {
+  return c.until !== null && c.until <= now;
+}
+
+/**
+ * Removes expired claims (ended bans, tombstones past their time) and returns the addresses
+ * that lost a claim.
+ */
+export function pruneClaims(claims: Claims, now: number): string[] {
+  const touched: string[] = [];
+  for (const [ip, byOrigin] of claims) {
+    let changed = false;
+    for (const [origin, c] of byOrigin) {
+      if (isExpired(c, now)) {
+        byOrigin.delete(origin);
+        changed = true;
+      }
+    }
+    if (byOrigin.size === 0) claims.delete(ip);
+    if (changed) touched.push(ip);
+  }
+  return touched;
+}
+
+/**
+ * The `until` of an accepted event: a ban ends `bantime` after detection; a tombstone lives
+ * until the latest claim it can cancel would have ended (`previousUntil`), so a late, older
+ * ban can never revive it.
+ */
+export function eventUntil(kind: Kind, detectedAt: number, bantime: number | undefined, previousUntil: number | null | undefined): number | null {
+  if (kind === "ban") return bantime === -1 || bantime === undefined ? null : detectedAt + bantime * 1000;
+  if (previousUntil === null) return detectedAt + PERMANENT_TOMBSTONE_MS;
+  // No claim known yet (the ban may still be on its way from a spool): keep it a day.
+  if (previousUntil === undefined) return detectedAt + UNKNOWN_TOMBSTONE_MS;
+  return Math.max(previousUntil, detectedAt + 60_000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Structured log: the CSV every hub and agent writes (`--csv`)
+
+/** Columns of the structured log. `rt_ms` is the response time: block time minus detection time. */
+export const CSV_HEADER = "time,node,action,ip,origin,jail,until,rt_ms,detail";
+
+/** Actions written to the structured log. */
+export type CsvAction = "BLOCK" | "SCHEDULE_UNBLOCK" | "UNBLOCK" | "REJECT" | "RECEIVE" | "RELAY";
+
+/** One row of the structured log, as its fields. */
+export interface CsvRecord {
+  time: number;
+  node: string;
+  action: CsvAction;
+  ip?: string;
+  origin?: string;
+  jail?: string;
+  until?: number | null;
+  rtMs?: number;
+  detail?: string;
+}
+
+function csvField(v: string): string {
+  return /[",\n\r]/.test(v) ? `"${v.replace(/"/g, '""')}"` : v;
+}
+
+/** Formats one structured-log row (with its newline); times as ISO-8601 UTC with ms. */
+export function csvRow(r: CsvRecord): string {
+  const until = r.until === undefined ? "" : r.until === null ? "never" : new Date(r.until).toISOString();
+  return (
+    [new Date(r.time).toISOString(), r.node, r.action, r.ip ?? "", r.origin ?? "", r.jail ?? "", until, r.rtMs === undefined ? "" : String(r.rtMs), r.detail ?? ""]
+      .map(csvField)
+      .join(",") + "\n"
+  );
+}
