@@ -96,8 +96,11 @@ function num(flag: string, v: string | undefined, ok: (n: number) => boolean, ex
  */
 export function parseArgs(argv: string[], env: Record<string, string | undefined> = {}, config: Record<string, unknown> = {}, now = Date.now()): SendOptions | "help" {
   let parsed;
+  // `--bantime -1` is Fail2Ban's permanent ban: a negative number is a value, not a flag.
+  const args = argv.map((a, i) => (/^-\d/.test(a) && /^--\w/.test(argv[i - 1] ?? "") && !argv[i - 1].includes("=") ? `\0${a}` : a));
+  const joined = args.flatMap((a, i) => (a.startsWith("\0") ? [] : args[i + 1]?.startsWith("\0") ? [`${a}=${args[i + 1].slice(1)}`] : [a]));
   try {
-    parsed = parseCli({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
+    parsed = parseCli({ args: joined, options: OPTIONS, allowPositionals: true, strict: true });
   } catch (e) {
     throw new UsageError((e as Error).message.split("\n")[0].replace(/\. To specify.*$/, ""));
   }

@@ -1,0 +1,213 @@
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+import {
+  ALL_ORIGINS,
+  CSV_HEADER,
+  blockedUntil,
+  checkBannable,
+  contains,
+  csvRow,
+  eventUntil,
+  mergeClaim,
+  parseAddress,
+  parseHubFrame,
+  parseNodeFrame,
+  pruneClaims,
+  type Claims,
+  type FleetEvent,
+} from "../messages.ts";
+
+const NOW = 1_800_000_000_000;
+
+function ev(p: Partial<FleetEvent> & Pick<FleetEvent, "origin" | "detectedAt">): FleetEvent {
+  return { seq: "1", kind: "ban", ip: "203.0.113.7", jail: "sshd", until: p.detectedAt + 600_000, id: `id${p.detectedAt}`, relayedAt: p.detectedAt, ...p };
+}
+
+describe("parseAddress()", () => {
+  test("canonicalises IPv4, IPv6, CIDR and IPv4-mapped forms", () => {
+    assert.equal(parseAddress("192.0.2.1")?.text, "192.0.2.1");
+    assert.equal(parseAddress("2001:DB8:0:0:0:0:0:1")?.text, "2001:db8::1");
+    assert.equal(parseAddress("2001:db8:0:1:0:0:0:0")?.text, "2001:db8:0:1::");
+    assert.equal(parseAddress("2001:db8::1:0:0:1")?.text, "2001:db8::1:0:0:1");
+    assert.equal(parseAddress("::ffff:192.0.2.9")?.text, "192.0.2.9");
+    assert.equal(parseAddress("198.51.100.77/24")?.text, "198.51.100.0/24");
+    assert.equal(parseAddress("192.0.2.1/32")?.text, "192.0.2.1");
+    assert.equal(parseAddress("2001:db8::1/64")?.text, "2001:db8::/64");
+  });
+
+  test("refuses everything that is not an address, including argv and shell tricks", () => {
+    for (const s of ["", "1.2.3", "1.2.3.4.5", "256.1.1.1", "1.2.3.4; rm -rf /", "-F", "--flush", "1.2.3.4\n5.6.7.8", "1.2.3.4/33", "1.2.3.4/-1", "1.2.3.4/", "fe80::1%eth0", "example.com", " 1.2.3.4", 1234, null, {}]) {
+      assert.equal(parseAddress(s), undefined, `accepted ${JSON.stringify(s)}`);
+    }
+  });
+
+  test("contains() compares networks bit by bit", () => {
+    assert.ok(contains(parseAddress("10.0.0.0/8")!, parseAddress("10.200.3.4")!));
+    assert.ok(!contains(parseAddress("10.0.0.0/8")!, parseAddress("11.0.0.1")!));
+    assert.ok(contains(parseAddress("2001:db8::/32")!, parseAddress("2001:db8:ffff::1")!));
+    assert.ok(!contains(parseAddress("192.0.2.0/25")!, parseAddress("192.0.2.0/24")!));
+  });
+});
+
+describe("checkBannable()", () => {
+  test("refuses loopback, unspecified, link-local, multicast and broadcast, keeps private ranges", () => {
+    for (const s of ["127.0.0.1", "0.0.0.0", "0.0.0.0/0", "169.254.1.1", "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "ff02::1"]) {
+      const r = checkBannable(s);
+      assert.equal(r.ok, false, s);
+      assert.match((r as { message: string }).message, /Refusing|Expected/);
+    }
+    for (const s of ["10.1.2.3", "192.168.1.1", "172.16.0.9", "203.0.113.7", "2001:db8::7"]) assert.equal(checkBannable(s).ok, true, s);
+  });
+
+  test("refuses networks broader than the prefix limits", () => {
+    const limits = { v4: 32, v6: 64 };
+    assert.equal(checkBannable("198.51.100.0/24", limits).ok, false);
+    assert.equal(checkBannable("198.51.100.0/24", { v4: 24, v6: 64 }).ok, true);
+    assert.equal(checkBannable("2001:db8::/48", limits).ok, false);
+    assert.equal(checkBannable("2001:db8::/64", limits).ok, true);
+    assert.equal(checkBannable("2001:db8::5", limits).ok, true);
+  });
+});
+
+describe("parseNodeFrame()", () => {
+  const ok = (o: unknown) => parseNodeFrame(JSON.stringify(o), NOW);
+  const ban = { type: "ban", id: "a1", ip: "203.0.113.7", jail: "sshd", bantime: 600, detectedAt: NOW - 5 };
+
+  test("accepts well-formed hello, ban and unban frames", () => {
+    assert.deepEqual(ok({ type: "hello", v: 1, want: "events", cursor: { hub: "h", seq: "3" } }), { ok: true, value: { type: "hello", v: 1, node: undefined, want: "events", cursor: { hub: "h", seq: "3" } } });
+    assert.deepEqual(ok(ban), { ok: true, value: ban });
+    assert.equal(ok({ ...ban, bantime: -1 }).ok, true);
+    const un = ok({ type: "unban", id: "b", ip: "2001:DB8::7", jail: "sshd", detectedAt: NOW });
+    assert.ok(un.ok && un.value.type === "unban" && un.value.ip === "2001:db8::7");
+  });
+
+  test("refuses each malformed frame with a code, a sentence and the frame's id", () => {
+    const cases: Array<[unknown, string, RegExp]> = [
+      ["not json", "bad_frame", /JSON/],
+      [[1, 2], "bad_frame", /array/],
+      [{ type: "hello", v: 2 }, "version", /version 1/],
+      [{ type: "hello", v: 1, want: "everything" }, "bad_frame", /want/],
+      [{ type: "hello", v: 1, cursor: "x" }, "bad_frame", /cursor/],
+      [{ type: "nope", id: "x" }, "bad_frame", /hello, ban or unban/],
+      [{ id: "x" }, "bad_frame", /type/],
+      [{ ...ban, id: undefined }, "bad_frame", /"id"/],
+      [{ ...ban, id: "has space" }, "bad_frame", /"id"/],
+      [{ ...ban, ip: "1.2.3.4; rm" }, "bad_ip", /address/],
+      [{ ...ban, ip: "127.0.0.1" }, "bad_ip", /loopback/],
+      [{ ...ban, jail: "-F" }, "bad_frame", /jail/],
+      [{ ...ban, jail: 7 }, "bad_frame", /jail/],
+      [{ ...ban, bantime: 0 }, "bad_frame", /bantime/],
+      [{ ...ban, bantime: "600" }, "bad_frame", /bantime/],
+      [{ ...ban, bantime: 1.5 }, "bad_frame", /bantime/],
+      [{ ...ban, detectedAt: "now" }, "bad_frame", /detectedAt/],
+      [{ ...ban, detectedAt: NOW + 3_600_000 }, "bad_frame", /future/],
+      [{ type: "unban", id: "u", ip: "203.0.113.7", jail: "sshd", detectedAt: NOW, all: "yes" }, "bad_frame", /all/],
+    ];
+    for (const [frame, code, re] of cases) {
+      const r = parseNodeFrame(typeof frame === "string" ? frame : JSON.stringify(frame), NOW);
+      assert.equal(r.ok, false, JSON.stringify(frame));
+      if (r.ok) continue;
+      assert.equal(r.code, code, JSON.stringify(frame));
+      assert.match(r.message, re);
+      assert.doesNotMatch(r.message, /\n/);
+    }
+    const withId = parseNodeFrame(JSON.stringify({ ...ban, ip: "x" }), NOW);
+    assert.equal(!withId.ok && withId.id, "a1");
+  });
+
+  test("applies the hub's prefix limits", () => {
+    const r = parseNodeFrame(JSON.stringify({ ...ban, ip: "198.51.100.0/24" }), NOW, { v4: 32, v6: 64 });
+    assert.equal(r.ok, false);
+  });
+});
+
+describe("parseHubFrame()", () => {
+  test("accepts the hub's frames and refuses malformed events", () => {
+    const e = ev({ origin: "web1", detectedAt: NOW });
+    assert.equal(parseHubFrame(JSON.stringify({ type: "event", ...e })).ok, true);
+    assert.equal(parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: "4", events: [e] })).ok, true);
+    assert.equal(parseHubFrame(JSON.stringify({ type: "ack", id: "x", seq: "4" })).ok, true);
+    assert.equal(parseHubFrame(JSON.stringify({ type: "event", ...e, ip: "-F" })).ok, false);
+    assert.equal(parseHubFrame(JSON.stringify({ type: "event", ...e, ip: "203.0.113.07" })).ok, false);
+    assert.equal(parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: "4", events: [{ ...e, kind: "drop" }] })).ok, false);
+    assert.equal(parseHubFrame("{").ok, false);
+    assert.equal(parseHubFrame(JSON.stringify({ type: "surprise" })).ok, false);
+  });
+});
+
+describe("mergeClaim() and blockedUntil()", () => {
+  test("newest event per (ip, origin) wins whatever the delivery order; replays change nothing", () => {
+    const events = [
+      ev({ origin: "a", detectedAt: NOW }),
+      ev({ origin: "a", detectedAt: NOW + 10, kind: "unban" }),
+      ev({ origin: "b", detectedAt: NOW + 5, until: NOW + 900_000 }),
+    ];
+    const orders = [[0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0, 0, 1]];
+    for (const order of orders) {
+      const claims: Claims = new Map();
+      for (const i of order) mergeClaim(claims, events[i]);
+      assert.equal(claims.get("203.0.113.7")!.get("a")!.kind, "unban", `order ${order}`);
+      // a unbanned, b's claim still holds the address.
+      assert.equal(blockedUntil(claims.get("203.0.113.7"), NOW + 20), NOW + 900_000, `order ${order}`);
+    }
+  });
+
+  test("returns false for duplicates and older events, true for newer ones", () => {
+    const claims: Claims = new Map();
+    const first = ev({ origin: "a", detectedAt: NOW });
+    assert.equal(mergeClaim(claims, first), true);
+    assert.equal(mergeClaim(claims, first), false);
+    assert.equal(mergeClaim(claims, ev({ origin: "a", detectedAt: NOW - 1, kind: "unban" })), false);
+    assert.equal(mergeClaim(claims, { ...first, id: "zzz" }), true, "same time: the larger id wins");
+  });
+
+  test("the latest until among active claims decides; permanent beats any time", () => {
+    const claims: Claims = new Map();
+    mergeClaim(claims, ev({ origin: "a", detectedAt: NOW, until: NOW + 1000 }));
+    mergeClaim(claims, ev({ origin: "b", detectedAt: NOW, until: NOW + 5000 }));
+    assert.equal(blockedUntil(claims.get("203.0.113.7"), NOW), NOW + 5000);
+    assert.equal(blockedUntil(claims.get("203.0.113.7"), NOW + 5000), undefined, "both expired");
+    mergeClaim(claims, ev({ origin: "c", detectedAt: NOW, until: null }));
+    assert.equal(blockedUntil(claims.get("203.0.113.7"), NOW + 10_000), null);
+  });
+
+  test("an admin unban lifts every older claim but not a newer one", () => {
+    const claims: Claims = new Map();
+    mergeClaim(claims, ev({ origin: "a", detectedAt: NOW }));
+    mergeClaim(claims, ev({ origin: "b", detectedAt: NOW + 1 }));
+    mergeClaim(claims, ev({ origin: ALL_ORIGINS, kind: "unban", detectedAt: NOW + 2 }));
+    assert.equal(blockedUntil(claims.get("203.0.113.7"), NOW + 3), undefined);
+    mergeClaim(claims, ev({ origin: "a", detectedAt: NOW + 3 }));
+    assert.equal(blockedUntil(claims.get("203.0.113.7"), NOW + 4), NOW + 3 + 600_000);
+  });
+
+  test("a tombstone outlives the ban it cancels, so a late older ban cannot revive it", () => {
+    const banUntil = NOW + 600_000;
+    const tomb = eventUntil("unban", NOW + 10, undefined, banUntil);
+    assert.equal(tomb, banUntil);
+    assert.equal(eventUntil("unban", NOW, undefined, null)! > NOW + 86_400_000, true);
+    assert.equal(eventUntil("ban", NOW, -1, undefined), null);
+    assert.equal(eventUntil("ban", NOW, 60, undefined), NOW + 60_000);
+    const claims: Claims = new Map();
+    mergeClaim(claims, ev({ origin: "a", detectedAt: NOW + 10, kind: "unban", until: tomb }));
+    pruneClaims(claims, NOW + 300_000);
+    mergeClaim(claims, ev({ origin: "a", detectedAt: NOW }));
+    assert.equal(blockedUntil(claims.get("203.0.113.7"), NOW + 300_000), undefined);
+  });
+
+  test("pruneClaims() drops ended bans and served tombstones and reports their addresses", () => {
+    const claims: Claims = new Map();
+    mergeClaim(claims, ev({ origin: "a", detectedAt: NOW, until: NOW + 1000 }));
+    mergeClaim(claims, ev({ origin: "a", ip: "198.51.100.1", detectedAt: NOW, until: null }));
+    assert.deepEqual(pruneClaims(claims, NOW + 1000), ["203.0.113.7"]);
+    assert.deepEqual([...claims.keys()], ["198.51.100.1"]);
+  });
+});
+
+describe("csvRow()", () => {
+  test("writes the documented columns with ISO times and quotes what needs it", () => {
+    assert.equal(CSV_HEADER.split(",").length, 9);
+    const row = csvRow({ time: NOW, node: "web2", action: "BLOCK", ip: "203.0.113.7", origin: "web1", jail: "sshd", until: null, rtMs: 12, detail: 'said "hi", twice' });
+    assert.equal(row, `${new Date(NOW).toISOString()},web2,BLOCK,203.0.113.7,web1,sshd,never,12,"said ""hi"", twice"\n`);
+  });
+});
