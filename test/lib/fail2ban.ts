@@ -7,7 +7,8 @@
 //     actions: `banshare[banshare_dir=${REPO}, config=${tmp}/ban.json]`,
 //   });
 //   await appendFile(`${tmp}/sshd.log`, failureLines('10.99.0.7', 3));
-//   ... wait for the ban ...
+//   ... wait for the ban (fail2ban needs ~0.1-0.9 s: its actions thread polls) ...
+//   // or, synchronous, bypassing the filter: await f2b.client(['set', f2b.jail, 'banip', ip]);
 //   await f2b.client(['set', f2b.jail, 'unbanip', '10.99.0.7']);
 //   await f2b.stop();
 //
@@ -19,7 +20,6 @@ import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import {
   closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync,
 } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -72,9 +72,10 @@ export interface StartFail2banOptions {
   /** Ban database: 'none' (default), 'memory', or 'file' (DIR/fail2ban.sqlite3, keeps bans across restarts
    *  of the same dir, so they come back as restored bans). */
   db?: 'none' | 'memory' | 'file';
-  /** Start reading the log at its end (default true); false re-reads lines already in the file. */
+  /** `logpath = FILE tail` (default true): only lines appended after the start count. With false Fail2Ban
+   *  seeks by timestamp, and as sshd -E lines have none, it also ends up skipping what is already there. */
   tail?: boolean;
-  /** Fail2Ban loglevel (default 'INFO'; 'DEBUG' shows every action command). */
+  /** Fail2Ban loglevel (default 'INFO'; 'DEBUG' logs action results and output, 'TRACEDEBUG' also each command line). */
   loglevel?: string;
   /** Directories whose action.d/*.conf are copied in as well. */
   extraActionDirs?: string[];
@@ -129,7 +130,7 @@ export function failureLines(ip: string, n: number, opts: { user?: string; first
 function socketPath(dir: string): { socket: string; tmpSockDir?: string } {
   const socket = join(dir, 'fail2ban.sock');
   if (Buffer.byteLength(socket) <= 100) return { socket };
-  const tmpSockDir = mkdtempSync(join(tmpdir(), 'f2b-'));
+  const tmpSockDir = mkdtempSync('/tmp/f2b-'); // not os.tmpdir(): TMPDIR may be long too
   return { socket: join(tmpSockDir, 'f2b.sock'), tmpSockDir };
 }
 
