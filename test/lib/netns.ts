@@ -17,7 +17,8 @@
  * - `<id>` is `bs-<pid>-<4 random chars>` (or `<prefix>-<pid>-<rand>`), so
  *   parallel runs never collide, and namespaces left behind by a run that was
  *   SIGKILLed (so no hook could run) are recognised by their dead PID and
- *   removed by the next createTopology() ({@link sweepStaleNamespaces}).
+ *   removed by the next createTopology() with the same prefix
+ *   ({@link sweepStaleNamespaces}), processes inside included.
  * - Deleting a namespace removes everything inside it: veths, the bridge,
  *   ipsets, nftables/iptables rules. Processes inside are stopped first
  *   (gracefully for those started with proc.ts, then SIGKILL by PID for
@@ -27,6 +28,7 @@
  */
 import { execa, type Options as ExecaOptions } from 'execa';
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { onCleanup, runSync, runningProcs, spawnProc, type Proc } from './proc.ts';
 
 export interface TopologyOptions {
@@ -69,7 +71,10 @@ export interface Topology {
   ip6(name: string): string;
   /** Interface name inside the node namespace (always `eth0`). */
   iface(name: string): string;
-  /** Run a command inside a node's namespace with execa (`ip netns exec NS cmd ...args`). */
+  /**
+   * Run a command inside a node's namespace with execa (`ip netns exec NS cmd
+   * ...args`). Rejects on a non-zero exit unless `{ reject: false }`.
+   */
   exec(name: string, cmd: string, args?: readonly string[], opts?: ExecaOptions): ReturnType<typeof execa>;
   /** Cut a node's cable (see {@link LinkDownOptions}). Sockets stay open. */
   linkDown(name: string, opts?: LinkDownOptions): Promise<void>;
@@ -85,7 +90,6 @@ export interface Topology {
 }
 
 const NAME_RE = /^[a-z0-9][a-z0-9_-]{0,31}$/i;
-const STALE_RE = /^bs-(\d+)-[0-9a-z]{4}[-.]/;
 const IFNAMSIZ = 16;
 
 async function ip(args: string[]): Promise<void> {
@@ -120,9 +124,14 @@ export function listNamespaces(): string[] {
 function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+  try {
+    // a zombie (dead, not yet reaped: this sandbox's PID 1 reaps lazily) is not alive
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
   }
 }
 
@@ -142,14 +151,16 @@ function killAndDeleteSync(ns: string) {
 }
 
 /**
- * Delete namespaces named `bs-<pid>-<rand>...` whose <pid> is no longer alive
- * (left behind by a test run that was SIGKILLed), killing any process still
- * inside them. Called by createTopology(); returns the names removed.
+ * Delete namespaces named `<prefix>-<pid>-<rand4>...` whose <pid> is no longer
+ * alive (left behind by a test run that was SIGKILLed, so no hook could run),
+ * killing any process still inside them. createTopology() calls it for its
+ * prefix; returns the names removed.
  */
-export function sweepStaleNamespaces(): string[] {
+export function sweepStaleNamespaces(prefix = 'bs'): string[] {
+  const staleRe = new RegExp(`^${prefix}-(\\d+)-[0-9a-z]{4}[-.]`);
   const removed: string[] = [];
   for (const ns of listNamespaces()) {
-    const m = STALE_RE.exec(ns);
+    const m = staleRe.exec(ns);
     if (!m) continue;
     const pid = Number(m[1]);
     if (pid === process.pid || pidAlive(pid)) continue;
@@ -179,7 +190,7 @@ export async function createTopology(names: string[], opts: TopologyOptions = {}
   if (!/^[a-z][a-z0-9]{0,7}$/i.test(prefix)) throw new Error(`createTopology: bad prefix ${JSON.stringify(prefix)}`);
   const [a, b] = parseSubnet(opts.subnet);
 
-  sweepStaleNamespaces();
+  sweepStaleNamespaces(prefix);
 
   const id = `${prefix}-${process.pid}-${randId(4)}`;
   const switchNs = `${id}.sw`;
@@ -371,8 +382,10 @@ export interface ProbeOptions {
 /**
  * Try one TCP connect from node `from` to node `to`:port (bash's /dev/tcp
  * run in `from`'s namespace; ~10 ms when it gets through). A connect that
- * hangs (DROP) is SIGKILLed after `timeoutMs` => 'timeout'; RST (REJECT, no
- * listener) => 'refused'.
+ * hangs (DROP) is SIGKILLed `timeoutMs` after bash started => 'timeout' (so a
+ * blocked probe costs timeoutMs + ~10 ms); RST (REJECT, no listener) =>
+ * 'refused'. The timeout only costs time when the result is 'timeout': when
+ * asserting "open", a generous timeout is free.
  */
 export async function tcpConnect(
   topo: Topology,
@@ -383,11 +396,19 @@ export async function tcpConnect(
   opts: ProbeOptions = {},
 ): Promise<ConnectResult> {
   const addr = opts.family === 6 ? topo.ip6(to) : topo.ip(to);
-  const p = spawnProc('bash', ['-c', 'exec 3<>"/dev/tcp/$1/$2"', 'probe', addr, String(port)], {
+  // `echo go` first, so the timeout measures the connect() alone and not the
+  // (load-dependent) start-up of ip/bash.
+  const p = spawnProc('bash', ['-c', 'echo go; exec 3<>"/dev/tcp/$1/$2"', 'probe', addr, String(port)], {
     netns: topo.ns(from),
     name: `probe:${from}->${to}:${port}`,
     pdeathsig: false, // saves an exec; destroy()/exit hooks still kill it
   });
+  try {
+    await p.waitForLine(/^go$/, 10_000);
+  } catch {
+    await p.kill9();
+    return 'error';
+  }
   let timer: NodeJS.Timeout | undefined;
   const r = await Promise.race([
     p.exited,

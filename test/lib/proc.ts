@@ -67,7 +67,10 @@ export interface Proc {
   output(): string;
   /** Output lines so far. */
   lines(): readonly string[];
-  /** Resolves when the process has exited (never rejects). */
+  /**
+   * Resolves when the process has exited (never rejects). Reading this
+   * property marks the child as awaited, so it keeps the event loop alive.
+   */
   readonly exited: Promise<ExitInfo>;
   /** Like `exited`, but also waits until all output was read (at most 200 ms past exit). */
   readonly closed: Promise<ExitInfo>;
@@ -96,8 +99,8 @@ class ProcImpl implements Proc {
   readonly name: string;
   readonly pid: number;
   readonly argv: readonly string[];
-  readonly exited: Promise<ExitInfo>;
-  readonly closed: Promise<ExitInfo>;
+  private readonly exitedP: Promise<ExitInfo>;
+  private readonly closedP: Promise<ExitInfo>;
   readonly netns?: string;
   private resolveClosed!: (i: ExitInfo) => void;
   private child: ChildProcess;
@@ -113,7 +116,7 @@ class ProcImpl implements Proc {
     this.name = name;
     this.argv = argv;
     this.netns = opts.netns;
-    this.closed = new Promise((r) => (this.resolveClosed = r));
+    this.closedP = new Promise((r) => (this.resolveClosed = r));
     const env: Record<string, string> = {};
     for (const [k, v] of Object.entries(process.env)) if (v !== undefined) env[k] = v;
     for (const [k, v] of Object.entries(opts.env ?? {})) {
@@ -127,7 +130,7 @@ class ProcImpl implements Proc {
       detached: true, // own process group: we signal -pid, and terminal ^C goes only to us
     });
     let resolveExit!: (i: ExitInfo) => void;
-    this.exited = new Promise((r) => (resolveExit = r));
+    this.exitedP = new Promise((r) => (resolveExit = r));
     const finish = (i: ExitInfo) => {
       if (this.info) return;
       this.info = i;
@@ -148,6 +151,11 @@ class ProcImpl implements Proc {
       stream.on('end', () => this.flushPartial(s));
     }
     this.child.stdin!.on('error', () => {}); // EPIPE if the child never reads
+    // A running child alone must not keep the test process alive (node --test
+    // would hang forever on a forgotten proc): unref it and its pipes. When
+    // nothing else is pending the process exits and the exit hook kills the
+    // child. Waiting for it (exited/closed/stop/kill9) refs it again.
+    this.setRef(false);
     if (opts.input !== undefined) this.child.stdin!.end(opts.input);
     else this.child.stdin!.end();
     // pid is undefined when spawn fails synchronously-ish (ENOENT); use -1 then.
@@ -245,18 +253,19 @@ class ProcImpl implements Proc {
   }
 
   stop(signal: NodeJS.Signals = 'SIGTERM', timeoutMs = 5_000): Promise<ExitInfo> {
-    if (this.info) return this.exited;
+    if (this.info) return this.exitedP;
     if (this.stopping) return this.stopping;
+    this.setRef(true);
     this.stopping = (async () => {
       this.signal(signal);
       let timer: NodeJS.Timeout | undefined;
       const timedOut = await Promise.race([
-        this.exited.then(() => false),
+        this.exitedP.then(() => false),
         new Promise<boolean>((r) => (timer = setTimeout(() => r(true), timeoutMs))),
       ]);
       clearTimeout(timer);
       if (timedOut) this.signal('SIGKILL');
-      const info = await this.exited;
+      const info = await this.exitedP;
       // Leftover members of the group (forked helpers that ignored the signal).
       // The group id cannot be reused while any member is alive, so this is safe.
       try {
@@ -272,6 +281,24 @@ class ProcImpl implements Proc {
   kill9(): Promise<ExitInfo> {
     this.signal('SIGKILL');
     return this.exited;
+  }
+
+  get exited(): Promise<ExitInfo> {
+    this.setRef(true);
+    return this.exitedP;
+  }
+
+  get closed(): Promise<ExitInfo> {
+    this.setRef(true);
+    return this.closedP;
+  }
+
+  private setRef(on: boolean) {
+    const targets = [this.child, this.child.stdout, this.child.stderr] as Array<{ ref?(): void; unref?(): void } | null>;
+    for (const t of targets) {
+      if (on) t?.ref?.();
+      else t?.unref?.();
+    }
   }
 
   /** Synchronous last-resort kill used by exit/signal hooks. */
@@ -330,9 +357,10 @@ function setprivPath(): string | null {
 
 /**
  * Run a TypeScript entry point with the current node and tsx:
- * `process.execPath --import tsx SCRIPT ARGS...`, cwd = repo root (so `tsx`
- * resolves from /work/main/node_modules), `script` relative to the repo root
- * unless absolute.
+ * `process.execPath --import <tsx> SCRIPT ARGS...`, cwd = repo root unless
+ * `opts.cwd` is given, `script` relative to the repo root unless absolute.
+ * `--import tsx` resolves from the cwd, so it is passed as the absolute URL of
+ * the repo's tsx loader (resolved from this file); any cwd works.
  *
  * @example
  *   const hub = tsx('hub.ts', ['--port', '0'], { netns: topo.ns('hub'), name: 'hub' });
@@ -341,11 +369,19 @@ function setprivPath(): string | null {
 export function tsx(script: string, args: string[] = [], opts: ProcOptions = {}): Proc {
   const cwd = opts.cwd ?? REPO_ROOT;
   const abs = path.isAbsolute(script) ? script : path.join(REPO_ROOT, script);
-  return spawnProc(process.execPath, ['--import', 'tsx', abs, ...args], {
+  return spawnProc(process.execPath, ['--import', tsxLoader(), abs, ...args], {
     ...opts,
     cwd,
     name: opts.name ?? path.basename(script),
   });
+}
+
+function tsxLoader(): string {
+  try {
+    return import.meta.resolve('tsx'); // file:///…/node_modules/tsx/dist/loader.mjs
+  } catch {
+    return 'tsx';
+  }
 }
 
 /** Stop (SIGTERM, then SIGKILL after `timeoutMs`) every child that is still running. For `after(stopAll)`. */
@@ -364,7 +400,6 @@ export function runningProcs(): Proc[] {
 type Hook = () => void;
 const hooks: Hook[] = [];
 let hooksInstalled = false;
-let cleanedUp = false;
 
 /**
  * Register a *synchronous* function to run once when the process exits or
@@ -380,12 +415,16 @@ export function onCleanup(fn: Hook): () => void {
   };
 }
 
-/** Run the exit-time cleanup now (synchronously). Idempotent; mostly for tests of this module. */
+/**
+ * Run the exit-time cleanup now (synchronously): SIGKILL all running children,
+ * then run (and unregister) every hook. Safe to call repeatedly.
+ */
 export function runCleanupNow(): void {
-  if (cleanedUp) return;
-  cleanedUp = true;
-  for (const p of running) p.killSync();
-  for (const h of [...hooks]) {
+  for (const p of [...running]) {
+    p.killSync();
+    running.delete(p);
+  }
+  for (const h of hooks.splice(0)) {
     try {
       h();
     } catch (e) {

@@ -45,8 +45,8 @@ export type Requirement =
   | 'ipv6'
   | 'ipset' // ipset binary + kernel ip_set (hash:net, inet and inet6, timeout) in a netns
   | 'nft' // nft binary + nf_tables inet table with an interval,timeout set
-  | 'iptables' // iptables + `-m set` match usable in a netns
-  | 'ip6tables'
+  | 'iptables' // iptables binary + adding a rule works in a scratch netns
+  | 'ip6tables' // same for ip6tables
   | (string & {});
 
 export const isCI = process.env.CI === 'true';
