@@ -16,7 +16,7 @@
 
 import { lookup } from "node:dns/promises";
 import { createWriteStream, existsSync, readFileSync, realpathSync, statSync, type WriteStream } from "node:fs";
-import { appendFile, mkdir, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { appendFile, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -56,6 +56,8 @@ export interface AgentOptions {
   ports: number[];
   csvPath?: string;
   spoolDir?: string;
+  /** File keeping the cursor and claims across restarts, so a restart resumes instead of a full sync. */
+  statePath?: string;
   ca?: string;
   heartbeatMs: number;
   /** Name of the sets, chain and table the agent owns. */
@@ -376,6 +378,48 @@ function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) =>
 }
 
 // ---------------------------------------------------------------------------------------------
+// State file: cursor and claims
+
+/** The agent's state file: where it is in the hub's stream, and the claims it holds. */
+export interface AgentState {
+  v: 1;
+  cursor: Cursor;
+  claims: FleetEvent[];
+}
+
+/** Serialises the state file's content. */
+export function stateText(cursor: Cursor, claims: Claims): string {
+  const events: FleetEvent[] = [];
+  for (const byOrigin of claims.values()) for (const e of byOrigin.values()) events.push(e);
+  return JSON.stringify({ v: 1, cursor, claims: events } satisfies AgentState) + "\n";
+}
+
+/** Parses a state file; undefined when it is not one (the agent then starts with a full sync). */
+export function parseState(text: string): AgentState | undefined {
+  try {
+    const s = JSON.parse(text) as AgentState;
+    if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string" || !Array.isArray(s.claims)) return undefined;
+    const frame = parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: s.cursor.seq, events: s.claims }));
+    return frame.ok ? s : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Writes a file so that a crash leaves the old or the new content, never a torn one. */
+async function writeAtomic(path: string, text: string): Promise<void> {
+  const tmp = `${path}.tmp`;
+  const fh = await open(tmp, "w", 0o600);
+  try {
+    await fh.writeFile(text);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, path);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The agent
 
 /** The addresses of this host's interfaces, never to be blocked. */
@@ -442,7 +486,8 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const applied = new Map<string, number | null>();
   const dirty = new Set<string>();
   let cursor: Cursor | undefined;
-  let syncing: { full: boolean; events: FleetEvent[] } | undefined;
+  let awaitingSync = false;
+  let syncBuffer: FleetEvent[] = [];
   let working: Promise<void> | undefined;
   let pendingReconcile = false;
   let closing = false;
@@ -462,6 +507,38 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   };
 
   const desiredFor = (ip: string, now: number) => (allowedReason(ip) ? undefined : blockedUntil(claims.get(ip), now));
+
+  if (opts.statePath && existsSync(opts.statePath)) {
+    const saved = parseState(await readFile(opts.statePath, "utf8"));
+    if (!saved) log(`warning: ${opts.statePath} is not a banshare agent state file; starting with a full sync`);
+    else {
+      cursor = saved.cursor;
+      for (const e of saved.claims) mergeClaim(claims, e);
+      // What the kernel held when the state was saved: the reconcile after the next sync logs only real changes.
+      const now = Date.now();
+      for (const ip of claims.keys()) {
+        const d = desiredFor(ip, now);
+        if (d !== undefined) applied.set(ip, d);
+      }
+      log(`loaded ${claims.size} address(es) and cursor ${cursor.hub}:${cursor.seq} from ${opts.statePath}`);
+    }
+  }
+  let saveTimer: NodeJS.Timeout | undefined;
+  let saving: Promise<void> = Promise.resolve();
+  const saveNow = () => {
+    if (!opts.statePath || !cursor) return saving;
+    const text = stateText(cursor, claims);
+    saving = saving.then(() => writeAtomic(opts.statePath!, text)).catch((e: Error) => log(`warning: cannot save ${opts.statePath}: ${e.message}`));
+    return saving;
+  };
+  // At most one write a second, however many events arrive.
+  const scheduleSave = () => {
+    if (!opts.statePath || saveTimer) return;
+    saveTimer = setTimeout(() => {
+      saveTimer = undefined;
+      void saveNow();
+    }, 1000);
+  };
 
   const logApplied = (ip: string, before: number | null | undefined, after: number | null | undefined, now: number, via: string) => {
     if (after === undefined) {
@@ -567,7 +644,9 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     const files = (await readdir(opts.spoolDir).catch(() => [] as string[])).filter((f) => f.endsWith(".json")).sort();
     for (const f of files) {
       const path = join(opts.spoolDir, f);
+      if ([...spoolSent.values()].includes(path)) continue;
       const text = await readFile(path, "utf8").catch(() => "");
+      if (!text) continue;
       const parsed = parseNodeFrame(text, Date.now());
       if (!parsed.ok || parsed.value.type === "hello") {
         log(`warning: moving unreadable spool file ${f} aside: ${parsed.ok ? "not an event" : parsed.message}`);
@@ -576,13 +655,13 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         continue;
       }
       const frame = parsed.value as BanFrame | UnbanFrame;
-      if ([...spoolSent.values()].includes(path)) continue;
       spoolSent.set(frame.id, path);
       if (ws.readyState === ws.OPEN) ws.send(JSON.stringify(frame));
     }
   };
 
   let ws: WebSocket | undefined;
+  let spoolTimer: NodeJS.Timeout | undefined;
   let hubId = "";
   let attempt = 0;
   let hubIndex = 0;
@@ -635,29 +714,37 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
           nodeName = f.node;
           log(`connected to ${url} as ${f.node} (${f.role}), hub ${f.hub} at seq ${f.seq}`);
           hubId = f.hub;
+          awaitingSync = true;
+          syncBuffer = [];
           void forwardSpool(sock).catch((e: Error) => log(`warning: spool: ${e.message}`));
+          spoolTimer = setInterval(() => void forwardSpool(sock).catch((e: Error) => log(`warning: spool: ${e.message}`)), 5000);
           return;
         case "sync": {
-          if (f.full && !syncing) syncing = { full: true, events: [] };
-          if (syncing) {
-            syncing.events.push(...f.events);
+          if (awaitingSync) {
+            // The answer to our hello: the full state, or the events after our cursor, maybe in chunks.
+            syncBuffer.push(...f.events);
             if (f.more) return;
-            const { events } = syncing;
-            syncing = undefined;
-            if (f.full) {
-              claims.clear();
-              takeEvents(events);
-              pendingReconcile = true;
-            } else takeEvents(events);
-          } else takeEvents(f.events);
-          // The cursor moves only once a sync is complete, so a cut mid-sync is resumed from before it.
-          if (!f.more && (f.full || cursor)) cursor = { hub: hubId, seq: f.seq };
+            awaitingSync = false;
+            const events = syncBuffer;
+            syncBuffer = [];
+            if (f.full) claims.clear();
+            takeEvents(events);
+            pendingReconcile = true;
+            log(f.full ? `full sync: ${events.length} event(s) at seq ${f.seq}` : `resumed after seq ${cursor?.seq}: ${events.length} event(s) missed, now at seq ${f.seq}`);
+            cursor = { hub: hubId, seq: f.seq };
+          } else {
+            // A burst the hub relayed in one frame.
+            takeEvents(f.events);
+            if (cursor) cursor = { hub: hubId, seq: f.seq };
+          }
+          scheduleSave();
           kick();
           return;
         }
         case "event":
           takeEvents([f]);
           if (cursor) cursor = { hub: hubId, seq: f.seq };
+          scheduleSave();
           kick();
           return;
         case "ack": {
@@ -682,7 +769,9 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     sock.on("error", (e) => log(`${url}: ${e.message}`));
     sock.on("close", (code, reason) => {
       clearInterval(pingTimer);
-      syncing = undefined;
+      clearInterval(spoolTimer);
+      awaitingSync = false;
+      syncBuffer = [];
       spoolSent.clear();
       if (closing) return;
       if (!welcomed) hubIndex++;
@@ -703,8 +792,11 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         clearTimeout(retryTimer);
         clearInterval(sweeper);
         clearInterval(pingTimer);
+        clearInterval(spoolTimer);
+        clearTimeout(saveTimer);
         ws?.terminate();
         while (working) await working.catch(() => {});
+        await saveNow();
         if (csv) await new Promise<void>((resolve) => csv!.end(resolve));
       })();
       return closed;
@@ -740,6 +832,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
     .option("ports", { type: "string", default: "", describe: "Block only these TCP ports, e.g. 22,2222 (default: all traffic from a banned address)" })
     .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT" })
     .option("spool", { type: "string", describe: "Spool directory of ban.ts: events it could not deliver are forwarded from here" })
+    .option("state", { type: "string", describe: "State file (cursor and claims): a restarted agent resumes where it stopped instead of a full sync" })
     .option("ca", { type: "string", describe: "PEM CA certificate to verify a wss:// hub with (self-signed fleets)" })
     .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
     .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
@@ -782,6 +875,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       ports,
       csvPath: a.csv,
       spoolDir: a.spool,
+      statePath: a.state,
       ca: a.ca,
       heartbeatMs: a.heartbeat * 1000,
       prefix: a.prefix,
