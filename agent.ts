@@ -469,6 +469,10 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   }
   const allow = [...opts.allow.map((s) => parseAddress(s)!), ...ownAddresses(), ...(await hubAddresses(opts.hubs))];
   const cfg: FirewallConfig = { prefix: opts.prefix, ports: opts.ports, allow: opts.allow.map((s) => parseAddress(s)!) };
+  for (const u of opts.hubs) {
+    const host = new URL(u).hostname.replace(/^\[|\]$/g, "");
+    if (u.startsWith("ws:") && host !== "localhost" && !parseAddress(host)?.text.match(/^(127\.|::1$)/)) log(`warning: ${u} is plain ws://: the token and the bans cross the network unencrypted; use wss:// with --ca`);
+  }
   const backend = makeBackend(opts.backend, cfg, log);
   await backend.setup();
 

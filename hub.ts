@@ -15,10 +15,11 @@
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
 import { createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
-import { appendFile, mkdir, open, readFile, rename, type FileHandle } from "node:fs/promises";
+import { appendFile, chmod, mkdir, open, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
+import { networkInterfaces } from "node:os";
 import { dirname } from "node:path";
 import type { Duplex } from "node:stream";
 import { fileURLToPath } from "node:url";
@@ -35,8 +36,11 @@ import {
   eventUntil,
   isName,
   mergeClaim,
+  overlaps,
+  parseAddress,
   parseNodeFrame,
   pruneClaims,
+  type Address,
   type BanFrame,
   type Claims,
   type CsvRecord,
@@ -70,6 +74,15 @@ export interface HubOptions {
   syncChunk: number;
   /** A socket with more than this many bytes queued is dropped rather than grow the hub. */
   maxBufferedBytes: number;
+  /** Per-node event rate limit: sustained events per second, and the burst allowed above it. */
+  rate: number;
+  burst: number;
+  /** Most simultaneous connections one node may hold. */
+  maxConnsPerNode: number;
+  /** Networks no ban may touch (the operator's own ranges); the hub's own addresses are added. */
+  protect: string[];
+  /** Serve plain ws:// on a non-loopback address (tokens cross the network in clear). */
+  insecure?: boolean;
   log: (line: string) => void;
 }
 
@@ -114,6 +127,24 @@ export function parseTokens(text: string, file = "tokens"): TokenEntry[] {
     out.push({ name, hash, role: role as Role });
   });
   return out;
+}
+
+/** The addresses of this host's interfaces: a ban must never cut the hub off its own fleet. */
+function ownAddresses(): Address[] {
+  const out: Address[] = [];
+  for (const list of Object.values(networkInterfaces())) {
+    for (const i of list ?? []) {
+      const a = parseAddress(i.address);
+      if (a) out.push(a);
+    }
+  }
+  return out;
+}
+
+/** True when `host` is a loopback address or name, where plain ws:// never leaves the machine. */
+export function isLoopback(host: string): boolean {
+  const a = parseAddress(host.replace(/^\[|\]$/g, ""));
+  return host === "localhost" || (a !== undefined && (a.family === 4 ? a.bytes[0] === 127 : a.text === "::1"));
 }
 
 /** Finds the entry whose hash matches `token`, comparing every entry in constant time. */
@@ -368,6 +399,18 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const counters: Counters = { eventsIn: { ban: 0, unban: 0 }, eventsOut: 0, refused: {}, unauthorized: 0 };
   let csv: WriteStream | undefined;
   let closing = false;
+  const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
+  const buckets = new Map<string, { tokens: number; at: number }>();
+  /** Token bucket per node: true when the node may publish one more event now. */
+  const takeToken = (node: string, now: number): boolean => {
+    const b = buckets.get(node) ?? { tokens: opts.burst, at: now };
+    b.tokens = Math.min(opts.burst, b.tokens + ((now - b.at) / 1000) * opts.rate);
+    b.at = now;
+    buckets.set(node, b);
+    if (b.tokens < 1) return false;
+    b.tokens -= 1;
+    return true;
+  };
 
   const { journal, contents } = await Journal.open(opts.statePath, log, {
     durable: (events) => relay(events),
@@ -478,6 +521,12 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     if (!c.hello) return refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
     if (c.entry.role === "reader") return refuse(c, "forbidden", `Node ${c.entry.name} has the reader role and cannot publish`, f.id, f.ip);
     if (f.type === "unban" && f.all && c.entry.role !== "admin") return refuse(c, "forbidden", `Only an admin can unban for every node; ${c.entry.name} is a ${c.entry.role}`, f.id, f.ip);
+    if (f.type === "ban") {
+      const addr = parseAddress(f.ip)!;
+      const hit = protectedNets.find((n) => overlaps(n, addr));
+      if (hit) return refuse(c, "protected", `Refusing to ban ${f.ip}: it overlaps the protected network ${hit.text}`, f.id, f.ip);
+    }
+    if (!takeToken(c.entry.name, Date.now())) return refuse(c, "rate_limited", `Node ${c.entry.name} is over its limit of ${opts.rate} events/s (burst ${opts.burst}); slow down and retry`, f.id, f.ip);
     accept(c, f).catch((e: Error) => refuse(c, "internal", `Could not store the event: ${e.message}`, f.id, f.ip));
   };
 
@@ -533,6 +582,14 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       log(`refused connection from ${remote}: ${why}`);
       record({ action: "REJECT", detail: `unauthorized: ${why} from ${remote}` });
       socket.end(`HTTP/1.1 ${closing ? "503 Service Unavailable" : "401 Unauthorized"}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
+      return;
+    }
+    const open = [...conns].filter((c) => c.entry.name === entry.name).length;
+    if (open >= opts.maxConnsPerNode) {
+      counters.refused.too_many_connections = (counters.refused.too_many_connections ?? 0) + 1;
+      log(`refused connection from ${entry.name} (${remote}): already ${open} open, the limit is ${opts.maxConnsPerNode}`);
+      record({ action: "REJECT", origin: entry.name, detail: `too_many_connections: ${open} open from ${remote}` });
+      socket.end("HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
       return;
     }
     wss.handleUpgrade(req, socket, head, (ws) => {
@@ -602,6 +659,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       return closed;
     },
   };
+  if (!opts.tlsCert && !isLoopback(opts.host)) log(`warning: --insecure: serving plain ws:// on ${opts.host}; tokens and bans cross the network unencrypted`);
   log(`listening on ${opts.tlsCert ? "wss" : "ws"}://${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${port} as hub ${journal.hubId}, ${claims.size} address(es) claimed, seq ${seq}${opts.statePath ? "" : " (no --state: nothing survives a restart)"}`);
   return hub;
 }
@@ -620,9 +678,31 @@ export async function addNode(tokensFile: string, name: string, role: Role): Pro
   return token;
 }
 
+/**
+ * Makes a private CA and a hub certificate signed by it, with openssl (argv, no shell). Nodes
+ * verify the hub with `--ca DIR/ca.pem`; keep ca.key offline once the hub certificate exists.
+ */
+export async function genCert(dir: string, hosts: string[], days: number): Promise<string[]> {
+  const { execFileSync } = await import("node:child_process");
+  for (const h of hosts) if (!/^[A-Za-z0-9.:-]{1,253}$/.test(h)) throw new Error(`Expected --host to be a DNS name or address, got ${JSON.stringify(h)}`);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const f = (n: string) => `${dir}/${n}`;
+  for (const n of ["ca.pem", "hub.pem"]) if (existsSync(f(n))) throw new Error(`${f(n)} exists already; move it away to make new certificates`);
+  const san = hosts.map((h) => (parseAddress(h) ? `IP:${h}` : `DNS:${h}`)).join(",");
+  const ssl = (...args: string[]) => execFileSync("openssl", args, { stdio: ["ignore", "ignore", "pipe"] });
+  ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f("ca.key"), "-out", f("ca.pem"), "-days", String(days), "-subj", "/CN=banshare fleet CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign");
+  ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f("hub.key"), "-out", f("hub.csr"), "-subj", `/CN=${hosts[0]}`);
+  await writeFile(f("hub.ext"), `subjectAltName=${san}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n`);
+  ssl("x509", "-req", "-in", f("hub.csr"), "-CA", f("ca.pem"), "-CAkey", f("ca.key"), "-CAcreateserial", "-out", f("hub.pem"), "-days", String(days), "-extfile", f("hub.ext"));
+  for (const n of ["hub.csr", "hub.ext", "ca.srl"]) await rm(f(n), { force: true });
+  for (const n of ["ca.key", "hub.key"]) await chmod(f(n), 0o600);
+  return ["ca.pem", "ca.key", "hub.pem", "hub.key"].map(f);
+}
+
 export type ParsedArgs =
   | { command: "serve"; options: Omit<HubOptions, "log"> }
-  | { command: "add-node"; name: string; tokensFile: string; role: Role };
+  | { command: "add-node"; name: string; tokensFile: string; role: Role }
+  | { command: "gen-cert"; dir: string; hosts: string[]; days: number };
 
 /** Turns the command line (without `node hub.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
@@ -632,7 +712,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
     .usage("Usage: node --import tsx hub.ts [serve] --tokens FILE [options]\n       node --import tsx hub.ts add-node NAME --tokens FILE [--role node|reader|admin]")
     .env("BANSHARE")
     .config("config", "JSON file with any of these options")
-    .option("tokens", { type: "string", demandOption: true, describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
+    .option("tokens", { type: "string", describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
     .command(
       ["serve", "$0"],
       "Run the hub",
@@ -646,19 +726,27 @@ export function parseArgs(argv: string[]): ParsedArgs {
           .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 bans broader than this prefix length" })
           .option("tls-cert", { type: "string", describe: "PEM certificate: serve wss:// (needs --tls-key)" })
           .option("tls-key", { type: "string", describe: "PEM private key for --tls-cert" })
-          .option("max-buffered", { type: "number", default: 64, describe: "MiB queued to one socket before the hub drops it as too slow" }),
+          .option("max-buffered", { type: "number", default: 64, describe: "MiB queued to one socket before the hub drops it as too slow" })
+          .option("rate", { type: "number", default: 50, describe: "Events per second one node may publish, sustained" })
+          .option("burst", { type: "number", default: 5000, describe: "Events one node may publish at once above --rate (a Fail2Ban restart restores many bans)" })
+          .option("max-conns-per-node", { type: "number", default: 32, describe: "Simultaneous connections one node may hold (agent plus ban.ts calls)" })
+          .option("protect", { type: "string", array: true, default: [] as string[], describe: "Network no ban may touch, e.g. your admin range (repeatable); the hub's own addresses are always protected" })
+          .option("insecure", { type: "boolean", default: false, describe: "Serve plain ws:// on a non-loopback address: tokens and bans cross the network unencrypted" }),
       (a) => {
         const { host, port } = parseListen(a.listen);
         for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
           if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new Error(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
         }
         if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new Error("Expected --tls-cert and --tls-key together, got only one");
+        if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new Error(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
+        for (const p of a.protect) if (!parseAddress(p)) throw new Error(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
+        if (!(a.rate > 0) || !(a.burst >= 1) || !Number.isInteger(a.maxConnsPerNode) || a.maxConnsPerNode < 1) throw new Error(`Expected --rate > 0, --burst >= 1 and --max-conns-per-node >= 1, got ${a.rate}, ${a.burst}, ${a.maxConnsPerNode}`);
         result = {
           command: "serve",
           options: {
             host,
             port,
-            tokensFile: a.tokens,
+            tokensFile: a.tokens!,
             statePath: a.state,
             csvPath: a.csv,
             heartbeatMs: a.heartbeat * 1000,
@@ -667,6 +755,11 @@ export function parseArgs(argv: string[]): ParsedArgs {
             tlsKey: a.tlsKey,
             syncChunk: SYNC_CHUNK,
             maxBufferedBytes: a.maxBuffered * 1024 * 1024,
+            rate: a.rate,
+            burst: a.burst,
+            maxConnsPerNode: a.maxConnsPerNode,
+            protect: a.protect,
+            insecure: a.insecure,
           },
         };
       },
@@ -679,7 +772,19 @@ export function parseArgs(argv: string[]): ParsedArgs {
           .positional("name", { type: "string", demandOption: true, describe: "Node name, usually the host name" })
           .option("role", { choices: ROLES, default: "node" as Role, describe: "node: send and receive; reader: receive only; admin: node plus fleet-wide unban" }),
       (a) => {
-        result = { command: "add-node", name: a.name, tokensFile: a.tokens, role: a.role as Role };
+        result = { command: "add-node", name: a.name, tokensFile: a.tokens!, role: a.role as Role };
+      },
+    )
+    .command(
+      "gen-cert",
+      "Make a private CA and a certificate for the hub (openssl), for a fleet without a public CA",
+      (y) =>
+        y
+          .option("dir", { type: "string", default: "/etc/banshare/tls", describe: "Where to write ca.pem, ca.key, hub.pem, hub.key" })
+          .option("host", { type: "string", array: true, demandOption: true, describe: "Name or address the nodes use for the hub (repeatable)" })
+          .option("days", { type: "number", default: 3650, describe: "Validity in days" }),
+      (a) => {
+        result = { command: "gen-cert", dir: a.dir, hosts: a.host, days: a.days };
       },
     )
     .strict()
@@ -690,7 +795,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
     .version(false)
     .wrap(null)
     .parseSync();
-  if (!result) throw new Error("Expected a command: serve or add-node");
+  if (!result) throw new Error("Expected a command: serve, add-node or gen-cert");
+  const tokensFile = result.command === "serve" ? result.options.tokensFile : result.command === "add-node" ? result.tokensFile : "not needed";
+  if (!tokensFile) throw new Error("Expected --tokens FILE (or BANSHARE_TOKENS), got none");
   return result;
 }
 
@@ -706,6 +813,16 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   } catch (e) {
     process.stderr.write(`hub.ts: ${(e as Error).message}\n`);
     process.exitCode = 2;
+    return;
+  }
+  if (args.command === "gen-cert") {
+    try {
+      const files = await genCert(args.dir, args.hosts, args.days);
+      process.stderr.write(`Wrote ${files.join(", ")}.\nHub: --tls-cert ${files[2]} --tls-key ${files[3]}. Nodes: copy ${files[0]} and use --ca ca.pem with wss://${args.hosts[0]}:${DEFAULT_PORT}. Keep ca.key offline.\n`);
+    } catch (e) {
+      process.stderr.write(`hub.ts: ${(e as Error).message.split("\n")[0]}\n`);
+      process.exitCode = 1;
+    }
     return;
   }
   if (args.command === "add-node") {

@@ -75,7 +75,10 @@ export interface HubProc {
 
 /** Starts `hub.ts` with `args` and resolves once it listens. Pass `--listen HOST:0` for a free port. */
 export async function startHubProc(args: string[], opts: ProcOptions = {}): Promise<HubProc> {
-  const proc = tsx("hub.ts", args, { name: "hub", ...opts });
+  // A hub inside a test namespace serves plain ws:// on the test's own private bridge.
+  const listen = args[args.indexOf("--listen") + 1] ?? "";
+  const plainOffLoopback = args.includes("--listen") && !args.includes("--tls-cert") && !/^(127\.|\[::1\]|localhost)/.test(listen);
+  const proc = tsx("hub.ts", plainOffLoopback ? [...args, "--insecure"] : args, { name: "hub", ...opts });
   const line = await proc.waitForLine(/listening on (wss?):\/\/(\S+):(\d+)/, 20_000);
   const m = /listening on (wss?):\/\/(\S+):(\d+)/.exec(line)!;
   return { proc, url: `${m[1]}://${m[2]}:${m[3]}`, port: Number(m[3]) };
