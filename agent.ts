@@ -578,7 +578,11 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
           for (const [ip, u] of desired) applied.set(ip, u);
           log(`synced: ${desired.size} address(es) blocked (${opts.backend})`);
         } catch (e) {
-          log(`error: reconcile failed, will retry with the next sync: ${(e as Error).message}`);
+          log(`error: reconcile failed, retrying in 5 s: ${(e as Error).message}`);
+          setTimeout(() => {
+            pendingReconcile = true;
+            kick();
+          }, 5000).unref();
         } finally {
           working = undefined;
         }

@@ -99,6 +99,7 @@ export interface Hub {
 const ROLES: Role[] = ["node", "reader", "admin"];
 const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
+const HELLO_TIMEOUT_MS = 10_000;
 const JOURNAL_MAGIC = "banshare-journal";
 
 // ---------------------------------------------------------------------------------------------
@@ -598,7 +599,18 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       ws.on("message", (data: Buffer, isBinary) => onFrame(c, data, isBinary));
       ws.on("pong", () => (c.alive = true));
       ws.on("error", (e) => log(`${entry.name} (${remote}): ${e.message}`));
-      ws.on("close", () => conns.delete(c));
+      // A connection that never says hello would hold a slot forever: heartbeats keep it alive.
+      const helloTimer = setTimeout(() => {
+        if (!c.hello) {
+          refuse(c, "not_hello", `Expected hello within ${HELLO_TIMEOUT_MS / 1000} s of connecting, got none`);
+          ws.close(1008, "no hello");
+        }
+      }, HELLO_TIMEOUT_MS);
+      helloTimer.unref();
+      ws.on("close", () => {
+        clearTimeout(helloTimer);
+        conns.delete(c);
+      });
     });
   };
 
