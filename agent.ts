@@ -95,6 +95,7 @@ export interface Agent {
 export const IPSET_MAX_TIMEOUT_S = 2147483;
 const MAX_ELEMENTS = 2_097_152;
 const CMD_TIMEOUT_MS = 60_000;
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup"];
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers
@@ -554,7 +555,8 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     }
     const c = cause(ip);
     if (before === undefined) record({ action: "BLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, rtMs: c ? now - c.detectedAt : undefined, detail: `${via}: banned by ${c?.origin ?? "?"}` });
-    if (after !== null && after !== before) record({ action: "SCHEDULE_UNBLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, detail: `in ${Math.round((after - now) / 1000)} s` });
+    // A timed block that becomes permanent cancels its scheduled unblock: say so (until "never").
+    if (after !== before && (after !== null || before !== undefined)) record({ action: "SCHEDULE_UNBLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, detail: after === null ? "none: blocked for good" : `in ${Math.round((after - now) / 1000)} s` });
   };
 
   // One kernel command at a time; changes that arrive meanwhile wait and go in the next batch.
@@ -690,7 +692,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     let alive = true;
     let welcomed = false;
     sock.on("unexpected-response", (_req, res) => {
-      log(`error: ${url} refused the connection: HTTP ${res.statusCode}${res.statusCode === 401 ? " (token not accepted: check --token-file and the hub's token list)" : ""}`);
+      log(`error: ${url} refused the connection: HTTP ${res.statusCode}${res.statusMessage ? ` ${res.statusMessage}` : ""}${res.statusCode === 401 ? " (token not accepted: check --token-file and the hub's token list)" : ""}`);
       sock.terminate();
     });
     sock.on("open", () => {
@@ -766,7 +768,9 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         case "error": {
           const path = f.id ? spoolSent.get(f.id) : undefined;
           log(`hub refused${f.id ? ` ${f.id}` : ""}: ${f.code}: ${f.message}`);
-          if (path && opts.spoolDir) {
+          // Over the rate limit or a hub-side write error: the event stays spooled for the next round.
+          if (path && (f.code === "rate_limited" || f.code === "internal")) spoolSent.delete(f.id!);
+          else if (path && opts.spoolDir) {
             spoolSent.delete(f.id!);
             void mkdir(join(opts.spoolDir, "rejected"), { recursive: true }).then(() => rename(path, join(opts.spoolDir!, "rejected", path.split("/").pop()!))).catch(() => {});
           }
@@ -825,34 +829,55 @@ export async function cleanup(backend: BackendName, prefix: string, log: (s: str
 
 export type ParsedArgs = { command: "run"; options: Omit<AgentOptions, "log"> } | { command: "cleanup"; backend: BackendName; prefix: string };
 
+/**
+ * Runs `parse` with only this script's own `BANSHARE_*` variables visible: yargs' strict mode
+ * takes every `BANSHARE_*` variable as a flag, so an unrelated one would stop the script.
+ */
+function withOwnEnv<T>(flags: string[], parse: () => T): T {
+  const own = new Set(flags.map((f) => `BANSHARE_${f.toUpperCase().replace(/-/g, "_")}`));
+  const hidden: Record<string, string> = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (k.startsWith("BANSHARE_") && !own.has(k) && v !== undefined) {
+      hidden[k] = v;
+      delete process.env[k];
+    }
+  }
+  try {
+    return parse();
+  } finally {
+    Object.assign(process.env, hidden);
+  }
+}
+
 /** Turns the command line (without `node agent.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
-  const a = yargs(argv)
-    .scriptName("agent.ts")
-    .usage("Usage: node --import tsx agent.ts --hub URL[,URL...] --token-file FILE [options]\n       node --import tsx agent.ts --cleanup [--backend B]")
-    .env("BANSHARE")
-    .config("config", "JSON file with any of these options")
-    .option("hub", { type: "string", describe: "Hub URL(s), ws:// or wss://, comma-separated: tried in order" })
-    .option("token-file", { type: "string", describe: "File holding this node's token (from hub.ts add-node)" })
-    .option("node", { type: "string", describe: "Expected node name: the hub refuses the token if it belongs to another node" })
-    .option("backend", { choices: ["ipset", "nftables", "iptables", "dry-run"] as const, default: "ipset" as BackendName, describe: "How to block: ipset sets, an nftables table, one iptables rule per address, or log only" })
-    .option("allow", { type: "string", array: true, default: [] as string[], describe: "Address or CIDR never to block (repeatable); this host's and the hub's addresses are always allowed" })
-    .option("ports", { type: "string", default: "", describe: "Block only these TCP ports, e.g. 22,2222 (default: all traffic from a banned address)" })
-    .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT" })
-    .option("spool", { type: "string", describe: "Spool directory of ban.ts: events it could not deliver are forwarded from here" })
-    .option("state", { type: "string", describe: "State file (cursor and claims): a restarted agent resumes where it stopped instead of a full sync" })
-    .option("ca", { type: "string", describe: "PEM CA certificate to verify a wss:// hub with (self-signed fleets)" })
-    .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
-    .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
-    .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
-    .strict()
-    .fail((msg, err) => {
-      throw err ?? new Error(msg);
-    })
-    .help()
-    .version(false)
-    .wrap(null)
-    .parseSync();
+  const a = withOwnEnv(AGENT_FLAGS, () =>
+    yargs(argv)
+      .scriptName("agent.ts")
+      .usage("Usage: node --import tsx agent.ts --hub URL[,URL...] --token-file FILE [options]\n       node --import tsx agent.ts --cleanup [--backend B]")
+      .env("BANSHARE")
+      .config("config", "JSON file with any of these options")
+      .option("hub", { type: "string", describe: "Hub URL(s), ws:// or wss://, comma-separated: tried in order" })
+      .option("token-file", { type: "string", describe: "File holding this node's token (from hub.ts add-node)" })
+      .option("node", { type: "string", describe: "Expected node name: the hub refuses the token if it belongs to another node" })
+      .option("backend", { choices: ["ipset", "nftables", "iptables", "dry-run"] as const, default: "ipset" as BackendName, describe: "How to block: ipset sets, an nftables table, one iptables rule per address, or log only" })
+      .option("allow", { type: "string", array: true, default: [] as string[], describe: "Address or CIDR never to block (repeatable); this host's and the hub's addresses are always allowed" })
+      .option("ports", { type: "string", default: "", describe: "Block only these TCP ports, e.g. 22,2222 (default: all traffic from a banned address)" })
+      .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT" })
+      .option("spool", { type: "string", describe: "Spool directory of ban.ts: events it could not deliver are forwarded from here" })
+      .option("state", { type: "string", describe: "State file (cursor and claims): a restarted agent resumes where it stopped instead of a full sync" })
+      .option("ca", { type: "string", describe: "PEM CA certificate to verify a wss:// hub with (self-signed fleets)" })
+      .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
+      .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
+      .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
+      .strict()
+      .fail((msg, err) => {
+        throw err ?? new Error(msg);
+      })
+      .help()
+      .version(false)
+      .wrap(null)
+      .parseSync());
   if (!/^[a-z][a-z0-9_-]{0,20}$/.test(a.prefix)) throw new Error(`Expected --prefix to be 1-21 of a-z 0-9 _ - starting with a letter, got ${JSON.stringify(a.prefix)}`);
   if (a.cleanup) return { command: "cleanup", backend: a.backend, prefix: a.prefix };
   if (!a.hub) throw new Error("Expected --hub URL (or BANSHARE_HUB), got none");
@@ -922,8 +947,10 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
     logLine(`${sig}: stopping; kernel bans stay in force and expire on time`);
     void agent.close().then(() => logLine("stopped"));
   };
-  process.once("SIGTERM", () => stop("SIGTERM"));
-  process.once("SIGINT", () => stop("SIGINT"));
+  // `on`, not `once`: while a kernel command runs, execa's exit hook (signal-exit) listens too and
+  // re-raises a signal no other listener is left for, killing the agent in the middle of close().
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  process.on("SIGINT", () => stop("SIGINT"));
 }
 
 function isMain(): boolean {

@@ -166,6 +166,8 @@ export function sendOnce(url: string, token: string, frame: BanFrame | UnbanFram
     ws.on("unexpected-response", (_req, res) => {
       const s = res.statusCode ?? 0;
       if (s === 401 || s === 403) finish({ status: "refused", reason: `${url} refused the token (HTTP ${s}): check --token-file and the hub's token list` });
+      // 400: the hub cannot read the request at all (ws:// to its TLS port): a spool would fail the same way.
+      else if (s === 400) finish({ status: "refused", reason: `${url} refused the request (HTTP 400${res.statusMessage ? ` ${res.statusMessage}` : ""}): check --hub` });
       else finish({ status: "unreachable", reason: `${url} answered HTTP ${s}` });
     });
     ws.on("error", (e) => finish({ status: "unreachable", reason: `${url}: ${e.message}` }));
@@ -177,7 +179,8 @@ export function sendOnce(url: string, token: string, frame: BanFrame | UnbanFram
       const f = parsed.value;
       if (f.type === "welcome") ws.send(JSON.stringify(frame));
       else if (f.type === "ack" && f.id === frame.id) finish({ status: "acked", seq: f.seq });
-      else if (f.type === "error") finish({ status: "refused", reason: `hub refused the ${frame.type}: ${f.code}: ${f.message}` });
+      // Over the rate limit or a hub-side write error is passing: spool it. Anything else is a refusal.
+      else if (f.type === "error") finish({ status: f.code === "rate_limited" || f.code === "internal" ? "unreachable" : "refused", reason: `hub refused the ${frame.type}: ${f.code}: ${f.message}` });
     });
   });
 }
@@ -241,11 +244,13 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
       throw e;
     }
     const ca = opts.ca ? await readFile(opts.ca, "utf8") : undefined;
-    // Fail over in the order given, sharing one --timeout between the hubs.
-    for (const url of opts.hubs) {
+    // Fail over in the order given, sharing one --timeout between the hubs. Each hub gets an
+    // equal share of what is left, so one that swallows packets (host gone behind a router)
+    // cannot use up the time of the hubs after it.
+    for (const [i, url] of opts.hubs.entries()) {
       const left = deadline - Date.now();
       if (left <= 0) break;
-      const r = await sendOnce(url, token, frame, left, ca);
+      const r = await sendOnce(url, token, frame, Math.ceil(left / (opts.hubs.length - i)), ca);
       if (r.status === "acked") return;
       if (r.status === "refused") return fail(1, r.reason);
       reason = r.reason;

@@ -100,6 +100,8 @@ const ROLES: Role[] = ["node", "reader", "admin"];
 const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
 const HELLO_TIMEOUT_MS = 10_000;
+const MAX_REFUSED_PER_CONN = 1000;
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
 
 // ---------------------------------------------------------------------------------------------
@@ -352,7 +354,11 @@ class Journal {
         }
         if (events.length) this.hooks.durable(events);
         for (const w of waiters) w.resolve();
-        if (this.lines > Math.max(10_000, 4 * this.hooks.live().claims.size)) await this.compact();
+        // Count (address, origin) claims, the lines a compaction writes: counting addresses, a
+        // fleet whose nodes ban the same addresses would rewrite the whole journal every flush.
+        let live = 0;
+        for (const byOrigin of this.hooks.live().claims.values()) live += byOrigin.size;
+        if (this.lines > Math.max(10_000, 4 * live)) await this.compact();
       }
     } catch (e) {
       this.failed = e as Error;
@@ -382,6 +388,8 @@ interface Conn {
   /** An agent that receives events (it said `want: "events"` and got its sync). */
   receiving: boolean;
   alive: boolean;
+  /** Frames refused on this connection. */
+  refused: number;
 }
 
 interface Counters {
@@ -396,6 +404,9 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const log = opts.log;
   let tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
   const claims: Claims = new Map();
+  /** Accepted events not yet fsynced, newest per (ip, origin). They join `claims` once durable, so
+   *  a sync never shows an agent an event a crash could still take back (and its seq reuse). */
+  const pending: Claims = new Map();
   const conns = new Set<Conn>();
   const counters: Counters = { eventsIn: { ban: 0, unban: 0 }, eventsOut: 0, refused: {}, unauthorized: 0 };
   let csv: WriteStream | undefined;
@@ -414,7 +425,16 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   };
 
   const { journal, contents } = await Journal.open(opts.statePath, log, {
-    durable: (events) => relay(events),
+    durable: (events) => {
+      for (const e of events) {
+        mergeClaim(claims, e);
+        const byOrigin = pending.get(e.ip);
+        if (byOrigin?.get(e.origin) === e) byOrigin.delete(e.origin);
+        if (byOrigin?.size === 0) pending.delete(e.ip);
+      }
+      durableSeq = Number(events[events.length - 1].seq);
+      relay(events);
+    },
     live: () => {
       pruneClaims(claims, Date.now());
       return { claims, seq };
@@ -426,6 +446,8 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     },
   });
   let seq = contents.seq;
+  /** The seq of the last durable event: the most a sync may promise an agent. */
+  let durableSeq = seq;
   for (const e of contents.events) mergeClaim(claims, e);
   await journal.compact();
 
@@ -452,15 +474,19 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const who = c ? `${c.entry.name} (${c.remote})` : "unknown";
     log(`refused from ${who}: ${message}`);
     record({ action: "REJECT", ip, origin: c?.entry.name, detail: `${code}: ${message}` });
-    if (c) send(c, { type: "error", code, message, id });
+    if (!c) return;
+    send(c, { type: "error", code, message, id });
+    // Each refusal costs a log line and a CSV row: a node that keeps sending garbage is cut off.
+    if (++c.refused === MAX_REFUSED_PER_CONN) {
+      log(`closing ${who}: ${MAX_REFUSED_PER_CONN} refused frames on one connection`);
+      c.ws.close(1008, "too many refused frames");
+    }
   };
 
   // Relay: events made durable by one journal flush go out together, one frame per agent.
   const relay = (events: FleetEvent[]) => {
-    let receivers = 0;
-    for (const c of conns) {
-      if (!c.receiving) continue;
-      receivers++;
+    const receiving = [...conns].filter((c) => c.receiving);
+    for (const c of receiving) {
       const theirs = events.filter((e) => e.origin !== c.entry.name);
       if (!theirs.length) continue;
       counters.eventsOut += theirs.length;
@@ -468,18 +494,21 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       else send(c, { type: "sync", full: false, events: theirs, seq: theirs[theirs.length - 1].seq });
     }
     const now = Date.now();
-    for (const e of events) record({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receivers} agent(s)` });
+    for (const e of events) record({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.filter((c) => c.entry.name !== e.origin).length} agent(s)` });
   };
 
   const accept = async (c: Conn, f: BanFrame | UnbanFrame) => {
     const now = Date.now();
-    const e = toEvent(f, c.entry.name, seq + 1, claims, now);
-    if (!mergeClaim(claims, e)) {
+    // Decided against everything accepted so far, durable or still pending (pending is newer).
+    const view: Claims = new Map([[f.ip, new Map([...(claims.get(f.ip) ?? []), ...(pending.get(f.ip) ?? [])])]]);
+    const e = toEvent(f, c.entry.name, seq + 1, view, now);
+    if (!mergeClaim(view, e)) {
       // A replay or an older event: nothing changes, but the sender still gets its ack.
       await journal.barrier();
-      send(c, { type: "ack", id: f.id, seq: claims.get(e.ip)?.get(e.origin)?.seq ?? String(seq) });
+      send(c, { type: "ack", id: f.id, seq: view.get(e.ip)?.get(e.origin)?.seq ?? String(seq) });
       return;
     }
+    mergeClaim(pending, e);
     seq++;
     counters.eventsIn[e.kind]++;
     record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${c.entry.name} (${c.remote})` });
@@ -489,12 +518,14 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
 
   const startSync = (c: Conn, cursor: { hub: string; seq: string } | undefined) => {
     const now = Date.now();
-    const resumeFrom = cursor && cursor.hub === journal.hubId && /^\d+$/.test(cursor.seq) && Number(cursor.seq) <= seq ? Number(cursor.seq) : undefined;
+    // Only what is durable (`claims` up to `durableSeq`): an event still on its way to the disk
+    // reaches the agent by relay once it is there, and never if a crash takes it back.
+    const resumeFrom = cursor && cursor.hub === journal.hubId && /^\d+$/.test(cursor.seq) && Number(cursor.seq) <= durableSeq ? Number(cursor.seq) : undefined;
     const events = syncEvents(claims, c.entry.name, resumeFrom, now);
     const full = resumeFrom === undefined;
     for (let i = 0; i === 0 || i < events.length; i += opts.syncChunk) {
       const chunk = events.slice(i, i + opts.syncChunk);
-      send(c, { type: "sync", full, events: chunk, seq: String(seq), more: i + opts.syncChunk < events.length || undefined });
+      send(c, { type: "sync", full, events: chunk, seq: String(durableSeq), more: i + opts.syncChunk < events.length || undefined });
     }
     c.receiving = true;
     log(`${c.entry.name} (${c.remote}) ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
@@ -594,11 +625,15 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       return;
     }
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const c: Conn = { ws, entry, token: token!, remote, hello: false, receiving: false, alive: true };
+      const c: Conn = { ws, entry, token: token!, remote, hello: false, receiving: false, alive: true, refused: 0 };
       conns.add(c);
       ws.on("message", (data: Buffer, isBinary) => onFrame(c, data, isBinary));
       ws.on("pong", () => (c.alive = true));
-      ws.on("error", (e) => log(`${entry.name} (${remote}): ${e.message}`));
+      // A frame the WebSocket layer refuses (over maxPayload, invalid UTF-8, a protocol error)
+      // closes the connection: it is a refused frame all the same, counted and logged as one.
+      ws.on("error", (e: Error & { code?: string }) =>
+        e.code?.startsWith("WS_ERR_") ? refuse(c, /^WS_ERR_(UNSUPPORTED_\w*LENGTH|TOO_MANY_BUFFERED_PARTS)$/.test(e.code) ? "too_big" : "bad_frame", `Closing the connection: ${e.message}`) : log(`${entry.name} (${remote}): ${e.message}`),
+      );
       // A connection that never says hello would hold a slot forever: heartbeats keep it alive.
       const helloTimer = setTimeout(() => {
         if (!c.hello) {
@@ -619,6 +654,22 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       ? createHttpsServer({ cert: await readFile(opts.tlsCert), key: await readFile(opts.tlsKey) }, handleHttp)
       : createHttpServer(handleHttp);
   server.on("upgrade", handleUpgrade);
+  // The peer's address, taken while the socket is open: a failed handshake is reported after it closed.
+  const peers = new WeakMap<object, string>();
+  server.on("connection", (s: Duplex & { remoteAddress?: string; remotePort?: number }) => peers.set(s, `${s.remoteAddress}:${s.remotePort}`));
+  // A failed TLS handshake is a refused connection too (a node with the wrong CA, a scanner). A
+  // plain ws:// client is told in plain HTTP, the only thing it can read, on the socket under
+  // the TLS layer (`_parent`: Node's, not public; without it the socket just closes).
+  server.on("tlsClientError", (e: Error & { code?: string; reason?: string }, tls: Duplex & { _parent?: Duplex }) => {
+    const plain = e.code === "ERR_SSL_HTTP_REQUEST";
+    // A Node client that does not trust the certificate sends no alert: it just drops the connection.
+    const why = plain ? "plain HTTP (ws://) on the TLS port" : `TLS handshake failed: ${e.code === "ECONNRESET" ? "the client dropped it (does it trust the hub's certificate? check its --ca)" : (e.reason ?? e.code ?? e.message.split("\n")[0])}`;
+    const remote = peers.get(tls._parent ?? tls) ?? "an unknown address";
+    counters.refused.tls = (counters.refused.tls ?? 0) + 1;
+    log(`refused connection from ${remote}: ${why}`);
+    record({ action: "REJECT", detail: `tls: ${why} from ${remote}` });
+    if (plain) tls._parent?.end("HTTP/1.1 400 Plain HTTP Sent To The TLS Port, Use wss://\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+  });
   server.listen(opts.port, opts.host);
   await once(server, "listening");
   const port = (server.address() as AddressInfo).port;
@@ -716,97 +767,118 @@ export type ParsedArgs =
   | { command: "add-node"; name: string; tokensFile: string; role: Role }
   | { command: "gen-cert"; dir: string; hosts: string[]; days: number };
 
+/**
+ * Runs `parse` with only this script's own `BANSHARE_*` variables visible: yargs' strict mode
+ * takes every `BANSHARE_*` variable as a flag, so an unrelated one would stop the script.
+ */
+function withOwnEnv<T>(flags: string[], parse: () => T): T {
+  const own = new Set(flags.map((f) => `BANSHARE_${f.toUpperCase().replace(/-/g, "_")}`));
+  const hidden: Record<string, string> = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (k.startsWith("BANSHARE_") && !own.has(k) && v !== undefined) {
+      hidden[k] = v;
+      delete process.env[k];
+    }
+  }
+  try {
+    return parse();
+  } finally {
+    Object.assign(process.env, hidden);
+  }
+}
+
 /** Turns the command line (without `node hub.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
   let result: ParsedArgs | undefined;
-  yargs(argv)
-    .scriptName("hub.ts")
-    .usage("Usage: node --import tsx hub.ts [serve] --tokens FILE [options]\n       node --import tsx hub.ts add-node NAME --tokens FILE [--role node|reader|admin]")
-    .env("BANSHARE")
-    .config("config", "JSON file with any of these options")
-    .option("tokens", { type: "string", describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
-    .command(
-      ["serve", "$0"],
-      "Run the hub",
-      (y) =>
-        y
-          .option("listen", { type: "string", default: `127.0.0.1:${DEFAULT_PORT}`, describe: "Address and port to listen on, HOST:PORT or [IPV6]:PORT" })
-          .option("state", { type: "string", describe: "Journal file (JSONL); without it the fleet state is lost on restart" })
-          .option("csv", { type: "string", describe: "Structured log: one CSV row per received, relayed or refused event" })
-          .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings; a node that misses one is dropped" })
-          .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 bans broader than this prefix length" })
-          .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 bans broader than this prefix length" })
-          .option("tls-cert", { type: "string", describe: "PEM certificate: serve wss:// (needs --tls-key)" })
-          .option("tls-key", { type: "string", describe: "PEM private key for --tls-cert" })
-          .option("max-buffered", { type: "number", default: 64, describe: "MiB queued to one socket before the hub drops it as too slow" })
-          .option("rate", { type: "number", default: 50, describe: "Events per second one node may publish, sustained" })
-          .option("burst", { type: "number", default: 5000, describe: "Events one node may publish at once above --rate (a Fail2Ban restart restores many bans)" })
-          .option("max-conns-per-node", { type: "number", default: 32, describe: "Simultaneous connections one node may hold (agent plus ban.ts calls)" })
-          .option("protect", { type: "string", array: true, default: [] as string[], describe: "Network no ban may touch, e.g. your admin range (repeatable); the hub's own addresses are always protected" })
-          .option("insecure", { type: "boolean", default: false, describe: "Serve plain ws:// on a non-loopback address: tokens and bans cross the network unencrypted" }),
-      (a) => {
-        const { host, port } = parseListen(a.listen);
-        for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
-          if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new Error(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
-        }
-        if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new Error("Expected --tls-cert and --tls-key together, got only one");
-        if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new Error(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
-        for (const p of a.protect) if (!parseAddress(p)) throw new Error(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
-        if (!(a.rate > 0) || !(a.burst >= 1) || !Number.isInteger(a.maxConnsPerNode) || a.maxConnsPerNode < 1) throw new Error(`Expected --rate > 0, --burst >= 1 and --max-conns-per-node >= 1, got ${a.rate}, ${a.burst}, ${a.maxConnsPerNode}`);
-        result = {
-          command: "serve",
-          options: {
-            host,
-            port,
-            tokensFile: a.tokens!,
-            statePath: a.state,
-            csvPath: a.csv,
-            heartbeatMs: a.heartbeat * 1000,
-            maxPrefix: { v4: a.maxPrefixV4, v6: a.maxPrefixV6 },
-            tlsCert: a.tlsCert,
-            tlsKey: a.tlsKey,
-            syncChunk: SYNC_CHUNK,
-            maxBufferedBytes: a.maxBuffered * 1024 * 1024,
-            rate: a.rate,
-            burst: a.burst,
-            maxConnsPerNode: a.maxConnsPerNode,
-            protect: a.protect,
-            insecure: a.insecure,
-          },
-        };
-      },
-    )
-    .command(
-      "add-node <name>",
-      "Enrol a node: append its token hash to the token file and print the token once",
-      (y) =>
-        y
-          .positional("name", { type: "string", demandOption: true, describe: "Node name, usually the host name" })
-          .option("role", { choices: ROLES, default: "node" as Role, describe: "node: send and receive; reader: receive only; admin: node plus fleet-wide unban" }),
-      (a) => {
-        result = { command: "add-node", name: a.name, tokensFile: a.tokens!, role: a.role as Role };
-      },
-    )
-    .command(
-      "gen-cert",
-      "Make a private CA and a certificate for the hub (openssl), for a fleet without a public CA",
-      (y) =>
-        y
-          .option("dir", { type: "string", default: "/etc/banshare/tls", describe: "Where to write ca.pem, ca.key, hub.pem, hub.key" })
-          .option("host", { type: "string", array: true, demandOption: true, describe: "Name or address the nodes use for the hub (repeatable)" })
-          .option("days", { type: "number", default: 3650, describe: "Validity in days" }),
-      (a) => {
-        result = { command: "gen-cert", dir: a.dir, hosts: a.host, days: a.days };
-      },
-    )
-    .strict()
-    .fail((msg, err) => {
-      throw err ?? new Error(msg);
-    })
-    .help()
-    .version(false)
-    .wrap(null)
-    .parseSync();
+  withOwnEnv(HUB_FLAGS, () =>
+    yargs(argv)
+      .scriptName("hub.ts")
+      .usage("Usage: node --import tsx hub.ts [serve] --tokens FILE [options]\n       node --import tsx hub.ts add-node NAME --tokens FILE [--role node|reader|admin]")
+      .env("BANSHARE")
+      .config("config", "JSON file with any of these options")
+      .option("tokens", { type: "string", describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
+      .command(
+        ["serve", "$0"],
+        "Run the hub",
+        (y) =>
+          y
+            .option("listen", { type: "string", default: `127.0.0.1:${DEFAULT_PORT}`, describe: "Address and port to listen on, HOST:PORT or [IPV6]:PORT" })
+            .option("state", { type: "string", describe: "Journal file (JSONL); without it the fleet state is lost on restart" })
+            .option("csv", { type: "string", describe: "Structured log: one CSV row per received, relayed or refused event" })
+            .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings; a node that misses one is dropped" })
+            .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 bans broader than this prefix length" })
+            .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 bans broader than this prefix length" })
+            .option("tls-cert", { type: "string", describe: "PEM certificate: serve wss:// (needs --tls-key)" })
+            .option("tls-key", { type: "string", describe: "PEM private key for --tls-cert" })
+            .option("max-buffered", { type: "number", default: 64, describe: "MiB queued to one socket before the hub drops it as too slow" })
+            .option("rate", { type: "number", default: 50, describe: "Events per second one node may publish, sustained" })
+            .option("burst", { type: "number", default: 5000, describe: "Events one node may publish at once above --rate (a Fail2Ban restart restores many bans)" })
+            .option("max-conns-per-node", { type: "number", default: 32, describe: "Simultaneous connections one node may hold (agent plus ban.ts calls)" })
+            .option("protect", { type: "string", array: true, default: [] as string[], describe: "Network no ban may touch, e.g. your admin range (repeatable); the hub's own addresses are always protected" })
+            .option("insecure", { type: "boolean", default: false, describe: "Serve plain ws:// on a non-loopback address: tokens and bans cross the network unencrypted" }),
+        (a) => {
+          const { host, port } = parseListen(a.listen);
+          for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
+            if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new Error(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
+          }
+          if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new Error("Expected --tls-cert and --tls-key together, got only one");
+          if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new Error(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
+          for (const p of a.protect) if (!parseAddress(p)) throw new Error(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
+          if (!(a.rate > 0) || !(a.burst >= 1) || !Number.isInteger(a.maxConnsPerNode) || a.maxConnsPerNode < 1) throw new Error(`Expected --rate > 0, --burst >= 1 and --max-conns-per-node >= 1, got ${a.rate}, ${a.burst}, ${a.maxConnsPerNode}`);
+          result = {
+            command: "serve",
+            options: {
+              host,
+              port,
+              tokensFile: a.tokens!,
+              statePath: a.state,
+              csvPath: a.csv,
+              heartbeatMs: a.heartbeat * 1000,
+              maxPrefix: { v4: a.maxPrefixV4, v6: a.maxPrefixV6 },
+              tlsCert: a.tlsCert,
+              tlsKey: a.tlsKey,
+              syncChunk: SYNC_CHUNK,
+              maxBufferedBytes: a.maxBuffered * 1024 * 1024,
+              rate: a.rate,
+              burst: a.burst,
+              maxConnsPerNode: a.maxConnsPerNode,
+              protect: a.protect,
+              insecure: a.insecure,
+            },
+          };
+        },
+      )
+      .command(
+        "add-node <name>",
+        "Enrol a node: append its token hash to the token file and print the token once",
+        (y) =>
+          y
+            .positional("name", { type: "string", demandOption: true, describe: "Node name, usually the host name" })
+            .option("role", { choices: ROLES, default: "node" as Role, describe: "node: send and receive; reader: receive only; admin: node plus fleet-wide unban" }),
+        (a) => {
+          result = { command: "add-node", name: a.name, tokensFile: a.tokens!, role: a.role as Role };
+        },
+      )
+      .command(
+        "gen-cert",
+        "Make a private CA and a certificate for the hub (openssl), for a fleet without a public CA",
+        (y) =>
+          y
+            .option("dir", { type: "string", default: "/etc/banshare/tls", describe: "Where to write ca.pem, ca.key, hub.pem, hub.key" })
+            .option("host", { type: "string", array: true, demandOption: true, describe: "Name or address the nodes use for the hub (repeatable)" })
+            .option("days", { type: "number", default: 3650, describe: "Validity in days" }),
+        (a) => {
+          result = { command: "gen-cert", dir: a.dir, hosts: a.host, days: a.days };
+        },
+      )
+      .strict()
+      .fail((msg, err) => {
+        throw err ?? new Error(msg);
+      })
+      .help()
+      .version(false)
+      .wrap(null)
+      .parseSync());
   if (!result) throw new Error("Expected a command: serve, add-node or gen-cert");
   const tokensFile = result.command === "serve" ? result.options.tokensFile : result.command === "add-node" ? result.tokensFile : "not needed";
   if (!tokensFile) throw new Error("Expected --tokens FILE (or BANSHARE_TOKENS), got none");

@@ -307,7 +307,7 @@ export function checkBannable(s: unknown, limits: PrefixLimits = { v4: 0, v6: 0 
     return { ok: false, code: "bad_ip", message: `Expected an IPv4 or IPv6 address or CIDR network, got ${quote(s)}` };
   }
   for (const { net, why } of NEVER_BAN) {
-    if (overlaps(net, addr)) return { ok: false, code: "bad_ip", message: `Refusing to ban ${addr.text}: it is a ${why} address` };
+    if (overlaps(net, addr)) return { ok: false, code: "bad_ip", message: `Refusing to ban ${addr.text}: it overlaps the ${why} range ${net.text}` };
   }
   const limit = addr.family === 4 ? limits.v4 : limits.v6;
   if (addr.prefix < limit) {
