@@ -8,7 +8,8 @@
  * be reached within --timeout and the event was spooled for the agent to forward. Exit 2 on
  * invalid input, 1 when the hub refused the event or it could neither be sent nor spooled.
  * Start-up time is the floor of the fleet's reaction time, so this file imports only node
- * built-ins, ws and messages.ts (no yargs: node:util parseArgs costs nothing to load).
+ * built-ins and messages.ts: no yargs (node:util parseArgs costs nothing to load) and no ws
+ * (the event goes as one HTTP POST to the hub's /v1/events).
  *
  * @module
  */
@@ -19,8 +20,7 @@ import { mkdir, open, readFile, rename } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
-import WebSocket from "ws";
-import { PROTOCOL_VERSION, checkBannable, isName, parseHubFrame, type BanFrame, type UnbanFrame } from "./messages.ts";
+import { MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type UnbanFrame } from "./messages.ts";
 
 /** Default spool directory, shared with the agent's --spool. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
@@ -150,38 +150,62 @@ export function toFrame(o: SendOptions, id: string): BanFrame | UnbanFrame {
 /** How a send ended. `unreachable` is worth spooling; `refused` is not. */
 export type SendResult = { status: "acked"; seq: string } | { status: "refused"; reason: string } | { status: "unreachable"; reason: string };
 
-/** Sends one frame to one hub: connect, hello, frame, wait for its ack. Never throws. */
-export function sendOnce(url: string, token: string, frame: BanFrame | UnbanFrame, timeoutMs: number, ca?: string): Promise<SendResult> {
+/**
+ * Sends one frame to one hub as `POST /v1/events` and waits for its ack. Never throws.
+ * One HTTP round trip on node's own http module: no WebSocket session (upgrade, hello,
+ * welcome) and no WebSocket library to load, which is most of what a sender costs to start.
+ */
+export async function sendOnce(url: string, token: string, frame: BanFrame | UnbanFrame, timeoutMs: number, ca?: string): Promise<SendResult> {
+  const u = new URL(url);
+  const secure = u.protocol === "wss:";
+  // https (and with it tls) is loaded only for a wss:// hub.
+  const { request } = secure ? await import("node:https") : await import("node:http");
+  const body = JSON.stringify(frame);
   return new Promise((resolve) => {
     let done = false;
-    const ws = new WebSocket(url, { headers: { authorization: `Bearer ${token}` }, perMessageDeflate: false, handshakeTimeout: timeoutMs, ca: ca ? [ca] : undefined });
     const finish = (r: SendResult) => {
       if (done) return;
       done = true;
       clearTimeout(timer);
       resolve(r);
-      ws.terminate();
+      req.destroy();
     };
     const timer = setTimeout(() => finish({ status: "unreachable", reason: `no ack from ${url} within ${timeoutMs} ms` }), timeoutMs);
-    ws.on("unexpected-response", (_req, res) => {
-      const s = res.statusCode ?? 0;
-      if (s === 401 || s === 403) finish({ status: "refused", reason: `${url} refused the token (HTTP ${s}): check --token-file and the hub's token list` });
-      // 400: the hub cannot read the request at all (ws:// to its TLS port): a spool would fail the same way.
-      else if (s === 400) finish({ status: "refused", reason: `${url} refused the request (HTTP 400${res.statusMessage ? ` ${res.statusMessage}` : ""}): check --hub` });
-      else finish({ status: "unreachable", reason: `${url} answered HTTP ${s}` });
-    });
-    ws.on("error", (e) => finish({ status: "unreachable", reason: `${url}: ${e.message}` }));
-    ws.on("close", () => finish({ status: "unreachable", reason: `${url} closed the connection before the ack` }));
-    ws.on("open", () => ws.send(JSON.stringify({ type: "hello", v: PROTOCOL_VERSION })));
-    ws.on("message", (data: Buffer) => {
-      const parsed = parseHubFrame(data.toString("utf8"));
-      if (!parsed.ok) return;
-      const f = parsed.value;
-      if (f.type === "welcome") ws.send(JSON.stringify(frame));
-      else if (f.type === "ack" && f.id === frame.id) finish({ status: "acked", seq: f.seq });
-      // Over the rate limit or a hub-side write error is passing: spool it. Anything else is a refusal.
-      else if (f.type === "error") finish({ status: f.code === "rate_limited" || f.code === "internal" ? "unreachable" : "refused", reason: `hub refused the ${frame.type}: ${f.code}: ${f.message}` });
-    });
+    const req = request(
+      {
+        host: u.hostname.replace(/^\[|\]$/g, ""),
+        port: u.port || (secure ? 443 : 80),
+        path: "/v1/events",
+        method: "POST",
+        headers: { authorization: `Bearer ${token}`, "content-type": "application/json", "content-length": Buffer.byteLength(body) },
+        ca: ca ? [ca] : undefined,
+      },
+      (res) => {
+        let text = "";
+        res.setEncoding("utf8");
+        res.on("data", (d: string) => {
+          if (text.length < MAX_NODE_FRAME_BYTES) text += d;
+        });
+        res.on("error", (e) => finish({ status: "unreachable", reason: `${url}: ${e.message}` }));
+        res.on("end", () => {
+          const s = res.statusCode ?? 0;
+          const parsed = text ? parseHubFrame(text) : undefined;
+          const f = parsed?.ok ? parsed.value : undefined;
+          if (s === 200 && f?.type === "ack" && f.id === frame.id) return finish({ status: "acked", seq: f.seq });
+          if (f?.type === "error") {
+            // Over the rate limit or a hub-side write error is passing: spool it. Anything else is a refusal.
+            const passing = f.code === "rate_limited" || f.code === "internal";
+            return finish({ status: passing ? "unreachable" : "refused", reason: `hub refused the ${frame.type}: ${f.code}: ${f.message}` });
+          }
+          if (s === 401 || s === 403) return finish({ status: "refused", reason: `${url} refused the token (HTTP ${s}): check --token-file and the hub's token list` });
+          // 400 without an error frame: the hub cannot read the request (ws:// to its TLS port); a spool would fail the same way.
+          if (s === 400 || s === 404) return finish({ status: "refused", reason: `${url} refused the request (HTTP ${s}${res.statusMessage ? ` ${res.statusMessage}` : ""}): check --hub` });
+          finish({ status: "unreachable", reason: `${url} answered HTTP ${s}${res.statusMessage ? ` ${res.statusMessage}` : ""}` });
+        });
+      },
+    );
+    req.on("error", (e) => finish({ status: "unreachable", reason: `${url}: ${e.message}` }));
+    req.end(body);
   });
 }
 

@@ -459,21 +459,28 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   }
   const record = (r: Omit<CsvRecord, "time" | "node"> & { node?: string }) => csv?.write(csvRow({ time: Date.now(), node: "hub", ...r }));
 
-  const send = (c: Conn, f: HubFrame) => {
+  /** Sends a frame, or one already serialised (a relay serialises once for all its agents). */
+  const send = (c: Conn, f: HubFrame | Buffer) => {
     if (c.ws.readyState !== c.ws.OPEN) return;
     if (c.ws.bufferedAmount > opts.maxBufferedBytes) {
       log(`dropping ${c.entry.name} (${c.remote}): more than ${opts.maxBufferedBytes} bytes queued, it is not reading`);
       c.ws.terminate();
       return;
     }
-    c.ws.send(JSON.stringify(f));
+    c.ws.send(Buffer.isBuffer(f) ? f : JSON.stringify(f), { binary: false });
+  };
+
+  /** Counts, logs and records one refused frame or request. */
+  const noteRefusal = (node: string | undefined, remote: string, code: ErrorCode, message: string, ip?: string) => {
+    counters.refused[code] = (counters.refused[code] ?? 0) + 1;
+    const who = node ? `${node} (${remote})` : remote;
+    log(`refused from ${who}: ${message}`);
+    record({ action: "REJECT", ip, origin: node, detail: `${code}: ${message}` });
+    return who;
   };
 
   const refuse = (c: Conn | undefined, code: ErrorCode, message: string, id?: string, ip?: string) => {
-    counters.refused[code] = (counters.refused[code] ?? 0) + 1;
-    const who = c ? `${c.entry.name} (${c.remote})` : "unknown";
-    log(`refused from ${who}: ${message}`);
-    record({ action: "REJECT", ip, origin: c?.entry.name, detail: `${code}: ${message}` });
+    const who = noteRefusal(c?.entry.name, c?.remote ?? "unknown", code, message, ip);
     if (!c) return;
     send(c, { type: "error", code, message, id });
     // Each refusal costs a log line and a CSV row: a node that keeps sending garbage is cut off.
@@ -486,34 +493,50 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   // Relay: events made durable by one journal flush go out together, one frame per agent.
   const relay = (events: FleetEvent[]) => {
     const receiving = [...conns].filter((c) => c.receiving);
+    const frameOf = (theirs: FleetEvent[]): HubFrame => (theirs.length === 1 ? { type: "event", ...theirs[0] } : { type: "sync", full: false, events: theirs, seq: theirs[theirs.length - 1].seq });
+    // Most agents get every event: serialise that frame once, not once per agent (1,000 agents).
+    let everything: Buffer | undefined;
     for (const c of receiving) {
       const theirs = events.filter((e) => e.origin !== c.entry.name);
       if (!theirs.length) continue;
       counters.eventsOut += theirs.length;
-      if (theirs.length === 1) send(c, { type: "event", ...theirs[0] });
-      else send(c, { type: "sync", full: false, events: theirs, seq: theirs[theirs.length - 1].seq });
+      if (theirs.length === events.length) send(c, (everything ??= Buffer.from(JSON.stringify(frameOf(events)))));
+      else send(c, frameOf(theirs));
     }
     const now = Date.now();
     for (const e of events) record({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.filter((c) => c.entry.name !== e.origin).length} agent(s)` });
   };
 
-  const accept = async (c: Conn, f: BanFrame | UnbanFrame) => {
+  /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
+  const accept = async (entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<string> => {
     const now = Date.now();
     // Decided against everything accepted so far, durable or still pending (pending is newer).
     const view: Claims = new Map([[f.ip, new Map([...(claims.get(f.ip) ?? []), ...(pending.get(f.ip) ?? [])])]]);
-    const e = toEvent(f, c.entry.name, seq + 1, view, now);
+    const e = toEvent(f, entry.name, seq + 1, view, now);
     if (!mergeClaim(view, e)) {
       // A replay or an older event: nothing changes, but the sender still gets its ack.
       await journal.barrier();
-      send(c, { type: "ack", id: f.id, seq: view.get(e.ip)?.get(e.origin)?.seq ?? String(seq) });
-      return;
+      return view.get(e.ip)?.get(e.origin)?.seq ?? String(seq);
     }
     mergeClaim(pending, e);
     seq++;
     counters.eventsIn[e.kind]++;
-    record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${c.entry.name} (${c.remote})` });
+    record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${entry.name} (${remote})` });
     await journal.append([e]);
-    send(c, { type: "ack", id: f.id, seq: e.seq });
+    return e.seq;
+  };
+
+  /** Why `entry` may not publish `f` (role, admin-only unban, protected network, rate), or undefined. */
+  const publishRefusal = (entry: TokenEntry, f: BanFrame | UnbanFrame): { code: ErrorCode; message: string } | undefined => {
+    if (entry.role === "reader") return { code: "forbidden", message: `Node ${entry.name} has the reader role and cannot publish` };
+    if (f.type === "unban" && f.all && entry.role !== "admin") return { code: "forbidden", message: `Only an admin can unban for every node; ${entry.name} is a ${entry.role}` };
+    if (f.type === "ban") {
+      const addr = parseAddress(f.ip)!;
+      const hit = protectedNets.find((n) => overlaps(n, addr));
+      if (hit) return { code: "protected", message: `Refusing to ban ${f.ip}: it overlaps the protected network ${hit.text}` };
+    }
+    if (!takeToken(entry.name, Date.now())) return { code: "rate_limited", message: `Node ${entry.name} is over its limit of ${opts.rate} events/s (burst ${opts.burst}); slow down and retry` };
+    return undefined;
   };
 
   const startSync = (c: Conn, cursor: { hub: string; seq: string } | undefined) => {
@@ -551,22 +574,84 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       return;
     }
     if (!c.hello) return refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
-    if (c.entry.role === "reader") return refuse(c, "forbidden", `Node ${c.entry.name} has the reader role and cannot publish`, f.id, f.ip);
-    if (f.type === "unban" && f.all && c.entry.role !== "admin") return refuse(c, "forbidden", `Only an admin can unban for every node; ${c.entry.name} is a ${c.entry.role}`, f.id, f.ip);
-    if (f.type === "ban") {
-      const addr = parseAddress(f.ip)!;
-      const hit = protectedNets.find((n) => overlaps(n, addr));
-      if (hit) return refuse(c, "protected", `Refusing to ban ${f.ip}: it overlaps the protected network ${hit.text}`, f.id, f.ip);
+    const no = publishRefusal(c.entry, f);
+    if (no) return refuse(c, no.code, no.message, f.id, f.ip);
+    accept(c.entry, c.remote, f).then(
+      (ackSeq) => send(c, { type: "ack", id: f.id, seq: ackSeq }),
+      (e: Error) => refuse(c, "internal", `Could not store the event: ${e.message}`, f.id, f.ip),
+    );
+  };
+
+  /** Authenticates a request by its bearer token; answers 401/503/429 itself and returns undefined. */
+  const authenticate = (req: IncomingMessage, remote: string, reject: (status: string) => void): TokenEntry | undefined => {
+    const token = bearerToken(req);
+    const entry = token === undefined ? undefined : findToken(tokens, token);
+    if (!entry || closing) {
+      counters.unauthorized++;
+      const why = closing ? "hub is stopping" : token === undefined ? "no bearer token" : "unknown token";
+      log(`refused connection from ${remote}: ${why}`);
+      record({ action: "REJECT", detail: `unauthorized: ${why} from ${remote}` });
+      reject(closing ? "503 Service Unavailable" : "401 Unauthorized");
+      return undefined;
     }
-    if (!takeToken(c.entry.name, Date.now())) return refuse(c, "rate_limited", `Node ${c.entry.name} is over its limit of ${opts.rate} events/s (burst ${opts.burst}); slow down and retry`, f.id, f.ip);
-    accept(c, f).catch((e: Error) => refuse(c, "internal", `Could not store the event: ${e.message}`, f.id, f.ip));
+    const open = [...conns].filter((c) => c.entry.name === entry.name).length;
+    if (open >= opts.maxConnsPerNode) {
+      counters.refused.too_many_connections = (counters.refused.too_many_connections ?? 0) + 1;
+      log(`refused connection from ${entry.name} (${remote}): already ${open} open, the limit is ${opts.maxConnsPerNode}`);
+      record({ action: "REJECT", origin: entry.name, detail: `too_many_connections: ${open} open from ${remote}` });
+      reject("429 Too Many Requests");
+      return undefined;
+    }
+    return entry;
+  };
+
+  // POST /v1/events: one ban or unban per request, answered with its ack or error frame. This is
+  // how ban.ts sends: one round trip and no WebSocket library to load, for the fleet's reaction time.
+  const HTTP_STATUS: Partial<Record<ErrorCode, number>> = { forbidden: 403, protected: 403, rate_limited: 429, too_big: 413, internal: 503 };
+  const handlePost = (req: IncomingMessage, res: ServerResponse) => {
+    const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+    const entry = authenticate(req, remote, (status) => {
+      res.writeHead(Number(status.slice(0, 3)), { "www-authenticate": "Bearer", connection: "close" });
+      res.end();
+    });
+    if (!entry) return;
+    const answer = (status: number, f: HubFrame) => {
+      res.writeHead(status, { "content-type": "application/json" });
+      res.end(JSON.stringify(f) + "\n");
+    };
+    const fail = (code: ErrorCode, message: string, id?: string, ip?: string) => {
+      noteRefusal(entry.name, remote, code, message, ip);
+      answer(HTTP_STATUS[code] ?? 400, { type: "error", code, message, id });
+    };
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on("data", (chunk: Buffer) => {
+      size += chunk.length;
+      if (size <= MAX_NODE_FRAME_BYTES) chunks.push(chunk);
+    });
+    req.on("error", () => res.destroy());
+    req.on("end", () => {
+      if (size > MAX_NODE_FRAME_BYTES) return fail("too_big", `Expected a body of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${size}`);
+      const parsed = parseNodeFrame(Buffer.concat(chunks).toString("utf8"), Date.now(), opts.maxPrefix);
+      if (!parsed.ok) return fail(parsed.code, parsed.message, parsed.id);
+      const f = parsed.value;
+      if (f.type === "hello") return fail("bad_frame", "Expected a ban or unban frame in a POST, got hello");
+      const no = publishRefusal(entry, f);
+      if (no) return fail(no.code, no.message, f.id, f.ip);
+      accept(entry, remote, f).then(
+        (ackSeq) => answer(200, { type: "ack", id: f.id, seq: ackSeq }),
+        (e: Error) => fail("internal", `Could not store the event: ${e.message}`, f.id, f.ip),
+      );
+    });
   };
 
   const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false });
 
   const handleHttp = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? "/").split("?")[0];
-    if (path === "/healthz") {
+    if (path === "/v1/events" && req.method === "POST") {
+      handlePost(req, res);
+    } else if (path === "/healthz") {
       res.writeHead(200, { "content-type": "application/json" });
       res.end(JSON.stringify({ ok: true, hub: journal.hubId, seq: String(seq), nodes: conns.size, claims: claims.size }) + "\n");
     } else if (path === "/metrics") {
@@ -606,26 +691,10 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const handleUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on("error", () => socket.destroy());
     const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
-    const token = bearerToken(req);
-    const entry = token === undefined ? undefined : findToken(tokens, token);
-    if (!entry || closing) {
-      counters.unauthorized++;
-      const why = closing ? "hub is stopping" : token === undefined ? "no bearer token" : "unknown token";
-      log(`refused connection from ${remote}: ${why}`);
-      record({ action: "REJECT", detail: `unauthorized: ${why} from ${remote}` });
-      socket.end(`HTTP/1.1 ${closing ? "503 Service Unavailable" : "401 Unauthorized"}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`);
-      return;
-    }
-    const open = [...conns].filter((c) => c.entry.name === entry.name).length;
-    if (open >= opts.maxConnsPerNode) {
-      counters.refused.too_many_connections = (counters.refused.too_many_connections ?? 0) + 1;
-      log(`refused connection from ${entry.name} (${remote}): already ${open} open, the limit is ${opts.maxConnsPerNode}`);
-      record({ action: "REJECT", origin: entry.name, detail: `too_many_connections: ${open} open from ${remote}` });
-      socket.end("HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
-      return;
-    }
+    const entry = authenticate(req, remote, (status) => socket.end(`HTTP/1.1 ${status}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`));
+    if (!entry) return;
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const c: Conn = { ws, entry, token: token!, remote, hello: false, receiving: false, alive: true, refused: 0 };
+      const c: Conn = { ws, entry, token: bearerToken(req)!, remote, hello: false, receiving: false, alive: true, refused: 0 };
       conns.add(c);
       ws.on("message", (data: Buffer, isBinary) => onFrame(c, data, isBinary));
       ws.on("pong", () => (c.alive = true));

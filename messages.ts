@@ -170,7 +170,19 @@ export interface Address {
 }
 
 function v4Bytes(s: string): Uint8Array {
-  return Uint8Array.from(s.split(".").map(Number));
+  // Hot path (every event, every allowlist check): no intermediate arrays.
+  const out = new Uint8Array(4);
+  let i = 0;
+  let n = 0;
+  for (let k = 0; k < s.length; k++) {
+    const c = s.charCodeAt(k);
+    if (c === 46) {
+      out[i++] = n;
+      n = 0;
+    } else n = n * 10 + (c - 48);
+  }
+  out[i] = n;
+  return out;
 }
 
 function v6Bytes(s: string): Uint8Array {
@@ -266,8 +278,13 @@ export function parseAddress(s: unknown): Address | undefined {
 /** True when network `outer` contains address or network `inner`. */
 export function contains(outer: Address, inner: Address): boolean {
   if (outer.family !== inner.family || inner.prefix < outer.prefix) return false;
-  const masked = maskBytes(inner.bytes, outer.prefix);
-  return masked.every((b, i) => b === outer.bytes[i]);
+  // maskBytes(inner.bytes, outer.prefix) equals outer.bytes, compared in place (hot path: no allocation).
+  for (let i = 0; i < inner.bytes.length; i++) {
+    const bits = Math.max(0, Math.min(8, outer.prefix - i * 8));
+    const mask = bits === 0 ? 0 : (0xff << (8 - bits)) & 0xff;
+    if ((inner.bytes[i] & mask) !== outer.bytes[i]) return false;
+  }
+  return true;
 }
 
 /** True when `a` and `b` share any address. */
