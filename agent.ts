@@ -497,11 +497,17 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   let pendingReconcile = false;
   let closing = false;
 
+  // Decided once per address: the allowlist is fixed for the agent's life, and a sync of 100k
+  // addresses asks twice per address (merge, then reconcile). Bounded by the live claims.
+  const allowCache = new Map<string, string | undefined>();
   const allowedReason = (ip: string): string | undefined => {
+    if (allowCache.has(ip)) return allowCache.get(ip);
     const a = parseAddress(ip);
-    if (!a) return "not an address";
-    const hit = allow.find((x) => overlaps(x, a));
-    return hit ? `allowlisted (${hit.text})` : undefined;
+    const hit = a && allow.find((x) => overlaps(x, a));
+    const why = !a ? "not an address" : hit ? `allowlisted (${hit.text})` : undefined;
+    if (allowCache.size >= 2 * claims.size + 10_000) allowCache.clear();
+    allowCache.set(ip, why);
+    return why;
   };
 
   /** The claim that makes `ip` blocked: the newest active ban, for the log. */

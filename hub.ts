@@ -390,6 +390,8 @@ interface Conn {
   alive: boolean;
   /** Frames refused on this connection. */
   refused: number;
+  /** Bytes of the sync sent to it: a large state is queued at once, on top of --max-buffered. */
+  syncBytes: number;
 }
 
 interface Counters {
@@ -462,7 +464,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   /** Sends a frame, or one already serialised (a relay serialises once for all its agents). */
   const send = (c: Conn, f: HubFrame | Buffer) => {
     if (c.ws.readyState !== c.ws.OPEN) return;
-    if (c.ws.bufferedAmount > opts.maxBufferedBytes) {
+    if (c.ws.bufferedAmount > opts.maxBufferedBytes + c.syncBytes) {
       log(`dropping ${c.entry.name} (${c.remote}): more than ${opts.maxBufferedBytes} bytes queued, it is not reading`);
       c.ws.terminate();
       return;
@@ -548,7 +550,9 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const full = resumeFrom === undefined;
     for (let i = 0; i === 0 || i < events.length; i += opts.syncChunk) {
       const chunk = events.slice(i, i + opts.syncChunk);
-      send(c, { type: "sync", full, events: chunk, seq: String(durableSeq), more: i + opts.syncChunk < events.length || undefined });
+      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: chunk, seq: String(durableSeq), more: i + opts.syncChunk < events.length || undefined }));
+      c.syncBytes += frame.length;
+      send(c, frame);
     }
     c.receiving = true;
     log(`${c.entry.name} (${c.remote}) ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
@@ -694,7 +698,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const entry = authenticate(req, remote, (status) => socket.end(`HTTP/1.1 ${status}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`));
     if (!entry) return;
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const c: Conn = { ws, entry, token: bearerToken(req)!, remote, hello: false, receiving: false, alive: true, refused: 0 };
+      const c: Conn = { ws, entry, token: bearerToken(req)!, remote, hello: false, receiving: false, alive: true, refused: 0, syncBytes: 0 };
       conns.add(c);
       ws.on("message", (data: Buffer, isBinary) => onFrame(c, data, isBinary));
       ws.on("pong", () => (c.alive = true));
