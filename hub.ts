@@ -14,13 +14,14 @@
 
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
-import { createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
+import { createReadStream, createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
 import { appendFile, chmod, mkdir, open, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { networkInterfaces } from "node:os";
 import { dirname } from "node:path";
+import { createInterface } from "node:readline";
 import type { Duplex } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { WebSocketServer, type WebSocket } from "ws";
@@ -227,28 +228,40 @@ export interface JournalContents {
   skipped: number;
 }
 
-/** Parses a journal file's text. A torn or corrupt line is skipped and counted, never fatal. */
-export function parseJournal(text: string): JournalContents | undefined {
-  const lines = text.split("\n");
-  let header: JournalHeader;
+function parseJournalHeader(line: string): JournalHeader | undefined {
   try {
-    header = JSON.parse(lines[0]);
+    const h = JSON.parse(line) as JournalHeader;
+    return h?.journal === JOURNAL_MAGIC && typeof h.hub === "string" ? h : undefined;
   } catch {
     return undefined;
   }
-  if (header?.journal !== JOURNAL_MAGIC || typeof header.hub !== "string") return undefined;
+}
+
+/** One event line of a journal, or undefined for a torn or corrupt one. */
+function parseJournalLine(line: string): FleetEvent | undefined {
+  try {
+    const e = JSON.parse(line) as FleetEvent;
+    return typeof e.ip === "string" && typeof e.seq === "string" ? e : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Parses a journal file's text. A torn or corrupt line is skipped and counted, never fatal. */
+export function parseJournal(text: string): JournalContents | undefined {
+  const lines = text.split("\n");
+  const header = parseJournalHeader(lines[0]);
+  if (!header) return undefined;
   const events: FleetEvent[] = [];
   let skipped = 0;
   let seq = Number(header.seq) || 0;
   for (const line of lines.slice(1)) {
     if (!line) continue;
-    try {
-      const e = JSON.parse(line) as FleetEvent;
-      if (typeof e.ip !== "string" || typeof e.seq !== "string") throw new Error("not an event");
+    const e = parseJournalLine(line);
+    if (!e) skipped++;
+    else {
       events.push(e);
       seq = Math.max(seq, Number(e.seq));
-    } catch {
-      skipped++;
     }
   }
   return { hubId: header.hub, seq, events, skipped };
@@ -276,19 +289,41 @@ class Journal {
   ) {}
 
   /** Opens (or creates) the journal at `path` and returns what it held; compact it before appending. */
-  static async open(path: string | undefined, log: (s: string) => void, hooks: JournalHooks): Promise<{ journal: Journal; contents: JournalContents }> {
-    let contents: JournalContents = { hubId: randomBytes(8).toString("hex"), seq: 0, events: [], skipped: 0 };
+  /**
+   * Opens (or creates) the journal at `path`, handing each event it holds to `onEvent` as it is
+   * read, line by line: the hub never holds the file's text or an array of its events, only
+   * the claims they make. Compact it before appending.
+   */
+  static async open(path: string | undefined, log: (s: string) => void, hooks: JournalHooks, onEvent: (e: FleetEvent) => void): Promise<{ journal: Journal; seq: number }> {
+    let hubId = randomBytes(8).toString("hex");
+    let seq = 0;
     if (path) {
       await mkdir(dirname(path), { recursive: true });
-      const text = existsSync(path) ? await readFile(path, "utf8") : "";
-      if (text.length) {
-        const parsed = parseJournal(text);
-        if (!parsed) throw new Error(`${path} is not a banshare journal: refusing to overwrite it`);
-        contents = parsed;
-        if (parsed.skipped) log(`warning: skipped ${parsed.skipped} torn or corrupt line(s) in ${path}; every other event is kept`);
+      if (existsSync(path)) {
+        let header: JournalHeader | undefined;
+        let skipped = 0;
+        let first = true;
+        for await (const line of createInterface({ input: createReadStream(path, "utf8"), crlfDelay: Infinity })) {
+          if (first) {
+            first = false;
+            header = parseJournalHeader(line);
+            if (!header) throw new Error(`${path} is not a banshare journal: refusing to overwrite it`);
+            hubId = header.hub;
+            seq = Number(header.seq) || 0;
+            continue;
+          }
+          if (!line) continue;
+          const e = parseJournalLine(line);
+          if (!e) skipped++;
+          else {
+            onEvent(e);
+            seq = Math.max(seq, Number(e.seq));
+          }
+        }
+        if (skipped) log(`warning: skipped ${skipped} torn or corrupt line(s) in ${path}; every other event is kept`);
       }
     }
-    return { journal: new Journal(path, contents.hubId, hooks), contents };
+    return { journal: new Journal(path, hubId, hooks), seq };
   }
 
   /** Rewrites the journal as the live claims: temp file, fsync, rename, fsync the folder, reopen. */
@@ -426,7 +461,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     return true;
   };
 
-  const { journal, contents } = await Journal.open(opts.statePath, log, {
+  const { journal, seq: journalSeq } = await Journal.open(opts.statePath, log, {
     durable: (events) => {
       for (const e of events) {
         mergeClaim(claims, e);
@@ -446,11 +481,10 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       process.exitCode = 1;
       void hub.close();
     },
-  });
-  let seq = contents.seq;
+  }, (e) => mergeClaim(claims, e));
+  let seq = journalSeq;
   /** The seq of the last durable event: the most a sync may promise an agent. */
   let durableSeq = seq;
-  for (const e of contents.events) mergeClaim(claims, e);
   await journal.compact();
 
   if (opts.csvPath) {
