@@ -14,6 +14,7 @@
  * @module
  */
 
+import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
 import { createWriteStream, existsSync, readFileSync, realpathSync, statSync, type WriteStream } from "node:fs";
 import { appendFile, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
@@ -299,6 +300,77 @@ interface Backend {
   setup(): Promise<void>;
   apply(changes: Change[], now: number): Promise<void>;
   reconcile(desired: Map<string, number | null>, now: number): Promise<void>;
+  close(): void;
+}
+
+/**
+ * A long-lived `ipset -exist restore` that takes batches on its stdin, so a ban costs a pipe
+ * write instead of a process start (on a busy machine the start is most of the latency).
+ * ipset aggregates consecutive adds until another command comes: each batch ends with
+ * `list -n SET`, which flushes the batch into the kernel and prints the set's name, our
+ * acknowledgement (stdbuf makes ipset's stdout line-buffered so the name arrives at once).
+ * Any failure ends the process; the caller falls back to a one-shot `ipset restore`, whose
+ * error message is exact, and the next batch starts a new process.
+ */
+export class IpsetSession {
+  private child: ChildProcess | undefined;
+  private out = "";
+  private err = "";
+  private waiting: Array<{ resolve: () => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
+
+  constructor(private readonly ackSet: string) {}
+
+  send(script: string): Promise<void> {
+    const child = this.child ?? this.start();
+    return new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => this.fail(new Error(`ipset restore gave no answer in ${CMD_TIMEOUT_MS} ms`)), CMD_TIMEOUT_MS);
+      this.waiting.push({ resolve, reject, timer });
+      child.stdin!.write(`${script}${script.endsWith("\n") || !script ? "" : "\n"}list -n ${this.ackSet}\n`);
+    });
+  }
+
+  close(): void {
+    this.fail(new Error("closed"));
+  }
+
+  private start(): ChildProcess {
+    const child = spawn("stdbuf", ["-oL", "ipset", "-exist", "restore"], { stdio: ["pipe", "pipe", "pipe"] });
+    this.child = child;
+    this.out = "";
+    this.err = "";
+    child.stdout!.setEncoding("utf8").on("data", (d: string) => {
+      if (child !== this.child) return;
+      this.out += d;
+      let nl: number;
+      while ((nl = this.out.indexOf("\n")) >= 0) {
+        const line = this.out.slice(0, nl);
+        this.out = this.out.slice(nl + 1);
+        if (line !== this.ackSet) continue;
+        const w = this.waiting.shift();
+        if (w) {
+          clearTimeout(w.timer);
+          w.resolve();
+        }
+      }
+    });
+    child.stderr!.setEncoding("utf8").on("data", (d: string) => {
+      this.err = (this.err + d).slice(-2000);
+    });
+    child.stdin!.on("error", () => {}); // EPIPE when ipset has exited: reported by "exit" below
+    child.on("error", (e) => child === this.child && this.fail(e));
+    child.on("exit", (code, sig) => child === this.child && this.fail(new Error(`ipset restore ended (${sig ?? `exit ${code}`}): ${this.err.trim().split("\n").slice(0, 3).join(" / ")}`)));
+    return child;
+  }
+
+  private fail(e: Error): void {
+    const child = this.child;
+    this.child = undefined;
+    if (child && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+    for (const w of this.waiting.splice(0)) {
+      clearTimeout(w.timer);
+      w.reject(e);
+    }
+  }
 }
 
 async function run(cmd: Command): Promise<void> {
@@ -319,20 +391,29 @@ async function ensureJumps(prefix: string): Promise<void> {
 /** Creates the backend for `name`; `log` receives dry-run plans. */
 function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) => void): Backend {
   switch (name) {
-    case "ipset":
+    case "ipset": {
+      const session = new IpsetSession(ipsetNames(cfg.prefix).v4);
       return {
         async setup() {
           for (const c of ipsetSetupCommands(cfg)) await run(c);
           await ensureJumps(cfg.prefix);
+          // Start the long-lived process now, so the first ban does not pay for it.
+          await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own ipset restore`));
         },
-        apply: (changes, now) => run({ argv: ["ipset", "-exist", "restore"], input: ipsetChangeScript(cfg.prefix, changes, now) }),
+        apply(changes, now) {
+          const input = ipsetChangeScript(cfg.prefix, changes, now);
+          return session.send(input).catch(() => run({ argv: ["ipset", "-exist", "restore"], input }));
+        },
         reconcile: (desired, now) => run({ argv: ["ipset", "-exist", "restore"], input: ipsetReconcileScript(cfg.prefix, desired, now) }),
+        close: () => session.close(),
       };
+    }
     case "nftables":
       return {
         setup: () => run({ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) }),
         apply: (changes, now) => run({ argv: ["nft", "-f", "-"], input: nftChangeScript(cfg.prefix, changes, now) }),
         reconcile: (desired, now) => run({ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }),
+        close() {},
       };
     case "iptables": {
       const present = new Set<string>();
@@ -361,6 +442,7 @@ function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) =>
           present.clear();
           for (const ip of desired.keys()) present.add(ip);
         },
+        close() {},
       };
     }
     case "dry-run":
@@ -374,6 +456,7 @@ function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) =>
         async reconcile(desired) {
           log(`dry-run: would make the kernel hold exactly ${desired.size} address(es)`);
         },
+        close() {},
       };
   }
 }
@@ -814,6 +897,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         clearTimeout(saveTimer);
         ws?.terminate();
         while (working) await working.catch(() => {});
+        backend.close();
         await saveNow();
         if (csv) await new Promise<void>((resolve) => csv!.end(resolve));
       })();
