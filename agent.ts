@@ -26,6 +26,9 @@ import WebSocket from "ws";
 import yargs from "yargs";
 import {
   CSV_HEADER,
+  MAX_APPLIED_BATCH,
+  MAX_APPLIED_RT_MS,
+  MAX_CLOCK_SKEW_MS,
   MAX_HUB_FRAME_BYTES,
   PROTOCOL_VERSION,
   blockedUntil,
@@ -37,6 +40,7 @@ import {
   parseNodeFrame,
   pruneClaims,
   type Address,
+  type AppliedRecord,
   type BanFrame,
   type Claims,
   type CsvRecord,
@@ -96,6 +100,9 @@ export interface Agent {
 export const IPSET_MAX_TIMEOUT_S = 2147483;
 const MAX_ELEMENTS = 2_097_152;
 const CMD_TIMEOUT_MS = 60_000;
+/** Response-time reports (`applied`): gathered this long before one frame goes, at most this many waiting. */
+const APPLIED_FLUSH_MS = 250;
+const MAX_APPLIED_QUEUE = 1000;
 const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup"];
 
 // ---------------------------------------------------------------------------------------------
@@ -579,6 +586,13 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   let working: Promise<void> | undefined;
   let pendingReconcile = false;
   let closing = false;
+  // Response times for the hub's status page (`applied` frames): best effort and bounded, out of
+  // the kernel path's way: records are queued after a batch is applied and go out in one frame.
+  /** Events relayed live (not in a sync), by address, until the batch that applies them. */
+  const arrived = new Map<string, FleetEvent>();
+  let appliedQueue: AppliedRecord[] = [];
+  let appliedTimer: NodeJS.Timeout | undefined;
+  let hubTakesApplied = false;
 
   // Decided once per address: the allowlist is fixed for the agent's life, and a sync of 100k
   // addresses asks twice per address (merge, then reconcile). Bounded by the live claims.
@@ -655,6 +669,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
       if (pendingReconcile) {
         pendingReconcile = false;
         dirty.clear();
+        arrived.clear();
         const desired = new Map<string, number | null>();
         for (const ip of claims.keys()) {
           const d = desiredFor(ip, now);
@@ -680,9 +695,15 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         continue;
       }
       const changes: Change[] = [];
+      const live = new Map<string, FleetEvent>();
       for (const ip of dirty) {
         const d = desiredFor(ip, now);
         if (d !== applied.get(ip)) changes.push({ ip, until: d });
+        const e = arrived.get(ip);
+        if (e) {
+          live.set(ip, e);
+          arrived.delete(ip);
+        }
       }
       dirty.clear();
       if (!changes.length) continue;
@@ -709,6 +730,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         if (c.until === undefined) applied.delete(c.ip);
         else applied.set(c.ip, c.until);
       }
+      reportApplied(changes, live);
       if (changes.length <= 20) {
         for (const c of changes) log(`${c.until === undefined ? "unblocked" : "blocked"} ${c.ip}${c.until === undefined ? "" : ` until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
       } else log(`applied ${changes.length} change(s)`);
@@ -716,6 +738,36 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   };
   const kick = () => {
     if (!working) void work().catch((e: Error) => log(`error: ${e.stack}`));
+  };
+
+  /** Remembers live events, so the batch that applies them can report their response time. */
+  const noteArrived = (events: FleetEvent[]) => {
+    if (!hubTakesApplied) return;
+    for (const e of events) if (arrived.size < MAX_APPLIED_QUEUE * 10 || arrived.has(e.ip)) arrived.set(e.ip, e);
+  };
+  /** Queues a response time for each applied change a live event caused; one frame goes out shortly. */
+  const reportApplied = (changes: Change[], live: Map<string, FleetEvent>) => {
+    if (!live.size) return;
+    const at = Date.now();
+    for (const c of changes) {
+      const e = live.get(c.ip);
+      if (!e || !/^\d{1,20}$/.test(e.seq)) continue;
+      const rtMs = at - e.detectedAt;
+      if (rtMs >= -MAX_CLOCK_SKEW_MS && rtMs <= MAX_APPLIED_RT_MS) appliedQueue.push({ seq: e.seq, ip: e.ip, rtMs, at });
+    }
+    if (appliedQueue.length > MAX_APPLIED_QUEUE) appliedQueue.splice(0, appliedQueue.length - MAX_APPLIED_QUEUE);
+    if (appliedQueue.length && !appliedTimer) {
+      appliedTimer = setTimeout(flushApplied, APPLIED_FLUSH_MS);
+      appliedTimer.unref();
+    }
+  };
+  const flushApplied = () => {
+    appliedTimer = undefined;
+    const batch = appliedQueue;
+    appliedQueue = [];
+    // Best effort: with the hub away or slow to read, the reports are dropped, never queued up.
+    if (!hubTakesApplied || !ws || ws.readyState !== ws.OPEN || ws.bufferedAmount > 1 << 20) return;
+    for (let i = 0; i < batch.length; i += MAX_APPLIED_BATCH) ws.send(JSON.stringify({ type: "applied", events: batch.slice(i, i + MAX_APPLIED_BATCH) }));
   };
 
   const takeEvents = (events: FleetEvent[]) => {
@@ -747,7 +799,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
       const text = await readFile(path, "utf8").catch(() => "");
       if (!text) continue;
       const parsed = parseNodeFrame(text, Date.now());
-      if (!parsed.ok || parsed.value.type === "hello") {
+      if (!parsed.ok || (parsed.value.type !== "ban" && parsed.value.type !== "unban")) {
         log(`warning: moving unreadable spool file ${f} aside: ${parsed.ok ? "not an event" : parsed.message}`);
         await mkdir(join(opts.spoolDir, "rejected"), { recursive: true });
         await rename(path, join(opts.spoolDir, "rejected", f)).catch(() => {});
@@ -811,6 +863,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
           welcomed = true;
           attempt = 0;
           nodeName = f.node;
+          hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
           log(`connected to ${url} as ${f.node} (${f.role}), hub ${f.hub} at seq ${f.seq}`);
           hubId = f.hub;
           awaitingSync = true;
@@ -834,6 +887,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
           } else {
             // A burst the hub relayed in one frame.
             takeEvents(f.events);
+            noteArrived(f.events);
             if (cursor) cursor = { hub: hubId, seq: f.seq };
           }
           scheduleSave();
@@ -842,6 +896,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         }
         case "event":
           takeEvents([f]);
+          noteArrived([f]);
           if (cursor) cursor = { hub: hubId, seq: f.seq };
           scheduleSave();
           kick();
@@ -874,6 +929,9 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
       awaitingSync = false;
       syncBuffer = [];
       spoolSent.clear();
+      hubTakesApplied = false;
+      arrived.clear();
+      appliedQueue = [];
       if (closing) return;
       if (!welcomed) hubIndex++;
       const delay = nextDelay(attempt++);
@@ -895,6 +953,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
         clearInterval(pingTimer);
         clearInterval(spoolTimer);
         clearTimeout(saveTimer);
+        clearTimeout(appliedTimer);
         ws?.terminate();
         while (working) await working.catch(() => {});
         backend.close();

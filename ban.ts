@@ -4,61 +4,125 @@
  *   node --import tsx ban.ts ban 203.0.113.7 --jail sshd --bantime 600 --config /etc/banshare/ban.json
  *   node --import tsx ban.ts unban 203.0.113.7 --jail sshd
  *
+ * and the operator's commands, run by hand against the same hub:
+ *
+ *   node --import tsx ban.ts list [--json]                  # the fleet's bans (admin token)
+ *   node --import tsx ban.ts status [--state AGENT_STATE]   # hub, node, agent cursor, kernel set
+ *   node --import tsx ban.ts unban 203.0.113.7 --all-nodes  # lift every node's claim (admin token)
+ *   node --import tsx ban.ts import banned.txt              # publish bans Fail2Ban already holds
+ *
  * Exit 0 once the hub acked the event (it is in the hub's journal), or when the hub could not
  * be reached within --timeout and the event was spooled for the agent to forward. Exit 2 on
  * invalid input, 1 when the hub refused the event or it could neither be sent nor spooled.
  * Start-up time is the floor of the fleet's reaction time, so this file imports only node
  * built-ins and messages.ts: no yargs (node:util parseArgs costs nothing to load) and no ws
- * (the event goes as one HTTP POST to the hub's /v1/events).
+ * (the event goes as one HTTP POST to the hub's /v1/events). What only the operator's commands
+ * need (child_process for the kernel count, a keep-alive agent) is imported inside them.
  *
  * @module
  */
 
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { realpathSync } from "node:fs";
 import { mkdir, open, readFile, rename } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
-import { MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type UnbanFrame } from "./messages.ts";
+import type { Agent, IncomingMessage } from "node:http";
+import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type UnbanFrame } from "./messages.ts";
 
 /** Default spool directory, shared with the agent's --spool. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
 
-/** What one invocation does. */
-export interface SendOptions {
+/** Where the hub is and how to reach it: what every command needs. */
+export interface HubAccess {
+  hubs: string[];
+  tokenFile: string;
+  timeoutMs: number;
+  ca?: string;
+}
+
+/** What one ban or unban invocation does. */
+export interface SendOptions extends HubAccess {
   command: "ban" | "unban";
   ip: string;
   jail: string;
   bantime: number;
   detectedAt: number;
-  hubs: string[];
-  tokenFile: string;
-  timeoutMs: number;
   spoolDir: string;
-  ca?: string;
+  /** `unban --all-nodes` (admin): lift every node's older claim. Never spooled. */
+  all?: boolean;
 }
+
+/** `ban.ts list`: the hub's live claims, as a table or the hub's JSON. */
+export interface ListOptions extends HubAccess {
+  command: "list";
+  json: boolean;
+}
+
+/** Kernel backends `ban.ts status` can count, as the agent's --backend names them. */
+export type Backend = "ipset" | "nftables" | "iptables" | "dry-run";
+
+/** `ban.ts status`: hub, node, agent cursor and kernel set of this server. */
+export interface StatusOptions extends HubAccess {
+  command: "status";
+  /** The agent's --state file, for its cursor. */
+  statePath?: string;
+  backend: Backend;
+  prefix: string;
+}
+
+/** `ban.ts import`: publishes bans Fail2Ban already holds. */
+export interface ImportOptions extends HubAccess {
+  command: "import";
+  /** A file, or `-` for stdin. */
+  file: string;
+  /** Jail and bantime for input that does not say. */
+  jail: string;
+  bantime: number;
+  /** Requests in flight at once. */
+  concurrency: number;
+}
+
+/** Everything ban.ts can be asked to do. */
+export type Invocation = SendOptions | ListOptions | StatusOptions | ImportOptions;
 
 /** Invalid usage or input: exit 2 with one line. */
 export class UsageError extends Error {}
 
 const USAGE = `Usage: node --import tsx ban.ts ban|unban IP [options]
+       node --import tsx ban.ts unban IP --all-nodes [options]
+       node --import tsx ban.ts list [--json] [options]
+       node --import tsx ban.ts status [--state FILE] [--backend B] [options]
+       node --import tsx ban.ts import [FILE|-] [--jail J] [--bantime S] [options]
 
-Sends one ban or unban to the banshare hub; Fail2Ban's banshare action calls it.
+ban, unban: send one ban or unban to the banshare hub; Fail2Ban's banshare action calls them.
+list: the fleet's live bans, newest first (admin token). status: is the hub reachable, who
+this token is, where this server's agent is, and what its kernel set holds. import: publish
+the bans Fail2Ban already holds: \`fail2ban-client banned\`, \`fail2ban-client get JAIL banip
+--with-time\`, or addresses one per line (# comments), with their original times when given.
 
 Options (each also from the environment, e.g. BANSHARE_HUB, or a JSON --config file):
   --jail NAME          Fail2Ban jail (default: sshd)
-  --bantime SECONDS    ban length, -1 for permanent (ban only; default: 600)
+  --bantime SECONDS    ban length, -1 for permanent (ban, import; default: 600)
   --time EPOCH         detection time in epoch seconds, Fail2Ban's <time> (default: now)
+  --restored 0|1       ban: Fail2Ban's <restored>; 1: --time is a restored ban's, rounded to the second
+  --all-nodes          unban: lift every node's claim on IP, not only this node's (admin)
+  --json               list: print the hub's JSON instead of a table
+  --state FILE         status: the agent's --state file, for its cursor
+  --backend B          status: the agent's backend, ipset, nftables, iptables or dry-run (default: ipset)
+  --prefix NAME        status: the agent's --prefix (default: banshare)
+  --concurrency N      import: requests in flight at once (default: 8)
   --hub URL[,URL]      hub URL(s), ws:// or wss://, tried in order
   --token-file FILE    file holding this node's token
-  --timeout SECONDS    give up on the hub after this long and spool (default: 5)
+  --timeout SECONDS    give up on the hub after this long (ban, unban: and spool; default: 5)
   --spool DIR          where undeliverable events wait for the agent (default: ${DEFAULT_SPOOL})
   --ca FILE            PEM CA certificate for a wss:// hub with a private CA
   --config FILE        JSON file with any of the options above
   --help               show this text
 
-Exit status: 0 acked or spooled, 1 refused by the hub or not sent, 2 invalid input.`;
+Exit status: 0 acked or spooled (ban, unban), listed, hub reachable (status), all imported;
+1 refused by the hub or not sent, hub unreachable, or a bad import line; 2 invalid input.`;
 
 const OPTIONS = {
   jail: { type: "string" },
@@ -70,10 +134,30 @@ const OPTIONS = {
   spool: { type: "string" },
   ca: { type: "string" },
   config: { type: "string" },
+  "all-nodes": { type: "boolean" },
+  json: { type: "boolean" },
+  restored: { type: "string" },
+  state: { type: "string" },
+  backend: { type: "string" },
+  prefix: { type: "string" },
+  concurrency: { type: "string" },
   help: { type: "boolean" },
 } as const;
 
 type Flag = Exclude<keyof typeof OPTIONS, "help">;
+
+type Command = Invocation["command"];
+const COMMANDS: Command[] = ["ban", "unban", "list", "status", "import"];
+
+/** Flags that belong to one command; the others (hub, token, timeout, ca, config) go with every one. */
+const COMMAND_FLAGS: Record<Command, Flag[]> = {
+  ban: ["jail", "bantime", "time", "restored", "spool"],
+  unban: ["jail", "time", "spool", "all-nodes"],
+  list: ["json"],
+  status: ["state", "backend", "prefix"],
+  import: ["jail", "bantime", "concurrency"],
+};
+const BACKENDS: Backend[] = ["ipset", "nftables", "iptables", "dry-run"];
 
 function camel(flag: string): string {
   return flag.replace(/-(\w)/g, (_, c: string) => c.toUpperCase());
@@ -91,10 +175,10 @@ function num(flag: string, v: string | undefined, ok: (n: number) => boolean, ex
 }
 
 /**
- * Turns argv, the environment and an already-read config object into send options.
+ * Turns argv, the environment and an already-read config object into what to do.
  * Precedence: command line, then environment, then config file, then defaults.
  */
-export function parseArgs(argv: string[], env: Record<string, string | undefined> = {}, config: Record<string, unknown> = {}, now = Date.now()): SendOptions | "help" {
+export function parseCommand(argv: string[], env: Record<string, string | undefined> = {}, config: Record<string, unknown> = {}, now = Date.now()): Invocation | "help" {
   let parsed;
   // `--bantime -1` is Fail2Ban's permanent ban: a negative number is a value, not a flag.
   const args = argv.map((a, i) => (/^-\d/.test(a) && /^--\w/.test(argv[i - 1] ?? "") && !argv[i - 1].includes("=") ? `\0${a}` : a));
@@ -109,16 +193,16 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
     const v = parsed.values[flag] ?? env[envName(flag)] ?? config[flag] ?? config[camel(flag)];
     return v === undefined || v === null ? undefined : String(v);
   };
-  const [command, ip, ...rest] = parsed.positionals;
-  if (command !== "ban" && command !== "unban") throw new UsageError(`Expected the command ban or unban, got ${command === undefined ? "none" : JSON.stringify(command)}`);
-  if (ip === undefined) throw new UsageError(`Expected an IP address after ${command}, got none`);
-  if (rest.length) throw new UsageError(`Expected one IP address, got also ${JSON.stringify(rest.join(" "))}`);
-  const addr = checkBannable(ip);
-  if (!addr.ok) throw new UsageError(addr.message);
-  const jail = get("jail") ?? "sshd";
-  if (!isName(jail)) throw new UsageError(`Expected --jail to be a jail name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(jail)}`);
-  const bantime = num("bantime", get("bantime"), (n) => Number.isInteger(n) && (n === -1 || n >= 1), "-1 or a whole number of seconds") ?? 600;
-  const time = num("time", get("time"), (n) => n > 0 && n * 1000 < now + 300_000, "an epoch time in seconds, not in the future");
+  const [command, ...operands] = parsed.positionals;
+  if (!COMMANDS.includes(command as Command)) {
+    throw new UsageError(`Expected the command ban or unban (or list, status, import), got ${command === undefined ? "none" : JSON.stringify(command)}`);
+  }
+  const cmd = command as Command;
+  // Only the command line is checked: the environment and a shared --config may hold other commands' flags.
+  for (const flag of Object.keys(parsed.values) as Flag[]) {
+    const owner = COMMANDS.find((c) => COMMAND_FLAGS[c].includes(flag));
+    if (owner && !COMMAND_FLAGS[cmd].includes(flag)) throw new UsageError(`Expected no --${flag} with ${cmd}: it is an option of ${COMMANDS.filter((c) => COMMAND_FLAGS[c].includes(flag)).join(" and ")}`);
+  }
   const timeout = num("timeout", get("timeout"), (n) => n > 0 && n <= 300, "0-300 seconds") ?? 5;
   const hub = get("hub");
   if (!hub) throw new UsageError(`Expected --hub URL (or ${envName("hub")}, or "hub" in --config), got none`);
@@ -126,36 +210,77 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
   for (const h of hubs) if (!/^wss?:\/\/[^\s/]+/.test(h)) throw new UsageError(`Expected --hub to be ws:// or wss:// URLs, got ${JSON.stringify(h)}`);
   const tokenFile = get("token-file");
   if (!tokenFile) throw new UsageError(`Expected --token-file FILE (or ${envName("token-file")}, or "tokenFile" in --config), got none`);
-  return {
-    command,
-    ip: addr.value.text,
-    jail,
-    bantime,
-    detectedAt: time === undefined ? now : Math.round(time * 1000),
-    hubs,
-    tokenFile,
-    timeoutMs: timeout * 1000,
-    spoolDir: get("spool") ?? DEFAULT_SPOOL,
-    ca: get("ca"),
+  const access: HubAccess = { hubs, tokenFile, timeoutMs: timeout * 1000, ca: get("ca") };
+  const jail = () => {
+    const j = get("jail") ?? "sshd";
+    if (!isName(j)) throw new UsageError(`Expected --jail to be a jail name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(j)}`);
+    return j;
   };
+  const bantime = () => num("bantime", get("bantime"), (n) => Number.isInteger(n) && (n === -1 || (n >= 1 && n <= MAX_BANTIME_S)), `-1 or a whole number of seconds up to ${MAX_BANTIME_S}`) ?? 600;
+
+  if (cmd === "list" || cmd === "status") {
+    if (operands.length) throw new UsageError(`Expected no operand after ${cmd}, got ${JSON.stringify(operands.join(" "))}`);
+    if (cmd === "list") return { command: cmd, json: parsed.values.json === true, ...access };
+    const backend = get("backend") ?? "ipset";
+    if (!BACKENDS.includes(backend as Backend)) throw new UsageError(`Expected --backend to be ${BACKENDS.join(", ")}, got ${JSON.stringify(backend)}`);
+    const prefix = get("prefix") ?? "banshare";
+    if (!/^[a-z][a-z0-9_-]{0,20}$/.test(prefix)) throw new UsageError(`Expected --prefix to be 1-21 of a-z 0-9 _ - starting with a letter, got ${JSON.stringify(prefix)}`);
+    return { command: cmd, statePath: get("state"), backend: backend as Backend, prefix, ...access };
+  }
+  if (cmd === "import") {
+    if (operands.length > 1) throw new UsageError(`Expected one FILE (or - for stdin) after import, got ${JSON.stringify(operands.join(" "))}`);
+    const concurrency = num("concurrency", get("concurrency"), (n) => Number.isInteger(n) && n >= 1 && n <= 64, "a whole number from 1 to 64") ?? 8;
+    return { command: cmd, file: operands[0] ?? "-", jail: jail(), bantime: bantime(), concurrency, ...access };
+  }
+  const [ip, ...rest] = operands;
+  if (ip === undefined) throw new UsageError(`Expected an IP address after ${cmd}, got none`);
+  if (rest.length) throw new UsageError(`Expected one IP address, got also ${JSON.stringify(rest.join(" "))}`);
+  const addr = checkBannable(ip);
+  if (!addr.ok) throw new UsageError(addr.message);
+  const time = num("time", get("time"), (n) => n > 0 && n * 1000 < now + 300_000, "an epoch time in seconds, not in the future");
+  const restored = get("restored");
+  if (restored !== undefined && restored !== "0" && restored !== "1") throw new UsageError(`Expected --restored to be 0 or 1 (Fail2Ban's <restored>), got ${JSON.stringify(restored)}`);
+  // Fail2Ban's database keeps a ban's time rounded to the second, so a restored ban's <time> can
+  // be up to 0.5 s after the original detection. Take the earliest time that rounds to it: the
+  // restored ban is then never newer than the original, nor ends after it, and a Fail2Ban restart
+  // changes nothing at the hub.
+  const detectedAt = time === undefined ? now : restored === "1" ? Math.round(time) * 1000 - 500 : Math.round(time * 1000);
+  return {
+    command: cmd,
+    ip: addr.value.text,
+    jail: jail(),
+    bantime: bantime(),
+    detectedAt,
+    ...access,
+    spoolDir: get("spool") ?? DEFAULT_SPOOL,
+    ...(parsed.values["all-nodes"] ? { all: true } : {}),
+  };
+}
+
+/** `parseCommand` for the sender's own commands, ban and unban: what Fail2Ban's action runs. */
+export function parseArgs(argv: string[], env: Record<string, string | undefined> = {}, config: Record<string, unknown> = {}, now = Date.now()): SendOptions | "help" {
+  const o = parseCommand(argv, env, config, now);
+  if (o !== "help" && o.command !== "ban" && o.command !== "unban") throw new UsageError(`Expected the command ban or unban, got ${o.command}`);
+  return o;
 }
 
 /** The frame this invocation sends. */
 export function toFrame(o: SendOptions, id: string): BanFrame | UnbanFrame {
   return o.command === "ban"
     ? { type: "ban", id, ip: o.ip, jail: o.jail, bantime: o.bantime, detectedAt: o.detectedAt }
-    : { type: "unban", id, ip: o.ip, jail: o.jail, detectedAt: o.detectedAt };
+    : { type: "unban", id, ip: o.ip, jail: o.jail, detectedAt: o.detectedAt, ...(o.all ? { all: true } : {}) };
 }
 
 /** How a send ended. `unreachable` is worth spooling; `refused` is not. */
-export type SendResult = { status: "acked"; seq: string } | { status: "refused"; reason: string } | { status: "unreachable"; reason: string };
+export type SendResult = { status: "acked"; seq: string } | { status: "refused"; reason: string; code?: string } | { status: "unreachable"; reason: string; code?: string };
 
 /**
  * Sends one frame to one hub as `POST /v1/events` and waits for its ack. Never throws.
  * One HTTP round trip on node's own http module: no WebSocket session (upgrade, hello,
  * welcome) and no WebSocket library to load, which is most of what a sender costs to start.
+ * With a keep-alive `agent` (import), a socket whose answer was read goes back to it.
  */
-export async function sendOnce(url: string, token: string, frame: BanFrame | UnbanFrame, timeoutMs: number, ca?: string): Promise<SendResult> {
+export async function sendOnce(url: string, token: string, frame: BanFrame | UnbanFrame, timeoutMs: number, ca?: string, agent?: Agent): Promise<SendResult> {
   const u = new URL(url);
   const secure = u.protocol === "wss:";
   // https (and with it tls) is loaded only for a wss:// hub.
@@ -163,12 +288,12 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
   const body = JSON.stringify(frame);
   return new Promise((resolve) => {
     let done = false;
-    const finish = (r: SendResult) => {
+    const finish = (r: SendResult, answered = false) => {
       if (done) return;
       done = true;
       clearTimeout(timer);
       resolve(r);
-      req.destroy();
+      if (!answered || !agent) req.destroy();
     };
     const timer = setTimeout(() => finish({ status: "unreachable", reason: `no ack from ${url} within ${timeoutMs} ms` }), timeoutMs);
     const req = request(
@@ -179,6 +304,7 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
         method: "POST",
         headers: { authorization: `Bearer ${token}`, "content-type": "application/json", "content-length": Buffer.byteLength(body) },
         ca: ca ? [ca] : undefined,
+        agent,
       },
       (res) => {
         let text = "";
@@ -191,12 +317,13 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
           const s = res.statusCode ?? 0;
           const parsed = text ? parseHubFrame(text) : undefined;
           const f = parsed?.ok ? parsed.value : undefined;
-          if (s === 200 && f?.type === "ack" && f.id === frame.id) return finish({ status: "acked", seq: f.seq });
+          if (s === 200 && f?.type === "ack" && f.id === frame.id) return finish({ status: "acked", seq: f.seq }, true);
           if (f?.type === "error") {
             // Over the rate limit or a hub-side write error is passing: spool it. Anything else is a refusal.
             const passing = f.code === "rate_limited" || f.code === "internal";
-            return finish({ status: passing ? "unreachable" : "refused", reason: `hub refused the ${frame.type}: ${f.code}: ${f.message}` });
+            return finish({ status: passing ? "unreachable" : "refused", reason: `hub refused the ${frame.type}: ${f.code}: ${f.message}`, code: f.code }, true);
           }
+          if (s === 429) return finish({ status: "unreachable", reason: `${url} answered HTTP 429${res.statusMessage ? ` ${res.statusMessage}` : ""}`, code: "rate_limited" });
           if (s === 401 || s === 403) return finish({ status: "refused", reason: `${url} refused the token (HTTP ${s}): check --token-file and the hub's token list` });
           // 400 without an error frame: the hub cannot read the request (ws:// to its TLS port); a spool would fail the same way.
           if (s === 400 || s === 404) return finish({ status: "refused", reason: `${url} refused the request (HTTP ${s}${res.statusMessage ? ` ${res.statusMessage}` : ""}): check --hub` });
@@ -227,6 +354,516 @@ export async function spool(dir: string, frame: BanFrame | UnbanFrame): Promise<
   return join(dir, name);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The operator's commands: list, status, import. They are run by hand, not by Fail2Ban, so what
+// they need beyond the sender (child_process, a keep-alive agent) is imported inside them.
+
+/** One live claim on an address, as `GET /v1/bans` lists it. */
+export interface ListedClaim {
+  origin: string;
+  jail: string;
+  until: number | null;
+  detectedAt: number;
+  seq: string;
+  /** Held back from the fleet by the hub's --quorum. */
+  held?: boolean;
+}
+
+/** One blocked address, as `GET /v1/bans` lists it. */
+export interface ListedBan {
+  ip: string;
+  nodes: number;
+  claims: ListedClaim[];
+}
+
+/** The document `GET /v1/bans` answers; `now` is the hub's clock. */
+export interface BanList {
+  hub: string;
+  seq: string;
+  now: number;
+  bans: ListedBan[];
+  count: number;
+}
+
+/** What `GET /v1/whoami` answers. */
+export interface WhoAmI {
+  node: string;
+  role: string;
+  hub: string;
+  seq: string;
+  now: number;
+  /** Addresses the fleet blocks, live ban claims, and addresses blocked by claims not this node's own. */
+  blocked: number;
+  claims: number;
+  blockedByOthers: number;
+}
+
+/** `ms` as a short duration: `42s`, `9m58s`, `3h05m`, `2d03h`. */
+export function formatDuration(ms: number): string {
+  const s = Math.max(0, Math.round(ms / 1000));
+  const pad = (n: number) => String(n).padStart(2, "0");
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${pad(s % 60)}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h${pad(Math.floor((s % 3600) / 60))}m`;
+  return `${Math.floor(s / 86400)}d${pad(Math.floor((s % 86400) / 3600))}h`;
+}
+
+/** The newest detection time among an address's claims. */
+function newest(b: ListedBan): number {
+  return b.claims.reduce((t, c) => Math.max(t, c.detectedAt), 0);
+}
+
+/**
+ * The table `ban.ts list` prints: one row per claim, addresses newest first (by their newest
+ * claim), each address's claims newest first, time left by the hub's clock; then a summary line.
+ */
+export function formatBanTable(list: BanList): string {
+  const rows: string[][] = [["ADDRESS", "NODES", "ORIGIN", "JAIL", "DETECTED (UTC)", "LEFT"]];
+  let claims = 0;
+  for (const b of [...list.bans].sort((x, y) => newest(y) - newest(x))) {
+    const sorted = [...b.claims].sort((x, y) => y.detectedAt - x.detectedAt);
+    sorted.forEach((c, i) => {
+      claims++;
+      const left = c.until === null ? "permanent" : formatDuration(c.until - list.now);
+      rows.push([i ? "" : b.ip, i ? "" : String(b.nodes), c.origin, c.jail, new Date(c.detectedAt).toISOString().slice(0, 19).replace("T", " "), c.held ? `${left} (held)` : left]);
+    });
+  }
+  const widths = rows[0].map((_, col) => Math.max(...rows.map((r) => r[col].length)));
+  const lines = rows.map((r) => r.map((cell, col) => (col === r.length - 1 ? cell : cell.padEnd(widths[col]))).join("  "));
+  lines.push(`${list.count} address(es) blocked, ${claims} claim(s); hub ${list.hub}, seq ${list.seq}`);
+  return lines.join("\n") + "\n";
+}
+
+/** GETs `path` from one hub; resolves with the response once its headers arrived, rejects when the hub cannot be reached within `timeoutMs`. */
+async function hubGet(url: string, path: string, token: string, timeoutMs: number, ca?: string): Promise<IncomingMessage> {
+  const u = new URL(url);
+  const secure = u.protocol === "wss:";
+  const { request } = secure ? await import("node:https") : await import("node:http");
+  return new Promise((resolve, reject) => {
+    const req = request(
+      { host: u.hostname.replace(/^\[|\]$/g, ""), port: u.port || (secure ? 443 : 80), path, method: "GET", headers: { authorization: `Bearer ${token}` }, ca: ca ? [ca] : undefined },
+      (res) => {
+        clearTimeout(timer);
+        resolve(res);
+      },
+    );
+    const timer = setTimeout(() => req.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+    req.on("error", (e) => {
+      clearTimeout(timer);
+      reject(new Error(`${url}: ${e.message}`));
+    });
+    req.end();
+  });
+}
+
+/** Reads a response body as text, keeping at most `max` characters. */
+async function readText(res: IncomingMessage, max: number): Promise<string> {
+  let text = "";
+  res.setEncoding("utf8");
+  for await (const chunk of res) if (text.length < max) text += chunk;
+  return text;
+}
+
+/** Why a hub did not answer 200, in one sentence. */
+async function refusal(url: string, path: string, res: IncomingMessage): Promise<string> {
+  const s = res.statusCode ?? 0;
+  const parsed = parseHubFrame(await readText(res, MAX_NODE_FRAME_BYTES).catch(() => ""));
+  if (parsed.ok && parsed.value.type === "error") return `hub refused: ${parsed.value.code}: ${parsed.value.message}`;
+  if (s === 401) return `${url} refused the token (HTTP 401): check --token-file and the hub's token list`;
+  if (s === 404) return `${url} does not serve ${path} (HTTP 404): is the hub older than this ban.ts?`;
+  return `${url} answered HTTP ${s}${res.statusMessage ? ` ${res.statusMessage}` : ""}`;
+}
+
+/** Asks the hubs in order for `path`; the first that answers at all is the one. Rejects with every hub's reason. */
+async function firstAnswer(o: HubAccess, path: string, token: string, ca?: string): Promise<{ url: string; res: IncomingMessage; ms: number }> {
+  const reasons: string[] = [];
+  for (const url of o.hubs) {
+    const t0 = performance.now();
+    try {
+      const res = await hubGet(url, path, token, o.timeoutMs, ca);
+      return { url, res, ms: Math.round(performance.now() - t0) };
+    } catch (e) {
+      reasons.push((e as Error).message);
+    }
+  }
+  throw new Error(`could not reach the hub: ${reasons.join("; ")}`);
+}
+
+async function runList(o: ListOptions, token: string, ca?: string): Promise<void> {
+  let answer;
+  try {
+    answer = await firstAnswer(o, "/v1/bans", token, ca);
+  } catch (e) {
+    return fail(1, (e as Error).message);
+  }
+  const { url, res } = answer;
+  if (res.statusCode !== 200) return fail(1, await refusal(url, "/v1/bans", res));
+  try {
+    if (o.json) {
+      // Passed through as it streams in: 100k bans never sit here as one string.
+      for await (const chunk of res) {
+        if (!process.stdout.write(chunk)) await new Promise((r) => process.stdout.once("drain", r));
+      }
+      return;
+    }
+    const list = JSON.parse(await readText(res, 1 << 30)) as BanList;
+    process.stdout.write(formatBanTable(list));
+  } catch (e) {
+    fail(1, `${url} broke off the list: ${(e as Error).message}`);
+  }
+}
+
+/** The commands whose output `countKernelEntries` reads, for the agent's backend and prefix. */
+export function kernelCountCommands(backend: Backend, prefix: string): string[][] {
+  if (backend === "ipset") return [`${prefix}-v4`, `${prefix}-v6`].map((set) => ["ipset", "list", "-terse", set]);
+  if (backend === "nftables") return ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]);
+  if (backend === "iptables") return ["iptables", "ip6tables"].map((bin) => [bin, "-w", "-S", prefix]);
+  return [];
+}
+
+/** Counts the entries in the output of one of `kernelCountCommands`; throws when it is not what that command prints. */
+export function countKernelEntries(backend: Backend, output: string): number {
+  if (backend === "ipset") {
+    const m = /^Number of entries: (\d+)$/m.exec(output);
+    if (!m) throw new Error(`Expected "Number of entries: N" from ipset list -terse, got ${JSON.stringify(output.slice(0, 80))}`);
+    return Number(m[1]);
+  }
+  if (backend === "nftables") {
+    const doc = JSON.parse(output) as { nftables?: Array<{ set?: { elem?: unknown[] } }> };
+    const set = doc.nftables?.find((x) => x.set)?.set;
+    if (!set) throw new Error("Expected a set in the output of nft -j list set");
+    return set.elem?.length ?? 0;
+  }
+  // iptables: the agent's one DROP rule per address.
+  return output.split("\n").filter((l) => /^-A \S+ -s \S+ .*-j DROP$/.test(l)).length;
+}
+
+/** How many addresses this server's kernel set holds, or why it could not be read. */
+async function kernelCount(backend: Backend, prefix: string): Promise<{ count: number; where: string } | { error: string }> {
+  const { execFile } = await import("node:child_process");
+  const commands = kernelCountCommands(backend, prefix);
+  let count = 0;
+  for (const argv of commands) {
+    try {
+      const out = await new Promise<string>((resolve, reject) =>
+        execFile(argv[0], argv.slice(1), { timeout: 10_000, maxBuffer: 1 << 29, encoding: "utf8" }, (err, stdout, stderr) =>
+          err ? reject(new Error(`${argv.join(" ")}: ${(stderr || err.message).trim().split("\n")[0]}`)) : resolve(stdout),
+        ),
+      );
+      count += countKernelEntries(backend, out);
+    } catch (e) {
+      return { error: (e as Error).message };
+    }
+  }
+  const where = backend === "ipset" ? `ipset ${prefix}-v4, ${prefix}-v6` : backend === "nftables" ? `nft set inet ${prefix} v4, v6` : `iptables/ip6tables chain ${prefix}`;
+  return { count, where };
+}
+
+/** The agent's cursor from its --state file (`{v: 1, cursor: {hub, seq}, claims}`), or why not. */
+async function agentCursor(path: string): Promise<{ hub: string; seq: string; claims: number; savedAt: number } | { error: string }> {
+  const { stat } = await import("node:fs/promises");
+  try {
+    const [text, info] = await Promise.all([readFile(path, "utf8"), stat(path)]);
+    const s = JSON.parse(text) as { v?: number; cursor?: { hub?: unknown; seq?: unknown }; claims?: unknown[] };
+    if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string") return { error: `${path} is not a banshare agent state file` };
+    return { hub: s.cursor.hub, seq: s.cursor.seq, claims: Array.isArray(s.claims) ? s.claims.length : 0, savedAt: info.mtimeMs };
+  } catch (e) {
+    return { error: `cannot read ${path}: ${(e as Error).message}` };
+  }
+}
+
+async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<void> {
+  const out = (k: string, v: string) => process.stdout.write(`${`${k}:`.padEnd(8)}${v}\n`);
+  let who: WhoAmI | undefined;
+  for (const url of o.hubs) {
+    const t0 = performance.now();
+    let res: IncomingMessage;
+    try {
+      res = await hubGet(url, "/v1/whoami", token, o.timeoutMs, ca);
+    } catch (e) {
+      out("hub", `${url} unreachable: ${(e as Error).message}`);
+      continue;
+    }
+    const ms = Math.round(performance.now() - t0);
+    if (res.statusCode !== 200) {
+      out("hub", `${url} reachable (${ms} ms round trip) but ${await refusal(url, "/v1/whoami", res)}`);
+      continue;
+    }
+    try {
+      who = JSON.parse(await readText(res, MAX_NODE_FRAME_BYTES)) as WhoAmI;
+    } catch (e) {
+      out("hub", `${url} reachable (${ms} ms round trip) but its answer is not JSON: ${(e as Error).message}`);
+      continue;
+    }
+    out("hub", `${url} reachable, ${ms} ms round trip; hub id ${who.hub}, seq ${who.seq}`);
+    out("node", `${who.node} (role ${who.role})`);
+    out("fleet", `${who.blocked} address(es) blocked by ${who.claims} claim(s); ${who.blockedByOthers} by other nodes (what this node's agent holds)`);
+    break;
+  }
+  if (!o.statePath) out("agent", "cursor unknown: give the agent's --state FILE (or BANSHARE_STATE)");
+  else {
+    const c = await agentCursor(o.statePath);
+    if ("error" in c) out("agent", c.error);
+    else {
+      const behind = !who ? "" : c.hub !== who.hub ? `; hub id differs from the hub's ${who.hub}: the agent gets a full sync when it connects` : /^\d+$/.test(c.seq) && /^\d+$/.test(who.seq) ? `; ${Math.max(0, Number(who.seq) - Number(c.seq))} event(s) behind the hub` : "";
+      out("agent", `cursor ${c.hub}:${c.seq}, ${c.claims} claim(s)${behind} (${o.statePath}, saved ${formatDuration(Date.now() - c.savedAt)} ago)`);
+    }
+  }
+  if (o.backend === "dry-run") out("kernel", "dry-run backend: nothing in the kernel to count");
+  else {
+    const k = await kernelCount(o.backend, o.prefix);
+    if ("error" in k) out("kernel", `cannot count: ${k.error}`);
+    else {
+      const diff = who ? k.count - who.blockedByOthers : undefined;
+      const verdict = diff === undefined ? "" : diff === 0 ? ": in step" : `: ${Math.abs(diff)} ${diff > 0 ? "more" : "fewer"} (allowlisted addresses are never blocked; a change may be on its way, or the agent is behind)`;
+      out("kernel", `${k.count} entr${k.count === 1 ? "y" : "ies"} in ${k.where}${who ? ` (hub: ${who.blockedByOthers} blocked by other nodes)${verdict}` : ""}`);
+    }
+  }
+  if (!who) process.exitCode = 1;
+}
+
+/** One ban to import, from line `line` of the input. */
+export interface ImportItem {
+  line: number;
+  ip: string;
+  jail: string;
+  bantime: number;
+  detectedAt: number;
+}
+
+/** What `parseImport` found: the bans, one error line per bad input line, and how many were already over. */
+export interface ParsedImport {
+  items: ImportItem[];
+  errors: string[];
+  over: number;
+}
+
+type PyToken = { t: "[" | "]" | "{" | "}" | ":" | "," | "str" | "end"; s: string; line: number };
+
+/** Tokens of a Python literal of lists, dicts and strings, as `fail2ban-client banned` prints it. */
+function pyTokens(text: string): PyToken[] | { line: number; message: string } {
+  const out: PyToken[] = [];
+  let line = 1;
+  for (let i = 0; i < text.length; i++) {
+    const ch = text[i];
+    if (ch === "\n") line++;
+    else if (/\s/.test(ch)) continue;
+    else if ("[]{}:,".includes(ch)) out.push({ t: ch as PyToken["t"], s: ch, line });
+    else if (ch === "'" || ch === '"') {
+      const end = text.indexOf(ch, i + 1);
+      if (end < 0 || text.slice(i + 1, end).includes("\n")) return { line, message: "Expected a closing quote in fail2ban-client banned output, got none" };
+      out.push({ t: "str", s: text.slice(i + 1, end), line });
+      i = end;
+    } else return { line, message: `Expected fail2ban-client banned output ([{'JAIL': ['ADDRESS', ...]}, ...]), got ${JSON.stringify(text.slice(i, i + 20))}` };
+  }
+  out.push({ t: "end", s: "the end", line });
+  return out;
+}
+
+type PyValue = { str: string; line: number } | PyValue[] | Array<[{ str: string; line: number }, PyValue]>;
+
+/**
+ * Parses the input of `ban.ts import`: `fail2ban-client banned` output (a Python literal
+ * `[{'sshd': ['192.0.2.1']}, {'recidive': []}]`), lines of `fail2ban-client get JAIL banip
+ * --with-time` (`192.0.2.1 \t2026-11-27 05:00:00 + 600 = 2026-11-27 05:10:00`, Fail2Ban's local
+ * time), or addresses separated by blanks and newlines with `#` comments. Timed lines keep their
+ * start as detection time and their bantime; the rest get `defaults`. An address listed twice
+ * is imported once, with the latest end; a ban already over is skipped and counted.
+ */
+export function parseImport(text: string, defaults: { jail: string; bantime: number; now: number }): ParsedImport {
+  const found: ImportItem[] = [];
+  const errors: string[] = [];
+  const add = (line: number, ip: string, jail: string, bantime: number, detectedAt: number) => {
+    const addr = checkBannable(ip);
+    if (!addr.ok) return errors.push(`line ${line}: ${addr.message}`);
+    found.push({ line, ip: addr.value.text, jail, bantime, detectedAt });
+  };
+  if (/^\s*\[/.test(text)) {
+    const tokens = pyTokens(text);
+    if (!Array.isArray(tokens)) return { items: [], errors: [`line ${tokens.line}: ${tokens.message}`], over: 0 };
+    let k = 0;
+    const expect = (t: PyToken["t"]) => {
+      if (tokens[k].t !== t) throw new Error(`line ${tokens[k].line}: Expected "${t}" in fail2ban-client banned output, got ${JSON.stringify(tokens[k].s)}`);
+      return tokens[k++];
+    };
+    const value = (): PyValue => {
+      const tok = tokens[k];
+      if (tok.t === "str") return k++, { str: tok.s, line: tok.line };
+      const close = tok.t === "[" ? "]" : tok.t === "{" ? "}" : undefined;
+      if (!close) throw new Error(`line ${tok.line}: Expected a list, dict or string in fail2ban-client banned output, got ${JSON.stringify(tok.s)}`);
+      k++;
+      const items: unknown[] = [];
+      while (tokens[k].t !== close) {
+        if (close === "}") {
+          const key = expect("str");
+          expect(":");
+          items.push([{ str: key.s, line: key.line }, value()]);
+        } else items.push(value());
+        if (tokens[k].t !== close) expect(",");
+      }
+      k++;
+      return items as PyValue;
+    };
+    let top: PyValue;
+    try {
+      top = value();
+      expect("end");
+    } catch (e) {
+      return { items: [], errors: [(e as Error).message], over: 0 };
+    }
+    const addresses = (jail: string, list: PyValue, line: number) => {
+      if (!Array.isArray(list)) return errors.push(`line ${line}: Expected a list of addresses for jail ${jail}, got a string`);
+      for (const v of list as PyValue[]) {
+        if (Array.isArray(v)) errors.push(`line ${line}: Expected an address in the list of jail ${jail}, got a list or dict`);
+        else add(v.line, v.str, jail, defaults.bantime, defaults.now);
+      }
+    };
+    // `fail2ban-client banned`: a list of {jail: [addresses]}; a bare list of addresses is one jail's.
+    for (const entry of top as PyValue[]) {
+      if (!Array.isArray(entry)) add(entry.line, entry.str, defaults.jail, defaults.bantime, defaults.now);
+      else
+        for (const pair of entry as unknown[]) {
+          if (!Array.isArray(pair) || pair.length !== 2 || Array.isArray(pair[0])) {
+            errors.push(`Expected {'JAIL': ['ADDRESS', ...]} entries in fail2ban-client banned output, got a list`);
+            break;
+          }
+          const [key, list] = pair as [{ str: string; line: number }, PyValue];
+          if (!isName(key.str)) errors.push(`line ${key.line}: Expected a jail name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(key.str)}`);
+          else addresses(key.str, list, key.line);
+        }
+    }
+  } else {
+    const timed = /^(\S+)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \+ (-?\d+) = \d{4}-\d\d-\d\d \d\d:\d\d:\d\d$/;
+    text.split("\n").forEach((raw, i) => {
+      const line = raw.replace(/#.*/, "").trim();
+      if (!line) return;
+      const m = timed.exec(line);
+      if (!m) {
+        const words = line.split(/\s+/);
+        // A word that is not an address at all (not even a refused one) means an unknown format.
+        if (words.some((w) => !/^[0-9A-Fa-f:.]+(\/\d+)?$/.test(w))) {
+          errors.push(`line ${i + 1}: Expected addresses, or "ADDRESS \\tSTART + BANTIME = END" as fail2ban-client get JAIL banip --with-time prints it, got ${JSON.stringify(line.length > 60 ? line.slice(0, 57) + "..." : line)}`);
+        } else for (const w of words) add(i + 1, w, defaults.jail, defaults.bantime, defaults.now);
+        return;
+      }
+      const [, ip, start, bt] = m;
+      const [d, t] = start.split(" ");
+      const [y, mo, day] = d.split("-").map(Number);
+      const [h, mi, s] = t.split(":").map(Number);
+      // Fail2Ban prints its local time: read it in ours (run the import on the server, or set TZ).
+      const detectedAt = new Date(y, mo - 1, day, h, mi, s).getTime();
+      const bantime = Number(bt);
+      if (!(bantime === -1 || (bantime >= 1 && bantime <= MAX_BANTIME_S))) return errors.push(`line ${i + 1}: Expected a bantime of -1 or 1-${MAX_BANTIME_S} seconds, got ${bt}`);
+      if (!Number.isFinite(detectedAt) || detectedAt > defaults.now + MAX_CLOCK_SKEW_MS) return errors.push(`line ${i + 1}: Expected a ban start not in the future, got ${start}`);
+      add(i + 1, ip, defaults.jail, bantime, detectedAt);
+    });
+  }
+  const end = (x: ImportItem) => (x.bantime === -1 ? Infinity : x.detectedAt + x.bantime * 1000);
+  const byIp = new Map<string, ImportItem>();
+  let over = 0;
+  for (const x of found) {
+    if (end(x) <= defaults.now) {
+      over++;
+      continue;
+    }
+    const had = byIp.get(x.ip);
+    if (!had || end(x) > end(had)) byIp.set(x.ip, x);
+  }
+  return { items: [...byIp.values()], errors, over };
+}
+
+/** The frame an imported ban is sent as. Its id follows from its content: importing the same input twice changes nothing. */
+export function importFrame(x: ImportItem): BanFrame {
+  const id = "imp-" + createHash("sha256").update(`${x.ip} ${x.jail} ${x.bantime} ${x.detectedAt}`).digest("base64url").slice(0, 24);
+  return { type: "ban", id, ip: x.ip, jail: x.jail, bantime: x.bantime, detectedAt: x.detectedAt };
+}
+
+async function readInput(file: string): Promise<string> {
+  if (file !== "-") return readFile(file, "utf8");
+  let text = "";
+  process.stdin.setEncoding("utf8");
+  for await (const chunk of process.stdin) text += chunk;
+  return text;
+}
+
+async function runImport(o: ImportOptions, token: string, text: string, ca?: string): Promise<void> {
+  const { items, errors, over } = parseImport(text, { jail: o.jail, bantime: o.bantime, now: Date.now() });
+  for (const e of errors) process.stderr.write(`ban.ts: import: ${e}\n`);
+  // One whoami first: a wrong token or a reader's stops here, before thousands of refusals.
+  let answer;
+  try {
+    answer = await firstAnswer(o, "/v1/whoami", token, ca);
+  } catch (e) {
+    return fail(1, `${(e as Error).message}; nothing imported`);
+  }
+  const { url, res } = answer;
+  if (res.statusCode !== 200) return fail(1, `${await refusal(url, "/v1/whoami", res)}; nothing imported`);
+  const who = JSON.parse(await readText(res, MAX_NODE_FRAME_BYTES)) as WhoAmI;
+  if (who.role === "reader") return fail(1, `${who.node} has the reader role and cannot publish; nothing imported`);
+  // One keep-alive connection per worker: no TCP (or TLS) handshake per ban.
+  const { Agent: KeepAlive } = url.startsWith("wss:") ? await import("node:https") : await import("node:http");
+  const agent = new KeepAlive({ keepAlive: true, maxSockets: o.concurrency });
+  let next = 0;
+  let acked = 0;
+  let refused = 0;
+  let stopped: string | undefined;
+  let pauseUntil = 0;
+  let backoff = 250;
+  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  const worker = async () => {
+    while (next < items.length && !stopped) {
+      const x = items[next++];
+      const frame = importFrame(x);
+      for (let failures = 0; !stopped; ) {
+        if (pauseUntil > Date.now()) await sleep(pauseUntil - Date.now());
+        const r = await sendOnce(url, token, frame, o.timeoutMs, ca, agent);
+        if (r.status === "acked") {
+          acked++;
+          backoff = 250;
+          break;
+        }
+        if (r.code === "rate_limited") {
+          // Over the hub's --rate: every worker waits, longer each time in a row, then retries.
+          pauseUntil = Math.max(pauseUntil, Date.now() + backoff);
+          backoff = Math.min(backoff * 2, 5000);
+          continue;
+        }
+        if (r.status === "refused") {
+          refused++;
+          process.stderr.write(`ban.ts: import: line ${x.line}: ${x.ip}: ${r.reason}\n`);
+          break;
+        }
+        if (++failures === 3) stopped = r.reason;
+        else await sleep(1000);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(o.concurrency, items.length) }, worker));
+  agent.destroy();
+  const notes = [over ? `${over} already over, skipped` : "", errors.length ? `${errors.length} bad line(s)` : "", refused ? `${refused} refused by the hub` : ""].filter(Boolean);
+  process.stdout.write(`imported ${acked} of ${items.length} ban(s) to ${url} as ${who.node}${notes.length ? ` (${notes.join(", ")})` : ""}\n`);
+  if (stopped) fail(1, `stopped: ${stopped}; run the import again to send the rest (what the hub already has does not change)`);
+  else if (errors.length || refused) process.exitCode = 1;
+}
+
+/** Runs list, status or import: reads the token, CA and input, then the command. */
+async function runOperator(o: ListOptions | StatusOptions | ImportOptions): Promise<void> {
+  let token: string;
+  let ca: string | undefined;
+  let input = "";
+  try {
+    token = (await readFile(o.tokenFile, "utf8")).trim();
+    ca = o.ca ? await readFile(o.ca, "utf8") : undefined;
+    if (o.command === "import") input = await readInput(o.file);
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    return fail(2, `Expected ${err.path ?? "the input"} to be a readable file, got ${err.code ?? err.message}`);
+  }
+  if (o.command === "list") return runList(o, token, ca);
+  if (o.command === "status") return runStatus(o, token, ca);
+  return runImport(o, token, input, ca);
+}
+
 function fail(code: number, line: string): void {
   process.stderr.write(`ban.ts: ${line}\n`);
   process.exitCode = code;
@@ -234,7 +871,7 @@ function fail(code: number, line: string): void {
 
 /** Runs one invocation from the command line. */
 export async function main(argv = process.argv.slice(2)): Promise<void> {
-  let opts: SendOptions | "help";
+  let opts: Invocation | "help";
   try {
     const configPath = argv.find((a, i) => argv[i - 1] === "--config") ?? argv.find((a) => a.startsWith("--config="))?.slice(9) ?? process.env.BANSHARE_CONFIG;
     let config: Record<string, unknown> = {};
@@ -245,7 +882,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
         throw new UsageError(`Expected --config ${configPath} to be a readable JSON file: ${(e as Error).message}`);
       }
     }
-    opts = parseArgs(argv, process.env, config);
+    opts = parseCommand(argv, process.env, config);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     return fail(2, e.message);
@@ -254,6 +891,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
     process.stdout.write(USAGE + "\n");
     return;
   }
+  if (opts.command === "list" || opts.command === "status" || opts.command === "import") return runOperator(opts);
   const frame = toFrame(opts, randomBytes(12).toString("base64url"));
   const deadline = Date.now() + opts.timeoutMs;
   let reason = "";
@@ -282,6 +920,9 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   } catch (e) {
     reason = (e as Error).message;
   }
+  // An admin's unban for every node is typed by hand: say so now rather than leave it to an agent
+  // whose node token the hub would refuse it from.
+  if (opts.all) return fail(1, `could not send the unban of ${frame.ip} for every node (${reason}); it is not spooled: run it again`);
   try {
     const file = await spool(opts.spoolDir, frame);
     process.stderr.write(`ban.ts: ${exitCode ? "error" : "warning"}: could not send (${reason}); spooled the ${frame.type} of ${frame.ip} to ${file} for the agent to deliver\n`);

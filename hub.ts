@@ -28,14 +28,19 @@ import { WebSocketServer, type WebSocket } from "ws";
 import yargs from "yargs";
 import {
   ALL_ORIGINS,
+  ESCALATION_ORIGIN,
   CSV_HEADER,
   DEFAULT_MAX_PREFIX,
   MAX_NODE_FRAME_BYTES,
+  MAX_STATUS_BANS,
+  MAX_STATUS_RT,
   PROTOCOL_VERSION,
   blockedUntil,
   csvRow,
   eventUntil,
   isName,
+  isNewer,
+  isExpired,
   mergeClaim,
   overlaps,
   parseAddress,
@@ -45,9 +50,13 @@ import {
   type BanFrame,
   type Claims,
   type CsvRecord,
+  type AppliedFrame,
+  type AppliedRecord,
   type ErrorCode,
   type FleetEvent,
   type HubFrame,
+  type StatusBan,
+  type StatusFrame,
   type PrefixLimits,
   type Role,
   type UnbanFrame,
@@ -84,6 +93,12 @@ export interface HubOptions {
   protect: string[];
   /** Serve plain ws:// on a non-loopback address (tokens cross the network in clear). */
   insecure?: boolean;
+  /** Repeat offenders: each earlier ban of an address multiplies a new one by `factor`, up to `maxSeconds`. */
+  escalate?: { factor: number; maxSeconds: number };
+  /** Relay a ban to the fleet only once this many distinct nodes claim the address (1: at once). */
+  quorum?: number;
+  /** Nodes whose bans are relayed at once whatever --quorum says. */
+  trusted?: string[];
   log: (line: string) => void;
 }
 
@@ -102,7 +117,12 @@ const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
 const HELLO_TIMEOUT_MS = 10_000;
 const MAX_REFUSED_PER_CONN = 1000;
-const HUB_FLAGS = ["config", "tokens", "listen", "state", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "role", "dir", "host", "days"];
+/** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
+const STATUS_INTERVAL_MS = 1000;
+const RT_RING = 200;
+const STATUS_RT_WINDOW_MS = 15 * 60 * 1000;
+const MAX_STATUS_EVENTS = 200;
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
 
 // ---------------------------------------------------------------------------------------------
@@ -167,6 +187,79 @@ export function bearerToken(req: Pick<IncomingMessage, "headers">): string | und
   return m?.[1];
 }
 
+/** The subprotocol the status page speaks; the hub selects it, never the token's. */
+export const STATUS_PROTOCOL = "banshare.v1";
+const TOKEN_PROTOCOL_PREFIX = "banshare.token.";
+
+/**
+ * Reads the token of a request: its bearer token or, on a WebSocket upgrade only, a
+ * `banshare.token.TOKEN` subprotocol (a browser cannot set an Authorization header, and a token
+ * in the URL would end up in logs and history).
+ */
+export function requestToken(req: Pick<IncomingMessage, "headers">): string | undefined {
+  const bearer = bearerToken(req);
+  if (bearer !== undefined || req.headers.upgrade === undefined) return bearer;
+  for (const p of (req.headers["sec-websocket-protocol"] ?? "").split(",")) {
+    const m = /^banshare\.token\.([\x21-\x7e]{1,512})$/.exec(p.trim());
+    if (m) return m[1];
+  }
+  return undefined;
+}
+
+/**
+ * The blocked addresses for the status page: the `limit` most recently detected, newest first,
+ * and how many there are in all. Each shows its newest active ban claim, when the address is
+ * unblocked, and how many nodes claim it. Claims held back by `--quorum` do not count yet.
+ */
+export function statusBans(claims: Claims, now: number, limit: number): { bans: StatusBan[]; total: number } {
+  // A min-heap of the newest `limit` by detection time: a pass over 100k addresses, no full sort.
+  const heap: StatusBan[] = [];
+  const less = (a: StatusBan, b: StatusBan) => a.detectedAt < b.detectedAt;
+  const swap = (i: number, j: number) => ([heap[i], heap[j]] = [heap[j], heap[i]]);
+  let total = 0;
+  for (const [ip, all] of claims) {
+    let byOrigin = all;
+    for (const c of all.values()) {
+      if (c.held) {
+        byOrigin = new Map([...all].filter(([, x]) => !x.held));
+        break;
+      }
+    }
+    const until = blockedUntil(byOrigin, now);
+    if (until === undefined) continue;
+    total++;
+    const admin = byOrigin.get(ALL_ORIGINS);
+    let newest: FleetEvent | undefined;
+    let count = 0;
+    for (const c of byOrigin.values()) {
+      if (c.kind !== "ban" || c.origin === ALL_ORIGINS || isExpired(c, now) || (admin && !isNewer(c, admin))) continue;
+      if (c.origin !== ESCALATION_ORIGIN) count++;
+      if (!newest || c.detectedAt > newest.detectedAt) newest = c;
+    }
+    if (!newest) continue;
+    const esc = byOrigin.get(ESCALATION_ORIGIN);
+    const escalated = esc?.kind === "ban" && esc.escalation && !isExpired(esc, now) && !(admin && !isNewer(esc, admin)) ? esc.escalation : undefined;
+    const row: StatusBan = { ip, origin: newest.origin, jail: newest.jail, detectedAt: newest.detectedAt, until, claims: count, escalation: escalated };
+    if (heap.length < limit) {
+      heap.push(row);
+      for (let i = heap.length - 1; i > 0 && less(heap[i], heap[(i - 1) >> 1]); i = (i - 1) >> 1) swap(i, (i - 1) >> 1);
+    } else if (limit > 0 && less(heap[0], row)) {
+      heap[0] = row;
+      for (let i = 0; ; ) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < heap.length && less(heap[l], heap[m])) m = l;
+        if (r < heap.length && less(heap[r], heap[m])) m = r;
+        if (m === i) break;
+        swap(i, m);
+        i = m;
+      }
+    }
+  }
+  return { bans: heap.sort((a, b) => b.detectedAt - a.detectedAt), total };
+}
+
 /** Parses `HOST:PORT`, `[V6]:PORT` or `PORT`. Throws with one sentence on anything else. */
 export function parseListen(s: string): { host: string; port: number } {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(s) ?? /^()()(\d{1,5})$/.exec(s);
@@ -202,12 +295,78 @@ export function syncEvents(claims: Claims, node: string, afterSeq: number | unde
   const out: FleetEvent[] = [];
   for (const byOrigin of claims.values()) {
     for (const e of byOrigin.values()) {
-      if (e.origin === node || (e.until !== null && e.until <= now)) continue;
+      if (e.origin === node || e.held || (e.until !== null && e.until <= now)) continue;
       if (afterSeq !== undefined && Number(e.seq) <= afterSeq) continue;
       out.push(e);
     }
   }
   return out.sort((a, b) => Number(a.seq) - Number(b.seq));
+}
+
+/**
+ * The hub's merge: `mergeClaim`, except that a released copy of a held claim (same detection
+ * and id, no longer held, a later seq) replaces it: `--quorum` holds a claim back and releases
+ * it with a new seq, so agents resuming by cursor get it too.
+ */
+export function mergeHubClaim(claims: Claims, e: FleetEvent): boolean {
+  const old = claims.get(e.ip)?.get(e.origin);
+  if (old?.held && !e.held && old.id === e.id && old.detectedAt === e.detectedAt) {
+    claims.get(e.ip)!.set(e.origin, e);
+    return true;
+  }
+  return mergeClaim(claims, e);
+}
+
+/**
+ * How long a ban with `bantime` seconds lasts after `priors` earlier bans of the same address
+ * (`--escalate`): bantime x factor^priors, capped at `maxSeconds`, never shorter than bantime.
+ */
+export function escalatedSeconds(bantime: number, priors: number, factor: number, maxSeconds: number): number {
+  return Math.max(bantime, Math.min(maxSeconds, bantime * factor ** Math.min(priors, 64)));
+}
+
+/** One live ban claim as `GET /v1/bans` lists it; `held` while `--quorum` keeps it from the fleet. */
+export interface ListedClaim {
+  origin: string;
+  jail: string;
+  until: number | null;
+  detectedAt: number;
+  seq: string;
+  held?: boolean;
+}
+
+/**
+ * The ban claims on one address that are live now: not ended, and not lifted by a newer admin
+ * unban (origin `*`). Held claims are included, marked; empty when nothing claims the address.
+ */
+export function liveClaims(byOrigin: Map<string, FleetEvent>, now: number): ListedClaim[] {
+  const all = byOrigin.get(ALL_ORIGINS);
+  const out: ListedClaim[] = [];
+  for (const c of byOrigin.values()) {
+    if (c.kind !== "ban" || (c.until !== null && c.until <= now) || (all && !isNewer(c, all))) continue;
+    const held = (c as { held?: boolean }).held === true;
+    out.push({ origin: c.origin, jail: c.jail, until: c.until, detectedAt: c.detectedAt, seq: c.seq, ...(held ? { held } : {}) });
+  }
+  return out;
+}
+
+/**
+ * Counts for `GET /v1/whoami`: addresses the fleet blocks now, live ban claims, and addresses
+ * blocked by a claim that is not `node`'s own: what `node`'s agent holds in its kernel set (the
+ * hub never sends a node its own bans; its Fail2Ban blocks them).
+ */
+export function countBlocked(claims: Claims, node: string, now: number): { blocked: number; claims: number; blockedByOthers: number } {
+  let blocked = 0;
+  let live = 0;
+  let byOthers = 0;
+  for (const byOrigin of claims.values()) {
+    const relayed = liveClaims(byOrigin, now).filter((c) => !c.held);
+    if (!relayed.length) continue;
+    blocked++;
+    live += relayed.length;
+    if (relayed.some((c) => c.origin !== node)) byOthers++;
+  }
+  return { blocked, claims: live, blockedByOthers: byOthers };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,6 +440,8 @@ class Journal {
   private flushing = false;
   private lines = 0;
   private failed?: Error;
+  /** Size of the journal file, for /metrics. */
+  bytes = 0;
 
   private constructor(
     private readonly path: string | undefined,
@@ -349,6 +510,7 @@ class Journal {
       await out.write(chunk);
       await out.sync();
       this.lines = lines;
+      this.bytes = (await out.stat()).size;
     } finally {
       await out.close();
     }
@@ -382,7 +544,9 @@ class Journal {
         const events = this.pending.splice(0);
         const waiters = this.waiters.splice(0);
         if (this.path && events.length) {
-          await this.fh!.write(events.map((e) => JSON.stringify(e) + "\n").join(""));
+          const text = events.map((e) => JSON.stringify(e) + "\n").join("");
+          this.bytes += Buffer.byteLength(text);
+          await this.fh!.write(text);
           // fsync before ack: an acked ban must survive kill -9 and power loss.
           await this.fh!.sync();
           this.lines += events.length;
@@ -427,14 +591,31 @@ interface Conn {
   refused: number;
   /** Bytes of the sync sent to it: a large state is queued at once, on top of --max-buffered. */
   syncBytes: number;
+  /** A status page (it said `want: "status"`): gets `status` frames and every relayed event. */
+  watching: boolean;
+  /** Connected at, and the last pong or frame from it, ms. */
+  since: number;
+  lastSeen: number;
+  /** The last seq relayed to this agent (the hub's durable seq when it got everything up to it). */
+  sentSeq?: number;
+  /** The newest seq this agent reported applied (`applied` frames). */
+  appliedSeq?: number;
 }
 
 interface Counters {
   eventsIn: Record<string, number>;
-  eventsOut: number;
+  eventsOut: Record<string, number>;
   refused: Record<string, number>;
   unauthorized: number;
+  escalations: number;
+  /** Hub receive -> relayed (journal fsync included): counts per bucket of RELAY_BUCKETS, and the sum. */
+  relayBuckets: number[];
+  relaySum: number;
+  relayCount: number;
 }
+
+/** Upper bounds (seconds) of the relay latency histogram in /metrics. */
+const RELAY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
 
 /** Starts a hub and resolves once it listens. */
 export async function startHub(opts: HubOptions): Promise<Hub> {
@@ -445,7 +626,27 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
    *  a sync never shows an agent an event a crash could still take back (and its seq reuse). */
   const pending: Claims = new Map();
   const conns = new Set<Conn>();
-  const counters: Counters = { eventsIn: { ban: 0, unban: 0 }, eventsOut: 0, refused: {}, unauthorized: 0 };
+  const counters: Counters = { eventsIn: { ban: 0, unban: 0 }, eventsOut: { ban: 0, unban: 0 }, refused: {}, unauthorized: 0, escalations: 0, relayBuckets: RELAY_BUCKETS.map(() => 0), relaySum: 0, relayCount: 0 };
+  const quorum = opts.quorum ?? 1;
+  const trusted = new Set(opts.trusted ?? []);
+  /** --escalate: detection times of the bans each address got, within the last maxSeconds. */
+  const offenses = new Map<string, number[]>();
+  const noteOffense = (e: FleetEvent) => {
+    if (!opts.escalate || e.kind !== "ban" || e.origin === ALL_ORIGINS || e.origin === ESCALATION_ORIGIN) return;
+    const list = offenses.get(e.ip) ?? [];
+    if (!list.includes(e.detectedAt)) list.push(e.detectedAt);
+    if (list.length > 64) list.shift();
+    offenses.set(e.ip, list);
+  };
+  const pruneOffenses = (now: number) => {
+    if (!opts.escalate) return;
+    const horizon = now - opts.escalate.maxSeconds * 1000;
+    for (const [ip, list] of offenses) {
+      const kept = list.filter((t) => t > horizon);
+      if (kept.length) offenses.set(ip, kept);
+      else offenses.delete(ip);
+    }
+  };
   let csv: WriteStream | undefined;
   let closing = false;
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
@@ -464,7 +665,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const { journal, seq: journalSeq } = await Journal.open(opts.statePath, log, {
     durable: (events) => {
       for (const e of events) {
-        mergeClaim(claims, e);
+        mergeHubClaim(claims, e);
         const byOrigin = pending.get(e.ip);
         if (byOrigin?.get(e.origin) === e) byOrigin.delete(e.origin);
         if (byOrigin?.size === 0) pending.delete(e.ip);
@@ -481,7 +682,10 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       process.exitCode = 1;
       void hub.close();
     },
-  }, (e) => mergeClaim(claims, e));
+  }, (e) => {
+    mergeHubClaim(claims, e);
+    noteOffense(e);
+  });
   let seq = journalSeq;
   /** The seq of the last durable event: the most a sync may promise an agent. */
   let durableSeq = seq;
@@ -526,8 +730,78 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     }
   };
 
+  // Status page: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for all of
+  // them and not at all while nobody watches, and every event as it is relayed.
+  const rts = new Map<string, AppliedRecord[]>();
+  let statusTimer: NodeJS.Timeout | undefined;
+  const statusFrame = (): StatusFrame => {
+    const now = Date.now();
+    const { bans, total } = statusBans(claims, now, MAX_STATUS_BANS);
+    const rt = [];
+    for (const [node, ring] of rts) for (const r of ring) if (r.at > now - STATUS_RT_WINDOW_MS) rt.push({ node, at: r.at, rtMs: r.rtMs });
+    rt.sort((a, b) => a.at - b.at);
+    const kindOf = (c: Conn) => (c.receiving ? "events" : c.watching ? "status" : "send") as "events" | "status" | "send";
+    return {
+      type: "status",
+      hub: journal.hubId,
+      seq: String(seq),
+      at: now,
+      conns: [...conns]
+        .filter((c) => c.hello)
+        .map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: kindOf(c), since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : Math.max(0, seq - c.sentSeq), appliedSeq: c.appliedSeq === undefined ? undefined : String(c.appliedSeq) })),
+      bans,
+      bansTotal: total,
+      rt: rt.slice(-MAX_STATUS_RT),
+    };
+  };
+  const broadcastStatus = () => {
+    const watchers = [...conns].filter((c) => c.watching);
+    if (!watchers.length) {
+      clearInterval(statusTimer);
+      statusTimer = undefined;
+      return;
+    }
+    const frame = Buffer.from(JSON.stringify(statusFrame()));
+    for (const c of watchers) send(c, frame);
+  };
+  const startWatching = (c: Conn) => {
+    c.watching = true;
+    log(`${c.entry.name} (${c.remote}) opened the status page`);
+    broadcastStatus();
+    if (!statusTimer) {
+      statusTimer = setInterval(broadcastStatus, STATUS_INTERVAL_MS);
+      statusTimer.unref();
+    }
+  };
+  /** Called with every flush's durable events: moves the agents' cursors, shows the relayed events to watchers. */
+  const noteRelayed = (all: FleetEvent[]) => {
+    // A burst of 100k events: the page shows the newest few hundred anyway.
+    const shown = statusTimer ? all.filter((e) => !e.held).slice(-MAX_STATUS_EVENTS) : [];
+    let frame: Buffer | undefined;
+    for (const c of conns) {
+      if (c.receiving) c.sentSeq = durableSeq;
+      if (!c.watching || !shown.length) continue;
+      send(c, (frame ??= Buffer.from(JSON.stringify(shown.length === 1 ? { type: "event", ...shown[0] } : { type: "sync", full: false, events: shown, seq: shown[shown.length - 1].seq }))));
+    }
+  };
+  /** Records an agent's `applied` report in its node's ring of response times. */
+  const takeApplied = (c: Conn, f: AppliedFrame) => {
+    if (!c.receiving) return refuse(c, "forbidden", `Expected applied only from an agent that receives events, got it from a ${c.watching ? "status page" : "sender"}`);
+    let ring = rts.get(c.entry.name);
+    if (!ring) rts.set(c.entry.name, (ring = []));
+    for (const r of f.events) {
+      ring.push(r);
+      c.appliedSeq = Math.max(c.appliedSeq ?? 0, Number(r.seq));
+    }
+    if (ring.length > RT_RING) ring.splice(0, ring.length - RT_RING);
+  };
+
   // Relay: events made durable by one journal flush go out together, one frame per agent.
-  const relay = (events: FleetEvent[]) => {
+  const relay = (all: FleetEvent[]) => {
+    noteRelayed(all);
+    // Claims held back by --quorum stay in the journal and the claims, and go nowhere yet.
+    const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
+    if (!events.length) return;
     const receiving = [...conns].filter((c) => c.receiving);
     const frameOf = (theirs: FleetEvent[]): HubFrame => (theirs.length === 1 ? { type: "event", ...theirs[0] } : { type: "sync", full: false, events: theirs, seq: theirs[theirs.length - 1].seq });
     // Most agents get every event: serialise that frame once, not once per agent (1,000 agents).
@@ -535,12 +809,61 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     for (const c of receiving) {
       const theirs = events.filter((e) => e.origin !== c.entry.name);
       if (!theirs.length) continue;
-      counters.eventsOut += theirs.length;
+      for (const e of theirs) counters.eventsOut[e.kind]++;
       if (theirs.length === events.length) send(c, (everything ??= Buffer.from(JSON.stringify(frameOf(events)))));
       else send(c, frameOf(theirs));
     }
     const now = Date.now();
+    for (const e of events) {
+      const s = Math.max(0, now - e.relayedAt) / 1000;
+      counters.relaySum += s;
+      counters.relayCount++;
+      const b = RELAY_BUCKETS.findIndex((le) => s <= le);
+      if (b >= 0) counters.relayBuckets[b]++;
+    }
     for (const e of events) record({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.filter((c) => c.entry.name !== e.origin).length} agent(s)` });
+  };
+
+  /**
+   * --quorum and --escalate for a new event `e` (already merged into `view`, the address's
+   * claims): marks `e` held while too few nodes claim the address, and returns the events that
+   * go into the journal with it: the held claims it releases (copies with new seqs, so agents
+   * resuming by cursor get them) and the hub's escalation claim for a repeat offender.
+   */
+  const fleetRules = (entry: TokenEntry, e: FleetEvent, view: Claims, now: number): FleetEvent[] => {
+    if (e.kind !== "ban" || e.origin === ALL_ORIGINS) return [];
+    const byOrigin = view.get(e.ip)!;
+    const extra: FleetEvent[] = [];
+    if (quorum > 1 && !trusted.has(entry.name)) {
+      let claimers = 0;
+      for (const c of byOrigin.values()) if (c.kind === "ban" && c.origin !== ESCALATION_ORIGIN && c.origin !== ALL_ORIGINS && !isExpired(c, now)) claimers++;
+      if (claimers < quorum) {
+        e.held = true;
+        record({ action: "HOLD", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: `${claimers} of ${quorum} node(s) claim it: not relayed until --quorum is reached` });
+      }
+    }
+    if (!e.held) {
+      for (const c of byOrigin.values()) {
+        if (c.held && c !== e && !isExpired(c, now)) extra.push({ ...c, seq: String(++seq), held: undefined });
+      }
+    }
+    if (opts.escalate && e.until !== null) {
+      pruneOffenses(now);
+      const priors = offenses.get(e.ip)?.filter((t) => t !== e.detectedAt).length ?? 0;
+      noteOffense(e);
+      const bantime = Math.round((e.until - e.detectedAt) / 1000);
+      const seconds = escalatedSeconds(bantime, priors, opts.escalate.factor, opts.escalate.maxSeconds);
+      const current = byOrigin.get(ESCALATION_ORIGIN);
+      const until = Math.max(e.detectedAt + seconds * 1000, current?.kind === "ban" && current.until !== null ? current.until : 0);
+      if (seconds > bantime && until > e.until) {
+        counters.escalations++;
+        const esc: FleetEvent = { ...e, seq: String(++seq), origin: ESCALATION_ORIGIN, until, escalation: Math.round((seconds / bantime) * 100) / 100 };
+        extra.push(esc);
+        record({ action: "ESCALATE", ip: e.ip, origin: e.origin, jail: e.jail, until, detail: `banned ${priors} time(s) before: ${bantime} s x ${esc.escalation} = ${seconds} s on every node${e.held ? " (held with the ban)" : ""}` });
+        log(`escalated ${e.ip}: banned ${priors} time(s) before, now ${seconds} s on every node`);
+      }
+    }
+    return extra;
   };
 
   /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
@@ -554,11 +877,12 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       await journal.barrier();
       return view.get(e.ip)?.get(e.origin)?.seq ?? String(seq);
     }
-    mergeClaim(pending, e);
     seq++;
     counters.eventsIn[e.kind]++;
+    const batch = [e, ...fleetRules(entry, e, view, now)];
+    for (const b of batch) mergeHubClaim(pending, b);
     record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${entry.name} (${remote})` });
-    await journal.append([e]);
+    await journal.append(batch);
     return e.seq;
   };
 
@@ -589,11 +913,13 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       send(c, frame);
     }
     c.receiving = true;
+    c.sentSeq = durableSeq;
     log(`${c.entry.name} (${c.remote}) ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
   };
 
   const onFrame = (c: Conn, data: Buffer, isBinary: boolean) => {
     c.alive = true;
+    c.lastSeen = Date.now();
     if (isBinary) return refuse(c, "bad_frame", "Expected a JSON text frame, got a binary frame");
     if (data.length > MAX_NODE_FRAME_BYTES) return refuse(c, "too_big", `Expected a frame of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${data.length}`);
     const parsed = parseNodeFrame(data.toString("utf8"), Date.now(), opts.maxPrefix);
@@ -606,11 +932,18 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         c.ws.close(1008, "token does not match node");
         return;
       }
+      if (f.want === "status" && c.entry.role === "node") {
+        refuse(c, "forbidden", `Node ${c.entry.name} has the node role; the status page needs a reader or admin token`);
+        c.ws.close(1008, "status needs a reader or admin token");
+        return;
+      }
       c.hello = true;
-      send(c, { type: "welcome", v: PROTOCOL_VERSION, hub: journal.hubId, node: c.entry.name, role: c.entry.role, seq: String(seq) });
+      send(c, { type: "welcome", v: PROTOCOL_VERSION, hub: journal.hubId, node: c.entry.name, role: c.entry.role, seq: String(seq), accepts: ["applied"] });
       if (f.want === "events") startSync(c, f.cursor);
+      else if (f.want === "status") startWatching(c);
       return;
     }
+    if (f.type === "applied") return c.hello ? takeApplied(c, f) : refuse(c, "not_hello", "Expected hello as the first frame, got applied");
     if (!c.hello) return refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
     const no = publishRefusal(c.entry, f);
     if (no) return refuse(c, no.code, no.message, f.id, f.ip);
@@ -622,7 +955,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
 
   /** Authenticates a request by its bearer token; answers 401/503/429 itself and returns undefined. */
   const authenticate = (req: IncomingMessage, remote: string, reject: (status: string) => void): TokenEntry | undefined => {
-    const token = bearerToken(req);
+    const token = requestToken(req);
     const entry = token === undefined ? undefined : findToken(tokens, token);
     if (!entry || closing) {
       counters.unauthorized++;
@@ -673,7 +1006,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       const parsed = parseNodeFrame(Buffer.concat(chunks).toString("utf8"), Date.now(), opts.maxPrefix);
       if (!parsed.ok) return fail(parsed.code, parsed.message, parsed.id);
       const f = parsed.value;
-      if (f.type === "hello") return fail("bad_frame", "Expected a ban or unban frame in a POST, got hello");
+      if (f.type === "hello" || f.type === "applied") return fail("bad_frame", `Expected a ban or unban frame in a POST, got ${f.type}`);
       const no = publishRefusal(entry, f);
       if (no) return fail(no.code, no.message, f.id, f.ip);
       accept(entry, remote, f).then(
@@ -683,12 +1016,78 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     });
   };
 
-  const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false });
+  // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list`
+  // show, authenticated like a POST.
+  const handleGet = (req: IncomingMessage, res: ServerResponse, path: string) => {
+    const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+    const entry = authenticate(req, remote, (status) => {
+      res.writeHead(Number(status.slice(0, 3)), { "www-authenticate": "Bearer", connection: "close" });
+      res.end();
+    });
+    if (!entry) return;
+    const now = Date.now();
+    if (path === "/v1/whoami") {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify({ node: entry.name, role: entry.role, hub: journal.hubId, seq: String(seq), now, ...countBlocked(claims, entry.name, now) }) + "\n");
+      return;
+    }
+    if (entry.role !== "admin") {
+      const message = `Only an admin can list the fleet's bans; ${entry.name} is a ${entry.role}`;
+      noteRefusal(entry.name, remote, "forbidden", message);
+      res.writeHead(403, { "content-type": "application/json" });
+      res.end(JSON.stringify({ type: "error", code: "forbidden", message } satisfies HubFrame) + "\n");
+      return;
+    }
+    void streamBans(res, now);
+  };
+
+  /**
+   * Writes the live claims as one JSON document, one address per line, in pieces of about 64 KiB
+   * that each wait for the socket to drain: 100k bans never sit in memory as one string, and a
+   * slow reader holds back only its own response.
+   */
+  const streamBans = async (res: ServerResponse, now: number) => {
+    const drained = () =>
+      new Promise<void>((resolve) => {
+        const done = () => {
+          res.off("drain", done);
+          res.off("close", done);
+          resolve();
+        };
+        res.on("drain", done);
+        res.on("close", done);
+      });
+    res.writeHead(200, { "content-type": "application/json" });
+    let chunk = `{"hub":${JSON.stringify(journal.hubId)},"seq":"${seq}","now":${now},"bans":[`;
+    let count = 0;
+    for (const [ip, byOrigin] of claims) {
+      const live = liveClaims(byOrigin, now);
+      if (!live.length) continue;
+      const nodes = live.filter((c) => c.origin !== ESCALATION_ORIGIN).length;
+      chunk += `${count++ ? "," : ""}\n${JSON.stringify({ ip, nodes, claims: live })}`;
+      if (chunk.length < 64 * 1024) continue;
+      const more = res.write(chunk);
+      chunk = "";
+      if (!more) await drained();
+      if (res.destroyed) return;
+    }
+    res.end(`${chunk}\n],"count":${count}}\n`);
+  };
+
+  // A status page offers its token as a subprotocol too: the hub answers with banshare.v1 only.
+  const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false, handleProtocols: (offered) => (offered.has(STATUS_PROTOCOL) ? STATUS_PROTOCOL : false) });
 
   const handleHttp = (req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? "/").split("?")[0];
     if (path === "/v1/events" && req.method === "POST") {
       handlePost(req, res);
+    } else if ((path === "/v1/bans" || path === "/v1/whoami") && req.method === "GET") {
+      handleGet(req, res, path);
+    } else if (STATUS_PAGE.has(path) && (req.method === "GET" || req.method === "HEAD")) {
+      // The status page is static (no data, no token in it): its script fetches everything over the socket.
+      const [type, body] = STATUS_PAGE.get(path)!;
+      res.writeHead(200, { "content-type": type, "content-security-policy": STATUS_CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY", "cache-control": "no-cache" });
+      res.end(req.method === "HEAD" ? undefined : body);
     } else if (path === "/healthz") {
       res.writeHead(200, { "content-type": "application/json" });
       res.end(JSON.stringify({ ok: true, hub: journal.hubId, seq: String(seq), nodes: conns.size, claims: claims.size }) + "\n");
@@ -706,12 +1105,30 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       "# HELP banshare_connected_nodes WebSocket connections, by role.",
       "# TYPE banshare_connected_nodes gauge",
       ...ROLES.map((r) => `banshare_connected_nodes{role="${r}"} ${[...conns].filter((c) => c.entry.role === r).length}`),
+      "# HELP banshare_agents Connected agents receiving events (synced).",
+      "# TYPE banshare_agents gauge",
+      `banshare_agents ${[...conns].filter((c) => c.receiving).length}`,
       "# HELP banshare_events_in_total Events accepted from nodes, by kind.",
       "# TYPE banshare_events_in_total counter",
       ...Object.entries(counters.eventsIn).map(([k, v]) => `banshare_events_in_total{kind="${k}"} ${v}`),
-      "# HELP banshare_events_out_total Events sent to agents.",
+      "# HELP banshare_events_out_total Events sent to agents (one per agent that got it), by kind.",
       "# TYPE banshare_events_out_total counter",
-      `banshare_events_out_total ${counters.eventsOut}`,
+      ...Object.entries(counters.eventsOut).map(([k, v]) => `banshare_events_out_total{kind="${k}"} ${v}`),
+      "# HELP banshare_relay_seconds Hub receive -> relayed to the agents, journal fsync included.",
+      "# TYPE banshare_relay_seconds histogram",
+      ...RELAY_BUCKETS.map((le, i) => `banshare_relay_seconds_bucket{le="${le}"} ${counters.relayBuckets.slice(0, i + 1).reduce((a, b) => a + b, 0)}`),
+      `banshare_relay_seconds_bucket{le="+Inf"} ${counters.relayCount}`,
+      `banshare_relay_seconds_sum ${counters.relaySum.toFixed(6)}`,
+      `banshare_relay_seconds_count ${counters.relayCount}`,
+      "# HELP banshare_escalations_total Bans lengthened for repeat offenders (--escalate).",
+      "# TYPE banshare_escalations_total counter",
+      `banshare_escalations_total ${counters.escalations}`,
+      "# HELP banshare_held_claims Ban claims held back until --quorum nodes claim the address.",
+      "# TYPE banshare_held_claims gauge",
+      `banshare_held_claims ${[...claims.values()].reduce((n, byOrigin) => n + [...byOrigin.values()].filter((c) => c.held).length, 0)}`,
+      "# HELP banshare_journal_bytes Size of the journal file (--state).",
+      "# TYPE banshare_journal_bytes gauge",
+      `banshare_journal_bytes ${journal.bytes}`,
       "# HELP banshare_refused_total Frames refused, by reason.",
       "# TYPE banshare_refused_total counter",
       ...Object.entries(counters.refused).map(([k, v]) => `banshare_refused_total{reason="${k}"} ${v}`),
@@ -732,10 +1149,13 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const entry = authenticate(req, remote, (status) => socket.end(`HTTP/1.1 ${status}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`));
     if (!entry) return;
     wss.handleUpgrade(req, socket, head, (ws) => {
-      const c: Conn = { ws, entry, token: bearerToken(req)!, remote, hello: false, receiving: false, alive: true, refused: 0, syncBytes: 0 };
+      const c: Conn = { ws, entry, token: requestToken(req)!, remote, hello: false, receiving: false, alive: true, refused: 0, syncBytes: 0, watching: false, since: Date.now(), lastSeen: Date.now() };
       conns.add(c);
       ws.on("message", (data: Buffer, isBinary) => onFrame(c, data, isBinary));
-      ws.on("pong", () => (c.alive = true));
+      ws.on("pong", () => {
+        c.alive = true;
+        c.lastSeen = Date.now();
+      });
       // A frame the WebSocket layer refuses (over maxPayload, invalid UTF-8, a protocol error)
       // closes the connection: it is a refused frame all the same, counted and logged as one.
       ws.on("error", (e: Error & { code?: string }) =>
@@ -794,7 +1214,10 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     }
   }, opts.heartbeatMs);
   heartbeat.unref();
-  const pruner = setInterval(() => pruneClaims(claims, Date.now()), 60_000);
+  const pruner = setInterval(() => {
+    pruneClaims(claims, Date.now());
+    pruneOffenses(Date.now());
+  }, 60_000);
   pruner.unref();
 
   let closed: Promise<void> | undefined;
@@ -819,6 +1242,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         closing = true;
         clearInterval(heartbeat);
         clearInterval(pruner);
+        clearInterval(statusTimer);
         await journal.barrier().catch(() => {});
         for (const c of conns) c.ws.terminate();
         wss.close();
@@ -922,7 +1346,11 @@ export function parseArgs(argv: string[]): ParsedArgs {
             .option("burst", { type: "number", default: 5000, describe: "Events one node may publish at once above --rate (a Fail2Ban restart restores many bans)" })
             .option("max-conns-per-node", { type: "number", default: 32, describe: "Simultaneous connections one node may hold (agent plus ban.ts calls)" })
             .option("protect", { type: "string", array: true, default: [] as string[], describe: "Network no ban may touch, e.g. your admin range (repeatable); the hub's own addresses are always protected" })
-            .option("insecure", { type: "boolean", default: false, describe: "Serve plain ws:// on a non-loopback address: tokens and bans cross the network unencrypted" }),
+            .option("insecure", { type: "boolean", default: false, describe: "Serve plain ws:// on a non-loopback address: tokens and bans cross the network unencrypted" })
+            .option("escalate", { type: "number", describe: "Repeat offenders: multiply a ban by this factor for each earlier ban of the address (by any node, within --escalate-max), on every node; off by default" })
+            .option("escalate-max", { type: "number", default: 604800, describe: "Longest escalated ban, in seconds (default 7 days); earlier bans count as long as this" })
+            .option("quorum", { type: "number", default: 1, describe: "Relay a ban to the fleet only once this many distinct nodes have claimed the address (the origin's own Fail2Ban bans it at once)" })
+            .option("trust", { type: "string", array: true, default: [] as string[], describe: "Node whose bans are relayed at once whatever --quorum says (repeatable)" }),
         (a) => {
           const { host, port } = parseListen(a.listen);
           for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
@@ -931,6 +1359,10 @@ export function parseArgs(argv: string[]): ParsedArgs {
           if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new Error("Expected --tls-cert and --tls-key together, got only one");
           if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new Error(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
           for (const p of a.protect) if (!parseAddress(p)) throw new Error(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
+          if (a.escalate !== undefined && !(a.escalate > 1 && a.escalate <= 100)) throw new Error(`Expected --escalate to be a factor above 1 (e.g. 2), got ${a.escalate}`);
+          if (!Number.isInteger(a.escalateMax) || a.escalateMax < 1) throw new Error(`Expected --escalate-max to be a whole number of seconds, got ${a.escalateMax}`);
+          if (!Number.isInteger(a.quorum) || a.quorum < 1 || a.quorum > 1000) throw new Error(`Expected --quorum to be a whole number from 1 to 1000, got ${a.quorum}`);
+          for (const n of a.trust) if (!isName(n)) throw new Error(`Expected --trust to be a node name, got ${JSON.stringify(n)}`);
           if (!(a.rate > 0) || !(a.burst >= 1) || !Number.isInteger(a.maxConnsPerNode) || a.maxConnsPerNode < 1) throw new Error(`Expected --rate > 0, --burst >= 1 and --max-conns-per-node >= 1, got ${a.rate}, ${a.burst}, ${a.maxConnsPerNode}`);
           result = {
             command: "serve",
@@ -951,6 +1383,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
               maxConnsPerNode: a.maxConnsPerNode,
               protect: a.protect,
               insecure: a.insecure,
+              escalate: a.escalate === undefined ? undefined : { factor: a.escalate, maxSeconds: a.escalateMax },
+              quorum: a.quorum,
+              trusted: a.trust,
             },
           };
         },
@@ -1044,6 +1479,346 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   process.once("SIGINT", () => stop("SIGINT"));
   process.on("SIGHUP", () => void hub.reloadTokens().catch((e: Error) => logLine(`SIGHUP: kept the old token list: ${e.message}`)));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Status page: static HTML, CSS and a small script (no build step, no libraries, no data in
+// them). The script asks for a reader or admin token, keeps it in sessionStorage, offers it as a
+// WebSocket subprotocol, says hello with `want: "status"` and draws what the hub sends.
+
+/** Content-Security-Policy of the status page: its own script, style and socket, nothing else. */
+const STATUS_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+const STATUS_HTML = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>banshare status</title>
+<link rel="icon" href="/favicon.svg">
+<link rel="stylesheet" href="/status.css">
+<script src="/status.js" defer></script>
+</head>
+<body>
+<header>
+  <h1>banshare</h1>
+  <span id="conn" class="muted">not connected</span>
+  <button id="logout" type="button" hidden>Log out</button>
+</header>
+<p id="error" role="alert" hidden></p>
+<form id="login" hidden autocomplete="off">
+  <label for="token">Reader or admin token</label>
+  <input id="token" name="token" type="password" autocomplete="off" spellcheck="false" required>
+  <button type="submit">Open</button>
+  <p class="muted">The token stays in this tab (sessionStorage) and goes to the hub only. Node tokens are refused.</p>
+</form>
+<main id="status" hidden>
+  <section class="cards">
+    <div><span class="label">Hub</span><span id="hub-id"></span></div>
+    <div><span class="label">Seq</span><span id="hub-seq"></span></div>
+    <div><span class="label">Connections</span><span id="conn-count"></span></div>
+    <div><span class="label">Blocked addresses</span><span id="ban-count"></span></div>
+  </section>
+  <section class="wide">
+    <h2>Nodes</h2>
+    <div class="scroll"><table id="nodes"><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>Address</th><th>Connected</th><th>Last seen</th><th>Lag</th><th>Response</th></tr></thead><tbody></tbody></table></div>
+  </section>
+  <section>
+    <h2>Response times</h2>
+    <p class="muted">Detection on the origin to applied on each node, up to the last 15 minutes.</p>
+    <div id="chart"></div>
+    <ul id="legend"></ul>
+  </section>
+  <section>
+    <h2>Events</h2>
+    <ol id="events"></ol>
+  </section>
+  <section>
+    <h2>Active bans <span id="ban-shown" class="muted"></span></h2>
+    <div class="scroll"><table id="bans"><thead><tr><th>Address</th><th>Origin</th><th>Jail</th><th>Detected</th><th>Time left</th><th>Claims</th></tr></thead><tbody></tbody></table></div>
+  </section>
+</main>
+</body>
+</html>
+`;
+
+const STATUS_CSS = String.raw`:root { color-scheme: light dark; --fg: #1b1f24; --bg: #f4f5f7; --card: #fff; --muted: #5f6b78; --line: #d8dce2; --ban: #b42318; --unban: #067647; --accent: #2459d1; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e6e8eb; --bg: #111418; --card: #1a1f25; --muted: #9aa3ad; --line: #2c333b; --ban: #f97066; --unban: #47cd89; --accent: #7aa2ff; } }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; font: 15px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg); }
+header { display: flex; flex-wrap: wrap; gap: .5rem 1rem; align-items: center; padding: .75rem 1rem; border-bottom: 1px solid var(--line); background: var(--card); }
+h1 { font-size: 1.15rem; margin: 0; }
+h2 { font-size: 1rem; margin: 0 0 .5rem; }
+main { padding: 1rem; display: grid; gap: 1rem; grid-template-columns: repeat(auto-fit, minmax(min(100%, 30rem), 1fr)); }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .75rem; min-width: 0; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(8rem, 1fr)); gap: .5rem; }
+.cards, .wide { grid-column: 1 / -1; }
+.cards div { display: flex; flex-direction: column; min-width: 0; overflow-wrap: anywhere; }
+.label, .muted { color: var(--muted); font-size: .85rem; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line); white-space: nowrap; }
+#events { list-style: none; margin: 0; padding: 0; max-height: 22rem; overflow-y: auto; font-variant-numeric: tabular-nums; }
+#events li { padding: .2rem 0; border-bottom: 1px solid var(--line); display: flex; flex-wrap: wrap; gap: .2rem .6rem; }
+.ban { color: var(--ban); font-weight: 600; }
+.unban { color: var(--unban); font-weight: 600; }
+#chart svg { width: 100%; height: auto; display: block; }
+#legend { list-style: none; padding: 0; margin: .5rem 0 0; display: flex; flex-wrap: wrap; gap: .25rem 1rem; font-size: .85rem; }
+.sw { display: inline-block; width: .7rem; height: .7rem; border-radius: 50%; margin-right: .3rem; vertical-align: middle; }
+form { margin: 2rem auto; max-width: 24rem; padding: 1rem; background: var(--card); border: 1px solid var(--line); border-radius: 8px; display: grid; gap: .5rem; }
+input, button { font: inherit; padding: .5rem; border-radius: 6px; border: 1px solid var(--line); }
+button { background: var(--accent); color: #fff; border: 0; cursor: pointer; }
+#logout { margin-left: auto; }
+#error { margin: 1rem; padding: .6rem .8rem; border-radius: 6px; background: #fde8e7; color: #7a1b12; border: 1px solid #f4b4ae; }
+@media (max-width: 600px) { main { padding: .5rem; gap: .5rem; } th, td { padding: .25rem .35rem; } }
+`;
+
+// Plain ES5-style script: every value from the hub goes into the page through textContent or
+// an SVG attribute, never as markup.
+const STATUS_JS = String.raw`"use strict";
+(function () {
+  var KEY = "banshare.token";
+  var MAX_EVENTS = 200;
+  var WINDOW_MS = 15 * 60 * 1000;
+  var COLORS = ["#2459d1", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#0c8599", "#c2255c", "#5c940d"];
+  var SVG = "http://www.w3.org/2000/svg";
+  var ws = null, retry = null, attempt = 0, welcomed = false, hubError = "", skew = 0;
+  var events = [];
+  var colorOf = {};
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, text, cls) {
+    var e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    if (cls) e.className = cls;
+    return e;
+  }
+  function svg(tag, attrs, text) {
+    var e = document.createElementNS(SVG, tag);
+    for (var k in attrs) e.setAttribute(k, String(attrs[k]));
+    if (text !== undefined) e.textContent = String(text);
+    return e;
+  }
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+  function now() { return Date.now() - skew; }
+  function dur(ms) {
+    if (ms === null) return "never";
+    var s = Math.max(0, Math.round(ms / 1000));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+    return Math.floor(s / 86400) + " d " + Math.floor((s % 86400) / 3600) + " h";
+  }
+  function ago(t) { return dur(now() - t) + " ago"; }
+  function clock(t) { return new Date(t).toLocaleTimeString(); }
+  function color(node) {
+    if (!(node in colorOf)) colorOf[node] = COLORS[Object.keys(colorOf).length % COLORS.length];
+    return colorOf[node];
+  }
+  function median(xs) {
+    var s = xs.slice().sort(function (a, b) { return a - b; });
+    return s.length ? s[Math.floor((s.length - 1) / 2)] : 0;
+  }
+
+  function showError(msg) {
+    $("error").textContent = msg;
+    $("error").hidden = !msg;
+  }
+  function setConn(text) { $("conn").textContent = text; }
+  function showLogin(msg) {
+    $("status").hidden = true;
+    $("logout").hidden = true;
+    $("login").hidden = false;
+    setConn("not connected");
+    showError(msg || "");
+    $("token").focus();
+  }
+
+  function connect() {
+    var token = sessionStorage.getItem(KEY);
+    if (!token) return showLogin("");
+    clearTimeout(retry);
+    welcomed = false;
+    hubError = "";
+    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
+    var sock;
+    try {
+      sock = new WebSocket(url, ["banshare.v1", "banshare.token." + token]);
+    } catch (e) {
+      sessionStorage.removeItem(KEY);
+      return showLogin("The browser cannot send this token: " + e.message);
+    }
+    ws = sock;
+    setConn("connecting...");
+    $("login").hidden = true;
+    sock.onopen = function () { sock.send(JSON.stringify({ type: "hello", v: 1, want: "status" })); };
+    sock.onmessage = function (m) {
+      var f;
+      try { f = JSON.parse(m.data); } catch (e) { return; }
+      if (f && typeof f === "object") handle(f);
+    };
+    sock.onclose = function () {
+      if (ws !== sock) return;
+      ws = null;
+      if (!welcomed || !sessionStorage.getItem(KEY)) {
+        sessionStorage.removeItem(KEY);
+        return showLogin(hubError ? "The hub refused: " + hubError : "The hub refused the connection: the token is wrong or revoked (or the hub is unreachable).");
+      }
+      attempt++;
+      var delay = Math.min(30000, 1000 * Math.pow(2, attempt));
+      setConn("disconnected; reconnecting in " + Math.round(delay / 1000) + " s");
+      retry = setTimeout(connect, delay);
+    };
+  }
+
+  function handle(f) {
+    switch (f.type) {
+      case "welcome":
+        welcomed = true;
+        attempt = 0;
+        showError("");
+        setConn("connected as " + f.node + " (" + f.role + ")");
+        $("status").hidden = false;
+        $("logout").hidden = false;
+        return;
+      case "status":
+        skew = Date.now() - f.at;
+        render(f);
+        return;
+      case "event":
+        addEvents([f]);
+        return;
+      case "sync":
+        if (Array.isArray(f.events)) addEvents(f.events);
+        return;
+      case "error":
+        hubError = String(f.message);
+        showError("The hub refused: " + hubError);
+        if (f.code === "forbidden") sessionStorage.removeItem(KEY);
+        return;
+    }
+  }
+
+  function addEvents(list) {
+    for (var i = 0; i < list.length; i++) events.unshift(list[i]);
+    if (events.length > MAX_EVENTS) events.length = MAX_EVENTS;
+    var ol = $("events");
+    clear(ol);
+    events.forEach(function (e) {
+      var li = el("li");
+      li.dataset.ip = e.ip;
+      li.appendChild(el("span", clock(e.relayedAt), "muted"));
+      li.appendChild(el("span", e.kind, e.kind === "ban" ? "ban" : "unban"));
+      li.appendChild(el("span", e.ip));
+      li.appendChild(el("span", e.escalation ? "repeat offender: ban x" + e.escalation + " on every node (" + e.jail + ")" : "by " + e.origin + " (" + e.jail + ")", e.escalation ? "ban" : "muted"));
+      li.appendChild(el("span", e.kind === "ban" ? "until " + (e.until === null ? "never" : clock(e.until)) : "", "muted"));
+      ol.appendChild(li);
+    });
+  }
+
+  function render(f) {
+    $("hub-id").textContent = f.hub;
+    $("hub-seq").textContent = f.seq;
+    $("conn-count").textContent = String(f.conns.length);
+    $("ban-count").textContent = String(f.bansTotal);
+    var byNode = {};
+    f.rt.forEach(function (r) { (byNode[r.node] = byNode[r.node] || []).push(r.rtMs); });
+
+    var tbody = $("nodes").tBodies[0];
+    clear(tbody);
+    f.conns.slice().sort(function (a, b) { return a.name < b.name ? -1 : a.name > b.name ? 1 : a.since - b.since; }).forEach(function (c) {
+      var tr = el("tr");
+      tr.dataset.name = c.name;
+      var rts = byNode[c.name];
+      [c.name, c.role, c.kind === "events" ? "agent" : c.kind === "status" ? "status page" : "sender", c.remote, ago(c.since), ago(c.lastSeen),
+        c.lag === undefined ? "-" : String(c.lag), rts ? rts[rts.length - 1] + " ms (median " + median(rts) + ")" : "-"].forEach(function (v, i) {
+        tr.appendChild(el("td", v, i === 7 ? "rt" : i === 6 ? "lag" : ""));
+      });
+      tbody.appendChild(tr);
+    });
+
+    drawChart(f.rt, byNode);
+
+    $("ban-shown").textContent = f.bans.length < f.bansTotal ? "(newest " + f.bans.length + " of " + f.bansTotal + ")" : "(" + f.bansTotal + ")";
+    var bt = $("bans").tBodies[0];
+    clear(bt);
+    f.bans.forEach(function (b) {
+      var tr = el("tr");
+      tr.dataset.ip = b.ip;
+      [b.ip, b.escalation ? b.origin + " (repeat offender, x" + b.escalation + ")" : b.origin, b.jail, ago(b.detectedAt), b.until === null ? "permanent" : dur(b.until - now()), String(b.claims)].forEach(function (v) { tr.appendChild(el("td", v)); });
+      bt.appendChild(tr);
+    });
+  }
+
+  function drawChart(rt, byNode) {
+    var box = $("chart");
+    var W = Math.max(280, Math.round(box.clientWidth || 600)), H = 200, L = 48, B = 22, T = 8, R = 8;
+    var end = now(), first = end;
+    rt.forEach(function (r) { if (r.at < first) first = r.at; });
+    // From the oldest point shown (a minute at least, 15 at most) to now.
+    var start = end - Math.min(WINDOW_MS, Math.max(60 * 1000, (end - first) * 1.1));
+    var max = 10;
+    rt.forEach(function (r) { if (r.rtMs > max) max = r.rtMs; });
+    max = Math.ceil(max * 1.1);
+    var s = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "Response times, ms" });
+    var x = function (t) { return L + ((t - start) / (end - start)) * (W - L - R); };
+    var y = function (v) { return H - B - (Math.max(0, v) / max) * (H - B - T); };
+    s.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "currentColor", "stroke-opacity": 0.4 }));
+    s.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "currentColor", "stroke-opacity": 0.4 }));
+    s.appendChild(svg("text", { x: L - 4, y: T + 10, "text-anchor": "end", "font-size": 11, fill: "currentColor" }, max + " ms"));
+    s.appendChild(svg("text", { x: L - 4, y: H - B, "text-anchor": "end", "font-size": 11, fill: "currentColor" }, "0"));
+    s.appendChild(svg("text", { x: L, y: H - 6, "font-size": 11, fill: "currentColor" }, dur(end - start) + " ago"));
+    s.appendChild(svg("text", { x: W - R, y: H - 6, "text-anchor": "end", "font-size": 11, fill: "currentColor" }, "now"));
+    rt.forEach(function (r) {
+      if (r.at < start) return;
+      var c = svg("circle", { cx: x(r.at).toFixed(1), cy: y(r.rtMs).toFixed(1), r: 3, fill: color(r.node) });
+      c.appendChild(svg("title", {}, r.node + ": " + r.rtMs + " ms at " + clock(r.at)));
+      s.appendChild(c);
+    });
+    clear(box);
+    box.appendChild(s);
+    var legend = $("legend");
+    clear(legend);
+    Object.keys(byNode).sort().forEach(function (n) {
+      var li = el("li");
+      li.dataset.node = n;
+      var sw = el("span", null, "sw");
+      sw.style.background = color(n);
+      li.appendChild(sw);
+      li.appendChild(document.createTextNode(n + ": median " + median(byNode[n]) + " ms, " + byNode[n].length + " event(s)"));
+      legend.appendChild(li);
+    });
+    if (!rt.length) legend.appendChild(el("li", "No response times reported yet.", "muted"));
+  }
+
+  $("login").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var token = $("token").value.trim();
+    $("token").value = "";
+    if (!/^[A-Za-z0-9!#$%&'*+.^_|~-]{1,512}$/.test(token)) return showLogin("Expected a token of letters, digits and - _ . ~ (as hub.ts add-node prints it).");
+    sessionStorage.setItem(KEY, token);
+    connect();
+  });
+  $("logout").addEventListener("click", function () {
+    sessionStorage.removeItem(KEY);
+    clearTimeout(retry);
+    if (ws) ws.close(1000, "logged out");
+    ws = null;
+    events = [];
+    clear($("events"));
+    showLogin("");
+  });
+  connect();
+})();
+`;
+
+const STATUS_PAGE = new Map<string, [string, string]>([
+  ["/", ["text/html; charset=utf-8", STATUS_HTML]],
+  ["/status.css", ["text/css; charset=utf-8", STATUS_CSS]],
+  ["/status.js", ["text/javascript; charset=utf-8", STATUS_JS]],
+  ["/favicon.svg", ["image/svg+xml", '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="7" fill="#2459d1"/><path d="M4 8h8" stroke="#fff" stroke-width="2"/></svg>\n']],
+]);
 
 function isMain(): boolean {
   try {

@@ -34,6 +34,13 @@ export const UNKNOWN_TOMBSTONE_MS = 24 * 3600 * 1000;
 /** Origin of an admin unban that lifts every older claim on an address. */
 export const ALL_ORIGINS = "*";
 
+/**
+ * Origin of the hub's own claim that lengthens a repeat offender's ban (`hub.ts --escalate`).
+ * It is not a node name, so the claim reaches every agent, the offender's origin included, and a
+ * node's unban when its Fail2Ban ban ends lifts only that node's claim, not the escalation.
+ */
+export const ESCALATION_ORIGIN = "+escalation";
+
 export type Role = "node" | "reader" | "admin";
 export type Kind = "ban" | "unban";
 
@@ -48,7 +55,8 @@ export interface HelloFrame {
   type: "hello";
   v: number;
   node?: string;
-  want?: "events";
+  /** `events`: an agent that applies the fleet's bans; `status`: a status page watching the hub (reader or admin). */
+  want?: "events" | "status";
   cursor?: Cursor;
 }
 
@@ -72,7 +80,32 @@ export interface UnbanFrame {
   all?: boolean;
 }
 
-export type NodeFrame = HelloFrame | BanFrame | UnbanFrame;
+/** One event an agent applied to its kernel, and how long after its detection that happened. */
+export interface AppliedRecord {
+  seq: string;
+  ip: string;
+  /** Response time: applied (agent's clock) minus detected (origin's clock), ms. */
+  rtMs: number;
+  /** When it was applied, ms. */
+  at: number;
+}
+
+/**
+ * Agent -> hub: events it applied, batched; for the status page's response-time chart. Sent
+ * only to a hub whose `welcome` lists `applied` in `accepts`, so an older hub never sees it.
+ */
+export interface AppliedFrame {
+  type: "applied";
+  events: AppliedRecord[];
+}
+
+/** Most records in one `applied` frame (about 100 bytes each, well under the frame limit). */
+export const MAX_APPLIED_BATCH = 100;
+
+/** Largest response time an `applied` record may report, ms (a day; a sync's old bans are not response times). */
+export const MAX_APPLIED_RT_MS = 24 * 3600 * 1000;
+
+export type NodeFrame = HelloFrame | BanFrame | UnbanFrame | AppliedFrame;
 
 /**
  * One accepted event: a claim by `origin` on `ip`. For a ban, `until` is when it ends
@@ -88,6 +121,10 @@ export interface FleetEvent {
   detectedAt: number;
   id: string;
   relayedAt: number;
+  /** On an escalation claim: how many times the offender's ban was multiplied. */
+  escalation?: number;
+  /** Hub only, never sent: accepted and journaled, but held back until `--quorum` nodes claim the address. */
+  held?: boolean;
 }
 
 export interface WelcomeFrame {
@@ -97,6 +134,8 @@ export interface WelcomeFrame {
   node: string;
   role: Role;
   seq: string;
+  /** Node frames beyond v1's that this hub takes (`applied`); absent on older hubs. */
+  accepts?: string[];
 }
 
 export interface SyncFrame {
@@ -125,7 +164,63 @@ export interface ErrorFrame {
   id?: string;
 }
 
-export type HubFrame = WelcomeFrame | SyncFrame | EventFrame | AckFrame | ErrorFrame;
+/** One connection in a `status` frame. `lag`: the hub's seq minus the last seq relayed to the agent. */
+export interface StatusConn {
+  name: string;
+  role: Role;
+  remote: string;
+  /** `events`: an agent; `status`: a status page; `send`: ban.ts or a node that only publishes. */
+  kind: "events" | "status" | "send";
+  /** Connected since, ms. */
+  since: number;
+  /** Last pong or frame from it, ms. */
+  lastSeen: number;
+  lag?: number;
+  /** The newest seq the agent reported applied. */
+  appliedSeq?: string;
+}
+
+/** One blocked address in a `status` frame: its newest active ban claim, and how many nodes claim it. */
+export interface StatusBan {
+  ip: string;
+  origin: string;
+  jail: string;
+  detectedAt: number;
+  /** When the address is unblocked (the latest active claim's end), ms; null: never. */
+  until: number | null;
+  claims: number;
+  /** A repeat offender's ban, lengthened by this factor (`hub.ts --escalate`). */
+  escalation?: number;
+}
+
+/** One response time an agent reported: detection to applied on `node`, ms. */
+export interface StatusRt {
+  node: string;
+  at: number;
+  rtMs: number;
+}
+
+/** Hub -> status page, about once a second while it watches: the hub's state, bounded in size. */
+export interface StatusFrame {
+  type: "status";
+  hub: string;
+  seq: string;
+  at: number;
+  conns: StatusConn[];
+  /** Blocked addresses, newest first, at most `MAX_STATUS_BANS`; `bansTotal` counts them all. */
+  bans: StatusBan[];
+  bansTotal: number;
+  /** Recent response times, oldest first, at most `MAX_STATUS_RT`. */
+  rt: StatusRt[];
+}
+
+/** Most blocked addresses a `status` frame lists. */
+export const MAX_STATUS_BANS = 500;
+
+/** Most response times a `status` frame carries. */
+export const MAX_STATUS_RT = 1000;
+
+export type HubFrame = WelcomeFrame | SyncFrame | EventFrame | AckFrame | ErrorFrame | StatusFrame;
 
 export type ErrorCode =
   | "bad_frame"
@@ -367,7 +462,7 @@ export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits)
     case "hello": {
       if (o.v !== PROTOCOL_VERSION) return bad(`Expected protocol version ${PROTOCOL_VERSION}, got ${quote(o.v)}`, undefined, "version");
       if (o.node !== undefined && !isName(o.node)) return bad(`Expected "node" to be a node name, got ${quote(o.node)}`);
-      if (o.want !== undefined && o.want !== "events") return bad(`Expected "want" to be "events" or absent, got ${quote(o.want)}`);
+      if (o.want !== undefined && o.want !== "events" && o.want !== "status") return bad(`Expected "want" to be "events", "status" or absent, got ${quote(o.want)}`);
       let cursor: Cursor | undefined;
       if (o.cursor !== undefined) {
         const c = o.cursor as Record<string, unknown> | null;
@@ -376,7 +471,7 @@ export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits)
         }
         cursor = { hub: c.hub, seq: c.seq };
       }
-      return { ok: true, value: { type: "hello", v: PROTOCOL_VERSION, node: o.node as string | undefined, want: o.want as "events" | undefined, cursor } };
+      return { ok: true, value: { type: "hello", v: PROTOCOL_VERSION, node: o.node as string | undefined, want: o.want as "events" | "status" | undefined, cursor } };
     }
     case "ban":
     case "unban": {
@@ -395,11 +490,32 @@ export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits)
       }
       return { ok: true, value: { type: "ban", id, ip: ip.value.text, jail: o.jail, bantime: o.bantime, detectedAt: o.detectedAt } };
     }
+    case "applied":
+      return checkApplied(o.events, now);
     case undefined:
       return bad(`Expected a "type" field, got none`, id);
     default:
-      return bad(`Expected "type" to be hello, ban or unban, got ${quote(o.type)}`, id);
+      return bad(`Expected "type" to be hello, ban, unban or applied, got ${quote(o.type)}`, id);
   }
+}
+
+/** Validates the records of an `applied` frame; returns a frame holding only the known fields. */
+function checkApplied(events: unknown, now: number): Checked<AppliedFrame> {
+  if (!Array.isArray(events) || events.length < 1 || events.length > MAX_APPLIED_BATCH) {
+    return bad(`Expected "events" to be an array of 1-${MAX_APPLIED_BATCH} records, got ${Array.isArray(events) ? `${events.length} records` : quote(events)}`);
+  }
+  const out: AppliedRecord[] = [];
+  for (const [i, e] of events.entries()) {
+    const r = e as Record<string, unknown> | null;
+    const where = `"events"[${i}]`;
+    if (typeof r !== "object" || r === null || Array.isArray(r)) return bad(`Expected ${where} to be an object, got ${Array.isArray(r) ? "an array" : quote(r)}`);
+    if (typeof r.seq !== "string" || !/^\d{1,20}$/.test(r.seq)) return bad(`Expected ${where}.seq to be a seq of 1-20 digits, got ${quote(r.seq)}`);
+    if (parseAddress(r.ip)?.text !== r.ip) return bad(`Expected ${where}.ip to be a canonical address, got ${quote(r.ip)}`);
+    if (!isInt(r.rtMs) || r.rtMs < -MAX_CLOCK_SKEW_MS || r.rtMs > MAX_APPLIED_RT_MS) return bad(`Expected ${where}.rtMs to be an integer from ${-MAX_CLOCK_SKEW_MS} to ${MAX_APPLIED_RT_MS} ms, got ${quote(r.rtMs)}`);
+    if (!isInt(r.at) || r.at <= 0 || r.at > now + MAX_CLOCK_SKEW_MS) return bad(`Expected ${where}.at to be a time in ms not in the future, got ${quote(r.at)}`);
+    out.push({ seq: r.seq, ip: r.ip as string, rtMs: r.rtMs, at: r.at });
+  }
+  return { ok: true, value: { type: "applied", events: out } };
 }
 
 function checkEvent(e: unknown): string | undefined {
@@ -408,7 +524,7 @@ function checkEvent(e: unknown): string | undefined {
   if (o.kind !== "ban" && o.kind !== "unban") return `event kind ${quote(o.kind)}`;
   if (typeof o.seq !== "string") return `event seq ${quote(o.seq)}`;
   if (!parseAddress(o.ip) || parseAddress(o.ip)!.text !== o.ip) return `event ip ${quote(o.ip)}`;
-  if (o.origin !== ALL_ORIGINS && !isName(o.origin)) return `event origin ${quote(o.origin)}`;
+  if (o.origin !== ALL_ORIGINS && o.origin !== ESCALATION_ORIGIN && !isName(o.origin)) return `event origin ${quote(o.origin)}`;
   if (!isName(o.jail)) return `event jail ${quote(o.jail)}`;
   if (o.until !== null && !isInt(o.until)) return `event until ${quote(o.until)}`;
   if (!isInt(o.detectedAt) || !isInt(o.relayedAt)) return "event times";
@@ -543,7 +659,7 @@ export function eventUntil(kind: Kind, detectedAt: number, bantime: number | und
 export const CSV_HEADER = "time,node,action,ip,origin,jail,until,rt_ms,detail";
 
 /** Actions written to the structured log. */
-export type CsvAction = "BLOCK" | "SCHEDULE_UNBLOCK" | "UNBLOCK" | "REJECT" | "RECEIVE" | "RELAY";
+export type CsvAction = "BLOCK" | "SCHEDULE_UNBLOCK" | "UNBLOCK" | "REJECT" | "RECEIVE" | "RELAY" | "ESCALATE" | "HOLD";
 
 /** One row of the structured log, as its fields. */
 export interface CsvRecord {

@@ -3,6 +3,7 @@ import { describe, test } from "node:test";
 import {
   ALL_ORIGINS,
   CSV_HEADER,
+  MAX_APPLIED_BATCH,
   blockedUntil,
   checkBannable,
   contains,
@@ -88,7 +89,7 @@ describe("parseNodeFrame()", () => {
       [{ type: "hello", v: 2 }, "version", /version 1/],
       [{ type: "hello", v: 1, want: "everything" }, "bad_frame", /want/],
       [{ type: "hello", v: 1, cursor: "x" }, "bad_frame", /cursor/],
-      [{ type: "nope", id: "x" }, "bad_frame", /hello, ban or unban/],
+      [{ type: "nope", id: "x" }, "bad_frame", /hello, ban, unban or applied/],
       [{ id: "x" }, "bad_frame", /type/],
       [{ ...ban, id: undefined }, "bad_frame", /"id"/],
       [{ ...ban, id: "has space" }, "bad_frame", /"id"/],
@@ -113,6 +114,52 @@ describe("parseNodeFrame()", () => {
     }
     const withId = parseNodeFrame(JSON.stringify({ ...ban, ip: "x" }), NOW);
     assert.equal(!withId.ok && withId.id, "a1");
+  });
+
+  test("accepts want \"status\" (a status page) and refuses other wants", () => {
+    const r = ok({ type: "hello", v: 1, want: "status" });
+    assert.ok(r.ok && r.value.type === "hello" && r.value.want === "status");
+    for (const want of ["Status", "status ", "", 1, null]) assert.equal(ok({ type: "hello", v: 1, want }).ok, false, JSON.stringify(want));
+  });
+
+  test("accepts an applied frame and keeps only the known fields of each record", () => {
+    const rec = { seq: "42", ip: "192.0.2.10", rtMs: 12, at: NOW - 3 };
+    assert.deepEqual(ok({ type: "applied", events: [{ ...rec, extra: "<b>x</b>" }, { ...rec, seq: "43", rtMs: -5 }] }), {
+      ok: true,
+      value: { type: "applied", events: [rec, { ...rec, seq: "43", rtMs: -5 }] },
+    });
+    assert.equal(ok({ type: "applied", events: Array.from({ length: MAX_APPLIED_BATCH }, () => rec) }).ok, true);
+  });
+
+  test("refuses each malformed applied frame with a sentence", () => {
+    const rec = { seq: "42", ip: "192.0.2.10", rtMs: 12, at: NOW - 3 };
+    const cases: Array<[unknown, RegExp]> = [
+      [{ type: "applied" }, /"events"/],
+      [{ type: "applied", events: [] }, /"events"/],
+      [{ type: "applied", events: "x" }, /"events"/],
+      [{ type: "applied", events: Array.from({ length: MAX_APPLIED_BATCH + 1 }, () => rec) }, /1-100 records, got 101/],
+      [{ type: "applied", events: [null] }, /\[0\] to be an object/],
+      [{ type: "applied", events: [[rec]] }, /an array/],
+      [{ type: "applied", events: [rec, { ...rec, seq: 42 }] }, /\[1\]\.seq/],
+      [{ type: "applied", events: [{ ...rec, seq: "-1" }] }, /seq/],
+      [{ type: "applied", events: [{ ...rec, seq: "1".repeat(21) }] }, /seq/],
+      [{ type: "applied", events: [{ ...rec, ip: "192.0.2.010" }] }, /ip/],
+      [{ type: "applied", events: [{ ...rec, ip: "<script>" }] }, /ip/],
+      [{ type: "applied", events: [{ ...rec, rtMs: 1.5 }] }, /rtMs/],
+      [{ type: "applied", events: [{ ...rec, rtMs: "12" }] }, /rtMs/],
+      [{ type: "applied", events: [{ ...rec, rtMs: 2 * 24 * 3600 * 1000 }] }, /rtMs/],
+      [{ type: "applied", events: [{ ...rec, rtMs: -3_600_000 }] }, /rtMs/],
+      [{ type: "applied", events: [{ ...rec, at: NOW + 3_600_000 }] }, /at/],
+      [{ type: "applied", events: [{ ...rec, at: 0 }] }, /at/],
+    ];
+    for (const [frame, re] of cases) {
+      const r = ok(frame);
+      assert.equal(r.ok, false, JSON.stringify(frame).slice(0, 200));
+      if (r.ok) continue;
+      assert.equal(r.code, "bad_frame");
+      assert.match(r.message, re);
+      assert.doesNotMatch(r.message, /\n/);
+    }
   });
 
   test("applies the hub's prefix limits", () => {

@@ -47,6 +47,7 @@ export type Requirement =
   | 'nft' // nft binary + nf_tables inet table with an interval,timeout set
   | 'iptables' // iptables binary + adding a rule works in a scratch netns
   | 'ip6tables' // same for ip6tables
+  | 'chromium' // a Chromium binary (CHROMIUM_PATH, or chromium in PATH) + the playwright-core package
   | (string & {});
 
 export const isCI = process.env.CI === 'true';
@@ -72,6 +73,11 @@ function isExec(f: string): boolean {
   } catch {
     return false;
   }
+}
+
+/** The Chromium to drive with playwright-core: $CHROMIUM_PATH, or chromium / chromium-browser in PATH. */
+export function chromiumPath(): string | undefined {
+  return process.env.CHROMIUM_PATH ? which(process.env.CHROMIUM_PATH) : (which('chromium') ?? which('chromium-browser'));
 }
 
 const cache = new Map<string, string | null>(); // requirement -> reason (null = ok)
@@ -136,6 +142,15 @@ function checkOne(req: string, ns: string | undefined): string | null {
       return checkRoot();
     case 'ipv6':
       return existsSync('/proc/net/if_inet6') ? null : 'kernel has no IPv6';
+    case 'chromium': {
+      if (!chromiumPath()) return "no Chromium: 'chromium' not found in PATH (apt-get install chromium, or set CHROMIUM_PATH)";
+      try {
+        import.meta.resolve('playwright-core');
+      } catch {
+        return "the playwright-core package is not installed (npm ci)";
+      }
+      return null;
+    }
     case 'netns': {
       const r = checkRoot();
       if (r) return `netns: ${r}`;

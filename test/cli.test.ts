@@ -1,0 +1,298 @@
+/**
+ * The operator's commands of ban.ts as real processes against a real hub on loopback: list
+ * (table and JSON), status, unban --all-nodes, import of Fail2Ban's three outputs, and a real
+ * Fail2Ban restart whose restored ban keeps its original end.
+ */
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { countKernelEntries, formatBanTable, formatDuration, kernelCountCommands, parseArgs, parseImport, type BanList } from "../ban.ts";
+import { REPO_DIR, startFail2ban } from "./lib/fail2ban.ts";
+import { enrol, rows, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import { stopAll, REPO_ROOT } from "./lib/proc.ts";
+import { needs } from "./lib/skip.ts";
+
+const TSX = import.meta.resolve("tsx");
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.on("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Runs ban.ts to completion with stdout and stderr apart. */
+function runCli(args: string[], input?: string): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = execFile(process.execPath, ["--import", TSX, join(REPO_ROOT, "ban.ts"), ...args], { cwd: REPO_ROOT, timeout: 120_000, maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === "number" ? err.code : 1) : 0, stdout, stderr });
+    });
+    child.stdin!.end(input ?? "");
+  });
+}
+
+/** `YYYY-MM-DD HH:MM:SS` in local time, as Fail2Ban prints times. */
+function f2bTime(ms: number): string {
+  const d = new Date(ms);
+  const p = (n: number) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
+describe("ban.ts pure helpers", () => {
+  test("parseImport() reads the three Fail2Ban outputs, one error per bad line", () => {
+    const now = 1_800_000_000_000;
+    const d = { jail: "sshd", bantime: 600, now };
+    const literal = parseImport("[{'sshd': ['192.0.2.1', '198.51.100.7']}, {'recidive': ['192.0.2.1', 'nope']}, {'x': []}]\n", d);
+    assert.equal(literal.errors.length, 1);
+    assert.match(literal.errors[0], /^line 1: .*"nope"/);
+    assert.deepEqual(literal.items.map((x) => [x.ip, x.jail, x.bantime, x.detectedAt]).sort(), [["192.0.2.1", "sshd", 600, now], ["198.51.100.7", "sshd", 600, now]]);
+    const start = now - 3_600_000;
+    const timed = parseImport(`192.0.2.9 \t${f2bTime(start)} + 86400 = x\n`.replace(" = x", ` = ${f2bTime(start + 86_400_000)}`) + `192.0.2.10 \t${f2bTime(start)} + -1 = 9999-12-31 23:59:59\n192.0.2.11 \t${f2bTime(start)} + 60 = ${f2bTime(start + 60_000)}\n`, d);
+    assert.deepEqual(timed.errors, []);
+    assert.equal(timed.over, 1, "the ban that ended is skipped and counted");
+    assert.deepEqual(timed.items.map((x) => [x.ip, x.bantime, x.detectedAt]), [["192.0.2.9", 86400, start], ["192.0.2.10", -1, start]]);
+    const plain = parseImport("# a comment\n192.0.2.20\n\n2001:DB8::1 192.0.2.21 # two\nfoo\n127.0.0.1\n", d);
+    assert.deepEqual(plain.items.map((x) => x.ip), ["192.0.2.20", "2001:db8::1", "192.0.2.21"]);
+    assert.equal(plain.errors.length, 2);
+    assert.match(plain.errors[0], /^line 5: Expected addresses/);
+    assert.match(plain.errors[1], /^line 6: .*loopback/);
+    assert.match(parseImport("[{'sshd': ['192.0.2.1']", d).errors[0], /^line 1: Expected/);
+  });
+
+  test("parseArgs() takes a restored ban's rounded <time> as the earliest time that rounds to it", () => {
+    const base = ["--hub", "ws://127.0.0.1:1", "--token-file", "/t"];
+    const fresh = parseArgs(["ban", "192.0.2.1", "--time", "1799999999.764", ...base], {}, {}, 1_800_000_000_000);
+    const restored = parseArgs(["ban", "192.0.2.1", "--time", "1800000000", "--restored", "1", ...base], {}, {}, 1_800_000_000_000);
+    assert.ok(fresh !== "help" && restored !== "help");
+    assert.equal(fresh.detectedAt, 1_799_999_999_764);
+    assert.equal(restored.detectedAt, 1_799_999_999_500);
+    assert.ok(restored.detectedAt <= fresh.detectedAt, "a restored ban is never newer than the original");
+    assert.throws(() => parseArgs(["ban", "192.0.2.1", "--restored", "yes", ...base]), /--restored/);
+    assert.throws(() => parseArgs(["ban", "192.0.2.1", "--json", ...base]), /--json with ban/);
+    assert.throws(() => parseArgs(["list", ...base]), /ban or unban/);
+  });
+
+  test("formatBanTable() lists addresses newest first with time left by the hub's clock", () => {
+    const list: BanList = {
+      hub: "h",
+      seq: "3",
+      now: 1_000_000,
+      count: 2,
+      bans: [
+        { ip: "192.0.2.1", nodes: 2, claims: [{ origin: "a", jail: "sshd", until: 1_600_000, detectedAt: 1000, seq: "1" }, { origin: "b", jail: "sshd", until: null, detectedAt: 3000, seq: "2" }] },
+        { ip: "192.0.2.2", nodes: 1, claims: [{ origin: "a", jail: "sshd", until: 1_060_000, detectedAt: 2000, seq: "3" }] },
+      ],
+    };
+    const lines = formatBanTable(list).trimEnd().split("\n");
+    assert.match(lines[0], /^ADDRESS\s+NODES\s+ORIGIN\s+JAIL\s+DETECTED \(UTC\)\s+LEFT$/);
+    assert.match(lines[1], /^192\.0\.2\.1\s+2\s+b\s+sshd\s+.*permanent$/);
+    assert.match(lines[2], /^\s+a\s+sshd\s+.*10m00s$/);
+    assert.match(lines[3], /^192\.0\.2\.2\s+1\s+a\s+.*1m00s$/);
+    assert.match(lines[4], /^2 address\(es\) blocked, 3 claim\(s\)/);
+    assert.equal(formatDuration(90_061_000), "1d01h");
+  });
+
+  test("countKernelEntries() reads what the agent's backend sets hold", () => {
+    assert.deepEqual(kernelCountCommands("ipset", "banshare"), [["ipset", "list", "-terse", "banshare-v4"], ["ipset", "list", "-terse", "banshare-v6"]]);
+    assert.equal(countKernelEntries("ipset", "Name: banshare-v4\nType: hash:net\nSize in memory: 552\nReferences: 1\nNumber of entries: 57\n"), 57);
+    assert.equal(countKernelEntries("nftables", JSON.stringify({ nftables: [{ metainfo: {} }, { set: { name: "v4", elem: [{ elem: { val: "192.0.2.1" } }, { elem: { val: "192.0.2.9" } }] } }] })), 2);
+    assert.equal(countKernelEntries("nftables", JSON.stringify({ nftables: [{ metainfo: {} }, { set: { name: "v6" } }] })), 0);
+    assert.equal(countKernelEntries("iptables", "-N banshare\n-A banshare -s 198.51.100.0/24 -j RETURN\n-A banshare -s 192.0.2.1/32 -j DROP\n"), 1);
+    assert.throws(() => countKernelEntries("ipset", "ipset v7.17: The set with the given name does not exist"), /Number of entries/);
+  });
+});
+
+describe("ban.ts list, status, unban --all-nodes and import against a real hub", () => {
+  let dir: string;
+  let tokens: Record<string, string>;
+  let hub: HubProc;
+  const hubCsv = () => join(dir, "hub.csv");
+  const cli = (node: string, ...args: string[]) => runCli([...args, "--hub", hub.url, "--token-file", tokens[node], "--timeout", "5"]);
+  const cliIn = (node: string, input: string, ...args: string[]) => runCli([...args, "--hub", hub.url, "--token-file", tokens[node], "--timeout", "5"], input);
+  const list = async (): Promise<BanList> => {
+    const r = await cli("root", "list", "--json");
+    assert.equal(r.code, 0, r.stderr);
+    return JSON.parse(r.stdout) as BanList;
+  };
+  const claimsOf = (l: BanList, ip: string) => l.bans.find((b) => b.ip === ip)?.claims ?? [];
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "banshare-cli-"));
+    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["f2b", "node"], ["watcher", "reader"], ["root", "admin"]]);
+    hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--csv", hubCsv(), "--listen", `127.0.0.1:${await freePort()}`]);
+  });
+
+  after(async () => {
+    await stopAll();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  test("list shows every node's claims, newest first, as a table and as the hub's JSON", async () => {
+    const t0 = Math.floor(Date.now() / 1000) - 60;
+    for (const [node, ip, bantime, time] of [["web1", "203.0.113.7", 600, t0], ["web2", "203.0.113.7", 1200, t0 + 1], ["web2", "198.51.100.23", -1, t0 + 2]] as const) {
+      const r = await runCli(["ban", ip, "--bantime", String(bantime), "--time", String(time), "--hub", hub.url, "--token-file", tokens[node], "--spool", join(dir, "spool")]);
+      assert.equal(r.code, 0, r.stderr);
+    }
+    const l = await list();
+    const a = l.bans.find((b) => b.ip === "203.0.113.7")!;
+    assert.equal(a.nodes, 2);
+    assert.deepEqual(a.claims.map((c) => [c.origin, c.jail, c.detectedAt, c.until]).sort(), [["web1", "sshd", t0 * 1000, t0 * 1000 + 600_000], ["web2", "sshd", (t0 + 1) * 1000, (t0 + 1) * 1000 + 1_200_000]]);
+    assert.ok(a.claims.every((c) => /^\d+$/.test(c.seq)));
+    assert.deepEqual(claimsOf(l, "198.51.100.23").map((c) => [c.origin, c.until]), [["web2", null]]);
+    assert.equal(l.count, l.bans.length);
+
+    const text = await cli("root", "list");
+    assert.equal(text.code, 0, text.stderr);
+    const lines = text.stdout.trimEnd().split("\n");
+    const at = (ip: string) => lines.findIndex((x) => x.startsWith(ip));
+    assert.ok(at("198.51.100.23") > 0 && at("198.51.100.23") < at("203.0.113.7"), `newest first:\n${text.stdout}`);
+    assert.match(lines[at("203.0.113.7")], /^203\.0\.113\.7\s+2\s+web2\s+sshd\s+\S+ \S+\s+\d+m\d\ds$/);
+    assert.match(lines[at("203.0.113.7") + 1], /^\s+web1\s+sshd\s/);
+    assert.match(lines[at("198.51.100.23")], /permanent$/);
+    assert.match(lines.at(-1)!, /address\(es\) blocked/);
+  });
+
+  test("list is refused for a node's token, with the hub's reason", async () => {
+    const r = await cli("web1", "list");
+    assert.equal(r.code, 1);
+    assert.equal(r.stdout, "");
+    assert.match(r.stderr, /^ban\.ts: hub refused: forbidden: Only an admin can list/);
+    assert.equal(r.stderr.trim().split("\n").length, 1);
+    assert.ok(rows(hubCsv(), "REJECT", "").some((x) => x.origin === "web1" && /forbidden/.test(x.detail)));
+  });
+
+  test("status reports the hub, the node, the agent's cursor and the fleet counts; exit 1 when the hub is stopped", async () => {
+    const state = join(dir, "web1-agent.state");
+    const agent = await startAgentProc("web1", ["--hub", hub.url, "--token-file", tokens.web1, "--backend", "dry-run", "--state", state]);
+    await waitFor(() => existsSync(state), "the agent to save its state");
+    const whoami = await (await fetch(hub.url.replace("ws", "http") + "/v1/whoami", { headers: { authorization: `Bearer ${readFileSync(tokens.web1, "utf8").trim()}` } })).json();
+    assert.equal(whoami.node, "web1");
+    const r = await cli("web1", "status", "--state", state, "--backend", "dry-run");
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.match(r.stdout, new RegExp(`^hub:\\s+${hub.url} reachable, \\d+ ms round trip; hub id ${whoami.hub}, seq \\d+$`, "m"));
+    assert.match(r.stdout, /^node:\s+web1 \(role node\)$/m);
+    assert.match(r.stdout, new RegExp(`^fleet:\\s+${whoami.blocked} address\\(es\\) blocked by ${whoami.claims} claim\\(s\\); ${whoami.blockedByOthers} by other nodes`, "m"));
+    assert.match(r.stdout, new RegExp(`^agent:\\s+cursor ${whoami.hub}:\\d+, \\d+ claim\\(s\\); \\d+ event\\(s\\) behind the hub \\(${state.replace(/[.]/g, "\\.")}`, "m"));
+    assert.match(r.stdout, /^kernel:\s+dry-run backend/m);
+    await agent.stop("SIGTERM", 5000);
+
+    const gone = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", "127.0.0.1:0"]);
+    await gone.proc.stop("SIGTERM", 5000);
+    const down = await runCli(["status", "--backend", "dry-run", "--hub", gone.url, "--token-file", tokens.web1, "--timeout", "2"]);
+    assert.equal(down.code, 1);
+    assert.match(down.stdout, new RegExp(`^hub:\\s+${gone.url} unreachable: .*ECONNREFUSED`, "m"));
+    assert.doesNotMatch(down.stdout, /^node:/m);
+  });
+
+  test("unban --all-nodes by an admin lifts every node's claim; a node's is refused and not spooled", async () => {
+    const ip = "192.0.2.99";
+    for (const node of ["web1", "web2"]) assert.equal((await cli(node, "ban", ip, "--spool", join(dir, "spool"))).code, 0);
+    assert.equal(claimsOf(await list(), ip).length, 2);
+    const spool = join(dir, "web1-all-spool");
+    const refused = await cli("web1", "unban", ip, "--all-nodes", "--spool", spool);
+    assert.equal(refused.code, 1);
+    assert.match(refused.stderr, /forbidden: Only an admin can unban for every node/);
+    assert.equal(existsSync(spool), false, "a refused admin unban was spooled");
+    assert.equal(claimsOf(await list(), ip).length, 2);
+    const ok = await cli("root", "unban", ip, "--all-nodes");
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.deepEqual(claimsOf(await list(), ip), []);
+    assert.ok(rows(hubCsv(), "RECEIVE", ip).some((x) => x.origin === "*"));
+  });
+
+  test("import of `fail2ban-client banned` output publishes each jail's addresses with --bantime", async () => {
+    const before = Date.now();
+    const r = await cliIn("web1", "[{'sshd': ['192.0.2.1', '198.51.100.7']}, {'recidive': ['198.51.100.8', '999.1.1.1']}, {'empty': []}]\n", "import", "-", "--bantime", "3600");
+    assert.equal(r.code, 1, "a bad address makes the exit 1");
+    assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+    assert.match(r.stderr, /^ban\.ts: import: line 1: .*"999\.1\.1\.1"/);
+    assert.match(r.stdout, /^imported 3 of 3 ban\(s\) to .* as web1 \(1 bad line\(s\)\)$/m);
+    const l = await list();
+    for (const [ip, jail] of [["192.0.2.1", "sshd"], ["198.51.100.7", "sshd"], ["198.51.100.8", "recidive"]]) {
+      const [c] = claimsOf(l, ip);
+      assert.equal(c?.origin, "web1", ip);
+      assert.equal(c.jail, jail);
+      assert.ok(c.detectedAt >= before - 1000 && c.detectedAt <= Date.now());
+      assert.equal(c.until! - c.detectedAt, 3_600_000);
+    }
+  });
+
+  test("import of `get JAIL banip --with-time` output keeps each ban's original start and bantime; a second import changes nothing", async () => {
+    const start = Math.floor(Date.now() / 1000) * 1000 - 7_200_000;
+    const input = [
+      `192.0.2.40 \t${f2bTime(start)} + 86400 = ${f2bTime(start + 86_400_000)}`,
+      `192.0.2.41 \t${f2bTime(start + 1000)} + -1 = 9999-12-31 23:59:59`,
+      `192.0.2.42 \t${f2bTime(start)} + 600 = ${f2bTime(start + 600_000)}`,
+      "",
+    ].join("\n");
+    const file = join(dir, "with-time.txt");
+    await writeFile(file, input);
+    const r = await cli("web2", "import", file, "--jail", "recidive");
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /^imported 2 of 2 ban\(s\) .* \(1 already over, skipped\)$/m);
+    const l = await list();
+    assert.deepEqual(claimsOf(l, "192.0.2.40").map((c) => [c.origin, c.jail, c.detectedAt, c.until]), [["web2", "recidive", start, start + 86_400_000]]);
+    assert.deepEqual(claimsOf(l, "192.0.2.41").map((c) => [c.detectedAt, c.until]), [[start + 1000, null]]);
+    assert.deepEqual(claimsOf(l, "192.0.2.42"), [], "a ban that already ended was imported");
+    const again = await cli("web2", "import", file, "--jail", "recidive");
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal((await list()).seq, l.seq, "importing the same bans again changed the hub");
+  });
+
+  test("import of a plain address list takes --bantime and now; bad lines are reported and the rest imported", async () => {
+    const r = await cliIn("web1", "# from the old blocklist\n192.0.2.60\n\n2001:db8::60  # v6\nnot-an-address\n192.0.2.61\n", "import", "--bantime", "900");
+    assert.equal(r.code, 1);
+    assert.deepEqual(r.stderr.trim().split("\n").map((x) => x.replace(/: Expected.*/, "")), ["ban.ts: import: line 5"]);
+    assert.match(r.stdout, /^imported 3 of 3 ban\(s\)/m);
+    const l = await list();
+    for (const ip of ["192.0.2.60", "2001:db8::60", "192.0.2.61"]) {
+      const [c] = claimsOf(l, ip);
+      assert.equal(c?.until! - c.detectedAt, 900_000, ip);
+    }
+    const reader = await cliIn("watcher", "192.0.2.62\n", "import");
+    assert.equal(reader.code, 1);
+    assert.match(reader.stderr, /reader role and cannot publish; nothing imported/);
+  });
+
+  test("a ban Fail2Ban restores after a restart keeps its original detection time and end", needs(["root", "fail2ban-server", "fail2ban-client"], "fail2ban"), async () => {
+    const ip = "192.0.2.77";
+    const config = join(dir, "f2b-ban.json");
+    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.f2b, timeout: 5, spool: join(dir, "f2b-spool") }));
+    const record = join(dir, "f2b-record.txt");
+    const opts = {
+      dir: join(dir, "f2b"),
+      logFile: join(dir, "f2b-sshd.log"),
+      bantime: 600,
+      db: "file" as const,
+      actions: `banshare[banshare_dir=${REPO_DIR}, node=${process.execPath}, config=${config}]\nrecord[file=${record}]`,
+    };
+    let f2b = await startFail2ban(opts);
+    try {
+      await f2b.client(["set", f2b.jail, "banip", ip]);
+      const [first] = claimsOf(await list(), ip);
+      assert.equal(first?.origin, "f2b");
+      assert.equal(first.until! - first.detectedAt, 600_000);
+      // Restart a second later: a ban re-sent with "now" would start (and end) later.
+      await new Promise((r) => setTimeout(r, 1500));
+      await f2b.stop();
+      f2b = await startFail2ban(opts);
+      await waitFor(() => existsSync(record) && readFileSync(record, "utf8").includes(`ban ${ip} sshd 600 1`), "Fail2Ban to restore the ban", 20_000);
+      // (Not any ERROR: the helper's readiness poll may ask for the jail before it exists.)
+      assert.doesNotMatch(readFileSync(f2b.logTarget, "utf8"), /ERROR\s.*(banshare|Failed to execute|returned \d)/, "the banshare action failed on the restored ban");
+      assert.equal(existsSync(join(dir, "f2b-spool")), false, "the restored ban was spooled, not sent");
+      assert.deepEqual(claimsOf(await list(), ip), [first], "the restored ban changed the claim");
+      assert.equal(rows(hubCsv(), "RECEIVE", ip).length, 1, "the restored ban was taken as a new one");
+    } finally {
+      await f2b.stop();
+    }
+  });
+});
