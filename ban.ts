@@ -29,7 +29,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
 import type { Agent, IncomingMessage } from "node:http";
-import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type UnbanFrame } from "./messages.ts";
+import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type BanList, type ListedBan, type UnbanFrame } from "./messages.ts";
 
 /** Default spool directory, shared with the agent's --spool. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
@@ -357,33 +357,6 @@ export async function spool(dir: string, frame: BanFrame | UnbanFrame): Promise<
 // ---------------------------------------------------------------------------------------------
 // The operator's commands: list, status, import. They are run by hand, not by Fail2Ban, so what
 // they need beyond the sender (child_process, a keep-alive agent) is imported inside them.
-
-/** One live claim on an address, as `GET /v1/bans` lists it. */
-export interface ListedClaim {
-  origin: string;
-  jail: string;
-  until: number | null;
-  detectedAt: number;
-  seq: string;
-  /** Held back from the fleet by the hub's --quorum. */
-  held?: boolean;
-}
-
-/** One blocked address, as `GET /v1/bans` lists it. */
-export interface ListedBan {
-  ip: string;
-  nodes: number;
-  claims: ListedClaim[];
-}
-
-/** The document `GET /v1/bans` answers; `now` is the hub's clock. */
-export interface BanList {
-  hub: string;
-  seq: string;
-  now: number;
-  bans: ListedBan[];
-  count: number;
-}
 
 /** What `GET /v1/whoami` answers. */
 export interface WhoAmI {

@@ -54,6 +54,7 @@ import {
   type AppliedRecord,
   type ErrorCode,
   type FleetEvent,
+  type ListedClaim,
   type HubFrame,
   type StatusBan,
   type StatusFrame,
@@ -323,16 +324,6 @@ export function mergeHubClaim(claims: Claims, e: FleetEvent): boolean {
  */
 export function escalatedSeconds(bantime: number, priors: number, factor: number, maxSeconds: number): number {
   return Math.max(bantime, Math.min(maxSeconds, bantime * factor ** Math.min(priors, 64)));
-}
-
-/** One live ban claim as `GET /v1/bans` lists it; `held` while `--quorum` keeps it from the fleet. */
-export interface ListedClaim {
-  origin: string;
-  jail: string;
-  until: number | null;
-  detectedAt: number;
-  seq: string;
-  held?: boolean;
 }
 
 /**

@@ -193,6 +193,32 @@ export interface StatusBan {
   escalation?: number;
 }
 
+/** One live ban claim, as `GET /v1/bans` lists it; `held` while `--quorum` keeps it from the fleet. */
+export interface ListedClaim {
+  origin: string;
+  jail: string;
+  until: number | null;
+  detectedAt: number;
+  seq: string;
+  held?: boolean;
+}
+
+/** One blocked address, as `GET /v1/bans` lists it. */
+export interface ListedBan {
+  ip: string;
+  nodes: number;
+  claims: ListedClaim[];
+}
+
+/** The document `GET /v1/bans` answers; `now` is the hub's clock. */
+export interface BanList {
+  hub: string;
+  seq: string;
+  now: number;
+  bans: ListedBan[];
+  count: number;
+}
+
 /** One response time an agent reported: detection to applied on `node`, ms. */
 export interface StatusRt {
   node: string;

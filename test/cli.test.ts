@@ -7,28 +7,17 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { countKernelEntries, formatBanTable, formatDuration, kernelCountCommands, parseArgs, parseImport, type BanList } from "../ban.ts";
+import { countKernelEntries, formatBanTable, formatDuration, kernelCountCommands, parseArgs, parseImport } from "../ban.ts";
+import type { BanList } from "../messages.ts";
 import { REPO_DIR, startFail2ban } from "./lib/fail2ban.ts";
-import { enrol, rows, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import { enrol, freePort, rows, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
 import { stopAll, REPO_ROOT } from "./lib/proc.ts";
 import { needs } from "./lib/skip.ts";
 
 const TSX = import.meta.resolve("tsx");
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.on("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** Runs ban.ts to completion with stdout and stderr apart. */
 function runCli(args: string[], input?: string): Promise<{ code: number; stdout: string; stderr: string }> {
