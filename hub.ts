@@ -189,7 +189,7 @@ export function parseListen(s: string): { host: string; port: number } {
   return { host: m[1] || m[2] || "127.0.0.1", port };
 }
 
-const POSITION_RE = /^(\d{1,15})(?:-(\d{1,15}))?$/;
+const POSITION_RE = /^0*(\d{1,15})(?:-0*(\d{1,15}))?$/;
 
 /** True when `s` is a position in the event stream: a journal seq (`42`) or a Redis stream entry ID (`1718000000000-3`). */
 export function isPosition(s: string): boolean {
@@ -1012,7 +1012,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     if (!shared) {
       // Only what is durable (`claims` up to `durableSeq`): an event still on its way to the disk
       // reaches the agent by relay once it is there, and never if a crash takes it back.
-      resumeFrom = cursor && cursor.hub === store.hubId && /^\d+$/.test(cursor.seq) && comparePositions(cursor.seq, durableSeq) <= 0 ? cursor.seq : undefined;
+      resumeFrom = cursor && cursor.hub === store.hubId && /^\d+$/.test(cursor.seq) && isPosition(cursor.seq) && comparePositions(cursor.seq, durableSeq) <= 0 ? cursor.seq : undefined;
     } else if (cursor && cursor.hub === store.hubId && isPosition(cursor.seq)) {
       // Every hub reads the same stream, so a cursor from any of them is good here, unless the
       // stream was trimmed past it: then it may have missed an event nobody can replay. A cursor
