@@ -1,5 +1,5 @@
 /**
- * Benchmark 6 (issue "Beyond one hub"): several hubs on one Redis.
+ * Benchmark 7 (issue "Beyond one hub"): several hubs on one Redis.
  *
  * a) Relay latency, ban sender -> applied by real agents (dry-run, `startAgent()` in a worker),
  *    for three set-ups in the same run: one hub with its journal (the single-hub figure), one hub
@@ -23,7 +23,7 @@ import { freePort } from "../lib/redis.ts";
 import { enrolMany, fmt, mib, nowMs, sleep, stats, statsHeader, statsRow, watchProc } from "./lib.ts";
 import { until } from "./fleet.ts";
 
-export const title = "6. Several hubs on Redis: relay across hubs, and 3 hubs x 300 agents under 1,000 events/s";
+export const title = "7. Several hubs on Redis: relay across hubs, and 3 hubs x 300 agents under 1,000 events/s";
 
 async function startRedis(dir: string): Promise<{ url: string; proc: Proc }> {
   const port = await freePort();
