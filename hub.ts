@@ -9,6 +9,10 @@
  * accepted event to its journal and fsyncs before it acks, and pushes each event to every
  * other node's agents. `GET /healthz` and `GET /metrics` answer on the same port.
  *
+ * With `--store redis://HOST:PORT/DB` the events go to a Redis stream instead of the journal, and
+ * several hubs on one Redis serve one fleet: each relays every event in the stream to its own
+ * agents, and an agent's cursor is valid on every one of them (README, "Running several hubs").
+ *
  * @module
  */
 
@@ -100,6 +104,12 @@ export interface HubOptions {
   quorum?: number;
   /** Nodes whose bans are relayed at once whatever --quorum says. */
   trusted?: string[];
+  /** Shared store, `redis://`, `rediss://` or `redis-sentinel://` URL: events in a Redis stream instead of the journal. */
+  store?: string;
+  /** Redis mode: entries the stream keeps at most (trimmed approximately, by whole stream nodes). */
+  streamMaxLen: number;
+  /** Redis mode: entries older than this are trimmed, in ms. */
+  streamMaxAgeMs: number;
   log: (line: string) => void;
 }
 
@@ -123,8 +133,12 @@ const STATUS_INTERVAL_MS = 1000;
 const RT_RING = 200;
 const STATUS_RT_WINDOW_MS = 15 * 60 * 1000;
 const MAX_STATUS_EVENTS = 200;
-const HUB_FLAGS = ["config", "tokens", "listen", "state", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
+
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
+/** A week of a busy fleet (one event a second on average, bursts included) fits in it. */
+const DEFAULT_STREAM_MAX_LEN = 1_000_000;
+const DEFAULT_STREAM_MAX_AGE_H = 7 * 24;
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers
@@ -269,8 +283,28 @@ export function parseListen(s: string): { host: string; port: number } {
   return { host: m[1] || m[2] || "127.0.0.1", port };
 }
 
+const POSITION_RE = /^0*(\d{1,15})(?:-0*(\d{1,15}))?$/;
+
+/** True when `s` is a position in the event stream: a journal seq (`42`) or a Redis stream entry ID (`1718000000000-3`). */
+export function isPosition(s: string): boolean {
+  return POSITION_RE.test(s);
+}
+
+/**
+ * Compares two positions: negative when `a` comes first, 0 when equal, positive after. A journal
+ * seq `N` is `N-0`; a stream ID compares by its milliseconds, then by its sequence number. Every
+ * comparison of a seq or a cursor goes through here (a plain string or Number() comparison is
+ * wrong for stream IDs: "999-0" < "1000-0").
+ */
+export function comparePositions(a: string, b: string): number {
+  const x = POSITION_RE.exec(a);
+  const y = POSITION_RE.exec(b);
+  if (!x || !y) throw new Error(`Expected positions as N or MS-N, got ${JSON.stringify(x ? b : a)}`);
+  return Number(x[1]) - Number(y[1]) || Number(x[2] ?? 0) - Number(y[2] ?? 0);
+}
+
 /** Turns an accepted ban or unban frame into the event the fleet stores, given the claims it joins. */
-export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number, claims: Claims, now: number): FleetEvent {
+export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | string, claims: Claims, now: number): FleetEvent {
   const byOrigin = claims.get(f.ip);
   const isAll = f.type === "unban" && f.all === true;
   const previous = isAll ? blockedUntil(byOrigin, now) : byOrigin?.get(origin)?.kind === "ban" ? byOrigin.get(origin)!.until : undefined;
@@ -292,16 +326,16 @@ export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number, c
  * `afterSeq`, only those accepted after it. Claims are last-writer-wins, so the newest event
  * per (ip, origin) is all a resuming agent lacks; superseded and expired ones need no resend.
  */
-export function syncEvents(claims: Claims, node: string, afterSeq: number | undefined, now: number): FleetEvent[] {
+export function syncEvents(claims: Claims, node: string, afterSeq: string | undefined, now: number): FleetEvent[] {
   const out: FleetEvent[] = [];
   for (const byOrigin of claims.values()) {
     for (const e of byOrigin.values()) {
       if (e.origin === node || e.held || (e.until !== null && e.until <= now)) continue;
-      if (afterSeq !== undefined && Number(e.seq) <= afterSeq) continue;
+      if (afterSeq !== undefined && comparePositions(e.seq, afterSeq) <= 0) continue;
       out.push(e);
     }
   }
-  return out.sort((a, b) => Number(a.seq) - Number(b.seq));
+  return out.sort((a, b) => comparePositions(a.seq, b.seq));
 }
 
 /**
@@ -424,7 +458,7 @@ interface JournalHooks {
   fatal: (e: Error) => void;
 }
 
-class Journal {
+class Journal implements Store {
   private fh?: FileHandle;
   private pending: FleetEvent[] = [];
   private waiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
@@ -567,6 +601,379 @@ class Journal {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Shared store: a Redis stream of events and a hash of claims, for several hubs
+
+/** What every store gives the hub: the id cursors carry, a barrier before ack-less answers, close. */
+interface Store {
+  /** The `hub` of a cursor: the journal's own id, or the fleet id every hub on one Redis shares. */
+  readonly hubId: string;
+  /** Resolves once everything accepted so far is durable. */
+  barrier(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Where a `--store` URL points: one Redis, or the master a set of Sentinels names. */
+export interface RedisTarget {
+  /** URL for the Redis client (the master's, once Sentinels named it). */
+  url?: string;
+  sentinels?: Array<{ host: string; port: number }>;
+  master?: string;
+  username?: string;
+  password?: string;
+  db: number;
+  tls: boolean;
+  /** The URL without its password, for logs. */
+  display: string;
+}
+
+/**
+ * Parses `--store`: `redis://[USER:PASS@]HOST:PORT[/DB]`, `rediss://...` (TLS), or
+ * `redis-sentinel://[USER:PASS@]HOST:PORT,HOST:PORT/MASTER[/DB]`. Throws with one sentence.
+ */
+export function parseStoreUrl(s: string): RedisTarget {
+  const m = /^(redis|rediss|redis-sentinel):\/\/(?:([^:@/]*)(?::([^@/]*))?@)?([^/@]+?)(?:\/([^/]*))?(?:\/(\d+))?\/?$/.exec(s);
+  const bad = () => new Error(`Expected --store as redis://HOST:PORT/DB, rediss://HOST:PORT/DB or redis-sentinel://HOST:PORT,HOST:PORT/MASTER/DB, got ${JSON.stringify(s.replace(/:[^:@/]*@/, ":***@"))}`);
+  if (!m) throw bad();
+  const [, scheme, user, pass, hosts, fifth, sixth] = m;
+  const username = user ? decodeURIComponent(user) : undefined;
+  const password = pass !== undefined ? decodeURIComponent(pass) : undefined;
+  const display = s.replace(/:[^:@/]*@/, ":***@");
+  const hostPort = (h: string) => {
+    const hm = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?$/.exec(h);
+    if (!hm) throw bad();
+    return { host: hm[1].replace(/^\[|\]$/g, ""), port: Number(hm[2] ?? (scheme === "redis-sentinel" ? 26379 : 6379)) };
+  };
+  if (scheme === "redis-sentinel") {
+    if (!fifth || !/^[A-Za-z0-9_.-]+$/.test(fifth)) throw bad();
+    return { sentinels: hosts.split(",").map(hostPort), master: fifth, username, password, db: Number(sixth ?? 0), tls: false, display };
+  }
+  if (sixth !== undefined || hosts.includes(",") || (fifth !== undefined && fifth !== "" && !/^\d+$/.test(fifth))) throw bad();
+  hostPort(hosts);
+  return { url: s, username, password, db: Number(fifth || 0), tls: scheme === "rediss", display };
+}
+
+/** The keys of one fleet; one hash tag, so that on a Redis Cluster they share a slot (one Lua script touches them all). */
+const REDIS_KEYS = { events: "banshare:{fleet}:events", claims: "banshare:{fleet}:claims", id: "banshare:{fleet}:id", lock: "banshare:{fleet}:prune-lock" };
+
+/**
+ * Appends one event unless the claim stored for its (ip, origin) is as new or newer (the merge
+ * rule of messages.ts: detectedAt, then id in byte order), all in one step, so two hubs accepting
+ * for the same claim at once cannot leave the hash holding the older one. Stream entry and claim
+ * are written together: the entry ID is the event's seq, put into the claim's JSON here.
+ * Returns {1, id} when appended, {0, seq of the stored claim} when not.
+ */
+const APPEND_LUA = `
+local function newer(at, id, oat, oid)
+  if at ~= oat then return at > oat end
+  local n = math.min(#id, #oid)
+  for i = 1, n do
+    local x, y = string.byte(id, i), string.byte(oid, i)
+    if x ~= y then return x > y end
+  end
+  return #id > #oid
+end
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if old then
+  local oat = tonumber(string.match(old, '"detectedAt":(%d+)'))
+  local oid = string.match(old, '"id":"([^"]*)"')
+  if oat and oid and not newer(tonumber(ARGV[3]), ARGV[4], oat, oid) then
+    return {0, string.match(old, '^{"seq":"([^"]*)"')}
+  end
+end
+local pos = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], '{"seq":"' .. pos .. '",' .. string.sub(ARGV[2], 2))
+return {1, pos}
+`;
+
+/** Deletes the expired claims it is given (field, value pairs), each only if it still holds that value. */
+const PRUNE_LUA = `
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+`;
+
+/** The subset of a node-redis client the store uses. */
+interface RedisClient {
+  connect(): Promise<unknown>;
+  sendCommand(args: string[]): Promise<unknown>;
+  destroy(): void;
+  on(event: "error", fn: (e: Error) => void): unknown;
+}
+
+/**
+ * Callbacks the Redis store makes: events read from the stream, in order; claims a reload of the
+ * hash found newer than the hub's (after the stream was trimmed past the reader); each claim of
+ * the first snapshot.
+ */
+interface RedisHooks {
+  events: (events: FleetEvent[]) => void;
+  repaired: (events: FleetEvent[]) => void;
+  claim: (e: FleetEvent) => void;
+  log: (line: string) => void;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms).unref());
+}
+
+/** Rejects with `what` if `p` has not settled within `ms` (a Redis host gone silent never answers). */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout;
+  return Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: no answer from Redis within ${ms} ms`)), ms)))]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Redis Streams store: every hub appends to one stream and reads it all (XREAD BLOCK), so every
+ * hub relays every event, whichever hub accepted it. Claims live in one hash, written with the
+ * stream entry, so a hub starting (or a hub whose agents need a full sync) has the fleet state.
+ * One reading loop owns the connections: it (re)connects with backoff, re-resolving the master
+ * through the Sentinels, and resumes XREAD after the last entry it handed on.
+ */
+class RedisStore implements Store {
+  hubId = "";
+  /** ID of the last stream entry handed to `hooks.events`: what this hub's agents have been sent. */
+  position = "0-0";
+  /** The oldest cursor that resumes: the first entry the stream kept once trimmed ("0-0" before). */
+  private trimmed = "0-0";
+  up = false;
+  private cmd?: RedisClient;
+  private reader?: RedisClient;
+  private closing = false;
+  private loop?: Promise<void>;
+  private wake?: () => void;
+  private timer?: NodeJS.Timeout;
+  private sha = { append: "" };
+
+  private constructor(
+    private readonly target: RedisTarget,
+    private readonly maxLen: number,
+    private readonly maxAgeMs: number,
+    private readonly hooks: RedisHooks,
+    private readonly createClient: (o: object) => RedisClient,
+  ) {}
+
+  /**
+   * Connects, takes (or creates) the fleet id, loads the claims hash into the hub's claims and
+   * starts reading the stream after the point the snapshot is sure to cover. Throws if Redis
+   * cannot be reached at start: a hub without its store would serve an empty fleet state.
+   */
+  static async open(url: string, maxLen: number, maxAgeMs: number, hooks: RedisHooks): Promise<RedisStore> {
+    const target = parseStoreUrl(url);
+    // Loaded here only: a single-hub fleet on its journal never loads the Redis client.
+    const { createClient } = await import("redis");
+    const store = new RedisStore(target, maxLen, maxAgeMs, hooks, (o) => createClient(o) as unknown as RedisClient);
+    await store.connect();
+    const cmd = store.cmd!;
+    // Snapshot: the stream's last ID first, then the claims. The hash may hold claims newer than
+    // that ID too; reading the stream from it merges them again, which changes nothing.
+    store.position = await store.streamInfo(true);
+    let count = 0;
+    await store.scanClaims(cmd, (e) => {
+      hooks.claim(e);
+      count++;
+    });
+    hooks.log(`store ${target.display}: fleet ${store.hubId}, ${count} claim(s) loaded, stream at ${store.position}`);
+    store.loop = store.readLoop();
+    store.timer = setInterval(() => void store.maintain().catch((e: Error) => hooks.log(`warning: store maintenance: ${e.message}`)), 60_000);
+    store.timer.unref();
+    return store;
+  }
+
+  /** Hands every claim of the hash to `each`, HSCAN by chunks (a fleet of 100k claims is never one reply). */
+  private async scanClaims(cmd: RedisClient, each: (e: FleetEvent) => void): Promise<void> {
+    let cursor = "0";
+    do {
+      const [next, flat] = (await cmd.sendCommand(["HSCAN", REDIS_KEYS.claims, cursor, "COUNT", "2000"])) as [string, string[]];
+      for (let i = 1; i < flat.length; i += 2) {
+        const e = parseJournalLine(flat[i]);
+        if (e) each(e);
+      }
+      cursor = next;
+    } while (cursor !== "0");
+  }
+
+  /** Connects both clients (the reader blocks in XREAD, so it has its own), and makes sure of the fleet id. */
+  private async connect(): Promise<void> {
+    let url = this.target.url;
+    if (this.target.sentinels) url = await this.askSentinels();
+    const make = () => {
+      // No offline queue and no reconnect of its own: a command while Redis is away fails at
+      // once (the sender is told `internal` and spools), and the reading loop reconnects.
+      const c = this.createClient({ url, username: this.target.username, password: this.target.password, database: this.target.db, RESP: 2, disableOfflineQueue: true, socket: { reconnectStrategy: false, connectTimeout: 3000 } });
+      // Errors of a client already replaced (an outage's late echo) must not drop the new ones.
+      c.on("error", (e) => (c === this.cmd || c === this.reader) && this.fail(e));
+      return c;
+    };
+    const cmd = make();
+    const reader = make();
+    try {
+      await within(Promise.all([cmd.connect(), reader.connect()]), 5000, "connect");
+      const fresh = randomBytes(8).toString("hex");
+      await cmd.sendCommand(["SET", REDIS_KEYS.id, this.hubId || fresh, "NX"]);
+      const id = (await cmd.sendCommand(["GET", REDIS_KEYS.id])) as string;
+      if (this.hubId && id !== this.hubId) this.hooks.log(`warning: store ${this.target.display} holds fleet ${id}, not ${this.hubId} as before: agents will full-sync`);
+      this.hubId = id;
+      this.sha.append = (await cmd.sendCommand(["SCRIPT", "LOAD", APPEND_LUA])) as string;
+    } catch (e) {
+      cmd.destroy();
+      reader.destroy();
+      throw e;
+    }
+    this.cmd = cmd;
+    this.reader = reader;
+  }
+
+  /** The master's address from the first Sentinel that answers. */
+  private async askSentinels(): Promise<string> {
+    const errors: string[] = [];
+    for (const s of this.target.sentinels!) {
+      const c = this.createClient({ socket: { host: s.host, port: s.port, reconnectStrategy: false, connectTimeout: 2000 }, RESP: 2, disableOfflineQueue: true });
+      c.on("error", () => {});
+      try {
+        await within(c.connect(), 3000, `sentinel ${s.host}:${s.port}`);
+        const addr = (await within(c.sendCommand(["SENTINEL", "GET-MASTER-ADDR-BY-NAME", this.target.master!]), 3000, "sentinel")) as [string, string] | null;
+        if (addr) return `${this.target.tls ? "rediss" : "redis"}://${addr[0].includes(":") ? `[${addr[0]}]` : addr[0]}:${addr[1]}`;
+        errors.push(`${s.host}:${s.port} does not know master ${this.target.master}`);
+      } catch (e) {
+        errors.push(`${s.host}:${s.port}: ${(e as Error).message}`);
+      } finally {
+        c.destroy();
+      }
+    }
+    throw new Error(`no Sentinel named the master: ${errors.join("; ")}`);
+  }
+
+  /**
+   * Reads the stream's state: its last ID (with `last`), and the oldest cursor that resumes, kept
+   * for cursor checks. Redis 7.0 does not count trimmed entries in max-deleted-entry-id, so a
+   * trim shows as fewer entries than were ever added; a cursor before the first kept entry may
+   * have missed a trimmed one (if it is the last trimmed one, it did not, but that cannot be told).
+   */
+  private async streamInfo(last = false): Promise<string> {
+    const info = (await this.cmd!.sendCommand(["XINFO", "STREAM", REDIS_KEYS.events]).catch((e: Error) => {
+      if (/no such key/i.test(e.message)) return undefined;
+      throw e;
+    })) as unknown[] | undefined;
+    if (!info) return "0-0";
+    const field = (k: string) => info[info.indexOf(k) + 1] as string;
+    const first = info[info.indexOf("first-entry") + 1] as [string, string[]] | null;
+    const trimmed = Number(field("entries-added")) > Number(field("length"));
+    this.trimmed = !trimmed ? "0-0" : first ? first[0] : field("last-generated-id");
+    return last ? field("last-generated-id") : this.trimmed;
+  }
+
+  /** Marks the store down (once per outage) and drops both connections; the reading loop reconnects. */
+  private fail(e: Error): void {
+    if (this.up) this.hooks.log(`error: store ${this.target.display} unreachable (${e.message}); agents stay connected, events are refused until it is back`);
+    this.up = false;
+    const [cmd, reader] = [this.cmd, this.reader];
+    this.cmd = this.reader = undefined;
+    cmd?.destroy();
+    reader?.destroy();
+    this.wake?.();
+  }
+
+  private async readLoop(): Promise<void> {
+    let attempt = 0;
+    this.up = true;
+    while (!this.closing) {
+      try {
+        if (!this.reader) {
+          await this.connect();
+          this.hooks.log(`store ${this.target.display} is back: reading the stream after ${this.position}`);
+          attempt = 0;
+          this.up = true;
+        }
+        const reply = (await within(this.reader!.sendCommand(["XREAD", "COUNT", "1000", "BLOCK", "2000", "STREAMS", REDIS_KEYS.events, this.position]), 7000, "XREAD")) as Array<[string, Array<[string, string[]]>]> | null;
+        if (!reply) continue;
+        const before = this.position;
+        const events: FleetEvent[] = [];
+        for (const [id, fields] of reply[0][1]) {
+          this.position = id;
+          const e = parseJournalLine(`{"seq":"${id}",${(fields[1] ?? "{").slice(1)}`);
+          if (e) events.push(e);
+        }
+        if (events.length) this.hooks.events(events);
+        // Trimmed past this reader (it lagged more than --stream-max-len entries): entries it never
+        // read are gone, but their claims are in the hash. Reload it; what is newer goes out.
+        await this.streamInfo();
+        if (this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
+          const newer: FleetEvent[] = [];
+          await this.scanClaims(this.cmd!, (e) => newer.push(e));
+          this.hooks.repaired(newer);
+        }
+      } catch (e) {
+        if (this.closing) break;
+        this.fail(e as Error);
+        await new Promise<void>((r) => {
+          this.wake = r;
+          setTimeout(r, Math.min(5000, 200 * 2 ** Math.min(attempt++, 5))).unref();
+        });
+        this.wake = undefined;
+      }
+    }
+  }
+
+  /** Appends an accepted event; resolves with its stream ID once Redis has it (or the stored claim's seq, if it was not newer). */
+  async append(e: FleetEvent): Promise<string> {
+    const cmd = this.cmd;
+    if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
+    const { seq: _unused, ...rest } = e;
+    const args = [`${e.ip}|${e.origin}`, JSON.stringify(rest), String(e.detectedAt), e.id, String(this.maxLen)];
+    const run = (how: string, script: string) => cmd.sendCommand([how, script, "2", REDIS_KEYS.events, REDIS_KEYS.claims, ...args]);
+    const reply = (await within(
+      run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
+      3000,
+      "append",
+    )) as [number, string];
+    return reply[1];
+  }
+
+  /** The oldest cursor that resumes, fresh from Redis when it answers. */
+  async horizon(): Promise<string> {
+    if (this.cmd && this.up) await within(this.streamInfo(), 1000, "XINFO").catch(() => {});
+    return this.trimmed;
+  }
+
+  /** Once a minute, on one hub at a time: trim the stream by age and drop expired claims from the hash. */
+  private async maintain(): Promise<void> {
+    const cmd = this.cmd;
+    if (!cmd || !this.up) return;
+    if ((await cmd.sendCommand(["SET", REDIS_KEYS.lock, this.hubId, "NX", "PX", "50000"])) !== "OK") return;
+    await cmd.sendCommand(["XTRIM", REDIS_KEYS.events, "MINID", "~", String(Date.now() - this.maxAgeMs)]);
+    const now = Date.now();
+    let cursor = "0";
+    do {
+      const [next, flat] = (await cmd.sendCommand(["HSCAN", REDIS_KEYS.claims, cursor, "COUNT", "2000"])) as [string, string[]];
+      const expired: string[] = [];
+      for (let i = 1; i < flat.length; i += 2) {
+        const e = parseJournalLine(flat[i]);
+        if (!e || isExpired(e, now)) expired.push(flat[i - 1], flat[i]);
+      }
+      if (expired.length) await cmd.sendCommand(["EVAL", PRUNE_LUA, "1", REDIS_KEYS.claims, ...expired]);
+      cursor = next;
+    } while (cursor !== "0");
+    await this.streamInfo();
+  }
+
+  async barrier(): Promise<void> {}
+
+  async close(): Promise<void> {
+    this.closing = true;
+    clearInterval(this.timer);
+    this.cmd?.destroy();
+    this.reader?.destroy();
+    this.wake?.();
+    await this.loop;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The hub
 
 interface Conn {
@@ -588,9 +995,9 @@ interface Conn {
   since: number;
   lastSeen: number;
   /** The last seq relayed to this agent (the hub's durable seq when it got everything up to it). */
-  sentSeq?: number;
+  sentSeq?: string;
   /** The newest seq this agent reported applied (`applied` frames). */
-  appliedSeq?: number;
+  appliedSeq?: string;
 }
 
 interface Counters {
@@ -610,6 +1017,7 @@ const RELAY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 /** Starts a hub and resolves once it listens. */
 export async function startHub(opts: HubOptions): Promise<Hub> {
+  if (opts.store && (opts.escalate || (opts.quorum ?? 1) !== 1)) throw new Error("--escalate and --quorum are not supported with --store yet");
   const log = opts.log;
   let tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
   const claims: Claims = new Map();
@@ -653,18 +1061,31 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     return true;
   };
 
-  const { journal, seq: journalSeq } = await Journal.open(opts.statePath, log, {
-    durable: (events) => {
-      for (const e of events) {
-        mergeHubClaim(claims, e);
-        const byOrigin = pending.get(e.ip);
-        if (byOrigin?.get(e.origin) === e) byOrigin.delete(e.origin);
-        if (byOrigin?.size === 0) pending.delete(e.ip);
-      }
-      durableSeq = Number(events[events.length - 1].seq);
-      relay(events);
+  /** Events made durable (journal) or read from the shared stream (Redis): into the claims, out to the agents. */
+  const durable = (events: FleetEvent[]) => {
+    for (const e of events) {
+      mergeHubClaim(claims, e);
+      const byOrigin = pending.get(e.ip);
+      if (byOrigin?.get(e.origin) === e) byOrigin.delete(e.origin);
+      if (byOrigin?.size === 0) pending.delete(e.ip);
+    }
+    durableSeq = events[events.length - 1].seq;
+    relay(events);
+  };
+  const shared = opts.store ? await RedisStore.open(opts.store, opts.streamMaxLen, opts.streamMaxAgeMs, {
+    events: (events) => durable(events),
+    repaired: (events) => {
+      const newer = events.filter((e) => mergeHubClaim(claims, e)).sort((a, b) => comparePositions(a.seq, b.seq));
+      if (!newer.length) return;
+      log(`the stream was trimmed past this hub's reader: ${newer.length} claim(s) taken from the claims hash instead`);
+      relay(newer);
     },
-    live: () => {
+    claim: (e) => mergeHubClaim(claims, e),
+    log,
+  }) : undefined;
+  const { journal, seq: journalSeq }: { journal?: Journal; seq: number } = shared ? { journal: undefined, seq: 0 } : await Journal.open(opts.statePath, log, {
+    durable,
+    live: (): { claims: Claims; seq: number } => {
       pruneClaims(claims, Date.now());
       return { claims, seq };
     },
@@ -677,10 +1098,13 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     mergeHubClaim(claims, e);
     noteOffense(e);
   });
-  let seq = journalSeq;
-  /** The seq of the last durable event: the most a sync may promise an agent. */
-  let durableSeq = seq;
-  await journal.compact();
+  let seq: number = journalSeq;
+  /** The seq of the last durable event (Redis: the last stream entry relayed): the most a sync may promise an agent. */
+  let durableSeq = shared ? shared.position : String(seq);
+  await journal?.compact();
+  const store: Store = shared ?? journal!;
+  /** The position a welcome and /healthz report: the last accepted seq, or the last stream entry relayed. */
+  const position = () => (shared ? durableSeq : String(seq));
 
   if (opts.csvPath) {
     await mkdir(dirname(opts.csvPath), { recursive: true });
@@ -725,6 +1149,12 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   // them and not at all while nobody watches, and every event as it is relayed.
   const rts = new Map<string, AppliedRecord[]>();
   let statusTimer: NodeJS.Timeout | undefined;
+  /** Events accepted but not yet relayed to an agent at `sent`: journal seqs count; stream IDs only tell "none" (this hub relays what it reads at once). */
+  const lagOf = (sent: string): number | undefined => {
+    const at = position();
+    if (/^\d+$/.test(at) && /^\d+$/.test(sent)) return Math.max(0, Number(at) - Number(sent));
+    return comparePositions(sent, at) >= 0 ? 0 : undefined;
+  };
   const statusFrame = (): StatusFrame => {
     const now = Date.now();
     const { bans, total } = statusBans(claims, now, MAX_STATUS_BANS);
@@ -734,12 +1164,12 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const kindOf = (c: Conn) => (c.receiving ? "events" : c.watching ? "status" : "send") as "events" | "status" | "send";
     return {
       type: "status",
-      hub: journal.hubId,
-      seq: String(seq),
+      hub: store.hubId,
+      seq: position(),
       at: now,
       conns: [...conns]
         .filter((c) => c.hello)
-        .map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: kindOf(c), since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : Math.max(0, seq - c.sentSeq), appliedSeq: c.appliedSeq === undefined ? undefined : String(c.appliedSeq) })),
+        .map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: kindOf(c), since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : lagOf(c.sentSeq), appliedSeq: c.appliedSeq })),
       bans,
       bansTotal: total,
       rt: rt.slice(-MAX_STATUS_RT),
@@ -782,7 +1212,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     if (!ring) rts.set(c.entry.name, (ring = []));
     for (const r of f.events) {
       ring.push(r);
-      c.appliedSeq = Math.max(c.appliedSeq ?? 0, Number(r.seq));
+      if (c.appliedSeq === undefined || comparePositions(r.seq, c.appliedSeq) > 0) c.appliedSeq = r.seq;
     }
     if (ring.length > RT_RING) ring.splice(0, ring.length - RT_RING);
   };
@@ -860,12 +1290,21 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
   const accept = async (entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<string> => {
     const now = Date.now();
+    if (shared) {
+      // The merge check is Redis's (APPEND_LUA): another hub may hold a newer claim this one has
+      // not read yet. The local claims only give an unban's tombstone its lifetime.
+      const e = toEvent(f, entry.name, "", claims, now);
+      const pos = await shared.append(e);
+      counters.eventsIn[e.kind]++;
+      record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${entry.name} (${remote})` });
+      return pos;
+    }
     // Decided against everything accepted so far, durable or still pending (pending is newer).
     const view: Claims = new Map([[f.ip, new Map([...(claims.get(f.ip) ?? []), ...(pending.get(f.ip) ?? [])])]]);
     const e = toEvent(f, entry.name, seq + 1, view, now);
     if (!mergeClaim(view, e)) {
       // A replay or an older event: nothing changes, but the sender still gets its ack.
-      await journal.barrier();
+      await store.barrier();
       return view.get(e.ip)?.get(e.origin)?.seq ?? String(seq);
     }
     seq++;
@@ -873,7 +1312,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const batch = [e, ...fleetRules(entry, e, view, now)];
     for (const b of batch) mergeHubClaim(pending, b);
     record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${entry.name} (${remote})` });
-    await journal.append(batch);
+    await journal!.append(batch);
     return e.seq;
   };
 
@@ -890,16 +1329,26 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     return undefined;
   };
 
-  const startSync = (c: Conn, cursor: { hub: string; seq: string } | undefined) => {
+  const startSync = async (c: Conn, cursor: { hub: string; seq: string } | undefined) => {
+    let resumeFrom: string | undefined;
+    if (!shared) {
+      // Only what is durable (`claims` up to `durableSeq`): an event still on its way to the disk
+      // reaches the agent by relay once it is there, and never if a crash takes it back.
+      resumeFrom = cursor && cursor.hub === store.hubId && /^\d+$/.test(cursor.seq) && isPosition(cursor.seq) && comparePositions(cursor.seq, durableSeq) <= 0 ? cursor.seq : undefined;
+    } else if (cursor && cursor.hub === store.hubId && isPosition(cursor.seq)) {
+      // Every hub reads the same stream, so a cursor from any of them is good here, unless the
+      // stream was trimmed past it: then it may have missed an event nobody can replay. A cursor
+      // ahead of this hub (it lags the one the agent left) resumes too: what lies between comes by relay.
+      const trimmed = await shared.horizon();
+      if (c.ws.readyState !== c.ws.OPEN) return;
+      resumeFrom = comparePositions(cursor.seq, trimmed) >= 0 ? cursor.seq : undefined;
+    }
     const now = Date.now();
-    // Only what is durable (`claims` up to `durableSeq`): an event still on its way to the disk
-    // reaches the agent by relay once it is there, and never if a crash takes it back.
-    const resumeFrom = cursor && cursor.hub === journal.hubId && /^\d+$/.test(cursor.seq) && Number(cursor.seq) <= durableSeq ? Number(cursor.seq) : undefined;
     const events = syncEvents(claims, c.entry.name, resumeFrom, now);
     const full = resumeFrom === undefined;
     for (let i = 0; i === 0 || i < events.length; i += opts.syncChunk) {
       const chunk = events.slice(i, i + opts.syncChunk);
-      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: chunk, seq: String(durableSeq), more: i + opts.syncChunk < events.length || undefined }));
+      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: chunk, seq: durableSeq, more: i + opts.syncChunk < events.length || undefined }));
       c.syncBytes += frame.length;
       send(c, frame);
     }
@@ -929,9 +1378,13 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         return;
       }
       c.hello = true;
-      send(c, { type: "welcome", v: PROTOCOL_VERSION, hub: journal.hubId, node: c.entry.name, role: c.entry.role, seq: String(seq), accepts: ["applied"] });
-      if (f.want === "events") startSync(c, f.cursor);
-      else if (f.want === "status") startWatching(c);
+      send(c, { type: "welcome", v: PROTOCOL_VERSION, hub: store.hubId, node: c.entry.name, role: c.entry.role, seq: position(), accepts: ["applied"] });
+      if (f.want === "events") {
+        void startSync(c, f.cursor).catch((e: Error) => {
+          log(`error: sync for ${c.entry.name} (${c.remote}) failed, closing its connection for a retry: ${e.message}`);
+          c.ws.close(1011, "sync failed");
+        });
+      } else if (f.want === "status") startWatching(c);
       return;
     }
     if (f.type === "applied") return c.hello ? takeApplied(c, f) : refuse(c, "not_hello", "Expected hello as the first frame, got applied");
@@ -1019,7 +1472,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const now = Date.now();
     if (path === "/v1/whoami") {
       res.writeHead(200, { "content-type": "application/json" });
-      res.end(JSON.stringify({ node: entry.name, role: entry.role, hub: journal.hubId, seq: String(seq), now, ...countBlocked(claims, entry.name, now) }) + "\n");
+      res.end(JSON.stringify({ node: entry.name, role: entry.role, hub: store.hubId, seq: position(), now, ...countBlocked(claims, entry.name, now) }) + "\n");
       return;
     }
     if (entry.role !== "admin") {
@@ -1049,7 +1502,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         res.on("close", done);
       });
     res.writeHead(200, { "content-type": "application/json" });
-    let chunk = `{"hub":${JSON.stringify(journal.hubId)},"seq":"${seq}","now":${now},"bans":[`;
+    let chunk = `{"hub":${JSON.stringify(store.hubId)},"seq":"${position()}","now":${now},"bans":[`;
     let count = 0;
     for (const [ip, byOrigin] of claims) {
       const live = liveClaims(byOrigin, now);
@@ -1080,8 +1533,14 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       res.writeHead(200, { "content-type": type, "content-security-policy": STATUS_CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY", "cache-control": "no-cache" });
       res.end(req.method === "HEAD" ? undefined : body);
     } else if (path === "/healthz") {
+      if (shared) {
+        // The store's state decides: a load balancer should not send ban.ts to a hub that cannot store.
+        res.writeHead(shared.up ? 200 : 503, { "content-type": "application/json" });
+        res.end(JSON.stringify({ ok: shared.up, hub: store.hubId, seq: position(), nodes: conns.size, claims: claims.size, store: shared.up ? "up" : "down" }) + "\n");
+        return;
+      }
       res.writeHead(200, { "content-type": "application/json" });
-      res.end(JSON.stringify({ ok: true, hub: journal.hubId, seq: String(seq), nodes: conns.size, claims: claims.size }) + "\n");
+      res.end(JSON.stringify({ ok: true, hub: store.hubId, seq: String(seq), nodes: conns.size, claims: claims.size }) + "\n");
     } else if (path === "/metrics") {
       res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
       res.end(metricsText());
@@ -1117,9 +1576,9 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       "# HELP banshare_held_claims Ban claims held back until --quorum nodes claim the address.",
       "# TYPE banshare_held_claims gauge",
       `banshare_held_claims ${[...claims.values()].reduce((n, byOrigin) => n + [...byOrigin.values()].filter((c) => c.held).length, 0)}`,
-      "# HELP banshare_journal_bytes Size of the journal file (--state).",
-      "# TYPE banshare_journal_bytes gauge",
-      `banshare_journal_bytes ${journal.bytes}`,
+      ...(journal
+        ? ["# HELP banshare_journal_bytes Size of the journal file (--state).", "# TYPE banshare_journal_bytes gauge", `banshare_journal_bytes ${journal.bytes}`]
+        : []),
       "# HELP banshare_refused_total Frames refused, by reason.",
       "# TYPE banshare_refused_total counter",
       ...Object.entries(counters.refused).map(([k, v]) => `banshare_refused_total{reason="${k}"} ${v}`),
@@ -1129,7 +1588,8 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       `banshare_claims ${claims.size}`,
       "# HELP banshare_seq Sequence number of the last accepted event.",
       "# TYPE banshare_seq gauge",
-      `banshare_seq ${seq}`,
+      `banshare_seq ${shared ? durableSeq.split("-")[0] : seq}`,
+      ...(shared ? ["# HELP banshare_store_up 1 while the shared store (Redis) answers.", "# TYPE banshare_store_up gauge", `banshare_store_up ${shared.up ? 1 : 0}`] : []),
     ];
     return lines.join("\n") + "\n";
   };
@@ -1214,9 +1674,9 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   let closed: Promise<void> | undefined;
   const hub: Hub = {
     port,
-    hubId: journal.hubId,
+    hubId: store.hubId,
     claims,
-    seq: () => seq,
+    seq: () => (shared ? Number(durableSeq.split("-")[0]) : seq),
     async reloadTokens() {
       tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
       for (const c of conns) {
@@ -1234,18 +1694,20 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         clearInterval(heartbeat);
         clearInterval(pruner);
         clearInterval(statusTimer);
-        await journal.barrier().catch(() => {});
+        await store.barrier().catch(() => {});
         for (const c of conns) c.ws.terminate();
         wss.close();
         await new Promise<void>((resolve) => server.close(() => resolve()));
-        await journal.close();
+        await store.close();
         if (csv) await new Promise<void>((resolve) => csv!.end(resolve));
       })();
       return closed;
     },
   };
   if (!opts.tlsCert && !isLoopback(opts.host)) log(`warning: --insecure: serving plain ws:// on ${opts.host}; tokens and bans cross the network unencrypted`);
-  log(`listening on ${opts.tlsCert ? "wss" : "ws"}://${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${port} as hub ${journal.hubId}, ${claims.size} address(es) claimed, seq ${seq}${opts.statePath ? "" : " (no --state: nothing survives a restart)"}`);
+  const listening = `listening on ${opts.tlsCert ? "wss" : "ws"}://${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${port}`;
+  if (shared) log(`${listening} as a hub of fleet ${store.hubId} (store ${parseStoreUrl(opts.store!).display}), ${claims.size} address(es) claimed, stream at ${durableSeq}`);
+  else log(`${listening} as hub ${store.hubId}, ${claims.size} address(es) claimed, seq ${seq}${opts.statePath ? "" : " (no --state: nothing survives a restart)"}`);
   return hub;
 }
 
@@ -1326,6 +1788,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
           y
             .option("listen", { type: "string", default: `127.0.0.1:${DEFAULT_PORT}`, describe: "Address and port to listen on, HOST:PORT or [IPV6]:PORT" })
             .option("state", { type: "string", describe: "Journal file (JSONL); without it the fleet state is lost on restart" })
+            .option("store", { type: "string", describe: "Shared store instead of the journal, for several hubs: redis://HOST:PORT/DB, rediss://... (TLS) or redis-sentinel://HOST:PORT,HOST:PORT/MASTER/DB" })
+            .option("stream-max-len", { type: "number", default: DEFAULT_STREAM_MAX_LEN, describe: "With --store: events the Redis stream keeps at most (a cursor older than the oldest gets a full sync)" })
+            .option("stream-max-age", { type: "number", default: DEFAULT_STREAM_MAX_AGE_H, describe: "With --store: hours an event stays in the Redis stream" })
             .option("csv", { type: "string", describe: "Structured log: one CSV row per received, relayed or refused event" })
             .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings; a node that misses one is dropped" })
             .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 bans broader than this prefix length" })
@@ -1349,7 +1814,13 @@ export function parseArgs(argv: string[]): ParsedArgs {
           }
           if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new Error("Expected --tls-cert and --tls-key together, got only one");
           if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new Error(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
+          if (a.store !== undefined && a.state !== undefined) throw new Error("Expected --state (one hub, journal) or --store (several hubs, Redis), got both");
+          if (a.store !== undefined) parseStoreUrl(a.store);
+          if (!Number.isInteger(a.streamMaxLen) || a.streamMaxLen < 1 || !(a.streamMaxAge > 0)) throw new Error(`Expected --stream-max-len to be a positive integer and --stream-max-age a positive number of hours, got ${a.streamMaxLen} and ${a.streamMaxAge}`);
           for (const p of a.protect) if (!parseAddress(p)) throw new Error(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
+          // Both decide against the address's claims as they stand when a ban arrives; hubs on one
+          // Redis see each other's bans a moment late, so there the rules would not hold as documented.
+          if (a.store && (a.escalate !== undefined || a.quorum !== 1)) throw new Error("Expected --escalate and --quorum on a hub with its own journal: with --store (several hubs) they are not supported yet");
           if (a.escalate !== undefined && !(a.escalate > 1 && a.escalate <= 100)) throw new Error(`Expected --escalate to be a factor above 1 (e.g. 2), got ${a.escalate}`);
           if (!Number.isInteger(a.escalateMax) || a.escalateMax < 1) throw new Error(`Expected --escalate-max to be a whole number of seconds, got ${a.escalateMax}`);
           if (!Number.isInteger(a.quorum) || a.quorum < 1 || a.quorum > 1000) throw new Error(`Expected --quorum to be a whole number from 1 to 1000, got ${a.quorum}`);
@@ -1377,6 +1848,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
               escalate: a.escalate === undefined ? undefined : { factor: a.escalate, maxSeconds: a.escalateMax },
               quorum: a.quorum,
               trusted: a.trust,
+              store: a.store,
+              streamMaxLen: a.streamMaxLen,
+              streamMaxAgeMs: a.streamMaxAge * 3600_000,
             },
           };
         },

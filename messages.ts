@@ -535,7 +535,7 @@ function checkApplied(events: unknown, now: number): Checked<AppliedFrame> {
     const r = e as Record<string, unknown> | null;
     const where = `"events"[${i}]`;
     if (typeof r !== "object" || r === null || Array.isArray(r)) return bad(`Expected ${where} to be an object, got ${Array.isArray(r) ? "an array" : quote(r)}`);
-    if (typeof r.seq !== "string" || !/^\d{1,20}$/.test(r.seq)) return bad(`Expected ${where}.seq to be a seq of 1-20 digits, got ${quote(r.seq)}`);
+    if (typeof r.seq !== "string" || !/^\d{1,15}(-\d{1,15})?$/.test(r.seq)) return bad(`Expected ${where}.seq to be a position (N or MS-N, as the hub sent it), got ${quote(r.seq)}`);
     if (parseAddress(r.ip)?.text !== r.ip) return bad(`Expected ${where}.ip to be a canonical address, got ${quote(r.ip)}`);
     if (!isInt(r.rtMs) || r.rtMs < -MAX_CLOCK_SKEW_MS || r.rtMs > MAX_APPLIED_RT_MS) return bad(`Expected ${where}.rtMs to be an integer from ${-MAX_CLOCK_SKEW_MS} to ${MAX_APPLIED_RT_MS} ms, got ${quote(r.rtMs)}`);
     if (!isInt(r.at) || r.at <= 0 || r.at > now + MAX_CLOCK_SKEW_MS) return bad(`Expected ${where}.at to be a time in ms not in the future, got ${quote(r.at)}`);
