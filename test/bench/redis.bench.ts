@@ -106,9 +106,9 @@ export async function run({ quick }: { quick: boolean }): Promise<string> {
     procs.length = 0;
   };
   const n = 10;
-  const events = quick ? 20 : 60;
-  const perHub = quick ? 100 : 300;
-  const seconds = quick ? 5 : 15;
+  const events = quick ? 6 : 60;
+  const perHub = quick ? 50 : 300;
+  const seconds = quick ? 3 : 15;
   const rate = 1000;
   try {
     const clientNames = Array.from({ length: 3 * perHub }, (_, i) => `c${i}`);

@@ -125,8 +125,8 @@ const TRACE_STEPS: Array<[string, (t: Trace) => number]> = [
 
 /** Part (a): process start -> ack, against the start-up floors, interleaved. */
 async function partA(quick: boolean): Promise<string> {
-  const n = quick ? 10 : 30;
-  const nBreak = quick ? 5 : 15;
+  const n = quick ? 6 : 30;
+  const nBreak = quick ? 3 : 15;
   const dir = await mkdtemp(join(tmpdir(), "banshare-bench-sender-"));
   let hub: HubProc | undefined;
   try {
@@ -217,7 +217,7 @@ function f2bTime(line: string): number {
 
 /** Part (b): failure line -> address in the kernel set of every other agent. */
 async function partB(quick: boolean): Promise<string> {
-  const rounds = quick ? 3 : 10;
+  const rounds = quick ? 2 : 10;
   if (process.getuid?.() !== 0) return "### (b) Fail2Ban log line -> dropped on all other agents\n\nSkipped: needs root (network namespaces, ipset, fail2ban-server).";
   const dir = await mkdtemp(join(tmpdir(), "banshare-bench-f2b-"));
   const OTHERS = ["client2", "client3"];

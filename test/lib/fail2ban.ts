@@ -155,6 +155,12 @@ function run(file: string, args: string[], timeoutMs = 15000): Promise<{ code: n
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+/** Waits for `p` at most `ms`; the timer is cleared either way, so it never keeps the process alive. */
+async function raceTimeout(p: Promise<unknown>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([p, new Promise((r) => (timer = setTimeout(r, ms)))]);
+  clearTimeout(timer);
+}
 
 function tailOf(file: string, max = 4000): string {
   try {
@@ -289,11 +295,11 @@ export async function startFail2ban(opts: StartFail2banOptions): Promise<Fail2ba
     (stopping ??= (async () => {
       if (!exited) {
         await run(FAIL2BAN_CLIENT, ['-c', dir, '-s', socket, 'stop'], 10000).catch(() => undefined);
-        await Promise.race([exitedP, sleep(10000)]);
+        await raceTimeout(exitedP, 10000);
       }
       if (!exited) {
         try { process.kill(pid, 'SIGKILL'); } catch { /* already gone */ }
-        await Promise.race([exitedP, sleep(5000)]);
+        await raceTimeout(exitedP, 5000);
       }
       running.delete(pid);
       rmSync(socket, { force: true });
