@@ -310,29 +310,70 @@ interface Backend {
   close(): void;
 }
 
+/** How to talk to one long-lived firewall process (`KernelSession`). */
+export interface SessionKind {
+  argv: string[];
+  /** The input for one batch, its acknowledging command included. */
+  frame(script: string): string;
+  /** True for the output line that acknowledges a batch. */
+  isAck(line: string): boolean;
+}
+
 /**
- * A long-lived `ipset -exist restore` that takes batches on its stdin, so a ban costs a pipe
- * write instead of a process start (on a busy machine the start is most of the latency).
- * ipset aggregates consecutive adds until another command comes: each batch ends with
- * `list -n SET`, which flushes the batch into the kernel and prints the set's name, our
- * acknowledgement (stdbuf makes ipset's stdout line-buffered so the name arrives at once).
- * Any failure ends the process; the caller falls back to a one-shot `ipset restore`, whose
- * error message is exact, and the next batch starts a new process.
+ * ipset: `ipset -exist restore` reads commands line by line and aggregates consecutive adds
+ * until another command comes; `list -n SET` ends the batch (flushing it into the kernel) and
+ * prints the set's name, the acknowledgement. Any error ends the process.
  */
-export class IpsetSession {
+export function ipsetSession(ackSet: string): SessionKind {
+  return {
+    argv: ["stdbuf", "-oL", "ipset", "-exist", "restore"],
+    frame: (script) => `${script}${script.endsWith("\n") || !script ? "" : "\n"}list -n ${ackSet}\n`,
+    isAck: (line) => line === ackSet,
+  };
+}
+
+/**
+ * nftables: `nft -i` runs each input line as one transaction, so a batch goes on one line, its
+ * commands joined by `;` (atomic, as with `nft -f`); `list chain` of the agent's small input
+ * chain answers with the table's closing `}` at the start of a line, the acknowledgement. An
+ * error does not end the process: it is a line on stderr, written before the answer.
+ */
+export function nftSession(prefix: string): SessionKind {
+  return {
+    argv: ["stdbuf", "-oL", "nft", "-i"],
+    frame: (script) => `${script.split("\n").filter(Boolean).join("; ")}\nlist chain inet ${prefix} input\n`,
+    isAck: (line) => line === "}",
+  };
+}
+
+/** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
+const SESSION_MAX_BYTES = 256 * 1024;
+
+/**
+ * A long-lived firewall process that takes batches on its stdin, so a ban costs a pipe write
+ * instead of a process start (on a busy machine the start is most of the latency). stdbuf
+ * makes its stdout line-buffered so the acknowledgement arrives at once. A batch fails when the
+ * process ends, or writes to stderr, before acknowledging it; the caller then runs the batch as
+ * a one-shot command, whose error message is exact, and the next batch starts a new process.
+ */
+export class KernelSession {
   private child: ChildProcess | undefined;
   private out = "";
   private err = "";
+  private failedBatch = false;
+  /** After an error line, how long to wait for the acknowledgement (the acknowledging command may have failed too). */
+  private errTimer: NodeJS.Timeout | undefined;
   private waiting: Array<{ resolve: () => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
 
-  constructor(private readonly ackSet: string) {}
+  constructor(private readonly kind: SessionKind) {}
 
   send(script: string): Promise<void> {
+    if (script.length > SESSION_MAX_BYTES) return Promise.reject(new Error("batch too large for the session"));
     const child = this.child ?? this.start();
     return new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => this.fail(new Error(`ipset restore gave no answer in ${CMD_TIMEOUT_MS} ms`)), CMD_TIMEOUT_MS);
+      const timer = setTimeout(() => this.fail(new Error(`${this.kind.argv[2]} gave no answer in ${CMD_TIMEOUT_MS} ms`)), CMD_TIMEOUT_MS);
       this.waiting.push({ resolve, reject, timer });
-      child.stdin!.write(`${script}${script.endsWith("\n") || !script ? "" : "\n"}list -n ${this.ackSet}\n`);
+      child.stdin!.write(this.kind.frame(script));
     });
   }
 
@@ -341,10 +382,11 @@ export class IpsetSession {
   }
 
   private start(): ChildProcess {
-    const child = spawn("stdbuf", ["-oL", "ipset", "-exist", "restore"], { stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn(this.kind.argv[0], this.kind.argv.slice(1), { stdio: ["pipe", "pipe", "pipe"] });
     this.child = child;
     this.out = "";
     this.err = "";
+    this.failedBatch = false;
     child.stdout!.setEncoding("utf8").on("data", (d: string) => {
       if (child !== this.child) return;
       this.out += d;
@@ -352,24 +394,35 @@ export class IpsetSession {
       while ((nl = this.out.indexOf("\n")) >= 0) {
         const line = this.out.slice(0, nl);
         this.out = this.out.slice(nl + 1);
-        if (line !== this.ackSet) continue;
-        const w = this.waiting.shift();
-        if (w) {
+        if (!this.kind.isAck(line)) continue;
+        // stderr was written before this answer: its data, if any, is delivered in this same
+        // poll phase, so decide once the phase is over.
+        setImmediate(() => {
+          clearTimeout(this.errTimer);
+          this.errTimer = undefined;
+          const w = this.waiting.shift();
+          if (!w) return;
           clearTimeout(w.timer);
-          w.resolve();
-        }
+          if (!this.failedBatch) return w.resolve();
+          this.failedBatch = false;
+          w.reject(new Error(this.err.trim().split("\n").slice(0, 3).join(" / ")));
+        });
       }
     });
     child.stderr!.setEncoding("utf8").on("data", (d: string) => {
       this.err = (this.err + d).slice(-2000);
+      this.failedBatch = true;
+      this.errTimer ??= setTimeout(() => this.fail(new Error(this.err.trim().split("\n").slice(0, 3).join(" / "))), 1000);
     });
-    child.stdin!.on("error", () => {}); // EPIPE when ipset has exited: reported by "exit" below
+    child.stdin!.on("error", () => {}); // EPIPE when the process has exited: reported by "exit" below
     child.on("error", (e) => child === this.child && this.fail(e));
-    child.on("exit", (code, sig) => child === this.child && this.fail(new Error(`ipset restore ended (${sig ?? `exit ${code}`}): ${this.err.trim().split("\n").slice(0, 3).join(" / ")}`)));
+    child.on("exit", (code, sig) => child === this.child && this.fail(new Error(`${this.kind.argv[2]} ended (${sig ?? `exit ${code}`}): ${this.err.trim().split("\n").slice(0, 3).join(" / ")}`)));
     return child;
   }
 
   private fail(e: Error): void {
+    clearTimeout(this.errTimer);
+    this.errTimer = undefined;
     const child = this.child;
     this.child = undefined;
     if (child && child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
@@ -399,7 +452,7 @@ async function ensureJumps(prefix: string): Promise<void> {
 function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) => void): Backend {
   switch (name) {
     case "ipset": {
-      const session = new IpsetSession(ipsetNames(cfg.prefix).v4);
+      const session = new KernelSession(ipsetSession(ipsetNames(cfg.prefix).v4));
       return {
         async setup() {
           for (const c of ipsetSetupCommands(cfg)) await run(c);
@@ -415,13 +468,22 @@ function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) =>
         close: () => session.close(),
       };
     }
-    case "nftables":
+    case "nftables": {
+      const session = new KernelSession(nftSession(cfg.prefix));
       return {
-        setup: () => run({ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) }),
-        apply: (changes, now) => run({ argv: ["nft", "-f", "-"], input: nftChangeScript(cfg.prefix, changes, now) }),
+        async setup() {
+          await run({ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) });
+          // Start the long-lived process now, so the first ban does not pay for it.
+          await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own nft`));
+        },
+        apply(changes, now) {
+          const input = nftChangeScript(cfg.prefix, changes, now);
+          return session.send(input).catch(() => run({ argv: ["nft", "-f", "-"], input }));
+        },
         reconcile: (desired, now) => run({ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }),
-        close() {},
+        close: () => session.close(),
       };
+    }
     case "iptables": {
       const present = new Set<string>();
       return {

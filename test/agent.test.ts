@@ -6,10 +6,13 @@ import {
   iptablesReconcileCommands,
   ipsetChangeScript,
   ipsetReconcileScript,
+  KernelSession,
+  ipsetSession,
   ipsetSetupCommands,
   nextDelay,
   nftChangeScript,
   nftReconcileScript,
+  nftSession,
   nftSetupScript,
   parseArgs,
   remainingSeconds,
@@ -90,6 +93,61 @@ describe("ipset backend plans", () => {
   });
 });
 
+describe("ipset session", () => {
+  test("a batch goes to the long-lived ipset restore as it is, then list -n of the set acknowledges it", () => {
+    const kind = ipsetSession("banshare-v4");
+    assert.deepEqual(kind.argv, ["stdbuf", "-oL", "ipset", "-exist", "restore"]);
+    assert.equal(kind.frame("add banshare-v4 203.0.113.7 timeout 30\n"), "add banshare-v4 203.0.113.7 timeout 30\nlist -n banshare-v4\n");
+    assert.equal(kind.frame(""), "list -n banshare-v4\n");
+    assert.equal(kind.isAck("banshare-v4"), true);
+    assert.equal(kind.isAck("banshare-v6"), false);
+  });
+});
+
+describe("KernelSession: batches to one long-lived process, acknowledged on stdout", () => {
+  // A stand-in speaking the same line protocol (the real ipset and nft -i are driven in
+  // test/kernel.test.ts): "ack" answers ACK, "bad" writes an error and carries on like nft,
+  // "die" exits like ipset on an error, "mute" is a failing acknowledging command.
+  const STANDIN = `require("readline").createInterface({ input: process.stdin }).on("line", (l) => {
+    if (l === "ack") process.stdout.write("ACK\\n");
+    else if (l === "bad") process.stderr.write("Error: bad line\\n");
+    else if (l === "die") process.exit(3);
+    else if (l === "mute") process.stderr.write("Error: cannot list\\n");
+  });`;
+  const kind = { argv: [process.execPath, "-e", STANDIN], frame: (s: string) => (s === "mute" ? "bad\nmute\n" : `${s}\nack\n`), isAck: (l: string) => l === "ACK" };
+
+  test("acknowledged batches resolve; an error line rejects that batch only, the process carries on", async () => {
+    const session = new KernelSession(kind);
+    try {
+      await session.send("ok");
+      await assert.rejects(session.send("bad"), /Error: bad line/);
+      await session.send("ok");
+    } finally {
+      session.close();
+    }
+  });
+
+  test("a process that exits fails its batch; the next batch starts a new one", async () => {
+    const session = new KernelSession(kind);
+    try {
+      await assert.rejects(session.send("die"), /ended \(exit 3\)/);
+      await session.send("ok");
+    } finally {
+      session.close();
+    }
+  });
+
+  test("an error with no acknowledgement fails the batch within a second, not at the 60 s timeout", async () => {
+    const session = new KernelSession(kind);
+    try {
+      await assert.rejects(session.send("mute"), /Error: bad line/);
+      await session.send("ok");
+    } finally {
+      session.close();
+    }
+  });
+});
+
 describe("nftables backend plans", () => {
   test("setup adds table and sets without flushing them, and rewrites its chain's rules", () => {
     const s = nftSetupScript({ ...cfg, ports: [22] });
@@ -110,6 +168,16 @@ describe("nftables backend plans", () => {
       "delete element inet banshare v6 { 2001:db8::1 }",
       "",
     ].join("\n"));
+  });
+
+  test("the long-lived nft -i gets a batch as one line (one transaction), then its acknowledging list", () => {
+    const kind = nftSession("banshare");
+    assert.deepEqual(kind.argv, ["stdbuf", "-oL", "nft", "-i"]);
+    const script = nftChangeScript("banshare", [{ ip: "203.0.113.7", until: undefined }], NOW);
+    assert.equal(kind.frame(script), "add element inet banshare v4 { 203.0.113.7 }; delete element inet banshare v4 { 203.0.113.7 }\nlist chain inet banshare input\n");
+    assert.equal(kind.frame(""), "\nlist chain inet banshare input\n");
+    assert.equal(kind.isAck("}"), true);
+    assert.equal(kind.isAck("\t}"), false, "the chain's closing brace is not the table's");
   });
 
   test("reconcile flushes and refills both sets in one atomic transaction", () => {

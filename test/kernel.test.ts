@@ -97,21 +97,22 @@ for (const { backend, reqs } of BACKENDS) {
       }
     });
 
-    if (backend === "ipset") {
-      test("an agent whose ipset process is killed keeps applying bans (falls back, then starts a new one)", async () => {
-        // The agent feeds one long-lived `ipset restore`; find it among the agent's children.
-        const children = async () => String((await topo.exec("a1", "pgrep", ["-P", String(agents.a1.pid), "-x", "ipset"], { reject: false })).stdout).split("\n").filter(Boolean);
+    if (backend !== "iptables") {
+      const tool = backend === "ipset" ? "ipset" : "nft";
+      test(`an agent whose ${tool} process is killed keeps applying bans (falls back, then starts a new one)`, async () => {
+        // The agent feeds one long-lived `ipset restore` or `nft -i`; find it among its children.
+        const children = async () => String((await topo.exec("a1", "pgrep", ["-P", String(agents.a1.pid), "-x", tool], { reject: false })).stdout).split("\n").filter(Boolean);
         await send("ban", topo.ip("attacker"));
         await waitBlocked("attacker", "a1");
         const [pid] = await children();
-        assert.ok(pid, "the agent has no long-lived ipset process");
+        assert.ok(pid, `the agent has no long-lived ${tool} process`);
         process.kill(Number(pid), "SIGKILL");
         await send("unban", topo.ip("attacker"));
         await waitOpen("attacker", "a1");
         await send("ban", topo.ip6("attacker"));
         await waitBlocked("attacker", "a1", 6);
         const [next] = await children();
-        assert.ok(next && next !== pid, "no new ipset process after the kill");
+        assert.ok(next && next !== pid, `no new ${tool} process after the kill`);
         await send("unban", topo.ip6("attacker"));
         await waitOpen("attacker", "a1", 6);
       });

@@ -28,7 +28,7 @@ export interface BenchFleet {
 
 export interface FleetOptions {
   agents: number;
-  backend: "dry-run" | "ipset";
+  backend: "dry-run" | "ipset" | "nftables";
   /** Worker processes (each a namespace for ipset). */
   workers: number;
   hubArgs?: string[];
