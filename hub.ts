@@ -106,6 +106,8 @@ export interface HubOptions {
   trusted?: string[];
   /** Shared store, `redis://`, `rediss://` or `redis-sentinel://` URL: events in a Redis stream instead of the journal. */
   store?: string;
+  /** Redis mode: replicas that must have an event before the sender's ack (WAIT); 0: the master's word. */
+  storeReplicas?: number;
   /** Redis mode: entries the stream keeps at most (trimmed approximately, by whole stream nodes). */
   streamMaxLen: number;
   /** Redis mode: entries older than this are trimmed, in ms. */
@@ -134,7 +136,7 @@ const RT_RING = 200;
 const STATUS_RT_WINDOW_MS = 15 * 60 * 1000;
 const MAX_STATUS_EVENTS = 200;
 
-const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
 /** A week of a busy fleet (one event a second on average, bursts included) fits in it. */
 const DEFAULT_STREAM_MAX_LEN = 1_000_000;
@@ -755,6 +757,8 @@ class RedisStore implements Store {
     private readonly maxAgeMs: number,
     private readonly hooks: RedisHooks,
     private readonly createClient: (o: object) => RedisClient,
+    /** Replicas that must have an event before it is acked (`--store-replicas`, WAIT). */
+    private readonly replicas = 0,
   ) {}
 
   /**
@@ -762,11 +766,11 @@ class RedisStore implements Store {
    * starts reading the stream after the point the snapshot is sure to cover. Throws if Redis
    * cannot be reached at start: a hub without its store would serve an empty fleet state.
    */
-  static async open(url: string, maxLen: number, maxAgeMs: number, hooks: RedisHooks): Promise<RedisStore> {
+  static async open(url: string, maxLen: number, maxAgeMs: number, hooks: RedisHooks, replicas = 0): Promise<RedisStore> {
     const target = parseStoreUrl(url);
     // Loaded here only: a single-hub fleet on its journal never loads the Redis client.
     const { createClient } = await import("redis");
-    const store = new RedisStore(target, maxLen, maxAgeMs, hooks, (o) => createClient(o) as unknown as RedisClient);
+    const store = new RedisStore(target, maxLen, maxAgeMs, hooks, (o) => createClient(o) as unknown as RedisClient, replicas);
     await store.connect();
     const cmd = store.cmd!;
     // Snapshot: the stream's last ID first, then the claims. The hash may hold claims newer than
@@ -926,12 +930,24 @@ class RedisStore implements Store {
     const { seq: _unused, ...rest } = e;
     const args = [`${e.ip}|${e.origin}`, JSON.stringify(rest), String(e.detectedAt), e.id, String(this.maxLen)];
     const run = (how: string, script: string) => cmd.sendCommand([how, script, "2", REDIS_KEYS.events, REDIS_KEYS.claims, ...args]);
-    const reply = (await within(
-      run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
-      3000,
-      "append",
-    )) as [number, string];
-    return reply[1];
+    try {
+      const reply = (await within(
+        run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
+        3000,
+        "append",
+      )) as [number, string];
+      // Redis replicates asynchronously: a master that fails over right after this write may
+      // never pass it on. With --store-replicas the ack waits until that many replicas have it.
+      if (this.replicas > 0) {
+        const got = Number(await within(cmd.sendCommand(["WAIT", String(this.replicas), "1000"]), 3000, "WAIT"));
+        if (got < this.replicas) throw new Error(`only ${got} of ${this.replicas} Redis replica(s) have the event after 1 s; not acked`);
+      }
+      return reply[1];
+    } catch (err) {
+      // A master demoted by a failover refuses writes: find the new one (through the Sentinels).
+      if (/READONLY|MASTERDOWN|LOADING/.test((err as Error).message)) this.fail(err as Error);
+      throw err;
+    }
   }
 
   /** The oldest cursor that resumes, fresh from Redis when it answers. */
@@ -1082,7 +1098,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     },
     claim: (e) => mergeHubClaim(claims, e),
     log,
-  }) : undefined;
+  }, opts.storeReplicas ?? 0) : undefined;
   const { journal, seq: journalSeq }: { journal?: Journal; seq: number } = shared ? { journal: undefined, seq: 0 } : await Journal.open(opts.statePath, log, {
     durable,
     live: (): { claims: Claims; seq: number } => {
@@ -1789,6 +1805,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
             .option("listen", { type: "string", default: `127.0.0.1:${DEFAULT_PORT}`, describe: "Address and port to listen on, HOST:PORT or [IPV6]:PORT" })
             .option("state", { type: "string", describe: "Journal file (JSONL); without it the fleet state is lost on restart" })
             .option("store", { type: "string", describe: "Shared store instead of the journal, for several hubs: redis://HOST:PORT/DB, rediss://... (TLS) or redis-sentinel://HOST:PORT,HOST:PORT/MASTER/DB" })
+            .option("store-replicas", { type: "number", default: 0, describe: "With --store: ack a ban only once this many Redis replicas have it (WAIT, 1 s), so a failover cannot lose it; 1 with Sentinel and one replica" })
             .option("stream-max-len", { type: "number", default: DEFAULT_STREAM_MAX_LEN, describe: "With --store: events the Redis stream keeps at most (a cursor older than the oldest gets a full sync)" })
             .option("stream-max-age", { type: "number", default: DEFAULT_STREAM_MAX_AGE_H, describe: "With --store: hours an event stays in the Redis stream" })
             .option("csv", { type: "string", describe: "Structured log: one CSV row per received, relayed or refused event" })
@@ -1820,6 +1837,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
           for (const p of a.protect) if (!parseAddress(p)) throw new Error(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
           // Both decide against the address's claims as they stand when a ban arrives; hubs on one
           // Redis see each other's bans a moment late, so there the rules would not hold as documented.
+          if (!Number.isInteger(a.storeReplicas) || a.storeReplicas < 0 || a.storeReplicas > 100) throw new Error(`Expected --store-replicas to be a whole number from 0 to 100, got ${a.storeReplicas}`);
           if (a.store && (a.escalate !== undefined || a.quorum !== 1)) throw new Error("Expected --escalate and --quorum on a hub with its own journal: with --store (several hubs) they are not supported yet");
           if (a.escalate !== undefined && !(a.escalate > 1 && a.escalate <= 100)) throw new Error(`Expected --escalate to be a factor above 1 (e.g. 2), got ${a.escalate}`);
           if (!Number.isInteger(a.escalateMax) || a.escalateMax < 1) throw new Error(`Expected --escalate-max to be a whole number of seconds, got ${a.escalateMax}`);
@@ -1849,6 +1867,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
               quorum: a.quorum,
               trusted: a.trust,
               store: a.store,
+              storeReplicas: a.storeReplicas,
               streamMaxLen: a.streamMaxLen,
               streamMaxAgeMs: a.streamMaxAge * 3600_000,
             },

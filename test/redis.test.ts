@@ -3,8 +3,9 @@
  * port, real hubs, real agents (dry-run backend: the kernel path is the kernel suites' job) and
  * real senders, as processes. What each agent applied is counted from its structured log (every
  * BLOCK and UNBLOCK row, replayed), never sampled: three hubs relaying to each other's agents,
- * a hub kill -9 with agents failing over by cursor, Redis kill -9 and restart, and a cursor the
- * stream was trimmed past.
+ * a hub kill -9 with agents failing over by cursor, Redis kill -9 and restart, a cursor the
+ * stream was trimmed past, and a hub that finds its master through a Sentinel and follows a
+ * failover to the replica.
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
@@ -14,8 +15,8 @@ import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
 import { comparePositions, isPosition, parseStoreUrl } from "../hub.ts";
 import { enrol, readCsv, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
-import { stopAll, tsx, type Proc } from "./lib/proc.ts";
-import { startRedis, type TestRedis } from "./lib/redis.ts";
+import { spawnProc, stopAll, tsx, type Proc } from "./lib/proc.ts";
+import { freePort, startRedis, type TestRedis } from "./lib/redis.ts";
 import { needs } from "./lib/skip.ts";
 
 const SLOW = 60_000;
@@ -122,6 +123,13 @@ async function sendAll(w: World, node: string, url: string, frames: Frame[]): Pr
   const info = await p.closed;
   assert.equal(info.code, 0, p.output().slice(-2000));
   assert.equal(acks(p).size, frames.length);
+}
+
+/** Runs a command to completion and returns its output. */
+async function spawnOut(cmd: string, args: string[]): Promise<string> {
+  const p = spawnProc(cmd, args, { name: cmd });
+  await p.closed;
+  return p.output().trim();
 }
 
 async function healthz(url: string): Promise<{ status: number; body: Record<string, unknown> }> {
@@ -306,5 +314,41 @@ describe("several hubs on one Redis", needs(["redis-server", "redis-cli"], "redi
     await waitForSet(w, "a1", fleet);
     await startAgent(w, "a2", hub.url);
     await waitForSet(w, "a2", fleet);
+  });
+});
+
+describe("a hub on Redis through Sentinel", needs(["redis-server", "redis-cli"], "redis-server (Debian's redis-server package runs a Sentinel too: `redis-server FILE --sentinel`)"), () => {
+  test("the hub finds the master through a Sentinel, and after a failover to the replica bans flow again", async (t) => {
+    const w = await world(t, ["s1", "a1"]);
+    const replica = await startRedis(t, ["--replicaof", "127.0.0.1", String(w.redis.port)]);
+    await waitFor(async () => /master_link_status:up/.test(await replica.cli("INFO", "replication")), "the replica to sync", SLOW);
+    // A Sentinel of our own, on a free port, with its rewritable config in the test's folder.
+    const sport = await freePort();
+    const conf = join(w.dir, "sentinel.conf");
+    await writeFile(conf, [`port ${sport}`, "bind 127.0.0.1", `dir ${w.dir}`, `sentinel monitor fleet 127.0.0.1 ${w.redis.port} 1`, "sentinel down-after-milliseconds fleet 1000", "sentinel failover-timeout fleet 10000", ""].join("\n"));
+    const sentinel = spawnProc("redis-server", [conf, "--sentinel"], { name: "sentinel" });
+    t.after(() => sentinel.stop("SIGTERM", 5000).then(() => undefined));
+    await sentinel.waitForLine(/\+monitor master fleet/, 20_000);
+    const askMaster = async () => (await spawnOut("redis-cli", ["-p", String(sport), "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "fleet"])).split("\n")[1];
+    await waitFor(async () => (await spawnOut("redis-cli", ["-p", String(sport), "SENTINEL", "REPLICAS", "fleet"])).includes(String(replica.port)), "the Sentinel to see the replica", SLOW);
+
+    const hub = await startHubProc(["--tokens", join(w.dir, "tokens"), "--listen", "127.0.0.1:0", "--store", `redis-sentinel://127.0.0.1:${sport}/fleet/0`, "--store-replicas", "1", "--heartbeat", "2"], { name: "hub" });
+    assert.match(hub.proc.output(), new RegExp(`127\\.0\\.0\\.1:${w.redis.port}|as a hub of fleet`));
+    await startAgent(w, "a1", hub.url);
+    await startAgent(w, "s1", hub.url, ["--spool", join(w.dir, "spool")]);
+    const send = (ip: string) => runBan(["ban", ip, "--jail", "sshd", "--bantime", String(BANTIME), "--hub", hub.url, "--token-file", w.tokens.s1, "--spool", join(w.dir, "spool"), "--timeout", "5"]);
+    const first = await send("198.51.100.31");
+    assert.equal(first.code, 0, first.output);
+    await waitForSet(w, "a1", new Set(["198.51.100.31"]));
+    assert.equal(await replica.cli("HLEN", "banshare:{fleet}:claims"), "1", "the ban did not reach the replica");
+
+    // The Sentinel promotes the replica; the old master becomes a replica of it.
+    assert.match(await spawnOut("redis-cli", ["-p", String(sport), "SENTINEL", "FAILOVER", "fleet"]), /OK/);
+    await waitFor(async () => (await askMaster()) === String(replica.port), "the Sentinel to name the replica as master", SLOW);
+    // A ban now is acked by the new master, or spooled and forwarded by s1's agent once the hub is back on it.
+    const second = await send("198.51.100.32");
+    assert.equal(second.code, 0, second.output);
+    await waitForSet(w, "a1", new Set(["198.51.100.31", "198.51.100.32"]));
+    await waitFor(async () => (await replica.cli("HLEN", "banshare:{fleet}:claims")) === "2", "the new master to hold both claims", SLOW);
   });
 });
