@@ -14,9 +14,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
 import { comparePositions, isPosition, parseStoreUrl } from "../hub.ts";
-import { enrol, readCsv, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import { enrol, freePort, readCsv, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
 import { spawnProc, stopAll, tsx, type Proc } from "./lib/proc.ts";
-import { freePort, startRedis, type TestRedis } from "./lib/redis.ts";
+import { startRedis, type TestRedis } from "./lib/redis.ts";
 import { needs } from "./lib/skip.ts";
 
 const SLOW = 60_000;

@@ -17,9 +17,8 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { tmpdir } from "node:os";
 import WebSocket from "ws";
-import { startHubProc, type HubProc } from "../lib/fleet.ts";
+import { freePort, startHubProc, type HubProc } from "../lib/fleet.ts";
 import { spawnProc, tsx, type Proc } from "../lib/proc.ts";
-import { freePort } from "../lib/redis.ts";
 import { enrolMany, fmt, mib, nowMs, sleep, stats, statsHeader, statsRow, watchProc } from "./lib.ts";
 import { until } from "./fleet.ts";
 

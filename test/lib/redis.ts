@@ -5,10 +5,10 @@
  */
 
 import { mkdtemp, rm } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
+import { freePort } from "./fleet.ts";
 import { spawnProc, type Proc } from "./proc.ts";
 
 /** A running test Redis. */
@@ -23,15 +23,6 @@ export interface TestRedis {
   restart(): Promise<void>;
   /** Runs one command with redis-cli against it; resolves with its stdout. */
   cli(...args: string[]): Promise<string>;
-}
-
-/** A TCP port free on 127.0.0.1 right now. */
-export async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, "127.0.0.1", resolve));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise<void>((resolve) => srv.close(() => resolve()));
-  return port;
 }
 
 /** Starts a Redis for this test; `t.after` stops it and removes its folder. */
