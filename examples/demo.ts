@@ -17,7 +17,7 @@
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, rmSync } from "node:fs";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -89,6 +89,15 @@ async function main(): Promise<void> {
     stopAll();
     process.exitCode = 130;
   });
+  // However the demo ends (an error, its output pipe closed, a signal), its hub and agents end too.
+  process.on("exit", () => {
+    stopAll();
+    if (!values.keep) rmSync(dir, { recursive: true, force: true });
+  });
+  process.once("SIGTERM", () => process.exit(143));
+  process.once("SIGHUP", () => process.exit(129));
+  // `npm run demo | head`: a reader that went away ends the demo quietly.
+  process.stdout.on("error", (e: NodeJS.ErrnoException) => process.exit(e.code === "EPIPE" ? 0 : 1));
   try {
     const tokens = join(dir, "tokens");
     await rm(tokens, { force: true });
