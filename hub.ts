@@ -466,6 +466,8 @@ class Journal implements Store {
   private waiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
   private flushing = false;
   private lines = 0;
+  /** Claims counted at the last check (or written by the last compaction), and when. */
+  private counted = { live: 0, at: 0 };
   private failed?: Error;
   /** Size of the journal file, for /metrics. */
   bytes = 0;
@@ -537,6 +539,7 @@ class Journal implements Store {
       await out.write(chunk);
       await out.sync();
       this.lines = lines;
+      this.counted = { live: lines, at: Date.now() };
       this.bytes = (await out.stat()).size;
     } finally {
       await out.close();
@@ -582,9 +585,14 @@ class Journal implements Store {
         for (const w of waiters) w.resolve();
         // Count (address, origin) claims, the lines a compaction writes: counting addresses, a
         // fleet whose nodes ban the same addresses would rewrite the whole journal every flush.
-        let live = 0;
-        for (const byOrigin of this.hooks.live().claims.values()) live += byOrigin.size;
-        if (this.lines > Math.max(10_000, 4 * live)) await this.compact();
+        // Counting walks every claim: not on every flush of a busy hub, only once the journal
+        // outgrew the last count, or that count is 10 s old (claims may have expired since).
+        if (this.lines > Math.max(10_000, 4 * this.counted.live) || (this.lines > 10_000 && Date.now() - this.counted.at > 10_000)) {
+          let live = 0;
+          for (const byOrigin of this.hooks.live().claims.values()) live += byOrigin.size;
+          this.counted = { live, at: Date.now() };
+          if (this.lines > Math.max(10_000, 4 * live)) await this.compact();
+        }
       }
     } catch (e) {
       this.failed = e as Error;

@@ -768,8 +768,7 @@ async function main(): Promise<void> {
   };
   process.on("SIGINT", interrupted).on("SIGTERM", interrupted).on("SIGHUP", interrupted);
   const code = await runExperiment(opts);
-  // Everything is stopped and removed; what is left are timers of the test helpers' stop()
-  // (a 10 s grace period per Fail2Ban), which would only delay the exit.
+  // Everything is stopped and removed: exit with the result, whatever handle may still linger.
   process.exit(code);
 }
 

@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
 import { spool } from "../ban.ts";
 import { parseJournal } from "../hub.ts";
+import type { BanFrame, UnbanFrame } from "../messages.ts";
 import { enrol, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
 import { createTopology, type Topology } from "./lib/netns.ts";
 import { REPO_ROOT, spawnProc, stopAll, tsx, type Proc } from "./lib/proc.ts";
@@ -25,21 +26,6 @@ const BANTIME = 3600;
 /** Generous: the machine may be slow, and reconnect backoff grows while a hub is down. */
 const SLOW = 60_000;
 
-interface BanFrame {
-  type: "ban";
-  id: string;
-  ip: string;
-  jail: string;
-  bantime: number;
-  detectedAt: number;
-}
-interface UnbanFrame {
-  type: "unban";
-  id: string;
-  ip: string;
-  jail: string;
-  detectedAt: number;
-}
 type Frame = BanFrame | UnbanFrame;
 
 /** The n-th test address (n >= 0) of block `block`: 10.200.B.H, never .0 or .255, never the topology's 10.77.0.x. */

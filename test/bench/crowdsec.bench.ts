@@ -22,7 +22,7 @@ import { REPO_DIR } from "../lib/fail2ban.ts";
 import { enrol, startAgentProc, startHubProc, waitFor, type HubProc } from "../lib/fleet.ts";
 import { createTopology, type Topology } from "../lib/netns.ts";
 import { spawnProc, type Proc } from "../lib/proc.ts";
-import { fmtMs, machineLine, shuffled, sleep, summarize, summaryHeader, summaryRow } from "./stats-sender.ts";
+import { fmtMs, machineLine, pollSet, shuffled, sleep, summarize, summaryHeader, summaryRow } from "./stats-sender.ts";
 
 export const title = "Against CrowdSec: a ban issued -> the address in the kernel set";
 
@@ -38,20 +38,6 @@ function timedExec(ns: string, cmd: string, args: string[], cwd?: string): Promi
       resolve({ start, end: performance.now(), code, out: `${stdout}${stderr}`.trim() });
     });
   });
-}
-
-function ipsetHas(ns: string, set: string, ip: string): Promise<boolean> {
-  return new Promise((resolve) => execFile("ip", ["netns", "exec", ns, "ipset", "-q", "test", set, ip], { timeout: 5000 }, (err) => resolve(!err)));
-}
-
-/** Polls `ipset test` until the address is in the set; resolves with performance.now() of the first hit. */
-async function pollSet(ns: string, set: string, ip: string, timeoutMs: number): Promise<number> {
-  const end = performance.now() + timeoutMs;
-  for (;;) {
-    if (await ipsetHas(ns, set, ip)) return performance.now();
-    if (performance.now() > end) throw new Error(`${ip} did not appear in ${set} in ${ns} within ${timeoutMs} ms`);
-    await sleep(5);
-  }
 }
 
 /** Makes sure crowdsec, cscli and the bouncer are installed; returns null or what failed and why. */

@@ -14,7 +14,6 @@
  *
  * Needs root, ip netns, ipset and fail2ban-server for (b); (a) runs anywhere.
  */
-import { execFile } from "node:child_process";
 import { appendFile, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -23,7 +22,7 @@ import { failureLines, startFail2ban, REPO_DIR, type Fail2ban } from "../lib/fai
 import { enrol, readCsv, startAgentProc, startHubProc, waitFor, type HubProc } from "../lib/fleet.ts";
 import { createTopology, type Topology } from "../lib/netns.ts";
 import type { Proc } from "../lib/proc.ts";
-import { fmtMs, machineLine, shuffled, sleep, summarize, summaryHeader, summaryRow, timeProcess } from "./stats-sender.ts";
+import { fmtMs, machineLine, pollSet, shuffled, sleep, summarize, summaryHeader, summaryRow, timeProcess } from "./stats-sender.ts";
 
 export const title = "Sender latency (ban.ts, Fail2Ban log line -> dropped everywhere)";
 
@@ -37,23 +36,6 @@ interface Variant {
   main: boolean;
   /** Import probes: only in full mode (the trace gives the breakdown in quick mode too). */
   fullOnly?: boolean;
-}
-
-/** Runs `ipset test SET IP` in a namespace; true when the address is in the set. */
-function ipsetHas(ns: string, set: string, ip: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    execFile("ip", ["netns", "exec", ns, "ipset", "-q", "test", set, ip], { timeout: 5000 }, (err) => resolve(!err));
-  });
-}
-
-/** Polls until the address is in the set; resolves with performance.now() of the first hit. */
-async function pollSet(ns: string, set: string, ip: string, timeoutMs: number): Promise<number> {
-  const end = performance.now() + timeoutMs;
-  for (;;) {
-    if (await ipsetHas(ns, set, ip)) return performance.now();
-    if (performance.now() > end) throw new Error(`${ip} did not appear in ${set} in ${ns} within ${timeoutMs} ms`);
-    await sleep(5);
-  }
 }
 
 /** In-process socket phases against the hub: connect+upgrade, hello->welcome, ban->ack. */

@@ -2,7 +2,7 @@
  * Small helpers shared by sender.bench.ts and crowdsec.bench.ts: summary statistics over
  * samples in milliseconds, markdown rendering, the machine line, and process timing.
  */
-import { spawn } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { cpus, loadavg, totalmem } from "node:os";
 
 /** min / median / p99 / max of a sample, in ms. */
@@ -79,3 +79,18 @@ export function shuffled<T>(xs: readonly T[]): T[] {
 }
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Runs `ipset test SET IP` in a namespace; true when the address is in the set. */
+function ipsetHas(ns: string, set: string, ip: string): Promise<boolean> {
+  return new Promise((resolve) => execFile("ip", ["netns", "exec", ns, "ipset", "-q", "test", set, ip], { timeout: 5000 }, (err) => resolve(!err)));
+}
+
+/** Polls `ipset test` until the address is in the set; resolves with performance.now() of the first hit. */
+export async function pollSet(ns: string, set: string, ip: string, timeoutMs: number): Promise<number> {
+  const end = performance.now() + timeoutMs;
+  for (;;) {
+    if (await ipsetHas(ns, set, ip)) return performance.now();
+    if (performance.now() > end) throw new Error(`${ip} did not appear in ${set} in ${ns} within ${timeoutMs} ms`);
+    await sleep(5);
+  }
+}
