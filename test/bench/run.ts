@@ -7,6 +7,10 @@
  *   npm run bench -- relay burst       # only these (file names without .bench.ts)
  *   npm run bench -- --out FILE        # write elsewhere than BENCHMARKS.md
  *
+ * Only a full run of every benchmark writes BENCHMARKS.md by default: a quick or partial run
+ * writes `bench-quick.md` / `bench-partial.md` in the system's temporary folder (or `--out`), so
+ * it never replaces the committed figures.
+ *
  * Each benchmark module exports `title` and `run({ quick })`, which returns a markdown section.
  * Sections print as they complete; a benchmark that throws gets a section saying so and the
  * run continues. Exit 1 if any failed. `test/bench/CHANGES.md` (the changes these numbers drove,
@@ -15,6 +19,7 @@
 
 import { existsSync, readFileSync, readdirSync, realpathSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { basename, dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { machineInfo, table } from "./lib.ts";
@@ -29,18 +34,24 @@ export interface BenchModule {
   run(opts: { quick: boolean }): Promise<string>;
 }
 
-/** Parses the command line: `--quick`, `--out FILE`, and benchmark names. */
+/**
+ * Parses the command line: `--quick`, `--out FILE`, and benchmark names. Without `--out`, only a
+ * full-size run of every benchmark goes to BENCHMARKS.md; a quick or partial one to the temp folder.
+ */
 export function parseArgs(argv: string[]): { quick: boolean; out: string; names: string[] } {
   const names: string[] = [];
   let quick = false;
-  let out = join(ROOT, "BENCHMARKS.md");
+  let out: string | undefined;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--quick") quick = true;
-    else if (a === "--out") out = argv[++i];
-    else if (a.startsWith("-")) throw new Error(`Expected --quick, --out FILE or benchmark names, got ${a}`);
+    else if (a === "--out") {
+      out = argv[++i];
+      if (!out) throw new Error("Expected a file name after --out, got nothing");
+    } else if (a.startsWith("-")) throw new Error(`Expected --quick, --out FILE or benchmark names, got ${a}`);
     else names.push(a.replace(/\.bench\.ts$/, ""));
   }
+  out ??= quick ? join(tmpdir(), "bench-quick.md") : names.length ? join(tmpdir(), "bench-partial.md") : join(ROOT, "BENCHMARKS.md");
   return { quick, out, names };
 }
 
