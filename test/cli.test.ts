@@ -6,14 +6,13 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import type { BanList } from "../messages.ts";
 import { f2bTime, REPO_DIR, startFail2ban } from "./lib/fail2ban.ts";
-import { enrol, freePort, rows, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
-import { stopAll, REPO_ROOT } from "./lib/proc.ts";
+import { rows, startAgentProc, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
+import { REPO_ROOT } from "./lib/proc.ts";
 import { needs } from "./lib/skip.ts";
 
 const TSX = import.meta.resolve("tsx");
@@ -29,10 +28,11 @@ function runCli(args: string[], input?: string): Promise<{ code: number; stdout:
 }
 
 describe("ban.ts as a process: list, status, unban --all-nodes and import do what they print against a real hub", () => {
+  let fleet: Fleet;
   let dir: string;
   let tokens: Record<string, string>;
   let hub: HubProc;
-  const hubCsv = () => join(dir, "hub.csv");
+  const hubCsv = () => fleet.csv("hub");
   const cli = (node: string, ...args: string[]) => runCli([...args, "--hub", hub.url, "--token-file", tokens[node], "--timeout", "5"]);
   const cliIn = (node: string, input: string, ...args: string[]) => runCli([...args, "--hub", hub.url, "--token-file", tokens[node], "--timeout", "5"], input);
   const list = async (): Promise<BanList> => {
@@ -43,15 +43,11 @@ describe("ban.ts as a process: list, status, unban --all-nodes and import do wha
   const claimsOf = (l: BanList, ip: string) => l.bans.find((b) => b.ip === ip)?.claims ?? [];
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), "banshare-cli-"));
-    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["f2b", "node"], ["watcher", "reader"], ["root", "admin"]]);
-    hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--csv", hubCsv(), "--listen", `127.0.0.1:${await freePort()}`]);
+    fleet = await startFleet({ nodes: [["web1", "node"], ["web2", "node"], ["f2b", "node"], ["watcher", "reader"], ["root", "admin"]], journal: true });
+    ({ dir, hub, tokenFiles: tokens } = fleet);
   });
 
-  after(async () => {
-    await stopAll();
-    await rm(dir, { recursive: true, force: true });
-  });
+  after(() => fleet?.stop());
 
   test("list shows every node's claims, newest first, as a table and as the hub's JSON", async () => {
     const t0 = Math.floor(Date.now() / 1000) - 60;

@@ -6,8 +6,6 @@
  */
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import ts from "typescript";
@@ -15,8 +13,8 @@ import { cleanupCommands, ipsetNames, iptablesReconcileCommands, nftSetupScript 
 import { countKernelEntries, kernelCountCommands } from "../ban.ts";
 import { STATUS_PROTOCOL, requestToken } from "../hub.ts";
 import { PROTOCOL_VERSION, parseAddress } from "../messages.ts";
-import { enrol, startHubProc, type HubProc } from "./lib/fleet.ts";
-import { REPO_ROOT, stopAll } from "./lib/proc.ts";
+import { startFleet, type Fleet } from "./lib/fleet.ts";
+import { REPO_ROOT } from "./lib/proc.ts";
 
 /** The standalone scripts that may hold deliberate copies of each other's helpers. */
 const SCRIPTS = ["hub.ts", "agent.ts", "ban.ts", "examples/experiment.ts"];
@@ -114,23 +112,16 @@ describe("copies: ban.ts status counts the very sets, table and chain the agent 
 });
 
 describe("copies: the status page script carries the hub's protocol constants", () => {
-  let dir: string;
-  let hub: HubProc;
+  let fleet: Fleet;
   let script: string;
   let html: string;
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), "banshare-copies-"));
-    await enrol(dir, [["viewer", "reader"]]);
-    hub = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", "127.0.0.1:0"]);
-    const http = hub.url.replace(/^ws/, "http");
-    script = await (await fetch(`${http}/status.js`)).text();
-    html = await (await fetch(`${http}/`)).text();
+    fleet = await startFleet({ nodes: [["viewer", "reader"]], csv: false });
+    script = await (await fetch(`${fleet.http}/status.js`)).text();
+    html = await (await fetch(`${fleet.http}/`)).text();
   });
-  after(async () => {
-    await stopAll();
-    await rm(dir, { recursive: true, force: true });
-  });
+  after(() => fleet?.stop());
 
   test("the served script offers STATUS_PROTOCOL and a token subprotocol requestToken() reads", () => {
     const m = /new WebSocket\(url, \[("[^"]*"), ("[^"]*") \+ token\]\)/.exec(script);
