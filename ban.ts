@@ -31,7 +31,7 @@ import { parseArgs as parseCli } from "node:util";
 import type { Agent, IncomingMessage } from "node:http";
 import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type BanList, type ListedBan, type UnbanFrame } from "./messages.ts";
 
-/** Default spool directory, shared with the agent's --spool. */
+/** Default spool directory: the agent's --spool must name the same one to deliver what waits there. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
 
 /** Where the hub is and how to reach it: what every command needs. */
