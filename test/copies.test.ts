@@ -79,7 +79,7 @@ describe("copies: helpers copied between the scripts on purpose are identical", 
   test("isMain() is in every script, withOwnEnv(), logLine() and ownAddresses() in hub.ts and agent.ts", () => {
     const names = Object.fromEntries(SCRIPTS.map((f) => [f, topLevelFunctions(f)]));
     for (const f of SCRIPTS) assert.ok(names[f].has("isMain"), `${f} has no isMain()`);
-    for (const f of ["hub.ts", "agent.ts"]) for (const fn of ["withOwnEnv", "logLine", "ownAddresses"]) assert.ok(names[f].has(fn), `${f} has no ${fn}()`);
+    for (const f of ["hub.ts", "agent.ts"]) for (const fn of ["withOwnEnv", "logLine", "ownAddresses"]) assert.ok(names[f].has(fn), `${f} has no ${fn}(): renamed copies escape the check above (if it moved to messages.ts, drop it from this list)`);
   });
 });
 
