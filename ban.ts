@@ -31,7 +31,7 @@ import { parseArgs as parseCli } from "node:util";
 import type { Agent, IncomingMessage } from "node:http";
 import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type BanList, type ListedBan, type UnbanFrame } from "./messages.ts";
 
-/** Default spool directory, shared with the agent's --spool. */
+/** Default spool directory: the agent's --spool must name the same one to deliver what waits there. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
 
 /** Where the hub is and how to reach it: what every command needs. */
@@ -178,7 +178,7 @@ function num(flag: string, v: string | undefined, ok: (n: number) => boolean, ex
  * Turns argv, the environment and an already-read config object into what to do.
  * Precedence: command line, then environment, then config file, then defaults.
  */
-export function parseCommand(argv: string[], env: Record<string, string | undefined> = {}, config: Record<string, unknown> = {}, now = Date.now()): Invocation | "help" {
+export function parseArgs(argv: string[], env: Record<string, string | undefined> = {}, config: Record<string, unknown> = {}, now = Date.now()): Invocation | "help" {
   let parsed;
   // `--bantime -1` is Fail2Ban's permanent ban: a negative number is a value, not a flag.
   const args = argv.map((a, i) => (/^-\d/.test(a) && /^--\w/.test(argv[i - 1] ?? "") && !argv[i - 1].includes("=") ? `\0${a}` : a));
@@ -255,13 +255,6 @@ export function parseCommand(argv: string[], env: Record<string, string | undefi
     spoolDir: get("spool") ?? DEFAULT_SPOOL,
     ...(parsed.values["all-nodes"] ? { all: true } : {}),
   };
-}
-
-/** `parseCommand` for the sender's own commands, ban and unban: what Fail2Ban's action runs. */
-export function parseArgs(argv: string[], env: Record<string, string | undefined> = {}, config: Record<string, unknown> = {}, now = Date.now()): SendOptions | "help" {
-  const o = parseCommand(argv, env, config, now);
-  if (o !== "help" && o.command !== "ban" && o.command !== "unban") throw new UsageError(`Expected the command ban or unban, got ${o.command}`);
-  return o;
 }
 
 /** The frame this invocation sends. */
@@ -846,7 +839,7 @@ function fail(code: number, line: string): void {
 export async function main(argv = process.argv.slice(2)): Promise<void> {
   let opts: Invocation | "help";
   try {
-    const configPath = argv.find((a, i) => argv[i - 1] === "--config") ?? argv.find((a) => a.startsWith("--config="))?.slice(9) ?? process.env.BANSHARE_CONFIG;
+    const configPath = argv.find((_, i) => argv[i - 1] === "--config") ?? argv.find((a) => a.startsWith("--config="))?.slice(9) ?? process.env.BANSHARE_CONFIG;
     let config: Record<string, unknown> = {};
     if (configPath) {
       try {
@@ -855,7 +848,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
         throw new UsageError(`Expected --config ${configPath} to be a readable JSON file: ${(e as Error).message}`);
       }
     }
-    opts = parseCommand(argv, process.env, config);
+    opts = parseArgs(argv, process.env, config);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
     return fail(2, e.message);

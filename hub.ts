@@ -1976,6 +1976,11 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
 // Status page: static HTML, CSS and a small script (no build step, no libraries, no data in
 // them). The script asks for a reader or admin token, keeps it in sessionStorage, offers it as a
 // WebSocket subprotocol, says hello with `want: "status"` and draws what the hub sends.
+// Every protocol value in the script (subprotocols, version, limits, the token pattern) comes
+// from the TypeScript constants by interpolation; test/copies.test.ts checks the served script.
+
+/** A token as `requestToken` reads it from a subprotocol or bearer header: 1-512 printable ASCII characters. */
+const STATUS_TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
 
 /** Content-Security-Policy of the status page: its own script, style and socket, nothing else. */
 const STATUS_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -2017,7 +2022,7 @@ const STATUS_HTML = `<!doctype html>
   </section>
   <section>
     <h2>Response times</h2>
-    <p class="muted">Detection on the origin to applied on each node, up to the last 15 minutes.</p>
+    <p class="muted">Detection on the origin to applied on each node, up to the last ${STATUS_RT_WINDOW_MS / 60_000} minutes.</p>
     <div id="chart"></div>
     <ul id="legend"></ul>
   </section>
@@ -2071,8 +2076,8 @@ button { background: var(--accent); color: #fff; border: 0; cursor: pointer; }
 const STATUS_JS = String.raw`"use strict";
 (function () {
   var KEY = "banshare.token";
-  var MAX_EVENTS = 200;
-  var WINDOW_MS = 15 * 60 * 1000;
+  var MAX_EVENTS = ${MAX_STATUS_EVENTS};
+  var WINDOW_MS = ${STATUS_RT_WINDOW_MS};
   var COLORS = ["#2459d1", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#0c8599", "#c2255c", "#5c940d"];
   var SVG = "http://www.w3.org/2000/svg";
   var ws = null, retry = null, attempt = 0, welcomed = false, hubError = "", skew = 0;
@@ -2136,7 +2141,7 @@ const STATUS_JS = String.raw`"use strict";
     var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
     var sock;
     try {
-      sock = new WebSocket(url, ["banshare.v1", "banshare.token." + token]);
+      sock = new WebSocket(url, [${JSON.stringify(STATUS_PROTOCOL)}, ${JSON.stringify(TOKEN_PROTOCOL_PREFIX)} + token]);
     } catch (e) {
       sessionStorage.removeItem(KEY);
       return showLogin("The browser cannot send this token: " + e.message);
@@ -2144,7 +2149,7 @@ const STATUS_JS = String.raw`"use strict";
     ws = sock;
     setConn("connecting...");
     $("login").hidden = true;
-    sock.onopen = function () { sock.send(JSON.stringify({ type: "hello", v: 1, want: "status" })); };
+    sock.onopen = function () { sock.send(JSON.stringify({ type: "hello", v: ${PROTOCOL_VERSION}, want: "status" })); };
     sock.onmessage = function (m) {
       var f;
       try { f = JSON.parse(m.data); } catch (e) { return; }
@@ -2248,7 +2253,7 @@ const STATUS_JS = String.raw`"use strict";
     var W = Math.max(280, Math.round(box.clientWidth || 600)), H = 200, L = 48, B = 22, T = 8, R = 8;
     var end = now(), first = end;
     rt.forEach(function (r) { if (r.at < first) first = r.at; });
-    // From the oldest point shown (a minute at least, 15 at most) to now.
+    // From the oldest point shown (a minute at least, WINDOW_MS at most) to now.
     var start = end - Math.min(WINDOW_MS, Math.max(60 * 1000, (end - first) * 1.1));
     var max = 10;
     rt.forEach(function (r) { if (r.rtMs > max) max = r.rtMs; });
@@ -2288,7 +2293,7 @@ const STATUS_JS = String.raw`"use strict";
     ev.preventDefault();
     var token = $("token").value.trim();
     $("token").value = "";
-    if (!/^[A-Za-z0-9!#$%&'*+.^_|~-]{1,512}$/.test(token)) return showLogin("Expected a token of letters, digits and - _ . ~ (as hub.ts add-node prints it).");
+    if (!/^${STATUS_TOKEN_PATTERN}$/.test(token)) return showLogin("Expected a token of 1 to 512 printable ASCII characters without spaces (as hub.ts add-node prints it).");
     sessionStorage.setItem(KEY, token);
     connect();
   });

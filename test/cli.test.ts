@@ -6,15 +6,13 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { countKernelEntries, formatBanTable, formatDuration, kernelCountCommands, parseArgs, parseImport } from "../ban.ts";
 import type { BanList } from "../messages.ts";
-import { REPO_DIR, startFail2ban } from "./lib/fail2ban.ts";
-import { enrol, freePort, rows, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
-import { stopAll, REPO_ROOT } from "./lib/proc.ts";
+import { f2bTime, REPO_DIR, startFail2ban } from "./lib/fail2ban.ts";
+import { rows, startAgentProc, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
+import { REPO_ROOT } from "./lib/proc.ts";
 import { needs } from "./lib/skip.ts";
 
 const TSX = import.meta.resolve("tsx");
@@ -29,82 +27,12 @@ function runCli(args: string[], input?: string): Promise<{ code: number; stdout:
   });
 }
 
-/** `YYYY-MM-DD HH:MM:SS` in local time, as Fail2Ban prints times. */
-function f2bTime(ms: number): string {
-  const d = new Date(ms);
-  const p = (n: number) => String(n).padStart(2, "0");
-  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
-}
-
-describe("ban.ts pure helpers", () => {
-  test("parseImport() reads the three Fail2Ban outputs, one error per bad line", () => {
-    const now = 1_800_000_000_000;
-    const d = { jail: "sshd", bantime: 600, now };
-    const literal = parseImport("[{'sshd': ['192.0.2.1', '198.51.100.7']}, {'recidive': ['192.0.2.1', 'nope']}, {'x': []}]\n", d);
-    assert.equal(literal.errors.length, 1);
-    assert.match(literal.errors[0], /^line 1: .*"nope"/);
-    assert.deepEqual(literal.items.map((x) => [x.ip, x.jail, x.bantime, x.detectedAt]).sort(), [["192.0.2.1", "sshd", 600, now], ["198.51.100.7", "sshd", 600, now]]);
-    const start = now - 3_600_000;
-    const timed = parseImport(`192.0.2.9 \t${f2bTime(start)} + 86400 = x\n`.replace(" = x", ` = ${f2bTime(start + 86_400_000)}`) + `192.0.2.10 \t${f2bTime(start)} + -1 = 9999-12-31 23:59:59\n192.0.2.11 \t${f2bTime(start)} + 60 = ${f2bTime(start + 60_000)}\n`, d);
-    assert.deepEqual(timed.errors, []);
-    assert.equal(timed.over, 1, "the ban that ended is skipped and counted");
-    assert.deepEqual(timed.items.map((x) => [x.ip, x.bantime, x.detectedAt]), [["192.0.2.9", 86400, start], ["192.0.2.10", -1, start]]);
-    const plain = parseImport("# a comment\n192.0.2.20\n\n2001:DB8::1 192.0.2.21 # two\nfoo\n127.0.0.1\n", d);
-    assert.deepEqual(plain.items.map((x) => x.ip), ["192.0.2.20", "2001:db8::1", "192.0.2.21"]);
-    assert.equal(plain.errors.length, 2);
-    assert.match(plain.errors[0], /^line 5: Expected addresses/);
-    assert.match(plain.errors[1], /^line 6: .*loopback/);
-    assert.match(parseImport("[{'sshd': ['192.0.2.1']", d).errors[0], /^line 1: Expected/);
-  });
-
-  test("parseArgs() takes a restored ban's rounded <time> as the earliest time that rounds to it", () => {
-    const base = ["--hub", "ws://127.0.0.1:1", "--token-file", "/t"];
-    const fresh = parseArgs(["ban", "192.0.2.1", "--time", "1799999999.764", ...base], {}, {}, 1_800_000_000_000);
-    const restored = parseArgs(["ban", "192.0.2.1", "--time", "1800000000", "--restored", "1", ...base], {}, {}, 1_800_000_000_000);
-    assert.ok(fresh !== "help" && restored !== "help");
-    assert.equal(fresh.detectedAt, 1_799_999_999_764);
-    assert.equal(restored.detectedAt, 1_799_999_999_500);
-    assert.ok(restored.detectedAt <= fresh.detectedAt, "a restored ban is never newer than the original");
-    assert.throws(() => parseArgs(["ban", "192.0.2.1", "--restored", "yes", ...base]), /--restored/);
-    assert.throws(() => parseArgs(["ban", "192.0.2.1", "--json", ...base]), /--json with ban/);
-    assert.throws(() => parseArgs(["list", ...base]), /ban or unban/);
-  });
-
-  test("formatBanTable() lists addresses newest first with time left by the hub's clock", () => {
-    const list: BanList = {
-      hub: "h",
-      seq: "3",
-      now: 1_000_000,
-      count: 2,
-      bans: [
-        { ip: "192.0.2.1", nodes: 2, claims: [{ origin: "a", jail: "sshd", until: 1_600_000, detectedAt: 1000, seq: "1" }, { origin: "b", jail: "sshd", until: null, detectedAt: 3000, seq: "2" }] },
-        { ip: "192.0.2.2", nodes: 1, claims: [{ origin: "a", jail: "sshd", until: 1_060_000, detectedAt: 2000, seq: "3" }] },
-      ],
-    };
-    const lines = formatBanTable(list).trimEnd().split("\n");
-    assert.match(lines[0], /^ADDRESS\s+NODES\s+ORIGIN\s+JAIL\s+DETECTED \(UTC\)\s+LEFT$/);
-    assert.match(lines[1], /^192\.0\.2\.1\s+2\s+b\s+sshd\s+.*permanent$/);
-    assert.match(lines[2], /^\s+a\s+sshd\s+.*10m00s$/);
-    assert.match(lines[3], /^192\.0\.2\.2\s+1\s+a\s+.*1m00s$/);
-    assert.match(lines[4], /^2 address\(es\) blocked, 3 claim\(s\)/);
-    assert.equal(formatDuration(90_061_000), "1d01h");
-  });
-
-  test("countKernelEntries() reads what the agent's backend sets hold", () => {
-    assert.deepEqual(kernelCountCommands("ipset", "banshare"), [["ipset", "list", "-terse", "banshare-v4"], ["ipset", "list", "-terse", "banshare-v6"]]);
-    assert.equal(countKernelEntries("ipset", "Name: banshare-v4\nType: hash:net\nSize in memory: 552\nReferences: 1\nNumber of entries: 57\n"), 57);
-    assert.equal(countKernelEntries("nftables", JSON.stringify({ nftables: [{ metainfo: {} }, { set: { name: "v4", elem: [{ elem: { val: "192.0.2.1" } }, { elem: { val: "192.0.2.9" } }] } }] })), 2);
-    assert.equal(countKernelEntries("nftables", JSON.stringify({ nftables: [{ metainfo: {} }, { set: { name: "v6" } }] })), 0);
-    assert.equal(countKernelEntries("iptables", "-N banshare\n-A banshare -s 198.51.100.0/24 -j RETURN\n-A banshare -s 192.0.2.1/32 -j DROP\n"), 1);
-    assert.throws(() => countKernelEntries("ipset", "ipset v7.17: The set with the given name does not exist"), /Number of entries/);
-  });
-});
-
-describe("ban.ts list, status, unban --all-nodes and import against a real hub", () => {
+describe("ban.ts as a process: list, status, unban --all-nodes and import do what they print against a real hub", () => {
+  let fleet: Fleet;
   let dir: string;
   let tokens: Record<string, string>;
   let hub: HubProc;
-  const hubCsv = () => join(dir, "hub.csv");
+  const hubCsv = () => fleet.csv("hub");
   const cli = (node: string, ...args: string[]) => runCli([...args, "--hub", hub.url, "--token-file", tokens[node], "--timeout", "5"]);
   const cliIn = (node: string, input: string, ...args: string[]) => runCli([...args, "--hub", hub.url, "--token-file", tokens[node], "--timeout", "5"], input);
   const list = async (): Promise<BanList> => {
@@ -115,15 +43,11 @@ describe("ban.ts list, status, unban --all-nodes and import against a real hub",
   const claimsOf = (l: BanList, ip: string) => l.bans.find((b) => b.ip === ip)?.claims ?? [];
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), "banshare-cli-"));
-    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["f2b", "node"], ["watcher", "reader"], ["root", "admin"]]);
-    hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--csv", hubCsv(), "--listen", `127.0.0.1:${await freePort()}`]);
+    fleet = await startFleet({ nodes: [["web1", "node"], ["web2", "node"], ["f2b", "node"], ["watcher", "reader"], ["root", "admin"]], journal: true });
+    ({ dir, hub, tokenFiles: tokens } = fleet);
   });
 
-  after(async () => {
-    await stopAll();
-    await rm(dir, { recursive: true, force: true });
-  });
+  after(() => fleet?.stop());
 
   test("list shows every node's claims, newest first, as a table and as the hub's JSON", async () => {
     const t0 = Math.floor(Date.now() / 1000) - 60;

@@ -3,50 +3,30 @@
  * real process, raw WebSocket clients for the hostile cases.
  */
 import assert from "node:assert/strict";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import WebSocket from "ws";
-import { enrol, freePort, rows, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
-import { stopAll, type Proc } from "./lib/proc.ts";
-
-/** Opens an authenticated raw socket and collects the frames the hub sends. */
-async function rawClient(url: string, token: string): Promise<{ ws: WebSocket; frames: any[]; next: (pred: (f: any) => boolean) => Promise<any> }> {
-  const ws = new WebSocket(url, { headers: { authorization: `Bearer ${token}` } });
-  const frames: any[] = [];
-  ws.on("message", (d) => frames.push(JSON.parse(String(d))));
-  await new Promise((resolve, reject) => {
-    ws.once("open", resolve);
-    ws.once("error", reject);
-  });
-  const next = (pred: (f: any) => boolean) => waitFor(() => frames.find(pred), "a frame from the hub", 5000);
-  return { ws, frames, next };
-}
+import { connectNode, upgradeStatus } from "./lib/client.ts";
+import { rows, runBan, startAgentProc, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
+import type { Proc } from "./lib/proc.ts";
 
 describe("a hub, three agents and ban.ts over real sockets", () => {
+  let fleet: Fleet;
   let dir: string;
   let tokens: Record<string, string>;
   let hub: HubProc;
-  let port: number;
   const agents: Record<string, Proc> = {};
-  const csv = (n: string) => join(dir, `${n}.csv`);
-  const hubArgs = () => ["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--csv", join(dir, "hub.csv"), "--listen", `127.0.0.1:${port}`, "--heartbeat", "2"];
+  const csv = (n: string) => fleet.csv(n);
+  const hubArgs = () => fleet.hubArgs;
   const ban = (node: string, ...args: string[]) => runBan([...args, "--hub", hub.url, "--token-file", tokens[node], "--spool", join(dir, `${node}-spool`), "--timeout", "5"]);
   const startAgent = (n: string) => startAgentProc(n, ["--hub", hub.url, "--token-file", tokens[n], "--backend", "dry-run", "--csv", csv(n), "--heartbeat", "2"]);
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), "banshare-fleet-"));
-    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["web3", "node"], ["watcher", "reader"], ["root", "admin"]]);
-    port = await freePort();
-    hub = await startHubProc(hubArgs());
+    fleet = await startFleet({ nodes: [["web1", "node"], ["web2", "node"], ["web3", "node"], ["watcher", "reader"], ["root", "admin"]], journal: true, heartbeat: 2 });
+    ({ dir, hub, tokenFiles: tokens } = fleet);
     for (const n of ["web1", "web2", "web3"]) agents[n] = await startAgent(n);
   });
 
-  after(async () => {
-    await stopAll();
-    await rm(dir, { recursive: true, force: true });
-  });
+  after(() => fleet.stop());
 
   test("a ban reaches every other agent and not its origin; the unban follows it", async () => {
     const ip = "203.0.113.7";
@@ -91,20 +71,8 @@ describe("a hub, three agents and ban.ts over real sockets", () => {
   });
 
   test("a wrong token gets 401 before the upgrade, and ban.ts exits 1 without spooling", async () => {
-    const status = await new Promise<number>((resolve) => {
-      const ws = new WebSocket(hub.url, { headers: { authorization: "Bearer not-a-real-token-at-all" } });
-      ws.on("unexpected-response", (_req, res) => resolve(res.statusCode ?? 0));
-      ws.on("open", () => resolve(101));
-      ws.on("error", () => {});
-    });
-    assert.equal(status, 401);
-    const noAuth = await new Promise<number>((resolve) => {
-      const ws = new WebSocket(hub.url);
-      ws.on("unexpected-response", (_req, res) => resolve(res.statusCode ?? 0));
-      ws.on("open", () => resolve(101));
-      ws.on("error", () => {});
-    });
-    assert.equal(noAuth, 401);
+    assert.equal(await upgradeStatus(hub.url, "not-a-real-token-at-all"), 401);
+    assert.equal(await upgradeStatus(hub.url, undefined), 401);
     const r = await runBan(["ban", "203.0.113.50", "--hub", hub.url, "--token-file", join(dir, "watcher.token.missing"), "--spool", join(dir, "bad-spool")]);
     assert.equal(r.code, 1, r.output);
     const { writeFile } = await import("node:fs/promises");
@@ -117,7 +85,7 @@ describe("a hub, three agents and ban.ts over real sockets", () => {
   });
 
   test("hostile frames get error frames, change nothing, and the hub keeps serving everyone", async () => {
-    const { ws, frames, next } = await rawClient(hub.url, (await import("node:fs")).readFileSync(tokens.web3, "utf8").trim());
+    const { ws, frames, next } = await connectNode(hub.url, { file: tokens.web3 });
     ws.send(JSON.stringify({ type: "ban", id: "early", ip: "203.0.113.60", jail: "sshd", bantime: 60, detectedAt: Date.now() }));
     assert.equal((await next((f) => f.type === "error" && f.id === "early")).code, "not_hello");
     ws.send(JSON.stringify({ type: "hello", v: 1, node: "web3" }));
@@ -145,13 +113,13 @@ describe("a hub, three agents and ban.ts over real sockets", () => {
     assert.equal(afterStorm.seq, before.seq, "refused frames changed the hub's state");
 
     // A reader cannot publish.
-    const reader = await rawClient(hub.url, (await import("node:fs")).readFileSync(tokens.watcher, "utf8").trim());
+    const reader = await connectNode(hub.url, { file: tokens.watcher });
     reader.ws.send(JSON.stringify({ type: "hello", v: 1 }));
     await reader.next((f) => f.type === "welcome");
     reader.ws.send(JSON.stringify({ type: "ban", id: "r1", ip: "203.0.113.64", jail: "sshd", bantime: 60, detectedAt: Date.now() }));
     assert.equal((await reader.next((f) => f.type === "error" && f.id === "r1")).code, "forbidden");
     // A node cannot speak for another.
-    const imp = await rawClient(hub.url, (await import("node:fs")).readFileSync(tokens.web3, "utf8").trim());
+    const imp = await connectNode(hub.url, { file: tokens.web3 });
     imp.ws.send(JSON.stringify({ type: "hello", v: 1, node: "web1" }));
     assert.equal((await imp.next((f) => f.type === "error")).code, "forbidden");
 

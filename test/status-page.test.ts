@@ -7,13 +7,14 @@
  * suite skips and says why (and fails under CI=true); the socket checks run everywhere.
  */
 import assert from "node:assert/strict";
-import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import type { BrowserContext, Page } from "playwright-core";
 import WebSocket from "ws";
-import { enrol, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import { connectNode } from "./lib/client.ts";
+import { runBan, startFleet, waitFor, type HubProc } from "./lib/fleet.ts";
 import { REPO_ROOT, stopAll } from "./lib/proc.ts";
 import { chromiumPath, needs } from "./lib/skip.ts";
 
@@ -29,27 +30,13 @@ interface World {
 
 /** Enrols web1 (the agent), web2 (a sender) and a reader; starts the hub and web1's dry-run agent. */
 async function startWorld(): Promise<World> {
-  const dir = await mkdtemp(join(tmpdir(), "banshare-status-"));
-  const files = await enrol(dir, [["web1", "node"], ["web2", "node"], ["viewer", "reader"]]);
-  const tokens: Record<string, string> = {};
-  for (const [n, f] of Object.entries(files)) tokens[n] = (await readFile(f, "utf8")).trim();
-  const hub = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", "127.0.0.1:0", "--heartbeat", "5", "--escalate", "2"]);
-  await startAgentProc("web1", ["--hub", hub.url, "--token-file", files.web1, "--backend", "dry-run", "--heartbeat", "5"]);
-  return { dir, hub, http: hub.url.replace(/^ws/, "http"), tokens };
+  const fleet = await startFleet({ nodes: [["web1", "node"], ["web2", "node"], ["viewer", "reader"]], agents: ["web1"], csv: false, heartbeat: 5, hubArgs: ["--escalate", "2"] });
+  const tokens = Object.fromEntries(Object.keys(fleet.tokenFiles).map((n) => [n, fleet.token(n)]));
+  return { dir: fleet.dir, hub: fleet.hub, http: fleet.http, tokens };
 }
 
 /** A raw status-page socket: token as a subprotocol, frames collected. */
-async function watcher(url: string, token: string) {
-  const ws = new WebSocket(url, ["banshare.v1", `banshare.token.${token}`]);
-  const frames: any[] = [];
-  ws.on("message", (d) => frames.push(JSON.parse(String(d))));
-  await new Promise((resolve, reject) => {
-    ws.once("open", resolve);
-    ws.once("error", reject);
-  });
-  const next = (pred: (f: any) => boolean, what = "a frame from the hub") => waitFor(() => frames.find(pred), what, 5000);
-  return { ws, frames, next };
-}
+const watcher = (url: string, token: string) => connectNode(url, token, { subprotocol: true, timeoutMs: 5000 });
 
 describe("the status socket", () => {
   let w: World;

@@ -335,3 +335,10 @@ export async function startFail2ban(opts: StartFail2banOptions): Promise<Fail2ba
 
   return { pid, jail, dir, socket, logTarget, outFile, client, banned, stop };
 }
+
+/** `YYYY-MM-DD HH:MM:SS` in local time, as Fail2Ban prints times. */
+export function f2bTime(ms: number): string {
+  const d = new Date(ms);
+  const p = (n: number) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}

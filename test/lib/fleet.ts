@@ -1,14 +1,16 @@
 /**
  * Test helpers for running banshare itself: enrol nodes, start a hub and agents as real
- * processes, read their CSV logs, wait for a condition.
+ * processes (one at a time, or a whole fleet with `startFleet`), read their CSV logs, wait for
+ * a condition.
  */
 
 import { existsSync, readFileSync } from "node:fs";
-import { chmod, writeFile } from "node:fs/promises";
+import { chmod, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { addNode } from "../../hub.ts";
-import { tsx, type Proc, type ProcOptions } from "./proc.ts";
+import { stopAll, tsx, type Proc, type ProcOptions } from "./proc.ts";
 
 /** A TCP port free on 127.0.0.1 right now. */
 export function freePort(): Promise<number> {
@@ -109,4 +111,107 @@ export async function runBan(args: string[], opts: ProcOptions = {}): Promise<{ 
   const proc = tsx("ban.ts", args, { name: "ban", ...opts });
   const info = await proc.closed;
   return { code: info.code, output: proc.output() };
+}
+
+/** Refusals by reason from the hub's /metrics text. */
+export function refusedByReason(metrics: string): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const m of metrics.matchAll(/^banshare_refused_total\{reason="([^"]+)"\} (\d+)$/gm)) out[m[1]] = Number(m[2]);
+  return out;
+}
+
+/** What grew (or shrank) between two counts by key; keys that did not change are left out. */
+export function delta(after: Record<string, number>, before: Record<string, number>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const k of new Set([...Object.keys(after), ...Object.keys(before)])) {
+    const d = (after[k] ?? 0) - (before[k] ?? 0);
+    if (d) out[k] = d;
+  }
+  return out;
+}
+
+/** What `startFleet` starts. */
+export interface FleetOptions {
+  /** Nodes to enrol, with their roles. */
+  nodes: Array<[string, "node" | "reader" | "admin"]>;
+  /** Nodes that get a dry-run agent once the hub listens (default: none). */
+  agents?: string[];
+  /** Extra hub flags (a function: of the fleet's directory). */
+  hubArgs?: string[] | ((dir: string) => string[]);
+  /** Extra flags of every agent. */
+  agentArgs?: string[];
+  /** `--listen` of the hub (default: 127.0.0.1 on a free port). */
+  listen?: string;
+  /** The hub keeps a journal in the fleet's directory (default: no --state). */
+  journal?: boolean;
+  /** The hub and agents write CSV logs NAME.csv in the fleet's directory (default: true). */
+  csv?: boolean;
+  /** `--heartbeat` seconds of the hub and agents (default: theirs). */
+  heartbeat?: number;
+  /** Runs in the fleet's directory before the hub starts (e.g. gen-cert). */
+  prepare?: (dir: string) => Promise<void>;
+}
+
+/** A hub and agents started as real processes in a scratch directory, with their nodes enrolled. */
+export interface Fleet {
+  dir: string;
+  hub: HubProc;
+  /** The hub's http:// or https:// base URL. */
+  http: string;
+  /** Each node's token file. */
+  tokenFiles: Record<string, string>;
+  agents: Record<string, Proc>;
+  /** A node's token. */
+  token(node: string): string;
+  /** The CSV log of the hub ("hub") or of a node's agent. */
+  csv(name: string): string;
+  /** The hub's flags, to start it again on the same port. */
+  hubArgs: string[];
+  /** Starts a node's dry-run agent (with the fleet's agent flags and `extra`) and waits for its first sync. */
+  startAgent(node: string, extra?: string[]): Promise<Proc>;
+  /** Runs ban.ts as `node` against the hub, spooling to NODE-spool in the fleet's directory. */
+  ban(node: string, ...args: string[]): Promise<{ code: number | null; output: string }>;
+  /** Stops every process the test started and deletes the directory. */
+  stop(): Promise<void>;
+}
+
+/** Enrols `nodes`, starts a hub and the `agents` (dry-run); `stop()` undoes all of it. */
+export async function startFleet(opts: FleetOptions): Promise<Fleet> {
+  const dir = await mkdtemp(join(tmpdir(), "banshare-fleet-"));
+  const csv = (name: string) => join(dir, `${name}.csv`);
+  const logs = opts.csv ?? true;
+  const heartbeat = opts.heartbeat === undefined ? [] : ["--heartbeat", String(opts.heartbeat)];
+  const tokenFiles = await enrol(dir, opts.nodes);
+  await opts.prepare?.(dir);
+  const hubArgs = [
+    "--tokens", join(dir, "tokens"),
+    ...(opts.journal ? ["--state", join(dir, "journal.jsonl")] : []),
+    ...(logs ? ["--csv", csv("hub")] : []),
+    "--listen", opts.listen ?? `127.0.0.1:${await freePort()}`,
+    ...heartbeat,
+    ...(typeof opts.hubArgs === "function" ? opts.hubArgs(dir) : (opts.hubArgs ?? [])),
+  ];
+  const hub = await startHubProc(hubArgs);
+  const fleet: Fleet = {
+    dir,
+    hub,
+    http: hub.url.replace(/^ws/, "http"),
+    tokenFiles,
+    agents: {},
+    token: (node) => readFileSync(tokenFiles[node], "utf8").trim(),
+    csv,
+    hubArgs,
+    startAgent: async (node, extra = []) => {
+      const args = ["--hub", fleet.hub.url, "--token-file", tokenFiles[node], "--backend", "dry-run", ...(logs ? ["--csv", csv(node)] : []), ...heartbeat, ...(opts.agentArgs ?? []), ...extra];
+      fleet.agents[node] = await startAgentProc(node, args);
+      return fleet.agents[node];
+    },
+    ban: (node, ...args) => runBan([...args, "--hub", fleet.hub.url, "--token-file", tokenFiles[node], "--spool", join(dir, `${node}-spool`), "--timeout", "5"]),
+    stop: async () => {
+      await stopAll();
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+  for (const n of opts.agents ?? []) await fleet.startAgent(n);
+  return fleet;
 }
