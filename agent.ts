@@ -1056,14 +1056,19 @@ export class Spool {
 // ---------------------------------------------------------------------------------------------
 // The hub link: one connection at a time, each a Session
 
+/** What a `HubLink` is given. */
+export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "spoolDir" | "heartbeatMs" | "ca" | "log"> {
+  token: string;
+  applier: Applier;
+  state: StateFile;
+  csv: CsvLog;
+}
+
 /** What a `Session` is given by its `HubLink`. */
 interface SessionHost {
   /** Where the agent is in the hub's stream; a session moves it on. */
   cursor: Cursor | undefined;
-  readonly applier: Applier;
-  readonly state: StateFile;
-  readonly csv: CsvLog;
-  readonly opts: Pick<AgentOptions, "node" | "spoolDir" | "heartbeatMs" | "log">;
+  readonly opts: HubLinkOptions;
   /** The hub welcomed this session: the reconnect backoff starts over. */
   welcomed(): void;
 }
@@ -1154,7 +1159,7 @@ export class Session {
   private onWelcome(f: WelcomeFrame): void {
     this.welcomed = true;
     this.host.welcomed();
-    this.host.csv.node = f.node;
+    this.host.opts.csv.node = f.node;
     this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
     this.host.opts.log(`connected to ${this.url} as ${f.node} (${f.role}), hub ${f.hub} at seq ${f.seq}`);
     this.hubId = f.hub;
@@ -1176,16 +1181,16 @@ export class Session {
     this.awaitingSync = false;
     this.syncBuffer = [];
     this.host.opts.log(f.full ? `full sync: ${events.length} event(s) at seq ${f.seq}` : `resumed after seq ${this.host.cursor?.seq}: ${events.length} event(s) missed, now at seq ${f.seq}`);
-    this.host.applier.sync(events, f.full);
+    this.host.opts.applier.sync(events, f.full);
     this.host.cursor = { hub: this.hubId, seq: f.seq };
-    this.host.state.schedule();
+    this.host.opts.state.schedule();
   }
 
   /** Events relayed live: applied, remembered for the response-time report, and the cursor moves on (once there is one). */
   private onEvents(events: FleetEvent[], seq: string): void {
-    this.host.applier.take(events, this.hubTakesApplied);
+    this.host.opts.applier.take(events, this.hubTakesApplied);
     if (this.host.cursor) this.host.cursor = { hub: this.hubId, seq };
-    this.host.state.schedule();
+    this.host.opts.state.schedule();
   }
 
   private onAck(f: AckFrame): void {
@@ -1207,14 +1212,6 @@ export class Session {
   }
 }
 
-/** What a `HubLink` is given. */
-export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "spoolDir" | "heartbeatMs" | "ca" | "log"> {
-  token: string;
-  applier: Applier;
-  state: StateFile;
-  csv: CsvLog;
-}
-
 /**
  * Keeps one connection to the hub: tries the hubs in order (the next one when a hub refuses
  * before welcoming us), reconnects with `nextDelay` backoff, and makes a `Session` for each
@@ -1223,9 +1220,6 @@ export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "sp
 export class HubLink implements SessionHost {
   /** Where the agent is in the hub's stream: set from the state file, moved on by each session. */
   cursor: Cursor | undefined;
-  readonly applier: Applier;
-  readonly state: StateFile;
-  readonly csv: CsvLog;
   private session: Session | undefined;
   private sock: WebSocket | undefined;
   private attempt = 0;
@@ -1233,11 +1227,7 @@ export class HubLink implements SessionHost {
   private retryTimer: NodeJS.Timeout | undefined;
   private closing = false;
 
-  constructor(readonly opts: HubLinkOptions) {
-    this.applier = opts.applier;
-    this.state = opts.state;
-    this.csv = opts.csv;
-  }
+  constructor(readonly opts: HubLinkOptions) {}
 
   welcomed(): void {
     this.attempt = 0;
@@ -1284,7 +1274,7 @@ export class HubLink implements SessionHost {
   private closed(session: Session, code: number, reason: Buffer): void {
     session.close();
     if (this.session === session) this.session = undefined;
-    this.applier.forgetLive();
+    this.opts.applier.forgetLive();
     if (this.closing) return;
     if (!session.welcomed) this.hubIndex++;
     const delay = nextDelay(this.attempt++);
