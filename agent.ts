@@ -783,13 +783,26 @@ export class CsvLog {
     return new CsvLog(out, node);
   }
 
+  /** Rows recorded and not yet written. */
+  private pending = "";
+
   record(r: Row): void {
-    this.out?.write(csvRow({ time: Date.now(), node: this.node, ...r }));
+    if (!this.out) return;
+    // The rows of one batch (a BLOCK and its SCHEDULE_UNBLOCK) go in one write, so that a reader
+    // of the file never sees one without the other.
+    if (!this.pending) queueMicrotask(() => this.flush());
+    this.pending += csvRow({ time: Date.now(), node: this.node, ...r });
   }
 
   close(): Promise<void> {
     const out = this.out;
+    this.flush();
     return out ? new Promise<void>((resolve) => out.end(resolve)) : Promise.resolve();
+  }
+
+  private flush(): void {
+    if (this.pending) this.out?.write(this.pending);
+    this.pending = "";
   }
 }
 
