@@ -4,6 +4,7 @@ import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
+import { WebSocketServer, type WebSocket as ServerSocket } from "ws";
 import {
   Allowlist,
   Applier,
@@ -12,7 +13,9 @@ import {
   changesFor,
   cleanupCommands,
   countCommands,
+  CsvLog,
   desiredState,
+  HubLink,
   ipsetNames,
   main,
   makeBackend,
@@ -497,6 +500,54 @@ describe("Spool: forwarding ban.ts's spooled events over one connection", () => 
       assert.deepEqual(sent.map((f) => f.id), ["a1", "a2", "a3", "a2"], "a rate-limited event goes again next round");
     } finally {
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("HubLink: a Session per connection, thrown away on close", () => {
+  // A stand-in hub on a real WebSocket that plays a script per connection (the real hub is
+  // driven in test/fleet.test.ts and test/faults.test.ts).
+  test("a sync cut off mid-chunks is dropped with its connection; the next connection syncs afresh, then live events move the cursor", async () => {
+    const now = Date.now();
+    const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    await new Promise((r) => wss.once("listening", r));
+    const hellos: Array<{ cursor?: unknown }> = [];
+    const welcome = (seq: string) => ({ type: "welcome", v: 1, hub: "h1", node: "web9", role: "node", seq });
+    let conns = 0;
+    wss.on("connection", (sock: ServerSocket) => {
+      const n = ++conns;
+      sock.once("message", (data) => {
+        hellos.push(JSON.parse(String(data)));
+        const send = (f: object) => sock.send(JSON.stringify(f));
+        send(welcome(n === 1 ? "5" : "6"));
+        if (n === 1) {
+          send({ type: "sync", full: true, seq: "5", more: true, events: [ev("ban", "203.0.113.1", now, null)] });
+          setTimeout(() => sock.terminate(), 50);
+          return;
+        }
+        send({ type: "sync", full: true, seq: "6", events: [ev("ban", "203.0.113.2", now, null, "web1", "6")] });
+        send({ type: "event", ...ev("ban", "203.0.113.3", now, null, "web2", "7") });
+      });
+    });
+    const lines: string[] = [];
+    const log = (l: string) => lines.push(l);
+    const applier = new Applier({ backend: makeBackend("dry-run", cfg, log), backendName: "dry-run", allow: new Allowlist([]), record: () => {}, log });
+    const csv = await CsvLog.open(undefined, "agent", log);
+    const link: HubLink = new HubLink({ hubs: [`ws://127.0.0.1:${(wss.address() as { port: number }).port}`], heartbeatMs: 60_000, token: "t".repeat(16), log, applier, csv, state: new StateFile(undefined, log, () => ({ cursor: link.cursor, claims: applier.claims })) });
+    try {
+      link.connect();
+      const end = Date.now() + 10_000;
+      while (link.cursor?.seq !== "7" && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+      assert.deepEqual(link.cursor, { hub: "h1", seq: "7" }, lines.join("\n"));
+      assert.equal(hellos.length, 2);
+      assert.equal(hellos[1].cursor, undefined, "the cut-off sync gave no cursor");
+      assert.deepEqual([...applier.claims.keys()].sort(), ["203.0.113.2", "203.0.113.3"], "nothing of the first connection's partial sync");
+      assert.equal(csv.node, "web9", "rows carry the name the hub welcomed us with");
+      assert.ok(lines.some((l) => /^disconnected from ws:\/\/127\.0\.0\.1:\d+ \(1006\); retrying/.test(l)), lines.join("\n"));
+    } finally {
+      link.close();
+      await applier.close();
+      await new Promise((r) => wss.close(r));
     }
   });
 });
