@@ -1453,7 +1453,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .strict()
       .fail((msg, err) => {
-        throw new UsageError(err?.message ?? msg);
+        // One line: yargs spreads some messages over several.
+        throw new UsageError((err?.message ?? msg).split("\n").map((l) => l.trim()).filter(Boolean).join(" "));
       })
       .help()
       .version(false)

@@ -556,6 +556,7 @@ describe("agent errors by type", () => {
   test("parseArgs() refuses bad usage with a UsageError; main() prints its one line and exits 2", async () => {
     assert.throws(() => parseArgs(["--bogus"]), UsageError);
     assert.throws(() => parseArgs(["--hub", "http://x", "--token-file", "/t"]), UsageError);
+    assert.throws(() => parseArgs(["--cleanup", "--backend", "pf"]), (e: Error) => e instanceof UsageError && !e.message.includes("\n"), "yargs' message in one line");
     const write = process.stderr.write.bind(process.stderr);
     let err = "";
     process.stderr.write = ((s: string) => ((err += s), true)) as typeof process.stderr.write;
