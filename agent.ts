@@ -129,7 +129,7 @@ const SESSION_MAX_BYTES = 256 * 1024;
 const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup"];
 
 // ---------------------------------------------------------------------------------------------
-// Pure helpers
+// Pure helpers and the backends' plans
 
 /** Delay before reconnect attempt `attempt` (0-based): exponential from `baseMs`, capped, with jitter in [50%, 100%]. */
 export function nextDelay(attempt: number, baseMs = 500, capMs = 30_000, random = Math.random): number {
