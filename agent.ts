@@ -11,6 +11,18 @@
  * time even when the agent is down; start never flushes, so bans keep enforcing while the hub
  * is unreachable. After each sync the kernel is reconciled to the fleet state in one command.
  *
+ * Parts, in file order, data flowing one way (hub -> kernel):
+ * - backend plans: pure functions and one `BACKENDS` table entry per firewall (setup, change,
+ *   reconcile, session, cleanup, count); `makeBackend` runs an entry, `KernelSession` is the
+ *   long-lived `ipset restore` / `nft -i` a batch goes to.
+ * - `desiredState` / `changesFor`: pure, what the kernel should hold and the diff to get there.
+ * - `Applier`: owns the claims and what was applied; batches changes into the backend, one
+ *   kernel command at a time, reconciles after a sync, writes BLOCK/UNBLOCK/REJECT rows.
+ * - `StateFile` (--state), `CsvLog` (--csv), `Spool` (--spool forwarding, per connection).
+ * - `HubLink`: connects and reconnects; each connection is a `Session`, made on open and thrown
+ *   away on close, that turns the hub's frames into calls on the applier.
+ * - `startAgent` wires these together; `parseArgs` and `main` are the command line.
+ *
  * @module
  */
 
@@ -39,17 +51,19 @@ import {
   parseHubFrame,
   parseNodeFrame,
   pruneClaims,
+  type AckFrame,
   type Address,
   type AppliedRecord,
   type BanFrame,
   type Claims,
   type CsvRecord,
   type Cursor,
+  type ErrorFrame,
   type FleetEvent,
+  type SyncFrame,
   type UnbanFrame,
+  type WelcomeFrame,
 } from "./messages.ts";
-
-export type BackendName = "ipset" | "nftables" | "iptables" | "dry-run";
 
 /** Everything `startAgent` needs; `parseArgs` turns flags into this. */
 export interface AgentOptions {
@@ -83,11 +97,15 @@ export interface FirewallConfig {
   allow: Address[];
 }
 
-/** A command to run: argv, and what to write to its stdin. */
+/** A command to run: argv, and what to write to its stdin; with `unless`, only when that check command fails. */
 export interface Command {
   argv: string[];
   input?: string;
+  unless?: string[];
 }
+
+/** One step of a backend's plan: a command, or (dry-run) a line for the log. */
+export type Step = Command | { log: string };
 
 /** A running agent. */
 export interface Agent {
@@ -96,6 +114,9 @@ export interface Agent {
   close(): Promise<void>;
 }
 
+/** What the agent's CSV rows say; time and node are added by `CsvLog`. */
+export type Row = Omit<CsvRecord, "time" | "node">;
+
 /** Largest timeout ipset accepts, in seconds; longer bans are capped and renewed by each reconcile. */
 export const IPSET_MAX_TIMEOUT_S = 2147483;
 const MAX_ELEMENTS = 2_097_152;
@@ -103,10 +124,12 @@ const CMD_TIMEOUT_MS = 60_000;
 /** Response-time reports (`applied`): gathered this long before one frame goes, at most this many waiting. */
 const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
+/** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
+const SESSION_MAX_BYTES = 256 * 1024;
 const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup"];
 
 // ---------------------------------------------------------------------------------------------
-// Pure helpers
+// Pure helpers and the backends' plans
 
 /** Delay before reconnect attempt `attempt` (0-based): exponential from `baseMs`, capped, with jitter in [50%, 100%]. */
 export function nextDelay(attempt: number, baseMs = 500, capMs = 30_000, random = Math.random): number {
@@ -278,37 +301,6 @@ export function iptablesChangeCommands(cfg: FirewallConfig, changes: Change[], p
     .map((fam) => ({ argv: [`${iptablesFor(fam)}-restore`, "--noflush"], input: ["*filter", ...lines[fam], "COMMIT", ""].join("\n") }));
 }
 
-/** Commands that hook the agent's chain into INPUT if it is not yet (ipset and iptables backends). */
-function jumpCommands(prefix: string): Array<{ check: string[]; insert: string[] }> {
-  return (["iptables", "ip6tables"] as const).map((bin) => ({
-    check: [bin, "-w", "-C", "INPUT", "-j", prefix],
-    // -I, not -A: the ban must come before any ACCEPT rule already in INPUT.
-    insert: [bin, "-w", "-I", "INPUT", "1", "-j", prefix],
-  }));
-}
-
-/** Commands that remove every object the agent created, and nothing else (each may fail when absent). */
-export function cleanupCommands(backend: BackendName, prefix: string): string[][] {
-  if (backend === "nftables") return [["nft", "delete", "table", "inet", prefix]];
-  if (backend === "dry-run") return [];
-  const cmds: string[][] = [];
-  for (const bin of ["iptables", "ip6tables"]) cmds.push([bin, "-w", "-D", "INPUT", "-j", prefix], [bin, "-w", "-F", prefix], [bin, "-w", "-X", prefix]);
-  if (backend === "ipset") {
-    const names = ipsetNames(prefix);
-    cmds.push(["ipset", "destroy", names.v4], ["ipset", "destroy", names.v6]);
-  }
-  return cmds;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backends: thin execution of the plans above
-
-interface Backend {
-  setup(): Promise<void>;
-  apply(changes: Change[], now: number): Promise<void>;
-  reconcile(desired: Map<string, number | null>, now: number): Promise<void>;
-  close(): void;
-}
 
 /** How to talk to one long-lived firewall process (`KernelSession`). */
 export interface SessionKind {
@@ -346,8 +338,175 @@ export function nftSession(prefix: string): SessionKind {
   };
 }
 
-/** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
-const SESSION_MAX_BYTES = 256 * 1024;
+/** Steps that hook the agent's chain into INPUT unless it is already (ipset and iptables backends). */
+function jumpSteps(prefix: string): Command[] {
+  return (["iptables", "ip6tables"] as const).map((bin) => ({
+    unless: [bin, "-w", "-C", "INPUT", "-j", prefix],
+    // -I, not -A: the ban must come before any ACCEPT rule already in INPUT.
+    argv: [bin, "-w", "-I", "INPUT", "1", "-j", prefix],
+  }));
+}
+
+/** Commands that remove the agent's chain and its jump from INPUT, for both families. */
+function chainCleanup(prefix: string): string[][] {
+  return ["iptables", "ip6tables"].flatMap((bin) => [[bin, "-w", "-D", "INPUT", "-j", prefix], [bin, "-w", "-F", prefix], [bin, "-w", "-X", prefix]]);
+}
+
+/** The agent's DROP rules in `iptables -S` output (one per address): the addresses they block. */
+function iptablesListed(output: string): string[] {
+  const out: string[] = [];
+  for (const m of output.matchAll(/^-A \S+ -s (\S+) .*-j DROP$/gm)) {
+    const a = parseAddress(m[1].replace(/\/(32|128)$/, ""));
+    if (a) out.push(a.text);
+  }
+  return out;
+}
+
+/**
+ * Everything the agent does with one firewall, as pure plans that `makeBackend` runs. A new
+ * firewall is one new entry of `BACKENDS`; the flag's choices and help come from the table.
+ */
+export interface BackendPlan {
+  /** How this backend blocks, for --help. */
+  describe: string;
+  /** Creates the firewall objects where missing, at every start; never flushes a set (bans keep enforcing). */
+  setup(cfg: FirewallConfig): Step[];
+  /** One batch of changes. `present`: what the kernel holds, kept for backends with `listed`. */
+  change(cfg: FirewallConfig, changes: Change[], now: number, present: Set<string>): Step[];
+  /** Makes the kernel hold exactly `desired`, atomically: run after each sync. */
+  reconcile(cfg: FirewallConfig, desired: Map<string, number | null>, now: number): Step[];
+  /** The long-lived process a batch goes to first (`KernelSession`); `change` is then one command, run one-shot when the session fails. */
+  session?(prefix: string): SessionKind;
+  /** Removes every object the agent created, and nothing else (each command may fail when absent). */
+  cleanup(prefix: string): string[][];
+  /** Commands whose output tells how many addresses the kernel holds (`ban.ts status` keeps a copy, kept in step by a test). */
+  count(prefix: string): string[][];
+  /** The addresses in `count`'s output, for a backend whose changes depend on what the kernel holds. */
+  listed?(output: string): string[];
+}
+
+const BACKEND_TABLE = {
+  ipset: {
+    describe: "ipset sets",
+    setup: (cfg) => [...ipsetSetupCommands(cfg), ...jumpSteps(cfg.prefix)],
+    change: (cfg, changes, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetChangeScript(cfg.prefix, changes, now) }],
+    reconcile: (cfg, desired, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetReconcileScript(cfg.prefix, desired, now) }],
+    session: (prefix) => ipsetSession(ipsetNames(prefix).v4),
+    cleanup: (prefix) => [...chainCleanup(prefix), ...Object.values(ipsetNames(prefix)).map((set) => ["ipset", "destroy", set])],
+    count: (prefix) => Object.values(ipsetNames(prefix)).map((set) => ["ipset", "list", "-terse", set]),
+  },
+  nftables: {
+    describe: "an nftables table",
+    setup: (cfg) => [{ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) }],
+    change: (cfg, changes, now) => [{ argv: ["nft", "-f", "-"], input: nftChangeScript(cfg.prefix, changes, now) }],
+    reconcile: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }],
+    session: nftSession,
+    cleanup: (prefix) => [["nft", "delete", "table", "inet", prefix]],
+    count: (prefix) => ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
+  },
+  iptables: {
+    describe: "one iptables rule per address",
+    // The chain is created when `iptables -S` cannot list it; the rules a previous run left stay (see `listed`).
+    setup: (cfg) => [...(["iptables", "ip6tables"] as const).map((bin) => ({ unless: [bin, "-w", "-S", cfg.prefix], argv: [bin, "-w", "-N", cfg.prefix] })), ...jumpSteps(cfg.prefix)],
+    change: (cfg, changes, _now, present) => iptablesChangeCommands(cfg, changes, present),
+    reconcile: (cfg, desired) => iptablesReconcileCommands(cfg, desired.keys()),
+    cleanup: chainCleanup,
+    count: (prefix) => ["iptables", "ip6tables"].map((bin) => [bin, "-w", "-S", prefix]),
+    listed: iptablesListed,
+  },
+  "dry-run": {
+    describe: "log only",
+    setup: (cfg) => [{ log: `dry-run: would create the ${cfg.prefix} firewall objects` }],
+    change: (_cfg, changes) => changes.map((c) => ({ log: `dry-run: would ${c.until === undefined ? `unblock ${c.ip}` : `block ${c.ip} until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}` })),
+    reconcile: (_cfg, desired) => [{ log: `dry-run: would make the kernel hold exactly ${desired.size} address(es)` }],
+    cleanup: () => [],
+    count: () => [],
+  },
+} satisfies Record<string, BackendPlan>;
+
+/** A firewall backend's name: a key of `BACKENDS`. */
+export type BackendName = keyof typeof BACKEND_TABLE;
+
+/** The plan of each firewall backend. */
+export const BACKENDS: Readonly<Record<BackendName, BackendPlan>> = BACKEND_TABLE;
+
+/** The backends' names, in table order (the --backend choices). */
+export const BACKEND_NAMES = Object.keys(BACKENDS) as BackendName[];
+
+/** Commands that remove every object the agent created, and nothing else (each may fail when absent). */
+export function cleanupCommands(backend: BackendName, prefix: string): string[][] {
+  return BACKENDS[backend].cleanup(prefix);
+}
+
+/** The commands whose output tells how many addresses the kernel holds for `backend` (ban.ts's `kernelCountCommands` is a copy). */
+export function countCommands(backend: BackendName, prefix: string): string[][] {
+  return BACKENDS[backend].count(prefix);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the kernel should hold: pure
+
+/**
+ * Why an address must never be blocked (an allowlisted range, or not an address at all), decided
+ * once per address: the allowlist is fixed for the agent's life, and a sync of 100k addresses
+ * asks twice per address (merge, then reconcile). The cache is cleared past `limit()` entries.
+ */
+export class Allowlist {
+  private readonly cache = new Map<string, string | undefined>();
+
+  constructor(
+    readonly entries: Address[],
+    private readonly limit: () => number = () => 10_000,
+  ) {}
+
+  /** Why `ip` is never blocked, or undefined when it may be. */
+  reason(ip: string): string | undefined {
+    if (this.cache.has(ip)) return this.cache.get(ip);
+    const a = parseAddress(ip);
+    const hit = a && this.entries.find((x) => overlaps(x, a));
+    const why = !a ? "not an address" : hit ? `allowlisted (${hit.text})` : undefined;
+    if (this.cache.size >= this.limit()) this.cache.clear();
+    this.cache.set(ip, why);
+    return why;
+  }
+}
+
+/**
+ * What the kernel should hold: address -> until (null: for good), for each of `ips` (default:
+ * every claimed address) that the claims block at `now` and the allowlist does not protect.
+ */
+export function desiredState(claims: Claims, allow: Allowlist, now: number, ips: Iterable<string> = claims.keys()): Map<string, number | null> {
+  const desired = new Map<string, number | null>();
+  for (const ip of ips) {
+    if (allow.reason(ip)) continue;
+    const until = blockedUntil(claims.get(ip), now);
+    if (until !== undefined) desired.set(ip, until);
+  }
+  return desired;
+}
+
+/**
+ * The changes that take the kernel from `applied` to `desired`. With `ips`, only those addresses
+ * are compared (`desired` need hold no others); without, both maps in full: unblocks first,
+ * then new blocks and changed ends.
+ */
+export function changesFor(desired: Map<string, number | null>, applied: Map<string, number | null>, ips?: Iterable<string>): Change[] {
+  const changes: Change[] = [];
+  if (ips) {
+    for (const ip of ips) {
+      const until = desired.get(ip);
+      if (until !== applied.get(ip)) changes.push({ ip, until });
+    }
+    return changes;
+  }
+  for (const ip of applied.keys()) if (!desired.has(ip)) changes.push({ ip, until: undefined });
+  for (const [ip, until] of desired) if (applied.get(ip) !== until) changes.push({ ip, until });
+  return changes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends: thin execution of the plans above
+
 
 /**
  * A long-lived firewall process that takes batches on its stdin, so a ban costs a pipe write
@@ -433,105 +592,83 @@ export class KernelSession {
   }
 }
 
+/** A firewall command that failed: the message names it and says why, in one line. */
+export class CommandError extends Error {}
+
 async function run(cmd: Command): Promise<void> {
   const r = await execa(cmd.argv[0], cmd.argv.slice(1), { input: cmd.input ?? "", timeout: CMD_TIMEOUT_MS, reject: false, stripFinalNewline: true });
   if (r.exitCode !== 0) {
     const why = String(r.stderr || r.stdout || r.shortMessage || "").split("\n").slice(0, 3).join(" / ");
-    throw new Error(`${cmd.argv.join(" ")} failed (${r.timedOut ? "timed out" : `exit ${r.exitCode}`}): ${why}`);
+    throw new CommandError(`${cmd.argv.join(" ")} failed (${r.timedOut ? "timed out" : `exit ${r.exitCode}`}): ${why}`);
   }
 }
 
-async function ensureJumps(prefix: string): Promise<void> {
-  for (const j of jumpCommands(prefix)) {
-    const r = await execa(j.check[0], j.check.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
-    if (r.exitCode !== 0) await run({ argv: j.insert });
-  }
+/** Runs one step of a plan: logs it, or runs its command (unless its check command succeeds). */
+async function runStep(step: Step, log: (s: string) => void): Promise<void> {
+  if ("log" in step) return log(step.log);
+  if (step.unless && (await execa(step.unless[0], step.unless.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false })).exitCode === 0) return;
+  await run(step);
 }
 
-/** Creates the backend for `name`; `log` receives dry-run plans. */
-function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) => void): Backend {
-  switch (name) {
-    case "ipset": {
-      const session = new KernelSession(ipsetSession(ipsetNames(cfg.prefix).v4));
-      return {
-        async setup() {
-          for (const c of ipsetSetupCommands(cfg)) await run(c);
-          await ensureJumps(cfg.prefix);
-          // Start the long-lived process now, so the first ban does not pay for it.
-          await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own ipset restore`));
-        },
-        apply(changes, now) {
-          const input = ipsetChangeScript(cfg.prefix, changes, now);
-          return session.send(input).catch(() => run({ argv: ["ipset", "-exist", "restore"], input }));
-        },
-        reconcile: (desired, now) => run({ argv: ["ipset", "-exist", "restore"], input: ipsetReconcileScript(cfg.prefix, desired, now) }),
-        close: () => session.close(),
-      };
-    }
-    case "nftables": {
-      const session = new KernelSession(nftSession(cfg.prefix));
-      return {
-        async setup() {
-          await run({ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) });
-          // Start the long-lived process now, so the first ban does not pay for it.
-          await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own nft`));
-        },
-        apply(changes, now) {
-          const input = nftChangeScript(cfg.prefix, changes, now);
-          return session.send(input).catch(() => run({ argv: ["nft", "-f", "-"], input }));
-        },
-        reconcile: (desired, now) => run({ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }),
-        close: () => session.close(),
-      };
-    }
-    case "iptables": {
-      const present = new Set<string>();
-      return {
-        async setup() {
-          // Learn the rules a previous run left, without touching them.
-          for (const fam of [4, 6] as const) {
-            const r = await execa(iptablesFor(fam), ["-w", "-S", cfg.prefix], { timeout: CMD_TIMEOUT_MS, reject: false });
-            if (r.exitCode !== 0) {
-              await run({ argv: [iptablesFor(fam), "-w", "-N", cfg.prefix] });
-              continue;
-            }
-            for (const m of r.stdout.matchAll(/^-A \S+ -s (\S+) .*-j DROP$/gm)) {
-              const a = parseAddress(m[1].replace(/\/(32|128)$/, ""));
-              if (a) present.add(a.text);
-            }
-          }
-          await ensureJumps(cfg.prefix);
-        },
-        async apply(changes) {
-          for (const c of iptablesChangeCommands(cfg, changes, present)) await run(c);
-          for (const c of changes) c.until === undefined ? present.delete(c.ip) : present.add(c.ip);
-        },
-        async reconcile(desired) {
-          for (const c of iptablesReconcileCommands(cfg, desired.keys())) await run(c);
-          present.clear();
-          for (const ip of desired.keys()) present.add(ip);
-        },
-        close() {},
-      };
-    }
-    case "dry-run":
-      return {
-        async setup() {
-          log(`dry-run: would create the ${cfg.prefix} firewall objects`);
-        },
-        async apply(changes) {
-          for (const c of changes) log(`dry-run: would ${c.until === undefined ? `unblock ${c.ip}` : `block ${c.ip} until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
-        },
-        async reconcile(desired) {
-          log(`dry-run: would make the kernel hold exactly ${desired.size} address(es)`);
-        },
-        close() {},
-      };
+/** A firewall backend at work: a `BACKENDS` entry run against the kernel. */
+export interface Backend {
+  setup(): Promise<void>;
+  apply(changes: Change[], now: number): Promise<void>;
+  reconcile(desired: Map<string, number | null>, now: number): Promise<void>;
+  close(): void;
+}
+
+/** Creates the backend for `name`: runs its plan, batches through its session if it has one; `log` receives dry-run plans. */
+export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) => void): Backend {
+  const plan = BACKENDS[name];
+  const kind = plan.session?.(cfg.prefix);
+  const session = kind && new KernelSession(kind);
+  /** What the kernel holds, for a backend whose changes depend on it (`listed`). */
+  const present = new Set<string>();
+  const runAll = async (steps: Step[]) => {
+    for (const s of steps) await runStep(s, log);
+  };
+  return {
+    async setup() {
+      await runAll(plan.setup(cfg));
+      if (plan.listed) {
+        // Learn what a previous run left, without touching it.
+        for (const argv of plan.count(cfg.prefix)) {
+          const r = await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
+          if (r.exitCode === 0) for (const ip of plan.listed(r.stdout)) present.add(ip);
+        }
+      }
+      // Start the long-lived process now, so the first ban does not pay for it.
+      if (session) await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own ${kind.argv[2]}`));
+    },
+    async apply(changes, now) {
+      for (const step of plan.change(cfg, changes, now, present)) {
+        if (session && "argv" in step) await session.send(step.input ?? "").catch(() => run(step));
+        else await runStep(step, log);
+      }
+      if (plan.listed) for (const c of changes) c.until === undefined ? present.delete(c.ip) : present.add(c.ip);
+    },
+    async reconcile(desired, now) {
+      await runAll(plan.reconcile(cfg, desired, now));
+      if (plan.listed) {
+        present.clear();
+        for (const ip of desired.keys()) present.add(ip);
+      }
+    },
+    close: () => session?.close(),
+  };
+}
+
+/** Removes every firewall object the agent created (sets, chain, jump rules, table); missing ones are fine. */
+export async function cleanup(backend: BackendName, prefix: string, log: (s: string) => void): Promise<void> {
+  for (const argv of cleanupCommands(backend, prefix)) {
+    const r = await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
+    if (r.exitCode === 0) log(`removed: ${argv.join(" ")}`);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// State file: cursor and claims
+// State file (--state): cursor and claims
 
 /** The agent's state file: where it is in the hub's stream, and the claims it holds. */
 export interface AgentState {
@@ -572,8 +709,595 @@ async function writeAtomic(path: string, text: string): Promise<void> {
   await rename(tmp, path);
 }
 
+/**
+ * The --state file: loaded once at start, written at most once a second while events arrive,
+ * and once more on close. Without a path, or before the first cursor, it does nothing.
+ */
+export class StateFile {
+  private timer: NodeJS.Timeout | undefined;
+  private saving: Promise<void> = Promise.resolve();
+
+  constructor(
+    readonly path: string | undefined,
+    private readonly log: (line: string) => void,
+    /** What to save, read when the write happens. */
+    private readonly snapshot: () => { cursor: Cursor | undefined; claims: Claims },
+  ) {}
+
+  /** The saved state, or undefined (no file; or not a state file, with a warning: a full sync follows). */
+  async load(): Promise<AgentState | undefined> {
+    if (!this.path || !existsSync(this.path)) return undefined;
+    const saved = parseState(await readFile(this.path, "utf8"));
+    if (!saved) this.log(`warning: ${this.path} is not a banshare agent state file; starting with a full sync`);
+    return saved;
+  }
+
+  /** Saves within a second; more calls meanwhile add nothing. */
+  schedule(): void {
+    if (!this.path || this.timer) return;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      void this.save();
+    }, 1000);
+  }
+
+  /** Saves now, after any write under way. */
+  save(): Promise<void> {
+    const { cursor, claims } = this.snapshot();
+    const path = this.path;
+    if (!path || !cursor) return this.saving;
+    const text = stateText(cursor, claims);
+    this.saving = this.saving.then(() => writeAtomic(path, text)).catch((e: Error) => this.log(`warning: cannot save ${path}: ${e.message}`));
+    return this.saving;
+  }
+
+  /** The last save. */
+  close(): Promise<void> {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    return this.save();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// The agent
+// CSV log (--csv)
+
+/** The structured log: one row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT; a no-op without a path. */
+export class CsvLog {
+  /** The node name the rows carry: the hub's name for this node once welcomed. */
+  node: string;
+
+  private constructor(
+    private readonly out: WriteStream | undefined,
+    node: string,
+  ) {
+    this.node = node;
+  }
+
+  /** Opens `path` for appending, writing the header first when the file is new. */
+  static async open(path: string | undefined, node: string, log: (line: string) => void): Promise<CsvLog> {
+    if (!path) return new CsvLog(undefined, node);
+    if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
+    const out = createWriteStream(path, { flags: "a" });
+    out.on("error", (e) => log(`warning: cannot write ${path}: ${e.message}`));
+    return new CsvLog(out, node);
+  }
+
+  /** Rows recorded and not yet written. */
+  private pending = "";
+
+  record(r: Row): void {
+    if (!this.out) return;
+    // The rows of one batch (a BLOCK and its SCHEDULE_UNBLOCK) go in one write, so that a reader
+    // of the file never sees one without the other.
+    if (!this.pending) queueMicrotask(() => this.flush());
+    this.pending += csvRow({ time: Date.now(), node: this.node, ...r });
+  }
+
+  close(): Promise<void> {
+    const out = this.out;
+    this.flush();
+    return out ? new Promise<void>((resolve) => out.end(resolve)) : Promise.resolve();
+  }
+
+  private flush(): void {
+    if (this.pending) this.out?.write(this.pending);
+    this.pending = "";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The applier: claims in, kernel changes out
+
+/** What an `Applier` is given. */
+export interface ApplierOptions {
+  backend: Backend;
+  /** The backend's name, for the log. */
+  backendName: string;
+  allow: Allowlist;
+  record: (r: Row) => void;
+  log: (line: string) => void;
+  /** Told after each batch, with the live events (relayed, not synced) it applied: the hub's response-time reports. */
+  onApplied?: (changes: Change[], live: Map<string, FleetEvent>) => void;
+}
+
+/**
+ * Owns the fleet's claims as this agent knows them and what it applied to the kernel. Events
+ * mark addresses dirty; one kernel command runs at a time, and changes that arrive meanwhile
+ * wait and go in the next batch. After a sync the kernel is reconciled to the claims in one
+ * command. A sweep each second ends what expired.
+ */
+export class Applier {
+  readonly claims: Claims = new Map();
+  /** What the kernel holds, as far as the agent applied it: address -> until. */
+  private applied = new Map<string, number | null>();
+  private readonly dirty = new Set<string>();
+  /** Events relayed live (not in a sync), by address, until the batch that applies them. */
+  private readonly arrived = new Map<string, FleetEvent>();
+  private pendingReconcile = false;
+  /** The kernel command under way. */
+  private working: Promise<void> | undefined;
+  private readonly sweeper: NodeJS.Timeout;
+  private retryTimer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly opts: ApplierOptions) {
+    // The kernel drops expired entries by itself; the sweep keeps memory and the log in step
+    // (and does the expiring for the iptables backend, whose rules have no timeout).
+    this.sweeper = setInterval(() => this.sweep(Date.now()), 1000);
+    this.sweeper.unref();
+  }
+
+  /** Takes the claims of a saved state, as what the kernel held then: the next reconcile logs only real changes. */
+  restore(events: FleetEvent[], now: number): void {
+    for (const e of events) mergeClaim(this.claims, e);
+    this.applied = desiredState(this.claims, this.opts.allow, now);
+  }
+
+  /** Merges events (a REJECT row for an allowlisted ban) and applies what changed; `live`: remember them for `onApplied`. */
+  take(events: FleetEvent[], live = false): void {
+    for (const e of events) {
+      const why = this.opts.allow.reason(e.ip);
+      if (why && e.kind === "ban") this.opts.record({ action: "REJECT", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: why });
+      if (mergeClaim(this.claims, e)) this.dirty.add(e.ip);
+      if (live && (this.arrived.size < MAX_APPLIED_QUEUE * 10 || this.arrived.has(e.ip))) this.arrived.set(e.ip, e);
+    }
+    this.kick();
+  }
+
+  /** The answer to a hello: the full state (`full`) or the events missed; the kernel is then reconciled. */
+  sync(events: FleetEvent[], full: boolean): void {
+    if (full) this.claims.clear();
+    this.pendingReconcile = true;
+    this.take(events);
+  }
+
+  /** Forgets the live events not yet applied (their connection closed: nobody to report to). */
+  forgetLive(): void {
+    this.arrived.clear();
+  }
+
+  /** Marks what ended by `now` (claims and applied entries) and applies it. */
+  sweep(now: number): void {
+    for (const ip of pruneClaims(this.claims, now)) this.dirty.add(ip);
+    for (const [ip, until] of this.applied) if (until !== null && until <= now) this.dirty.add(ip);
+    if (this.dirty.size) this.kick();
+  }
+
+  /** Stops the sweep, waits for the kernel command under way (and those it queued), then closes the backend. */
+  async close(): Promise<void> {
+    clearInterval(this.sweeper);
+    clearTimeout(this.retryTimer);
+    while (this.working) await this.working.catch(() => {});
+    this.opts.backend.close();
+  }
+
+  private kick(): void {
+    if (!this.working) void this.work().catch((e: Error) => this.opts.log(`error: ${e.stack}`));
+  }
+
+  private async work(): Promise<void> {
+    while ((this.dirty.size || this.pendingReconcile) && !this.working) {
+      const now = Date.now();
+      if (this.pendingReconcile) await this.reconcile(now);
+      else await this.applyDirty(now);
+    }
+  }
+
+  private async reconcile(now: number): Promise<void> {
+    const { backend, allow, log } = this.opts;
+    this.pendingReconcile = false;
+    this.dirty.clear();
+    this.arrived.clear();
+    const desired = desiredState(this.claims, allow, now);
+    this.working = backend.reconcile(desired, now);
+    try {
+      await this.working;
+      for (const c of changesFor(desired, this.applied)) this.logApplied(c.ip, this.applied.get(c.ip), c.until, now, "sync");
+      this.applied = desired;
+      log(`synced: ${desired.size} address(es) blocked (${this.opts.backendName})`);
+    } catch (e) {
+      log(`error: reconcile failed, retrying in 5 s: ${(e as Error).message}`);
+      this.retryTimer = setTimeout(() => {
+        this.pendingReconcile = true;
+        this.kick();
+      }, 5000);
+      this.retryTimer.unref();
+    } finally {
+      this.working = undefined;
+    }
+  }
+
+  private async applyDirty(now: number): Promise<void> {
+    const { backend, record, log } = this.opts;
+    const changes = changesFor(desiredState(this.claims, this.opts.allow, now, this.dirty), this.applied, this.dirty);
+    const live = new Map<string, FleetEvent>();
+    if (this.arrived.size) {
+      for (const ip of this.dirty) {
+        const e = this.arrived.get(ip);
+        if (e) {
+          live.set(ip, e);
+          this.arrived.delete(ip);
+        }
+      }
+    }
+    this.dirty.clear();
+    if (!changes.length) return;
+    this.working = backend.apply(changes, now).catch(async (e: Error) => {
+      // One bad element must not hold back the rest: retry one by one and report each failure.
+      log(`warning: batch of ${changes.length} failed (${e.message}); applying one by one`);
+      for (const c of [...changes]) {
+        try {
+          await backend.apply([c], now);
+        } catch (err) {
+          changes.splice(changes.indexOf(c), 1);
+          record({ action: "REJECT", ip: c.ip, detail: `kernel refused: ${(err as Error).message}` });
+          log(`error: ${(err as Error).message}`);
+        }
+      }
+    });
+    try {
+      await this.working;
+    } finally {
+      this.working = undefined;
+    }
+    for (const c of changes) {
+      this.logApplied(c.ip, this.applied.get(c.ip), c.until, Date.now(), "event");
+      if (c.until === undefined) this.applied.delete(c.ip);
+      else this.applied.set(c.ip, c.until);
+    }
+    if (live.size) this.opts.onApplied?.(changes, live);
+    if (changes.length <= 20) {
+      for (const c of changes) log(`${c.until === undefined ? "unblocked" : "blocked"} ${c.ip}${c.until === undefined ? "" : ` until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
+    } else log(`applied ${changes.length} change(s)`);
+  }
+
+  /** The claim that makes `ip` blocked: the newest active ban, for the log. */
+  private cause(ip: string): FleetEvent | undefined {
+    let best: FleetEvent | undefined;
+    for (const c of this.claims.get(ip)?.values() ?? []) if (c.kind === "ban" && (!best || c.detectedAt > best.detectedAt)) best = c;
+    return best;
+  }
+
+  /** The CSV rows for one address whose kernel entry went from `before` to `after`. */
+  private logApplied(ip: string, before: number | null | undefined, after: number | null | undefined, now: number, via: string): void {
+    const record = this.opts.record;
+    if (after === undefined) {
+      if (before === undefined) return;
+      const last = [...(this.claims.get(ip)?.values() ?? [])].sort((a, b) => b.detectedAt - a.detectedAt)[0];
+      const expired = before !== null && before <= now;
+      record({ action: "UNBLOCK", ip, origin: last?.origin, jail: last?.jail, detail: expired ? "ban ended" : `${via}: unbanned by ${last?.origin ?? "the fleet"}` });
+      return;
+    }
+    const c = this.cause(ip);
+    if (before === undefined) record({ action: "BLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, rtMs: c ? now - c.detectedAt : undefined, detail: `${via}: banned by ${c?.origin ?? "?"}` });
+    // A timed block that becomes permanent cancels its scheduled unblock: say so (until "never").
+    if (after !== before && (after !== null || before !== undefined)) record({ action: "SCHEDULE_UNBLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, detail: after === null ? "none: blocked for good" : `in ${Math.round((after - now) / 1000)} s` });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spool (--spool): events ban.ts could not deliver, forwarded over one connection
+
+/**
+ * Forwards the spool directory's events over one connection, now and every 5 s; a file is
+ * deleted once the hub acks its event, moved to `rejected/` when the hub refuses it for good.
+ * One per connection: what was sent and not yet answered is forgotten with it.
+ */
+export class Spool {
+  /** Event id -> its file, sent and not yet answered. */
+  private readonly sent = new Map<string, string>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly dir: string,
+    private readonly send: (frame: BanFrame | UnbanFrame) => void,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  start(): void {
+    const round = () => void this.forward().catch((e: Error) => this.log(`warning: spool: ${e.message}`));
+    round();
+    this.timer = setInterval(round, 5000);
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+  }
+
+  /** Sends each spooled event not sent yet on this connection; moves unreadable files aside. */
+  async forward(): Promise<void> {
+    const files = (await readdir(this.dir).catch(() => [] as string[])).filter((f) => f.endsWith(".json")).sort();
+    for (const f of files) {
+      const path = join(this.dir, f);
+      if ([...this.sent.values()].includes(path)) continue;
+      const text = await readFile(path, "utf8").catch(() => "");
+      if (!text) continue;
+      const parsed = parseNodeFrame(text, Date.now());
+      if (!parsed.ok || (parsed.value.type !== "ban" && parsed.value.type !== "unban")) {
+        this.log(`warning: moving unreadable spool file ${f} aside: ${parsed.ok ? "not an event" : parsed.message}`);
+        await this.reject(path);
+        continue;
+      }
+      const frame = parsed.value as BanFrame | UnbanFrame;
+      this.sent.set(frame.id, path);
+      this.send(frame);
+    }
+  }
+
+  /** The hub has the event `id` in its journal: its file goes. */
+  acked(id: string): void {
+    const path = this.sent.get(id);
+    if (!path) return;
+    this.sent.delete(id);
+    void unlink(path).then(() => this.log(`delivered spooled event ${id}`)).catch(() => {});
+  }
+
+  /** The hub refused the event `id`: over the rate limit or a hub-side write error it stays for the next round, otherwise it is moved aside. */
+  refused(id: string, code: ErrorFrame["code"]): void {
+    const path = this.sent.get(id);
+    if (!path) return;
+    this.sent.delete(id);
+    if (code !== "rate_limited" && code !== "internal") void this.reject(path).catch(() => {});
+  }
+
+  private async reject(path: string): Promise<void> {
+    await mkdir(join(this.dir, "rejected"), { recursive: true });
+    await rename(path, join(this.dir, "rejected", path.split("/").pop()!)).catch(() => {});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The hub link: one connection at a time, each a Session
+
+/** What a `HubLink` is given. */
+export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "spoolDir" | "heartbeatMs" | "ca" | "log"> {
+  token: string;
+  applier: Applier;
+  state: StateFile;
+  csv: CsvLog;
+}
+
+/** What a `Session` is given by its `HubLink`. */
+interface SessionHost {
+  /** Where the agent is in the hub's stream; a session moves it on. */
+  cursor: Cursor | undefined;
+  readonly opts: HubLinkOptions;
+  /** The hub welcomed this session: the reconnect backoff starts over. */
+  welcomed(): void;
+}
+
+/**
+ * One connection to the hub, from open to close: the hello and heartbeat, the sync answering
+ * the hello (maybe in chunks), live events, acks for the spool, and the response-time reports
+ * for the hub. Made on each connection and thrown away when it closes.
+ */
+export class Session {
+  /** The hub welcomed us (a connection refused before that makes the link try the next hub). */
+  welcomed = false;
+  private alive = true;
+  private hubId = "";
+  private awaitingSync = false;
+  private syncBuffer: FleetEvent[] = [];
+  private hubTakesApplied = false;
+  private appliedQueue: AppliedRecord[] = [];
+  private appliedTimer: NodeJS.Timeout | undefined;
+  private pingTimer: NodeJS.Timeout | undefined;
+  private spool: Spool | undefined;
+
+  constructor(
+    private readonly sock: WebSocket,
+    readonly url: string,
+    private readonly host: SessionHost,
+  ) {}
+
+  /** Says hello from our cursor, and pings every heartbeat: a silently dead path is noticed within one interval. */
+  open(): void {
+    const { opts } = this.host;
+    this.send({ type: "hello", v: PROTOCOL_VERSION, node: opts.node, want: "events", cursor: this.host.cursor });
+    this.pingTimer = setInterval(() => {
+      if (!this.alive) {
+        opts.log(`no answer from ${this.url} within ${opts.heartbeatMs} ms; reconnecting`);
+        this.sock.terminate();
+        return;
+      }
+      this.alive = false;
+      this.sock.ping();
+    }, opts.heartbeatMs);
+  }
+
+  /** A pong or a frame: the path is alive. */
+  heard(): void {
+    this.alive = true;
+  }
+
+  receive(data: Buffer): void {
+    this.alive = true;
+    const parsed = parseHubFrame(data.toString("utf8"));
+    if (!parsed.ok) return this.host.opts.log(`warning: ignoring a frame from the hub: ${parsed.message}`);
+    const f = parsed.value;
+    if (f.type === "welcome") this.onWelcome(f);
+    else if (f.type === "sync") this.onSync(f);
+    else if (f.type === "event") this.onEvents([f], f.seq);
+    else if (f.type === "ack") this.onAck(f);
+    else if (f.type === "error") this.onError(f);
+  }
+
+  /** Queues a response time for each applied change a live event caused; one frame goes out shortly. */
+  reportApplied(changes: Change[], live: Map<string, FleetEvent>): void {
+    const at = Date.now();
+    for (const c of changes) {
+      const e = live.get(c.ip);
+      if (!e || !/^\d{1,20}$/.test(e.seq)) continue;
+      const rtMs = at - e.detectedAt;
+      if (rtMs >= -MAX_CLOCK_SKEW_MS && rtMs <= MAX_APPLIED_RT_MS) this.appliedQueue.push({ seq: e.seq, ip: e.ip, rtMs, at });
+    }
+    if (this.appliedQueue.length > MAX_APPLIED_QUEUE) this.appliedQueue.splice(0, this.appliedQueue.length - MAX_APPLIED_QUEUE);
+    if (this.appliedQueue.length && !this.appliedTimer) {
+      this.appliedTimer = setTimeout(() => this.flushApplied(), APPLIED_FLUSH_MS);
+      this.appliedTimer.unref();
+    }
+  }
+
+  /** Stops the session's timers; what it had not sent is dropped. */
+  close(): void {
+    clearInterval(this.pingTimer);
+    clearTimeout(this.appliedTimer);
+    this.spool?.stop();
+  }
+
+  private send(frame: object): void {
+    if (this.sock.readyState === WebSocket.OPEN) this.sock.send(JSON.stringify(frame));
+  }
+
+  private onWelcome(f: WelcomeFrame): void {
+    this.welcomed = true;
+    this.host.welcomed();
+    this.host.opts.csv.node = f.node;
+    this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
+    this.host.opts.log(`connected to ${this.url} as ${f.node} (${f.role}), hub ${f.hub} at seq ${f.seq}`);
+    this.hubId = f.hub;
+    this.awaitingSync = true;
+    this.syncBuffer = [];
+    if (this.host.opts.spoolDir) {
+      this.spool = new Spool(this.host.opts.spoolDir, (frame) => this.send(frame), this.host.opts.log);
+      this.spool.start();
+    }
+  }
+
+  private onSync(f: SyncFrame): void {
+    // A sync not awaited is a burst the hub relayed in one frame.
+    if (!this.awaitingSync) return this.onEvents(f.events, f.seq);
+    // The answer to our hello: the full state, or the events after our cursor, maybe in chunks.
+    this.syncBuffer.push(...f.events);
+    if (f.more) return;
+    const events = this.syncBuffer;
+    this.awaitingSync = false;
+    this.syncBuffer = [];
+    this.host.opts.log(f.full ? `full sync: ${events.length} event(s) at seq ${f.seq}` : `resumed after seq ${this.host.cursor?.seq}: ${events.length} event(s) missed, now at seq ${f.seq}`);
+    this.host.opts.applier.sync(events, f.full);
+    this.host.cursor = { hub: this.hubId, seq: f.seq };
+    this.host.opts.state.schedule();
+  }
+
+  /** Events relayed live: applied, remembered for the response-time report, and the cursor moves on (once there is one). */
+  private onEvents(events: FleetEvent[], seq: string): void {
+    this.host.opts.applier.take(events, this.hubTakesApplied);
+    if (this.host.cursor) this.host.cursor = { hub: this.hubId, seq };
+    this.host.opts.state.schedule();
+  }
+
+  private onAck(f: AckFrame): void {
+    this.spool?.acked(f.id);
+  }
+
+  private onError(f: ErrorFrame): void {
+    this.host.opts.log(`hub refused${f.id ? ` ${f.id}` : ""}: ${f.code}: ${f.message}`);
+    if (f.id) this.spool?.refused(f.id, f.code);
+  }
+
+  private flushApplied(): void {
+    this.appliedTimer = undefined;
+    const batch = this.appliedQueue;
+    this.appliedQueue = [];
+    // Best effort: with the hub away or slow to read, the reports are dropped, never queued up.
+    if (!this.hubTakesApplied || this.sock.readyState !== WebSocket.OPEN || this.sock.bufferedAmount > 1 << 20) return;
+    for (let i = 0; i < batch.length; i += MAX_APPLIED_BATCH) this.sock.send(JSON.stringify({ type: "applied", events: batch.slice(i, i + MAX_APPLIED_BATCH) }));
+  }
+}
+
+/**
+ * Keeps one connection to the hub: tries the hubs in order (the next one when a hub refuses
+ * before welcoming us), reconnects with `nextDelay` backoff, and makes a `Session` for each
+ * connection. The cursor outlives the sessions.
+ */
+export class HubLink implements SessionHost {
+  /** Where the agent is in the hub's stream: set from the state file, moved on by each session. */
+  cursor: Cursor | undefined;
+  private session: Session | undefined;
+  private sock: WebSocket | undefined;
+  private attempt = 0;
+  private hubIndex = 0;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private closing = false;
+
+  constructor(readonly opts: HubLinkOptions) {}
+
+  welcomed(): void {
+    this.attempt = 0;
+  }
+
+  /** Passes a batch's response times to the current session, if any (best effort). */
+  reportApplied(changes: Change[], live: Map<string, FleetEvent>): void {
+    this.session?.reportApplied(changes, live);
+  }
+
+  connect(): void {
+    if (this.closing) return;
+    const { opts } = this;
+    const url = opts.hubs[this.hubIndex % opts.hubs.length];
+    const sock = new WebSocket(url, {
+      headers: { authorization: `Bearer ${opts.token}` },
+      maxPayload: MAX_HUB_FRAME_BYTES,
+      perMessageDeflate: false,
+      handshakeTimeout: 10_000,
+      ca: opts.ca ? [readFileSync(opts.ca, "utf8")] : undefined,
+    });
+    const session = new Session(sock, url, this);
+    this.sock = sock;
+    this.session = session;
+    sock.on("unexpected-response", (_req, res) => {
+      opts.log(`error: ${url} refused the connection: HTTP ${res.statusCode}${res.statusMessage ? ` ${res.statusMessage}` : ""}${res.statusCode === 401 ? " (token not accepted: check --token-file and the hub's token list)" : ""}`);
+      sock.terminate();
+    });
+    sock.on("open", () => session.open());
+    sock.on("pong", () => session.heard());
+    sock.on("message", (data: Buffer) => session.receive(data));
+    sock.on("error", (e) => opts.log(`${url}: ${e.message}`));
+    sock.on("close", (code, reason) => this.closed(session, code, reason));
+  }
+
+  /** Stops reconnecting and drops the connection. */
+  close(): void {
+    this.closing = true;
+    clearTimeout(this.retryTimer);
+    this.session?.close();
+    this.sock?.terminate();
+  }
+
+  private closed(session: Session, code: number, reason: Buffer): void {
+    session.close();
+    if (this.session === session) this.session = undefined;
+    this.opts.applier.forgetLive();
+    if (this.closing) return;
+    if (!session.welcomed) this.hubIndex++;
+    const delay = nextDelay(this.attempt++);
+    this.opts.log(`disconnected from ${session.url}${code ? ` (${code}${reason.length ? ` ${reason}` : ""})` : ""}; retrying ${this.opts.hubs[this.hubIndex % this.opts.hubs.length]} in ${delay} ms`);
+    this.retryTimer = setTimeout(() => this.connect(), delay);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up: what the agent must never block, its token, and the wiring
 
 /** The addresses of this host's interfaces, never to be blocked. */
 function ownAddresses(): Address[] {
@@ -587,16 +1311,20 @@ function ownAddresses(): Address[] {
   return out;
 }
 
+function hubHost(url: string): string {
+  return new URL(url).hostname.replace(/^\[|\]$/g, "");
+}
+
+/** The hubs' addresses (resolved when names), never to be blocked. */
 async function hubAddresses(urls: string[]): Promise<Address[]> {
   const out: Address[] = [];
   for (const u of urls) {
-    const host = new URL(u).hostname.replace(/^\[|\]$/g, "");
-    const direct = parseAddress(host);
+    const direct = parseAddress(hubHost(u));
     if (direct) {
       out.push(direct);
       continue;
     }
-    for (const r of await lookup(host, { all: true }).catch(() => [])) {
+    for (const r of await lookup(hubHost(u), { all: true }).catch(() => [])) {
       const a = parseAddress(r.address);
       if (a) out.push(a);
     }
@@ -604,439 +1332,81 @@ async function hubAddresses(urls: string[]): Promise<Address[]> {
   return out;
 }
 
+/** A problem the agent cannot start with, whose message says it all (a bad token file): one line, exit 1. */
+export class StartError extends Error {}
+
 /** Reads a token file: the token alone, surrounding whitespace ignored. */
 export async function readToken(file: string): Promise<string> {
   const token = (await readFile(file, "utf8")).trim();
-  if (!/^[\x21-\x7e]{16,512}$/.test(token)) throw new Error(`Expected ${file} to hold one token of 16-512 printable characters, got something else`);
+  if (!/^[\x21-\x7e]{16,512}$/.test(token)) throw new StartError(`Expected ${file} to hold one token of 16-512 printable characters, got something else`);
   return token;
+}
+
+/** Warnings about how the agent was set up: a token file others can read, a hub over plain ws:// off this host. */
+function warnings(opts: AgentOptions): string[] {
+  const out: string[] = [];
+  try {
+    if (statSync(opts.tokenFile).mode & 0o077) out.push(`warning: ${opts.tokenFile} is readable by other users; chmod 600 it`);
+  } catch {
+    /* already read by readToken */
+  }
+  for (const u of opts.hubs) {
+    const host = hubHost(u);
+    if (u.startsWith("ws:") && host !== "localhost" && !parseAddress(host)?.text.match(/^(127\.|::1$)/)) out.push(`warning: ${u} is plain ws://: the token and the bans cross the network unencrypted; use wss:// with --ca`);
+  }
+  return out;
 }
 
 /** Starts an agent: sets up the firewall objects, then connects and keeps connecting. */
 export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const log = opts.log;
   const token = await readToken(opts.tokenFile);
-  try {
-    if (statSync(opts.tokenFile).mode & 0o077) log(`warning: ${opts.tokenFile} is readable by other users; chmod 600 it`);
-  } catch {
-    /* already read above */
-  }
-  const allow = [...opts.allow.map((s) => parseAddress(s)!), ...ownAddresses(), ...(await hubAddresses(opts.hubs))];
   const cfg: FirewallConfig = { prefix: opts.prefix, ports: opts.ports, allow: opts.allow.map((s) => parseAddress(s)!) };
-  for (const u of opts.hubs) {
-    const host = new URL(u).hostname.replace(/^\[|\]$/g, "");
-    if (u.startsWith("ws:") && host !== "localhost" && !parseAddress(host)?.text.match(/^(127\.|::1$)/)) log(`warning: ${u} is plain ws://: the token and the bans cross the network unencrypted; use wss:// with --ca`);
-  }
+  const never = [...cfg.allow, ...ownAddresses(), ...(await hubAddresses(opts.hubs))];
+  for (const w of warnings(opts)) log(w);
   const backend = makeBackend(opts.backend, cfg, log);
   await backend.setup();
+  const csv = await CsvLog.open(opts.csvPath, opts.node ?? "agent", log);
 
-  let csv: WriteStream | undefined;
-  if (opts.csvPath) {
-    if (!existsSync(opts.csvPath)) await appendFile(opts.csvPath, CSV_HEADER + "\n");
-    csv = createWriteStream(opts.csvPath, { flags: "a" });
-    csv.on("error", (e) => log(`warning: cannot write ${opts.csvPath}: ${e.message}`));
+  const applier: Applier = new Applier({
+    backend,
+    backendName: opts.backend,
+    allow: new Allowlist(never, () => 2 * applier.claims.size + 10_000),
+    record: (r) => csv.record(r),
+    log,
+    onApplied: (changes, live) => link.reportApplied(changes, live),
+  });
+  const state: StateFile = new StateFile(opts.statePath, log, () => ({ cursor: link.cursor, claims: applier.claims }));
+  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv });
+  const saved = await state.load();
+  if (saved) {
+    applier.restore(saved.claims, Date.now());
+    link.cursor = saved.cursor;
+    log(`loaded ${applier.claims.size} address(es) and cursor ${saved.cursor.hub}:${saved.cursor.seq} from ${opts.statePath}`);
   }
-  let nodeName = opts.node ?? "agent";
-  const record = (r: Omit<CsvRecord, "time" | "node">) => csv?.write(csvRow({ time: Date.now(), node: nodeName, ...r }));
-
-  const claims: Claims = new Map();
-  /** What the kernel holds, as far as the agent applied it: address -> until. */
-  const applied = new Map<string, number | null>();
-  const dirty = new Set<string>();
-  let cursor: Cursor | undefined;
-  let awaitingSync = false;
-  let syncBuffer: FleetEvent[] = [];
-  let working: Promise<void> | undefined;
-  let pendingReconcile = false;
-  let closing = false;
-  // Response times for the hub's status page (`applied` frames): best effort and bounded, out of
-  // the kernel path's way: records are queued after a batch is applied and go out in one frame.
-  /** Events relayed live (not in a sync), by address, until the batch that applies them. */
-  const arrived = new Map<string, FleetEvent>();
-  let appliedQueue: AppliedRecord[] = [];
-  let appliedTimer: NodeJS.Timeout | undefined;
-  let hubTakesApplied = false;
-
-  // Decided once per address: the allowlist is fixed for the agent's life, and a sync of 100k
-  // addresses asks twice per address (merge, then reconcile). Bounded by the live claims.
-  const allowCache = new Map<string, string | undefined>();
-  const allowedReason = (ip: string): string | undefined => {
-    if (allowCache.has(ip)) return allowCache.get(ip);
-    const a = parseAddress(ip);
-    const hit = a && allow.find((x) => overlaps(x, a));
-    const why = !a ? "not an address" : hit ? `allowlisted (${hit.text})` : undefined;
-    if (allowCache.size >= 2 * claims.size + 10_000) allowCache.clear();
-    allowCache.set(ip, why);
-    return why;
-  };
-
-  /** The claim that makes `ip` blocked: the newest active ban, for the log. */
-  const cause = (ip: string): FleetEvent | undefined => {
-    let best: FleetEvent | undefined;
-    for (const c of claims.get(ip)?.values() ?? []) if (c.kind === "ban" && (!best || c.detectedAt > best.detectedAt)) best = c;
-    return best;
-  };
-
-  const desiredFor = (ip: string, now: number) => (allowedReason(ip) ? undefined : blockedUntil(claims.get(ip), now));
-
-  if (opts.statePath && existsSync(opts.statePath)) {
-    const saved = parseState(await readFile(opts.statePath, "utf8"));
-    if (!saved) log(`warning: ${opts.statePath} is not a banshare agent state file; starting with a full sync`);
-    else {
-      cursor = saved.cursor;
-      for (const e of saved.claims) mergeClaim(claims, e);
-      // What the kernel held when the state was saved: the reconcile after the next sync logs only real changes.
-      const now = Date.now();
-      for (const ip of claims.keys()) {
-        const d = desiredFor(ip, now);
-        if (d !== undefined) applied.set(ip, d);
-      }
-      log(`loaded ${claims.size} address(es) and cursor ${cursor.hub}:${cursor.seq} from ${opts.statePath}`);
-    }
-  }
-  let saveTimer: NodeJS.Timeout | undefined;
-  let saving: Promise<void> = Promise.resolve();
-  const saveNow = () => {
-    if (!opts.statePath || !cursor) return saving;
-    const text = stateText(cursor, claims);
-    saving = saving.then(() => writeAtomic(opts.statePath!, text)).catch((e: Error) => log(`warning: cannot save ${opts.statePath}: ${e.message}`));
-    return saving;
-  };
-  // At most one write a second, however many events arrive.
-  const scheduleSave = () => {
-    if (!opts.statePath || saveTimer) return;
-    saveTimer = setTimeout(() => {
-      saveTimer = undefined;
-      void saveNow();
-    }, 1000);
-  };
-
-  const logApplied = (ip: string, before: number | null | undefined, after: number | null | undefined, now: number, via: string) => {
-    if (after === undefined) {
-      if (before === undefined) return;
-      const last = [...(claims.get(ip)?.values() ?? [])].sort((a, b) => b.detectedAt - a.detectedAt)[0];
-      const expired = before !== null && before <= now;
-      record({ action: "UNBLOCK", ip, origin: last?.origin, jail: last?.jail, detail: expired ? "ban ended" : `${via}: unbanned by ${last?.origin ?? "the fleet"}` });
-      return;
-    }
-    const c = cause(ip);
-    if (before === undefined) record({ action: "BLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, rtMs: c ? now - c.detectedAt : undefined, detail: `${via}: banned by ${c?.origin ?? "?"}` });
-    // A timed block that becomes permanent cancels its scheduled unblock: say so (until "never").
-    if (after !== before && (after !== null || before !== undefined)) record({ action: "SCHEDULE_UNBLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, detail: after === null ? "none: blocked for good" : `in ${Math.round((after - now) / 1000)} s` });
-  };
-
-  // One kernel command at a time; changes that arrive meanwhile wait and go in the next batch.
-  const work = async () => {
-    while ((dirty.size || pendingReconcile) && !working) {
-      const now = Date.now();
-      if (pendingReconcile) {
-        pendingReconcile = false;
-        dirty.clear();
-        arrived.clear();
-        const desired = new Map<string, number | null>();
-        for (const ip of claims.keys()) {
-          const d = desiredFor(ip, now);
-          if (d !== undefined) desired.set(ip, d);
-        }
-        working = backend.reconcile(desired, now);
-        try {
-          await working;
-          for (const [ip, before] of applied) if (!desired.has(ip)) logApplied(ip, before, undefined, now, "sync");
-          for (const [ip, after] of desired) if (applied.get(ip) !== after) logApplied(ip, applied.get(ip), after, now, "sync");
-          applied.clear();
-          for (const [ip, u] of desired) applied.set(ip, u);
-          log(`synced: ${desired.size} address(es) blocked (${opts.backend})`);
-        } catch (e) {
-          log(`error: reconcile failed, retrying in 5 s: ${(e as Error).message}`);
-          setTimeout(() => {
-            pendingReconcile = true;
-            kick();
-          }, 5000).unref();
-        } finally {
-          working = undefined;
-        }
-        continue;
-      }
-      const changes: Change[] = [];
-      const live = new Map<string, FleetEvent>();
-      for (const ip of dirty) {
-        const d = desiredFor(ip, now);
-        if (d !== applied.get(ip)) changes.push({ ip, until: d });
-        const e = arrived.get(ip);
-        if (e) {
-          live.set(ip, e);
-          arrived.delete(ip);
-        }
-      }
-      dirty.clear();
-      if (!changes.length) continue;
-      working = backend.apply(changes, now).catch(async (e: Error) => {
-        // One bad element must not hold back the rest: retry one by one and report each failure.
-        log(`warning: batch of ${changes.length} failed (${e.message}); applying one by one`);
-        for (const c of [...changes]) {
-          try {
-            await backend.apply([c], now);
-          } catch (err) {
-            changes.splice(changes.indexOf(c), 1);
-            record({ action: "REJECT", ip: c.ip, detail: `kernel refused: ${(err as Error).message}` });
-            log(`error: ${(err as Error).message}`);
-          }
-        }
-      });
-      try {
-        await working;
-      } finally {
-        working = undefined;
-      }
-      for (const c of changes) {
-        logApplied(c.ip, applied.get(c.ip), c.until, Date.now(), "event");
-        if (c.until === undefined) applied.delete(c.ip);
-        else applied.set(c.ip, c.until);
-      }
-      reportApplied(changes, live);
-      if (changes.length <= 20) {
-        for (const c of changes) log(`${c.until === undefined ? "unblocked" : "blocked"} ${c.ip}${c.until === undefined ? "" : ` until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
-      } else log(`applied ${changes.length} change(s)`);
-    }
-  };
-  const kick = () => {
-    if (!working) void work().catch((e: Error) => log(`error: ${e.stack}`));
-  };
-
-  /** Remembers live events, so the batch that applies them can report their response time. */
-  const noteArrived = (events: FleetEvent[]) => {
-    if (!hubTakesApplied) return;
-    for (const e of events) if (arrived.size < MAX_APPLIED_QUEUE * 10 || arrived.has(e.ip)) arrived.set(e.ip, e);
-  };
-  /** Queues a response time for each applied change a live event caused; one frame goes out shortly. */
-  const reportApplied = (changes: Change[], live: Map<string, FleetEvent>) => {
-    if (!live.size) return;
-    const at = Date.now();
-    for (const c of changes) {
-      const e = live.get(c.ip);
-      if (!e || !/^\d{1,20}$/.test(e.seq)) continue;
-      const rtMs = at - e.detectedAt;
-      if (rtMs >= -MAX_CLOCK_SKEW_MS && rtMs <= MAX_APPLIED_RT_MS) appliedQueue.push({ seq: e.seq, ip: e.ip, rtMs, at });
-    }
-    if (appliedQueue.length > MAX_APPLIED_QUEUE) appliedQueue.splice(0, appliedQueue.length - MAX_APPLIED_QUEUE);
-    if (appliedQueue.length && !appliedTimer) {
-      appliedTimer = setTimeout(flushApplied, APPLIED_FLUSH_MS);
-      appliedTimer.unref();
-    }
-  };
-  const flushApplied = () => {
-    appliedTimer = undefined;
-    const batch = appliedQueue;
-    appliedQueue = [];
-    // Best effort: with the hub away or slow to read, the reports are dropped, never queued up.
-    if (!hubTakesApplied || !ws || ws.readyState !== ws.OPEN || ws.bufferedAmount > 1 << 20) return;
-    for (let i = 0; i < batch.length; i += MAX_APPLIED_BATCH) ws.send(JSON.stringify({ type: "applied", events: batch.slice(i, i + MAX_APPLIED_BATCH) }));
-  };
-
-  const takeEvents = (events: FleetEvent[]) => {
-    for (const e of events) {
-      const why = allowedReason(e.ip);
-      if (why && e.kind === "ban") record({ action: "REJECT", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: why });
-      if (mergeClaim(claims, e)) dirty.add(e.ip);
-    }
-  };
-
-  // Expiry: the kernel drops expired entries by itself; this keeps memory and the log in step
-  // (and does the expiring for the iptables backend, whose rules have no timeout).
-  const sweeper = setInterval(() => {
-    const now = Date.now();
-    for (const ip of pruneClaims(claims, now)) dirty.add(ip);
-    for (const [ip, until] of applied) if (until !== null && until <= now) dirty.add(ip);
-    if (dirty.size) kick();
-  }, 1000);
-  sweeper.unref();
-
-  // Spool: events ban.ts could not deliver; forwarded over this connection, deleted on ack.
-  const spoolSent = new Map<string, string>();
-  const forwardSpool = async (ws: WebSocket) => {
-    if (!opts.spoolDir) return;
-    const files = (await readdir(opts.spoolDir).catch(() => [] as string[])).filter((f) => f.endsWith(".json")).sort();
-    for (const f of files) {
-      const path = join(opts.spoolDir, f);
-      if ([...spoolSent.values()].includes(path)) continue;
-      const text = await readFile(path, "utf8").catch(() => "");
-      if (!text) continue;
-      const parsed = parseNodeFrame(text, Date.now());
-      if (!parsed.ok || (parsed.value.type !== "ban" && parsed.value.type !== "unban")) {
-        log(`warning: moving unreadable spool file ${f} aside: ${parsed.ok ? "not an event" : parsed.message}`);
-        await mkdir(join(opts.spoolDir, "rejected"), { recursive: true });
-        await rename(path, join(opts.spoolDir, "rejected", f)).catch(() => {});
-        continue;
-      }
-      const frame = parsed.value as BanFrame | UnbanFrame;
-      spoolSent.set(frame.id, path);
-      if (ws.readyState === ws.OPEN) ws.send(JSON.stringify(frame));
-    }
-  };
-
-  let ws: WebSocket | undefined;
-  let spoolTimer: NodeJS.Timeout | undefined;
-  let hubId = "";
-  let attempt = 0;
-  let hubIndex = 0;
-  let retryTimer: NodeJS.Timeout | undefined;
-  let pingTimer: NodeJS.Timeout | undefined;
-
-  const connect = () => {
-    if (closing) return;
-    const url = opts.hubs[hubIndex % opts.hubs.length];
-    const sock = new WebSocket(url, {
-      headers: { authorization: `Bearer ${token}` },
-      maxPayload: MAX_HUB_FRAME_BYTES,
-      perMessageDeflate: false,
-      handshakeTimeout: 10_000,
-      ca: opts.ca ? [readFileSync(opts.ca, "utf8")] : undefined,
-    });
-    ws = sock;
-    let alive = true;
-    let welcomed = false;
-    sock.on("unexpected-response", (_req, res) => {
-      log(`error: ${url} refused the connection: HTTP ${res.statusCode}${res.statusMessage ? ` ${res.statusMessage}` : ""}${res.statusCode === 401 ? " (token not accepted: check --token-file and the hub's token list)" : ""}`);
-      sock.terminate();
-    });
-    sock.on("open", () => {
-      sock.send(JSON.stringify({ type: "hello", v: PROTOCOL_VERSION, node: opts.node, want: "events", cursor }));
-      // Heartbeat from this side too: a silently dead path is noticed within one interval.
-      pingTimer = setInterval(() => {
-        if (!alive) {
-          log(`no answer from ${url} within ${opts.heartbeatMs} ms; reconnecting`);
-          sock.terminate();
-          return;
-        }
-        alive = false;
-        sock.ping();
-      }, opts.heartbeatMs);
-    });
-    sock.on("pong", () => (alive = true));
-    sock.on("message", (data: Buffer) => {
-      alive = true;
-      const parsed = parseHubFrame(data.toString("utf8"));
-      if (!parsed.ok) {
-        log(`warning: ignoring a frame from the hub: ${parsed.message}`);
-        return;
-      }
-      const f = parsed.value;
-      switch (f.type) {
-        case "welcome":
-          welcomed = true;
-          attempt = 0;
-          nodeName = f.node;
-          hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
-          log(`connected to ${url} as ${f.node} (${f.role}), hub ${f.hub} at seq ${f.seq}`);
-          hubId = f.hub;
-          awaitingSync = true;
-          syncBuffer = [];
-          void forwardSpool(sock).catch((e: Error) => log(`warning: spool: ${e.message}`));
-          spoolTimer = setInterval(() => void forwardSpool(sock).catch((e: Error) => log(`warning: spool: ${e.message}`)), 5000);
-          return;
-        case "sync": {
-          if (awaitingSync) {
-            // The answer to our hello: the full state, or the events after our cursor, maybe in chunks.
-            syncBuffer.push(...f.events);
-            if (f.more) return;
-            awaitingSync = false;
-            const events = syncBuffer;
-            syncBuffer = [];
-            if (f.full) claims.clear();
-            takeEvents(events);
-            pendingReconcile = true;
-            log(f.full ? `full sync: ${events.length} event(s) at seq ${f.seq}` : `resumed after seq ${cursor?.seq}: ${events.length} event(s) missed, now at seq ${f.seq}`);
-            cursor = { hub: hubId, seq: f.seq };
-          } else {
-            // A burst the hub relayed in one frame.
-            takeEvents(f.events);
-            noteArrived(f.events);
-            if (cursor) cursor = { hub: hubId, seq: f.seq };
-          }
-          scheduleSave();
-          kick();
-          return;
-        }
-        case "event":
-          takeEvents([f]);
-          noteArrived([f]);
-          if (cursor) cursor = { hub: hubId, seq: f.seq };
-          scheduleSave();
-          kick();
-          return;
-        case "ack": {
-          const path = spoolSent.get(f.id);
-          if (path) {
-            spoolSent.delete(f.id);
-            void unlink(path).then(() => log(`delivered spooled event ${f.id}`)).catch(() => {});
-          }
-          return;
-        }
-        case "error": {
-          const path = f.id ? spoolSent.get(f.id) : undefined;
-          log(`hub refused${f.id ? ` ${f.id}` : ""}: ${f.code}: ${f.message}`);
-          // Over the rate limit or a hub-side write error: the event stays spooled for the next round.
-          if (path && (f.code === "rate_limited" || f.code === "internal")) spoolSent.delete(f.id!);
-          else if (path && opts.spoolDir) {
-            spoolSent.delete(f.id!);
-            void mkdir(join(opts.spoolDir, "rejected"), { recursive: true }).then(() => rename(path, join(opts.spoolDir!, "rejected", path.split("/").pop()!))).catch(() => {});
-          }
-          return;
-        }
-      }
-    });
-    sock.on("error", (e) => log(`${url}: ${e.message}`));
-    sock.on("close", (code, reason) => {
-      clearInterval(pingTimer);
-      clearInterval(spoolTimer);
-      awaitingSync = false;
-      syncBuffer = [];
-      spoolSent.clear();
-      hubTakesApplied = false;
-      arrived.clear();
-      appliedQueue = [];
-      if (closing) return;
-      if (!welcomed) hubIndex++;
-      const delay = nextDelay(attempt++);
-      log(`disconnected from ${url}${code ? ` (${code}${reason.length ? ` ${reason}` : ""})` : ""}; retrying ${opts.hubs[hubIndex % opts.hubs.length]} in ${delay} ms`);
-      retryTimer = setTimeout(connect, delay);
-    });
-  };
-  connect();
+  link.connect();
 
   let closed: Promise<void> | undefined;
   return {
-    claims,
-    cursor: () => cursor,
+    claims: applier.claims,
+    cursor: () => link.cursor,
     close() {
       closed ??= (async () => {
-        closing = true;
-        clearTimeout(retryTimer);
-        clearInterval(sweeper);
-        clearInterval(pingTimer);
-        clearInterval(spoolTimer);
-        clearTimeout(saveTimer);
-        clearTimeout(appliedTimer);
-        ws?.terminate();
-        while (working) await working.catch(() => {});
-        backend.close();
-        await saveNow();
-        if (csv) await new Promise<void>((resolve) => csv!.end(resolve));
+        link.close();
+        await applier.close();
+        await state.close();
+        await csv.close();
       })();
       return closed;
     },
   };
 }
 
-/** Removes every firewall object the agent created (sets, chain, jump rules, table); missing ones are fine. */
-export async function cleanup(backend: BackendName, prefix: string, log: (s: string) => void): Promise<void> {
-  for (const argv of cleanupCommands(backend, prefix)) {
-    const r = await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
-    if (r.exitCode === 0) log(`removed: ${argv.join(" ")}`);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Command line
+
+/** A command line that is not one: `main` prints its one-sentence message and exits 2. */
+export class UsageError extends Error {}
 
 export type ParsedArgs = { command: "run"; options: Omit<AgentOptions, "log"> } | { command: "cleanup"; backend: BackendName; prefix: string };
 
@@ -1071,7 +1441,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("hub", { type: "string", describe: "Hub URL(s), ws:// or wss://, comma-separated: tried in order" })
       .option("token-file", { type: "string", describe: "File holding this node's token (from hub.ts add-node)" })
       .option("node", { type: "string", describe: "Expected node name: the hub refuses the token if it belongs to another node" })
-      .option("backend", { choices: ["ipset", "nftables", "iptables", "dry-run"] as const, default: "ipset" as BackendName, describe: "How to block: ipset sets, an nftables table, one iptables rule per address, or log only" })
+      .option("backend", { choices: BACKEND_NAMES, default: "ipset" as BackendName, describe: `How to block: ${BACKEND_NAMES.slice(0, -1).map((b) => BACKENDS[b].describe).join(", ")}, or ${BACKENDS[BACKEND_NAMES.at(-1)!].describe}` })
       .option("allow", { type: "string", array: true, default: [] as string[], describe: "Address or CIDR never to block (repeatable); this host's and the hub's addresses are always allowed" })
       .option("ports", { type: "string", default: "", describe: "Block only these TCP ports, e.g. 22,2222 (default: all traffic from a banned address)" })
       .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT" })
@@ -1083,16 +1453,17 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .strict()
       .fail((msg, err) => {
-        throw err ?? new Error(msg);
+        // One line: yargs spreads some messages over several.
+        throw new UsageError((err?.message ?? msg).split("\n").map((l) => l.trim()).filter(Boolean).join(" "));
       })
       .help()
       .version(false)
       .wrap(null)
       .parseSync());
-  if (!/^[a-z][a-z0-9_-]{0,20}$/.test(a.prefix)) throw new Error(`Expected --prefix to be 1-21 of a-z 0-9 _ - starting with a letter, got ${JSON.stringify(a.prefix)}`);
+  if (!/^[a-z][a-z0-9_-]{0,20}$/.test(a.prefix)) throw new UsageError(`Expected --prefix to be 1-21 of a-z 0-9 _ - starting with a letter, got ${JSON.stringify(a.prefix)}`);
   if (a.cleanup) return { command: "cleanup", backend: a.backend, prefix: a.prefix };
-  if (!a.hub) throw new Error("Expected --hub URL (or BANSHARE_HUB), got none");
-  if (!a.tokenFile) throw new Error("Expected --token-file FILE (or BANSHARE_TOKEN_FILE), got none");
+  if (!a.hub) throw new UsageError("Expected --hub URL (or BANSHARE_HUB), got none");
+  if (!a.tokenFile) throw new UsageError("Expected --token-file FILE (or BANSHARE_TOKEN_FILE), got none");
   const hubs = a.hub.split(",").map((s) => s.trim()).filter(Boolean);
   for (const h of hubs) {
     let u: URL | undefined;
@@ -1101,13 +1472,13 @@ export function parseArgs(argv: string[]): ParsedArgs {
     } catch {
       /* reported below */
     }
-    if (!u || (u.protocol !== "ws:" && u.protocol !== "wss:")) throw new Error(`Expected --hub to be ws:// or wss:// URLs, got ${JSON.stringify(h)}`);
+    if (!u || (u.protocol !== "ws:" && u.protocol !== "wss:")) throw new UsageError(`Expected --hub to be ws:// or wss:// URLs, got ${JSON.stringify(h)}`);
   }
-  for (const s of a.allow) if (!parseAddress(s)) throw new Error(`Expected --allow to be an address or CIDR, got ${JSON.stringify(s)}`);
+  for (const s of a.allow) if (!parseAddress(s)) throw new UsageError(`Expected --allow to be an address or CIDR, got ${JSON.stringify(s)}`);
   const ports = a.ports ? a.ports.split(",").map((p) => Number(p.trim())) : [];
-  for (const p of ports) if (!Number.isInteger(p) || p < 1 || p > 65535) throw new Error(`Expected --ports to be TCP ports 1-65535 separated by commas, got ${JSON.stringify(a.ports)}`);
-  if (!(a.heartbeat >= 1 && a.heartbeat <= 86400)) throw new Error(`Expected --heartbeat to be 1-86400 seconds, got ${a.heartbeat}`);
-  if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new Error(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
+  for (const p of ports) if (!Number.isInteger(p) || p < 1 || p > 65535) throw new UsageError(`Expected --ports to be TCP ports 1-65535 separated by commas, got ${JSON.stringify(a.ports)}`);
+  if (!(a.heartbeat >= 1 && a.heartbeat <= 86400)) throw new UsageError(`Expected --heartbeat to be 1-86400 seconds, got ${a.heartbeat}`);
+  if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
   return {
     command: "run",
     options: {
@@ -1137,7 +1508,8 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   try {
     args = parseArgs(argv);
   } catch (e) {
-    process.stderr.write(`agent.ts: ${(e as Error).message}\n`);
+    if (!(e instanceof UsageError)) throw e;
+    process.stderr.write(`agent.ts: ${e.message}\n`);
     process.exitCode = 2;
     return;
   }
@@ -1149,8 +1521,11 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   try {
     agent = await startAgent({ ...args.options, log: logLine });
   } catch (e) {
+    // Expected failures (a bad token file, a firewall command that failed, a file the system
+    // could not open) in one line; anything else is a bug: its stack.
     const err = e as NodeJS.ErrnoException;
-    process.stderr.write(`agent.ts: ${err.code === "ENOENT" || /^Expected|failed/.test(err.message) ? err.message : err.stack}\n`);
+    const known = err instanceof StartError || err instanceof CommandError || typeof err.syscall === "string";
+    process.stderr.write(`agent.ts: ${known ? err.message : err.stack}\n`);
     process.exitCode = 1;
     return;
   }

@@ -1,7 +1,27 @@
 import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, test } from "node:test";
+import { WebSocketServer, type WebSocket as ServerSocket } from "ws";
 import {
+  Allowlist,
+  Applier,
+  BACKEND_NAMES,
+  BACKENDS,
+  changesFor,
   cleanupCommands,
+  countCommands,
+  CsvLog,
+  desiredState,
+  HubLink,
+  ipsetNames,
+  main,
+  makeBackend,
+  Spool,
+  StateFile,
+  UsageError,
   iptablesChangeCommands,
   iptablesReconcileCommands,
   ipsetChangeScript,
@@ -16,8 +36,10 @@ import {
   nftSetupScript,
   parseArgs,
   remainingSeconds,
+  type Row,
 } from "../agent.ts";
-import { parseAddress } from "../messages.ts";
+import { countKernelEntries, kernelCountCommands, parseCommand } from "../ban.ts";
+import { mergeClaim, parseAddress, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
 const NOW = 1_800_000_000_000;
 const cfg = { prefix: "banshare", ports: [] as number[], allow: [parseAddress("192.0.2.0/24")!, parseAddress("2001:db8::/32")!] };
@@ -241,5 +263,310 @@ describe("agent parseArgs()", () => {
 
   test("--cleanup needs no hub", () => {
     assert.deepEqual(parseArgs(["--cleanup", "--backend", "nftables"]), { command: "cleanup", backend: "nftables", prefix: "banshare" });
+  });
+});
+
+/** A fleet event as the hub relays it. */
+function ev(kind: "ban" | "unban", ip: string, detectedAt: number, until: number | null, origin = "web1", seq = "1"): FleetEvent {
+  return { seq, kind, ip, origin, jail: "sshd", until, detectedAt, id: `${origin}-${ip}-${detectedAt}-${kind}`, relayedAt: detectedAt };
+}
+
+function claimsOf(...events: FleetEvent[]): Claims {
+  const claims: Claims = new Map();
+  for (const e of events) mergeClaim(claims, e);
+  return claims;
+}
+
+describe("desiredState() and changesFor(): what the kernel should hold, and the diff to get there", () => {
+  const allow = new Allowlist([parseAddress("192.0.2.0/24")!]);
+
+  test("desiredState() blocks what the claims ban now, never an allowlisted address or one whose ban is over or lifted", () => {
+    const claims = claimsOf(
+      ev("ban", "203.0.113.1", NOW - 1000, NOW + 60_000),
+      ev("ban", "203.0.113.2", NOW - 1000, null),
+      ev("ban", "203.0.113.3", NOW - 120_000, NOW - 60_000),
+      ev("ban", "192.0.2.9", NOW - 1000, null),
+      ev("ban", "203.0.113.4", NOW - 2000, null),
+      ev("unban", "203.0.113.4", NOW - 1000, null),
+    );
+    assert.deepEqual([...desiredState(claims, allow, NOW)], [["203.0.113.1", NOW + 60_000], ["203.0.113.2", null]]);
+    assert.deepEqual([...desiredState(claims, allow, NOW, ["203.0.113.2", "203.0.113.3", "198.51.100.1"])], [["203.0.113.2", null]], "only the addresses asked about");
+  });
+
+  test("changesFor() over given addresses compares only those: unblock when no longer desired, block when new or its end changed", () => {
+    const applied = new Map<string, number | null>([["203.0.113.1", NOW + 1000], ["203.0.113.2", null], ["203.0.113.3", null]]);
+    const desired = new Map<string, number | null>([["203.0.113.1", NOW + 5000], ["203.0.113.2", null], ["203.0.113.4", null]]);
+    assert.deepEqual(changesFor(desired, applied, ["203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4", "203.0.113.5"]), [
+      { ip: "203.0.113.1", until: NOW + 5000 },
+      { ip: "203.0.113.3", until: undefined },
+      { ip: "203.0.113.4", until: null },
+    ]);
+    assert.deepEqual(changesFor(desired, applied, []), [], "no address, no change");
+  });
+
+  test("changesFor() over both maps in full: unblocks first, then new blocks and changed ends", () => {
+    const applied = new Map<string, number | null>([["203.0.113.1", NOW + 1000], ["203.0.113.3", null]]);
+    const desired = new Map<string, number | null>([["203.0.113.4", null], ["203.0.113.1", NOW + 1000]]);
+    assert.deepEqual(changesFor(desired, applied), [{ ip: "203.0.113.3", until: undefined }, { ip: "203.0.113.4", until: null }]);
+    assert.deepEqual(changesFor(applied, applied), []);
+  });
+
+  test("Allowlist.reason() names the range that protects an address, refuses what is not an address, and stays right past its cache limit", () => {
+    const small = new Allowlist([parseAddress("192.0.2.0/24")!, parseAddress("2001:db8::/32")!], () => 2);
+    for (let round = 0; round < 3; round++) {
+      assert.equal(small.reason("192.0.2.7"), "allowlisted (192.0.2.0/24)");
+      assert.equal(small.reason("2001:db8::1"), "allowlisted (2001:db8::/32)");
+      assert.equal(small.reason("203.0.113.1"), undefined);
+      assert.equal(small.reason("not-an-ip"), "not an address");
+    }
+  });
+});
+
+describe("BACKENDS: one plan table entry per firewall", () => {
+  test("every backend in the table is a --backend choice, and cleanup and counting read the table", () => {
+    assert.deepEqual(BACKEND_NAMES, ["ipset", "nftables", "iptables", "dry-run"]);
+    for (const b of BACKEND_NAMES) {
+      const r = parseArgs(["--cleanup", "--backend", b, "--prefix", "bx"]);
+      assert.deepEqual(r, { command: "cleanup", backend: b, prefix: "bx" });
+      assert.deepEqual(cleanupCommands(b, "bx"), BACKENDS[b].cleanup("bx"));
+      assert.deepEqual(countCommands(b, "bx"), BACKENDS[b].count("bx"));
+      for (const argv of [...cleanupCommands(b, "bx"), ...countCommands(b, "bx")]) assert.ok(argv.some((a) => a.startsWith("bx")), `${argv.join(" ")} names only the agent's own objects`);
+    }
+  });
+
+  test("a backend with a long-lived session changes the kernel with one command, the session's one-shot fallback", () => {
+    for (const b of BACKEND_NAMES) {
+      if (!BACKENDS[b].session) continue;
+      const steps = BACKENDS[b].change(cfg, [{ ip: "203.0.113.7", until: null }], NOW, new Set());
+      assert.equal(steps.length, 1, b);
+      assert.ok("argv" in steps[0] && steps[0].input, b);
+    }
+  });
+});
+
+describe("ban.ts's copy of the agent's backend table stays in step", () => {
+  // ban.ts shares nothing with agent.ts but messages.ts (single-file rule): its status command
+  // keeps its own copy of the backend names, the counting commands and the set names in them.
+  test("ban.ts status takes exactly the agent's backends", () => {
+    const base = ["status", "--hub", "ws://127.0.0.1:1", "--token-file", "/t"];
+    for (const b of BACKEND_NAMES) assert.equal((parseCommand([...base, "--backend", b]) as { backend: string }).backend, b);
+    const m = /Expected --backend to be (.*), got "pf"/.exec((() => {
+      try {
+        parseCommand([...base, "--backend", "pf"]);
+      } catch (e) {
+        return (e as Error).message;
+      }
+      return "";
+    })());
+    assert.ok(m, "ban.ts names its backends when refusing one");
+    assert.deepEqual(m[1].split(", "), BACKEND_NAMES);
+  });
+
+  test("ban.ts's kernelCountCommands() are the agent's count plan, for every backend and prefix", () => {
+    for (const b of BACKEND_NAMES) {
+      for (const prefix of ["banshare", "bench3"]) assert.deepEqual(kernelCountCommands(b, prefix), countCommands(b, prefix), `${b} ${prefix}`);
+    }
+    assert.deepEqual(countCommands("ipset", "banshare").map((argv) => argv.at(-1)), Object.values(ipsetNames("banshare")), "the ipset sets the agent creates");
+  });
+
+  test("ban.ts counts the iptables rules the agent reads back as its own", () => {
+    const out = "-N banshare\n-A banshare -s 192.0.2.0/24 -j RETURN\n-A banshare -s 203.0.113.7/32 -j DROP\n-A banshare -s 2001:db8::7/128 -p tcp -m multiport --dports 22 -j DROP\n";
+    assert.deepEqual(BACKENDS.iptables.listed!(out), ["203.0.113.7", "2001:db8::7"]);
+    assert.equal(countKernelEntries("iptables", out), BACKENDS.iptables.listed!(out).length);
+  });
+});
+
+describe("Applier: claims in, kernel changes and CSV rows out (dry-run backend)", () => {
+  const start = (onApplied?: (changes: unknown[], live: Map<string, FleetEvent>) => void) => {
+    const lines: string[] = [];
+    const rows: Row[] = [];
+    const log = (l: string) => lines.push(l);
+    const applier = new Applier({ backend: makeBackend("dry-run", cfg, log), backendName: "dry-run", allow: new Allowlist(cfg.allow), record: (r) => rows.push(r), log, onApplied });
+    return { applier, lines, rows };
+  };
+  const until = (pred: () => boolean) => new Promise<void>((resolve, reject) => {
+    const end = Date.now() + 5000;
+    const tick = () => (pred() ? resolve() : Date.now() > end ? reject(new Error("timed out")) : setTimeout(tick, 5));
+    tick();
+  });
+
+  test("a full sync reconciles once; live events then go in batches, with BLOCK, SCHEDULE_UNBLOCK, UNBLOCK and REJECT rows", async () => {
+    const now = Date.now();
+    const reported: string[] = [];
+    const { applier, lines, rows } = start((changes, live) => reported.push(...live.keys()));
+    try {
+      applier.sync([ev("ban", "203.0.113.1", now - 1000, now + 600_000), ev("ban", "192.0.2.5", now - 1000, null)], true);
+      await until(() => lines.some((l) => l.startsWith("synced:")));
+      assert.ok(lines.includes("dry-run: would make the kernel hold exactly 1 address(es)"), lines.join("\n"));
+      assert.ok(lines.includes("synced: 1 address(es) blocked (dry-run)"));
+      assert.deepEqual(rows.map((r) => `${r.action} ${r.ip}`), ["REJECT 192.0.2.5", "BLOCK 203.0.113.1", "SCHEDULE_UNBLOCK 203.0.113.1"]);
+      assert.equal(rows[0].detail, "allowlisted (192.0.2.0/24)");
+
+      rows.length = 0;
+      applier.take([ev("ban", "203.0.113.2", now, null, "web2", "7")], true);
+      await until(() => lines.some((l) => l.startsWith("blocked 203.0.113.2")));
+      assert.ok(lines.includes("dry-run: would block 203.0.113.2 until never"));
+      assert.deepEqual(reported, ["203.0.113.2"], "the live event's response time goes to the hub");
+      applier.take([ev("unban", "203.0.113.1", now + 1, null, "web1", "8")]);
+      await until(() => lines.includes("unblocked 203.0.113.1"));
+      assert.deepEqual(rows.map((r) => `${r.action} ${r.ip} ${r.detail}`), ["BLOCK 203.0.113.2 event: banned by web2", "UNBLOCK 203.0.113.1 event: unbanned by web1"]);
+      assert.deepEqual(reported, ["203.0.113.2"], "a synced or non-live event is not reported");
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("restore() takes a saved state as what the kernel holds: the reconcile after the next sync logs no change", async () => {
+    const now = Date.now();
+    const { applier, lines, rows } = start();
+    try {
+      const saved = [ev("ban", "203.0.113.1", now - 1000, null)];
+      applier.restore(saved, now);
+      assert.equal(applier.claims.size, 1);
+      applier.sync([], false);
+      await until(() => lines.some((l) => l.startsWith("synced:")));
+      assert.ok(lines.includes("synced: 1 address(es) blocked (dry-run)"));
+      assert.deepEqual(rows, []);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("sweep() unblocks what ended", async () => {
+    const now = Date.now();
+    const { applier, lines, rows } = start();
+    try {
+      applier.take([ev("ban", "203.0.113.9", now - 1000, now + 300)]);
+      await until(() => lines.some((l) => l.startsWith("blocked 203.0.113.9")));
+      await new Promise((r) => setTimeout(r, 400));
+      applier.sweep(Date.now());
+      await until(() => lines.includes("unblocked 203.0.113.9"));
+      assert.equal(rows.at(-1)?.action, "UNBLOCK");
+      assert.equal(rows.at(-1)?.detail, "ban ended");
+    } finally {
+      await applier.close();
+    }
+  });
+});
+
+describe("StateFile: the --state file", () => {
+  test("save() writes what load() reads back; a file that is not a state file loads as nothing, with a warning", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "banshare-state-"));
+    try {
+      const path = join(dir, "agent.state");
+      const claims = claimsOf(ev("ban", "203.0.113.1", NOW, null));
+      const lines: string[] = [];
+      let cursor: { hub: string; seq: string } | undefined;
+      const state = new StateFile(path, (l) => lines.push(l), () => ({ cursor, claims }));
+      assert.equal(await state.load(), undefined, "no file yet");
+      await state.save();
+      assert.equal(existsSync(path), false, "nothing to save before the first cursor");
+      cursor = { hub: "h1", seq: "42" };
+      await state.close();
+      const back = await new StateFile(path, (l) => lines.push(l), () => ({ cursor: undefined, claims: new Map() })).load();
+      assert.deepEqual(back?.cursor, cursor);
+      assert.deepEqual(back?.claims, [...claims.get("203.0.113.1")!.values()]);
+      await writeFile(path, "{}\n");
+      assert.equal(await state.load(), undefined);
+      assert.match(lines.join("\n"), /is not a banshare agent state file/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("Spool: forwarding ban.ts's spooled events over one connection", () => {
+  test("sends each file once, deletes it on ack, keeps it on rate_limited, moves it aside on a refusal or when unreadable", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "banshare-spool-"));
+    try {
+      const frame = (id: string, ip: string): BanFrame => ({ type: "ban", id, ip, jail: "sshd", bantime: 600, detectedAt: Date.now() });
+      await writeFile(join(dir, "1.json"), JSON.stringify(frame("a1", "203.0.113.1")));
+      await writeFile(join(dir, "2.json"), JSON.stringify(frame("a2", "203.0.113.2")));
+      await writeFile(join(dir, "3.json"), JSON.stringify(frame("a3", "203.0.113.3")));
+      await writeFile(join(dir, "4.json"), "not json");
+      const sent: Array<BanFrame | UnbanFrame> = [];
+      const spool = new Spool(dir, (f) => sent.push(f), () => {});
+      await spool.forward();
+      assert.deepEqual(sent.map((f) => f.id), ["a1", "a2", "a3"]);
+      await spool.forward();
+      assert.equal(sent.length, 3, "not sent twice while unanswered");
+      spool.acked("a1");
+      spool.refused("a2", "rate_limited");
+      spool.refused("a3", "protected");
+      await new Promise((r) => setTimeout(r, 100));
+      assert.deepEqual((await readdir(dir)).sort(), ["2.json", "rejected"]);
+      assert.deepEqual((await readdir(join(dir, "rejected"))).sort(), ["3.json", "4.json"]);
+      await spool.forward();
+      assert.deepEqual(sent.map((f) => f.id), ["a1", "a2", "a3", "a2"], "a rate-limited event goes again next round");
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("HubLink: a Session per connection, thrown away on close", () => {
+  // A stand-in hub on a real WebSocket that plays a script per connection (the real hub is
+  // driven in test/fleet.test.ts and test/faults.test.ts).
+  test("a sync cut off mid-chunks is dropped with its connection; the next connection syncs afresh, then live events move the cursor", async () => {
+    const now = Date.now();
+    const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+    await new Promise((r) => wss.once("listening", r));
+    const hellos: Array<{ cursor?: unknown }> = [];
+    const welcome = (seq: string) => ({ type: "welcome", v: 1, hub: "h1", node: "web9", role: "node", seq });
+    let conns = 0;
+    wss.on("connection", (sock: ServerSocket) => {
+      const n = ++conns;
+      sock.once("message", (data) => {
+        hellos.push(JSON.parse(String(data)));
+        const send = (f: object) => sock.send(JSON.stringify(f));
+        send(welcome(n === 1 ? "5" : "6"));
+        if (n === 1) {
+          send({ type: "sync", full: true, seq: "5", more: true, events: [ev("ban", "203.0.113.1", now, null)] });
+          setTimeout(() => sock.terminate(), 50);
+          return;
+        }
+        send({ type: "sync", full: true, seq: "6", events: [ev("ban", "203.0.113.2", now, null, "web1", "6")] });
+        send({ type: "event", ...ev("ban", "203.0.113.3", now, null, "web2", "7") });
+      });
+    });
+    const lines: string[] = [];
+    const log = (l: string) => lines.push(l);
+    const applier = new Applier({ backend: makeBackend("dry-run", cfg, log), backendName: "dry-run", allow: new Allowlist([]), record: () => {}, log });
+    const csv = await CsvLog.open(undefined, "agent", log);
+    const link: HubLink = new HubLink({ hubs: [`ws://127.0.0.1:${(wss.address() as { port: number }).port}`], heartbeatMs: 60_000, token: "t".repeat(16), log, applier, csv, state: new StateFile(undefined, log, () => ({ cursor: link.cursor, claims: applier.claims })) });
+    try {
+      link.connect();
+      const end = Date.now() + 10_000;
+      while (link.cursor?.seq !== "7" && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+      assert.deepEqual(link.cursor, { hub: "h1", seq: "7" }, lines.join("\n"));
+      assert.equal(hellos.length, 2);
+      assert.equal(hellos[1].cursor, undefined, "the cut-off sync gave no cursor");
+      assert.deepEqual([...applier.claims.keys()].sort(), ["203.0.113.2", "203.0.113.3"], "nothing of the first connection's partial sync");
+      assert.equal(csv.node, "web9", "rows carry the name the hub welcomed us with");
+      assert.ok(lines.some((l) => /^disconnected from ws:\/\/127\.0\.0\.1:\d+ \(1006\); retrying/.test(l)), lines.join("\n"));
+    } finally {
+      link.close();
+      await applier.close();
+      await new Promise((r) => wss.close(r));
+    }
+  });
+});
+
+describe("agent errors by type", () => {
+  test("parseArgs() refuses bad usage with a UsageError; main() prints its one line and exits 2", async () => {
+    assert.throws(() => parseArgs(["--bogus"]), UsageError);
+    assert.throws(() => parseArgs(["--hub", "http://x", "--token-file", "/t"]), UsageError);
+    assert.throws(() => parseArgs(["--cleanup", "--backend", "pf"]), (e: Error) => e instanceof UsageError && !e.message.includes("\n"), "yargs' message in one line");
+    const write = process.stderr.write.bind(process.stderr);
+    let err = "";
+    process.stderr.write = ((s: string) => ((err += s), true)) as typeof process.stderr.write;
+    try {
+      await main(["--hub", "ws://127.0.0.1:1"]);
+      assert.equal(process.exitCode, 2);
+      assert.equal(err, "agent.ts: Expected --token-file FILE (or BANSHARE_TOKEN_FILE), got none\n");
+    } finally {
+      process.stderr.write = write;
+      process.exitCode = undefined;
+    }
   });
 });
