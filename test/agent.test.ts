@@ -38,7 +38,7 @@ import {
   remainingSeconds,
   type Row,
 } from "../agent.ts";
-import { countKernelEntries, kernelCountCommands, parseCommand } from "../ban.ts";
+import { countKernelEntries, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
 import { mergeClaim, parseAddress, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
 const NOW = 1_800_000_000_000;
@@ -349,10 +349,10 @@ describe("ban.ts's copy of the agent's backend table stays in step", () => {
   // keeps its own copy of the backend names, the counting commands and the set names in them.
   test("ban.ts status takes exactly the agent's backends", () => {
     const base = ["status", "--hub", "ws://127.0.0.1:1", "--token-file", "/t"];
-    for (const b of BACKEND_NAMES) assert.equal((parseCommand([...base, "--backend", b]) as { backend: string }).backend, b);
+    for (const b of BACKEND_NAMES) assert.equal((parseBanArgs([...base, "--backend", b]) as { backend: string }).backend, b);
     const m = /Expected --backend to be (.*), got "pf"/.exec((() => {
       try {
-        parseCommand([...base, "--backend", "pf"]);
+        parseBanArgs([...base, "--backend", "pf"]);
       } catch (e) {
         return (e as Error).message;
       }
