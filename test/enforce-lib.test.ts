@@ -91,7 +91,7 @@ describe("the probe and the Docker path on the real kernel", needs(["root", "net
     }
   });
 
-  test("a DROP in DOCKER-USER blocks the Docker path within a second; iptables-restore of the saved rules opens it again", async () => {
+  test("a DROP in DOCKER-USER blocks the Docker path within a second; iptables-restore of the saved rules opens it again", async (t) => {
     await ipt(["-I", "DOCKER-USER", "1", "-s", topo.ip("attacker"), "-j", "DROP"]);
     const banned = Date.now();
     await probe.waitFor("blocked", 1000, { since: banned });
@@ -108,6 +108,8 @@ describe("the probe and the Docker path on the real kernel", needs(["root", "net
     assert.ok(g[0].ongoing && g[0].from >= tampered, describeTimeline(tl, banned));
     assert.equal(gaps(tl.filter((s) => s.at < tampered), banned).length, 0, "blocked from the DROP until the tampering");
     assert.equal(timeToState(tl, tampered, "open"), g[0].from - tampered);
+    t.diagnostic(`timeline from the DROP: ${describeTimeline(tl, banned)}`);
+    t.diagnostic(`blocked ${timeToState(tl.filter((s) => s.at < tampered), banned, "blocked")} ms after the DROP, open ${timeToState(tl, tampered, "open")} ms after the tampering`);
     probe = await startProbe(topo, "attacker", "host", docker.port);
   });
 

@@ -445,7 +445,7 @@ const layouts = new Map<string, DockerLayout>(); // host namespace -> its contai
 export async function dockerRestart(ns: string, layout = layouts.get(ns) ?? dockerLayout()): Promise<void> {
   for (const s of dockerStartSteps(layout)) {
     if (s.unless && (await execa('ip', ['netns', 'exec', ns, 'iptables', '-w', '-t', s.table, ...s.unless], { reject: false, timeout: CMD_TIMEOUT_MS })).exitCode === 0) continue;
-    await nsRun(ns, 'iptables', ['-w', '-t', s.table, ...s.args], { okIf: s.mayFail ? /./ : undefined });
+    await nsRun(ns, 'iptables', ['-w', '-t', s.table, ...s.args], { okIf: s.mayFail ? /[^]*/ : undefined });
   }
 }
 
@@ -555,7 +555,8 @@ export function banshareObjects(prefix = 'banshare'): BanshareObjects {
 export async function deleteJumps(ns: string, chain: string, target: string): Promise<number> {
   let n = 0;
   for (const bin of ['iptables', 'ip6tables']) {
-    const r = await nsRun(ns, bin, ['-w', '-S', chain], { okIf: /No chain|does not exist/i });
+    // iptables-nft says "incompatible" for a chain of a table that does not exist.
+    const r = await nsRun(ns, bin, ['-w', '-S', chain], { okIf: /No chain|does not exist|incompatible/i });
     for (const line of r.stdout.split('\n')) {
       const spec = line.trim().split(/\s+/);
       if (spec[0] !== '-A' || spec[1] !== chain) continue;
