@@ -363,6 +363,19 @@ export function ipsetSession(ackSet: string): SessionKind {
 }
 
 /**
+ * ipset: a second `ipset restore`, for the enforcement check alone: `list -t SET` prints the
+ * set's header, whose last line (its number of entries) is the answer. Not the batch session:
+ * after its `list -n`, every later list in that process prints names only.
+ */
+export function ipsetHeaderSession(): SessionKind {
+  return {
+    argv: ["stdbuf", "-oL", "ipset", "restore"],
+    frame: (script) => script,
+    isAck: (line) => line.startsWith("Number of entries:"),
+  };
+}
+
+/**
  * nftables: `nft -i` runs each input line as one transaction, so a batch goes on one line, its
  * commands joined by `;` (atomic, as with `nft -f`); `describe meta length` answers with one line
  * without asking the kernel anything (any listing of the table makes nft 1.0 fetch every element
@@ -439,8 +452,8 @@ export interface BackendPlan {
   inspect?(cfg: FirewallConfig): Record<string, string[]>;
   /** Reads `inspect`'s outputs (undefined where a command failed): pure. */
   read?(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection;
-  /** A script for the session whose output `read` takes as the output of the `inspect` commands it names: cheap enough for every half second. */
-  quick?(prefix: string): { script: string; names: string[] };
+  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for every half second. */
+  quick?(prefix: string): { session: SessionKind; queries: Record<string, string> };
   /** The kernel ends entries by their timeout itself: counts are compared with a margin around each entry's end. */
   expires?: boolean;
 }
@@ -570,7 +583,7 @@ const BACKEND_TABLE = {
     fill: (cfg, desired, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetChangeScript(cfg.prefix, [...desired].filter(([, u]) => remainingSeconds(u, now) >= 0).map(([ip, until]) => ({ ip, until })), now) }],
     inspect: ipsetInspect,
     read: ipsetRead,
-    quick: (prefix) => ({ script: `list -t ${ipsetNames(prefix).v4}\nlist -t ${ipsetNames(prefix).v6}\n`, names: ["v4", "v6"] }),
+    quick: (prefix) => ({ session: ipsetHeaderSession(), queries: { v4: `list -t ${ipsetNames(prefix).v4}\n`, v6: `list -t ${ipsetNames(prefix).v6}\n` } }),
     expires: true,
   },
   nftables: {
@@ -710,7 +723,7 @@ export class KernelSession {
   /** After an error line, how long to wait for the acknowledgement (the acknowledging command may have failed too). */
   private errTimer: NodeJS.Timeout | undefined;
   private waiting: Array<{ resolve: (lines: string[]) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
-  /** The output lines of the batch under way, before its acknowledgement (a query's answer). */
+  /** The output lines of the batch under way, up to its acknowledgement (a query's answer). */
   private lines: string[] = [];
 
   constructor(private readonly kind: SessionKind) {}
@@ -724,7 +737,7 @@ export class KernelSession {
     return this.query(script).then(() => {});
   }
 
-  /** Runs `script` like `send`, and resolves with what it printed before the acknowledgement. */
+  /** Runs `script` like `send`, and resolves with what it printed, the acknowledgement last. */
   query(script: string): Promise<string[]> {
     if (script.length > SESSION_MAX_BYTES) return Promise.reject(new Error("batch too large for the session"));
     const child = this.child ?? this.start();
@@ -754,10 +767,8 @@ export class KernelSession {
       while ((nl = this.out.indexOf("\n")) >= 0) {
         const line = this.out.slice(0, nl);
         this.out = this.out.slice(nl + 1);
-        if (!this.kind.isAck(line)) {
-          if (this.lines.length < 1000) this.lines.push(line);
-          continue;
-        }
+        if (this.lines.length < 1000) this.lines.push(line);
+        if (!this.kind.isAck(line)) continue;
         const answer = this.lines;
         this.lines = [];
         // stderr was written before this answer: its data, if any, is delivered in this same
@@ -877,7 +888,9 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
       else await runStep(step, log);
     }
   };
-  const { inspect, read, quick } = plan;
+  const { inspect, read } = plan;
+  const quick = plan.quick?.(cfg.prefix);
+  const asker = quick && new KernelSession(quick.session);
   return {
     async setup() {
       await runAll(plan.setup(cfg));
@@ -912,24 +925,25 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
         ? async (fast) => {
             const cmds = inspect(cfg);
             const out: Record<string, string | undefined> = {};
-            const q = quick?.(cfg.prefix);
-            // The session answers its part with a pipe write instead of a process start.
-            if (q && session) {
-              const lines = await session.query(q.script).catch(() => undefined);
-              if (lines) for (const n of q.names) (out[n] = lines.join("\n")), delete cmds[n];
+            for (const [n, q] of Object.entries(quick?.queries ?? {})) {
+              // A query that fails (the set is gone: ipset then ends) is asked of a process of its own.
+              const lines = await asker!.query(q).catch(() => undefined);
+              out[n] = lines?.join("\n") ?? ((r) => (r.exitCode === 0 ? String(r.stdout) : undefined))(await exec(cmds[n]));
+              delete cmds[n];
             }
-            if (fast && q) {
-              if (q.names.some((n) => !(n in out))) for (const n of q.names) out[n] = (await exec(cmds[n])).stdout;
-              return read(cfg, Object.fromEntries(q.names.map((n) => [n, out[n]])));
-            }
-            for (const [n, argv] of Object.entries(cmds)) {
-              const r = await exec(argv);
-              out[n] = r.exitCode === 0 ? String(r.stdout) : undefined;
+            if (!fast || !quick) {
+              for (const [n, argv] of Object.entries(cmds)) {
+                const r = await exec(argv);
+                out[n] = r.exitCode === 0 ? String(r.stdout) : undefined;
+              }
             }
             return read(cfg, out);
           }
         : undefined,
-    close: () => session?.close(),
+    close: () => {
+      session?.close();
+      asker?.close();
+    },
   };
 }
 
