@@ -9,7 +9,10 @@
  * each), nftables (table inet banshare), iptables (one rule per address, the paper's way),
  * dry-run (changes nothing, logs what it would do). Bans expire in the kernel, so they end on
  * time even when the agent is down; start never flushes, so bans keep enforcing while the hub
- * is unreachable. After each sync the kernel is reconciled to the fleet state in one command.
+ * is unreachable, and the --state file's bans go back into the kernel before any hub answers
+ * (a reboot). After each sync the kernel is reconciled to the fleet state in one command. The
+ * DROP is hooked into INPUT, FORWARD and DOCKER-USER (nftables: input, forward), or nowhere
+ * (--hook none: sets only), and put back whenever something else removes it.
  *
  * Parts, in file order, data flowing one way (hub -> kernel):
  * - backend plans: pure functions and one `BACKENDS` table entry per firewall (setup, change,
@@ -18,6 +21,9 @@
  * - `desiredState` / `changesFor`: pure, what the kernel should hold and the diff to get there.
  * - `Applier`: owns the claims and what was applied; batches changes into the backend, one
  *   kernel command at a time, reconciles after a sync, writes BLOCK/UNBLOCK/REJECT rows.
+ * - `Guard`: checks that the kernel still holds the hooks, chains, sets and entries (on `nft
+ *   monitor` events from other programs, a quick set-header tick, a full tick) and repairs in
+ *   one batch, with a REPAIR row; `snapshot()` is `Agent.enforcement()`.
  * - `StateFile` (--state), `CsvLog` (--csv), `Spool` (--spool forwarding, per connection).
  * - `HubLink`: connects and reconnects; each connection is a `Session`, made on open and thrown
  *   away on close, that turns the hub's frames into calls on the applier.
@@ -2101,9 +2107,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("backend", { choices: BACKEND_NAMES, default: "ipset" as BackendName, describe: `How to block: ${BACKEND_NAMES.slice(0, -1).map((b) => BACKENDS[b].describe).join(", ")}, or ${BACKENDS[BACKEND_NAMES.at(-1)!].describe}` })
       .option("allow", { type: "string", array: true, default: [] as string[], describe: "Address or CIDR never to block (repeatable); this host's and the hub's addresses are always allowed" })
       .option("ports", { type: "string", default: "", describe: "Block only these TCP ports, e.g. 22,2222 (default: all traffic from a banned address)" })
-      .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT" })
+      .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT, REPAIR" })
       .option("spool", { type: "string", describe: "Spool directory of ban.ts: events it could not deliver are forwarded from here" })
-      .option("state", { type: "string", describe: "State file (cursor and claims): a restarted agent resumes where it stopped instead of a full sync" })
+      .option("state", { type: "string", describe: "State file (cursor and claims): at start its bans go back into the kernel before any hub answers (a reboot leaves no gap), then the agent resumes where it stopped instead of a full sync" })
       .option("ca", { type: "string", describe: "PEM CA certificate to verify a wss:// hub with (self-signed fleets)" })
       .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
       .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
