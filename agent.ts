@@ -1496,6 +1496,8 @@ export class Guard {
   private repairs = 0;
   private lastRepair: { at: number; what: string } | undefined;
   private lastCheck: number | undefined;
+  /** Ends the wait before a repeated repair (close). */
+  private wake: (() => void) | undefined;
 
   constructor(private readonly opts: GuardOptions) {}
 
@@ -1544,6 +1546,7 @@ export class Guard {
     for (const t of this.timers) clearInterval(t);
     clearTimeout(this.soon);
     this.monitor?.close();
+    this.wake?.();
     return this.idle();
   }
 
@@ -1612,7 +1615,7 @@ export class Guard {
   private async repair(what: string): Promise<void> {
     const { backend, applier, log, record } = this.opts;
     const wait = this.streak < 2 ? 0 : Math.min(30_000, 250 * 2 ** (this.streak - 2));
-    if (wait) await new Promise((r) => setTimeout(r, wait).unref());
+    if (wait) await new Promise<void>((resolve) => (this.wake = resolve) && setTimeout(resolve, wait).unref());
     if (this.closed) return;
     this.streak++;
     const t0 = Date.now();
