@@ -89,7 +89,7 @@ export interface AgentOptions {
   prefix: string;
   /** Where the DROP is hooked in (default `DEFAULT_HOOKS`; nftables: input and forward); empty: sets only. */
   hooks?: Hook[];
-  /** Full enforcement checks this often (ms; default 5000); 0: the agent never looks again after start. */
+  /** Full enforcement checks this often (ms; default 10000); 0: the agent never looks again after start. */
   checkMs?: number;
   log: (line: string) => void;
 }
@@ -458,7 +458,7 @@ export interface BackendPlan {
   inspect?(cfg: FirewallConfig): Record<string, string[]>;
   /** Reads `inspect`'s outputs (undefined where a command failed): pure. */
   read?(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection;
-  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for every half second. */
+  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for every second. */
   quick?(prefix: string): { session: SessionKind; queries: Record<string, string> };
   /** The kernel ends entries by their timeout itself: counts are compared with a margin around each entry's end. */
   expires?: boolean;
@@ -1385,7 +1385,7 @@ export function countDrift(entries: Record<4 | 6, number>, held: ReadonlyMap<str
   }
   const out: string[] = [];
   for (const fam of [4, 6] as const) {
-    if (entries[fam] < sure[fam] || entries[fam] > sure[fam] + maybe[fam]) out.push(`IPv${fam} set holds ${entries[fam]} of ${sure[fam]}${maybe[fam] ? `-${sure[fam] + maybe[fam]}` : ""} entries`);
+    if (entries[fam] < sure[fam] || entries[fam] > sure[fam] + maybe[fam]) out.push(`IPv${fam}: ${entries[fam]} of ${sure[fam]}${maybe[fam] ? `-${sure[fam] + maybe[fam]}` : ""} entries in the kernel`);
   }
   return out.length ? out.join(", ") : undefined;
 }
@@ -1460,7 +1460,7 @@ export interface GuardOptions {
   log: (line: string) => void;
   /** A full check this often (ms): the safety net for changes no event tells of. */
   checkMs: number;
-  /** The quick check (the set headers, through the session) this often (ms). */
+  /** The quick check (the set headers, through a long-lived `ipset restore`) this often (ms; default 1000: ~0.25% of a core at 100,000 entries). */
   quickMs?: number;
   /** Watch `nft monitor` for changes by other programs (default true). */
   monitor?: boolean;
@@ -1471,8 +1471,8 @@ export interface GuardOptions {
  * jumps and that the sets hold what it applied, and restores whatever is missing without a
  * restart: the hooks (the backend's setup, idempotent) and the full set contents in one batch.
  * When to look: on each change another program makes to the ruleset (`NftMonitor`), at every
- * quick tick (ipset: the set headers through the long-lived `ipset restore`, since `ipset
- * flush` and `ipset destroy` make no nftables event), and at every full tick. Each repair is
+ * quick tick (each second; ipset: the set headers through a long-lived `ipset restore`, since
+ * `ipset flush` and `ipset destroy` make no nftables event), and at every full tick (10 s). Each repair is
  * one log line, one REPAIR row and one more in `repairs`. A repair that does not hold (something
  * undoes it at once) is retried ever more slowly, up to every 30 s.
  */
@@ -1487,8 +1487,13 @@ export class Guard {
   private streak = 0;
   /** Entries another program deleted from an nftables set (seen only as events). */
   private lost: string | undefined;
-  /** Counts and epoch of the last quick check that agreed, to skip recounting what did not change. */
-  private agreed = { key: "", at: 0 };
+  /**
+   * The kernel's counts at the last look, and when they were last compared with everything the
+   * agent applied (a pass over 100,000 entries costs ~10 ms, too much for every second):
+   * they are compared when a count falls to 0 or by more than 1% between two looks (a flush, a
+   * reload), when the last comparison was put off, and every 30 s.
+   */
+  private counted: { last?: Record<4 | 6, number>; comparedAt: number; due: boolean } = { comparedAt: 0, due: true };
   private readonly hooks = new Map<string, { state: "present" | "missing" | "absent"; since: number }>();
   private missing: string[] = [];
   private missingSince: number | undefined;
@@ -1506,7 +1511,7 @@ export class Guard {
     const { opts } = this;
     if (!opts.backend.inspect || opts.checkMs <= 0) return;
     this.timers.push(setInterval(() => this.run(true), opts.checkMs));
-    if (BACKENDS[opts.backendName].quick) this.timers.push(setInterval(() => this.run(false), opts.quickMs ?? 500));
+    if (BACKENDS[opts.backendName].quick) this.timers.push(setInterval(() => this.run(false), opts.quickMs ?? 1000));
     for (const t of this.timers) t.unref();
     if (opts.monitor !== false) {
       this.monitor = new NftMonitor((by, lines) => this.changed(by, lines), opts.log);
@@ -1589,14 +1594,17 @@ export class Guard {
     if (this.lost) problems.push(this.lost);
     this.lost = undefined;
     if (found.entries) {
+      const { last } = this.counted;
       this.entries = found.entries[4] + found.entries[6];
+      this.counted.last = found.entries;
+      const fell = (f: 4 | 6) => last !== undefined && found.entries![f] < last[f] && (found.entries![f] === 0 || last[f] - found.entries![f] > last[f] / 100);
+      if (fell(4) || fell(6) || now - this.counted.comparedAt >= 30_000) this.counted.due = true;
       // Counts compare only while no kernel command ran: a batch under way is no drift.
-      const key = `${found.entries[4]},${found.entries[6]},${applier.epoch}`;
       const settled = before.idle && !applier.busy && applier.epoch === before.epoch;
-      if (settled && !(key === this.agreed.key && now - this.agreed.at < 5000)) {
+      if (this.counted.due && settled) {
+        this.counted = { last: found.entries, comparedAt: now, due: false };
         const drift = countDrift(found.entries, applier.held(), now, BACKENDS[this.opts.backendName].expires === true);
         if (drift) problems.push(drift);
-        else this.agreed = { key, at: now };
       }
     }
     if (!problems.length) {
@@ -1631,6 +1639,7 @@ export class Guard {
     }
     // Look again at once: the repair held, or something undid it.
     this.again = true;
+    this.counted.due = true;
   }
 }
 
@@ -2025,7 +2034,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     log(`loaded ${applier.claims.size} address(es) and cursor ${saved.cursor.hub}:${saved.cursor.seq} from ${opts.statePath}`);
     log(`restored: ${n} address(es) blocked from the state file before any hub answered (${opts.backend})`);
   }
-  const guard = new Guard({ backend, backendName: opts.backend, applier, prefix: opts.prefix, record: (r) => csv.record(r), log, checkMs: opts.checkMs ?? 5000 });
+  const guard = new Guard({ backend, backendName: opts.backend, applier, prefix: opts.prefix, record: (r) => csv.record(r), log, checkMs: opts.checkMs ?? 10_000 });
   guard.start();
   link.connect();
 
@@ -2117,7 +2126,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
       .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
       .option("hook", { type: "string", array: true, describe: "Where the DROP is hooked in (repeatable or comma-separated): INPUT, FORWARD, DOCKER-USER (ipset, iptables; DOCKER-USER once Docker made it), or the nftables hooks input, forward; none: only create and fill the sets, for your own rules (default: all of them)" })
-      .option("check-interval", { type: "number", default: 5, describe: "Seconds between full checks that the hooks, chains, sets and their entries are in the kernel (changes by other programs are also seen at once through nft monitor); anything missing is restored; 0: never check" })
+      .option("check-interval", { type: "number", default: 10, describe: "Seconds between full checks that the hooks, chains, sets and their entries are in the kernel (changes by other programs are also seen at once through nft monitor); anything missing is restored; 0: never check" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .strict()
       .fail((msg, err) => {

@@ -276,7 +276,7 @@ describe("where the DROP is hooked in (--hook) and the enforcement check's reade
     const r = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--hook", "INPUT", "--check-interval", "2"]);
     assert.ok(r.command === "run" && r.options.hooks?.join() === "input" && r.options.checkMs === 2000);
     const d = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t"]);
-    assert.ok(d.command === "run" && d.options.hooks === undefined && d.options.checkMs === 5000);
+    assert.ok(d.command === "run" && d.options.hooks === undefined && d.options.checkMs === 10_000);
     assert.throws(() => parseArgs(["--hub", "ws://x", "--token-file", "/t", "--check-interval", "-1"]), /--check-interval/);
   });
 
@@ -320,9 +320,9 @@ describe("where the DROP is hooked in (--hook) and the enforcement check's reade
     const held = new Map<string, number | null>([["203.0.113.1", null], ["203.0.113.2", NOW + 60_000], ["203.0.113.3", NOW + 1000], ["2001:db8::1", null]]);
     assert.equal(countDrift({ 4: 3, 6: 1 }, held, NOW, true), undefined);
     assert.equal(countDrift({ 4: 2, 6: 1 }, held, NOW, true), undefined, "the entry ending in a second may be gone already");
-    assert.equal(countDrift({ 4: 0, 6: 1 }, held, NOW, true), "IPv4 set holds 0 of 2-3 entries");
-    assert.equal(countDrift({ 4: 3, 6: 0 }, held, NOW, true), "IPv6 set holds 0 of 1 entries");
-    assert.equal(countDrift({ 4: 2, 6: 1 }, held, NOW, false), "IPv4 set holds 2 of 3 entries", "rules without timeouts are counted exactly");
+    assert.equal(countDrift({ 4: 0, 6: 1 }, held, NOW, true), "IPv4: 0 of 2-3 entries in the kernel");
+    assert.equal(countDrift({ 4: 3, 6: 0 }, held, NOW, true), "IPv6: 0 of 1 entries in the kernel");
+    assert.equal(countDrift({ 4: 2, 6: 1 }, held, NOW, false), "IPv4: 2 of 3 entries in the kernel", "rules without timeouts are counted exactly");
   });
 });
 
