@@ -123,6 +123,9 @@ describe("the probe and the Docker path on the real kernel", needs(["root", "net
     const t2 = Date.now();
     await probe.waitFor("open", 2000, { since: t2, consecutive: 3 }); // the FORWARD DROP now comes after Docker's ACCEPT
 
+    await dockerRestart(host, undefined, { fresh: false }); // its rules are there: the FORWARD DROP stays below them
+    assert.equal((await ipt(["-S", "FORWARD"])).split("\n")[7], `-A FORWARD -s ${topo.ip("attacker")}/32 -j DROP`);
+
     await ipt(["-I", "DOCKER-USER", "1", "-s", topo.ip("attacker"), "-j", "DROP"]);
     const t3 = Date.now();
     await probe.waitFor("blocked", 2000, { since: t3, consecutive: 3 });
