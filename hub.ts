@@ -748,6 +748,8 @@ class RedisStore implements Store {
   hubId = "";
   /** ID of the last stream entry handed to `hooks.events`: what this hub's agents have been sent. */
   position = "0-0";
+  /** Stream entries this hub has read since it started: `banshare_seq` (a stream ID is no count). */
+  read = 0;
   /** The oldest cursor that resumes: the first entry the stream kept once trimmed ("0-0" before). */
   private trimmed = "0-0";
   up = false;
@@ -907,6 +909,7 @@ class RedisStore implements Store {
         const events: FleetEvent[] = [];
         for (const [id, fields] of reply[0][1]) {
           this.position = id;
+          this.read++;
           const e = parseJournalLine(`{"seq":"${id}",${(fields[1] ?? "{").slice(1)}`);
           if (e) events.push(e);
         }
@@ -1280,8 +1283,8 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     const byOrigin = view.get(e.ip)!;
     const extra: FleetEvent[] = [];
     if (quorum > 1 && !trusted.has(entry.name)) {
-      let claimers = 0;
-      for (const c of byOrigin.values()) if (c.kind === "ban" && c.origin !== ESCALATION_ORIGIN && c.origin !== ALL_ORIGINS && !isExpired(c, now)) claimers++;
+      // Only live claims count: one an admin unban lifted is no vote for banning the address again.
+      const claimers = liveClaims(byOrigin, now).filter((c) => c.origin !== ESCALATION_ORIGIN).length;
       if (claimers < quorum) {
         e.held = true;
         record({ action: "HOLD", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: `${claimers} of ${quorum} node(s) claim it: not relayed until --quorum is reached` });
@@ -1609,10 +1612,10 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       `banshare_refused_total{reason="unauthorized"} ${counters.unauthorized}`,
       "# HELP banshare_claims Addresses with at least one live claim.",
       "# TYPE banshare_claims gauge",
-      `banshare_claims ${claims.size}`,
-      "# HELP banshare_seq Sequence number of the last accepted event.",
+      `banshare_claims ${[...claims.values()].filter((byOrigin) => liveClaims(byOrigin, Date.now()).some((c) => !c.held)).length}`,
+      "# HELP banshare_seq Sequence number of the last accepted event; with --store, stream entries this hub has read since it started (the stream position is /healthz's seq).",
       "# TYPE banshare_seq gauge",
-      `banshare_seq ${shared ? durableSeq.split("-")[0] : seq}`,
+      `banshare_seq ${shared ? shared.read : seq}`,
       ...(shared ? ["# HELP banshare_store_up 1 while the shared store (Redis) answers.", "# TYPE banshare_store_up gauge", `banshare_store_up ${shared.up ? 1 : 0}`] : []),
     ];
     return lines.join("\n") + "\n";
@@ -1700,7 +1703,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     port,
     hubId: store.hubId,
     claims,
-    seq: () => (shared ? Number(durableSeq.split("-")[0]) : seq),
+    seq: () => (shared ? shared.read : seq),
     async reloadTokens() {
       tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
       for (const c of conns) {
