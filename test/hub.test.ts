@@ -4,16 +4,23 @@
  * spawning: refusals, resume by cursor, --quorum, --escalate and /metrics.
  */
 import assert from "node:assert/strict";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { WebSocket } from "ws";
 import { ALL_ORIGINS, DEFAULT_MAX_PREFIX, ESCALATION_ORIGIN, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 import {
+  FleetState,
+  Metrics,
+  RateLimiter,
+  Recorder,
+  Refusals,
+  UsageError,
   bearerToken,
   comparePositions,
   countBlocked,
+  decideRules,
   escalatedSeconds,
   findToken,
   hashToken,
@@ -24,6 +31,8 @@ import {
   parseArgs,
   parseListen,
   parseTokens,
+  quorumClaimers,
+  readJournal,
   requestToken,
   startHub,
   statusBans,
@@ -59,7 +68,7 @@ describe("token file and request authentication", () => {
   });
 
   test("parseTokens() refuses a duplicate name, naming the file and line", () => {
-    assert.throws(() => parseTokens(`web1 ${HASH}\nweb1 ${"b".repeat(64)}\n`, "/etc/t"), /^Error: \/etc\/t:2: node web1 is listed twice$/);
+    assert.throws(() => parseTokens(`web1 ${HASH}\nweb1 ${"b".repeat(64)}\n`, "/etc/t"), /^UsageError: \/etc\/t:2: node web1 is listed twice$/);
   });
 
   test("parseTokens() refuses a bad hash, a bad name, an unknown role and extra fields", () => {
@@ -104,7 +113,7 @@ describe("positions and listen addresses", () => {
     assert.deepEqual(parseListen("[::1]:80"), { host: "::1", port: 80 });
     assert.deepEqual(parseListen("7701"), { host: "127.0.0.1", port: 7701 });
     assert.deepEqual(parseListen(":9"), { host: "127.0.0.1", port: 9 });
-    for (const bad of ["::1:80", "host:70000", "host", "[::1]", ""]) assert.throws(() => parseListen(bad), /^Error: Expected --listen as HOST:PORT or \[IPV6\]:PORT, got /, bad);
+    for (const bad of ["::1:80", "host:70000", "host", "[::1]", ""]) assert.throws(() => parseListen(bad), /^UsageError: Expected --listen as HOST:PORT or \[IPV6\]:PORT, got /, bad);
   });
 
   test("comparePositions() orders journal seqs and stream IDs numerically, not as text", () => {
@@ -206,7 +215,7 @@ describe("parseArgs() rules", () => {
   });
 
   test("parseArgs() refuses plain ws:// off loopback without --insecure, and half a TLS pair", () => {
-    assert.throws(() => serve("--listen", "0.0.0.0:7700"), /^Error: Expected --tls-cert and --tls-key to listen on 0\.0\.0\.0/);
+    assert.throws(() => serve("--listen", "0.0.0.0:7700"), /^UsageError: Expected --tls-cert and --tls-key to listen on 0\.0\.0\.0/);
     assert.equal(serve("--listen", "0.0.0.0:7700", "--insecure").host, "0.0.0.0");
     assert.throws(() => serve("--tls-cert", "/c"), /Expected --tls-cert and --tls-key together/);
   });
@@ -230,6 +239,146 @@ describe("parseArgs() rules", () => {
     assert.throws(() => parseArgs([]), /Expected --tokens FILE/);
     assert.deepEqual(parseArgs(["add-node", "web1", "--tokens", "/t", "--role", "reader"]), { command: "add-node", name: "web1", tokensFile: "/t", role: "reader" });
     assert.deepEqual(parseArgs(["gen-cert", "--host", "hub.example", "--dir", "/d"]), { command: "gen-cert", dir: "/d", hosts: ["hub.example"], days: 3650 });
+  });
+});
+
+describe("fleet rules: pure decisions for --quorum and --escalate", () => {
+  const rules = { quorum: 2, trusted: ["ids"] };
+  const ip = "192.0.2.90";
+
+  test("quorumClaimers() counts nodes with a live ban claim, held ones too, not the escalation or lifted ones", () => {
+    const byOrigin = claimsOf(
+      claim({ ip, origin: "web1", detectedAt: NOW - 100, held: true }),
+      claim({ ip, origin: "web2", detectedAt: NOW - 5000 }),
+      claim({ ip, origin: ESCALATION_ORIGIN }),
+      claim({ ip, origin: ALL_ORIGINS, kind: "unban", detectedAt: NOW - 1000 }),
+    ).get(ip)!;
+    assert.equal(quorumClaimers(byOrigin, NOW), 1);
+  });
+
+  test("decideRules() holds a lone ban under --quorum, but not a trusted node's nor an unban", () => {
+    const e = claim({ ip, origin: "web1" });
+    const byOrigin = claimsOf(e).get(ip)!;
+    assert.deepEqual(decideRules(rules, "web1", e, byOrigin, [], NOW), { hold: { claimers: 1, quorum: 2 }, release: [] });
+    assert.deepEqual(decideRules(rules, "ids", e, byOrigin, [], NOW), { release: [] });
+    const u = claim({ ip, origin: "web1", kind: "unban" });
+    assert.deepEqual(decideRules(rules, "web1", u, claimsOf(u).get(ip)!, [], NOW), { release: [] });
+  });
+
+  test("decideRules() releases the held claims once the quorum is reached, as copies to be given new seqs", () => {
+    const held = claim({ ip, origin: "web1", seq: "4", held: true });
+    const e = claim({ ip, origin: "web2", seq: "" });
+    const d = decideRules(rules, "web2", e, claimsOf(held, e).get(ip)!, [], NOW);
+    assert.equal(d.hold, undefined);
+    assert.deepEqual(d.release, [{ ...held, seq: "", held: undefined }]);
+    assert.equal(held.held, true, "the decision changed the claim it was given");
+  });
+
+  test("decideRules() does not release a held claim an admin unban lifted", () => {
+    const held = claim({ ip, origin: "web1", detectedAt: NOW - 5000, held: true });
+    const admin = claim({ ip, origin: ALL_ORIGINS, kind: "unban", detectedAt: NOW - 3000 });
+    const e = claim({ ip, origin: "ids", detectedAt: NOW - 100 });
+    assert.deepEqual(decideRules(rules, "ids", e, claimsOf(held, admin, e).get(ip)!, [], NOW).release, []);
+  });
+
+  test("decideRules() escalates a repeat offender by the bans within --escalate-max, and holds the escalation with a held ban", () => {
+    const escalate = { factor: 2, maxSeconds: 3600 };
+    const e = claim({ ip, origin: "web1", detectedAt: NOW, until: NOW + 600_000 });
+    const byOrigin = claimsOf(e).get(ip)!;
+    const offenses = [NOW - 7_200_000, NOW - 60_000, NOW - 30_000, NOW];
+    const d = decideRules({ quorum: 1, trusted: [], escalate }, "web1", e, byOrigin, offenses, NOW);
+    assert.deepEqual([d.escalation?.priors, d.escalation?.bantime, d.escalation?.seconds], [2, 600, 2400]);
+    assert.deepEqual([d.escalation?.event.origin, d.escalation?.event.until, d.escalation?.event.escalation, d.escalation?.event.held], [ESCALATION_ORIGIN, NOW + 2_400_000, 4, undefined]);
+    assert.equal(decideRules({ quorum: 2, trusted: [], escalate }, "web1", e, byOrigin, offenses, NOW).escalation?.event.held, true);
+    assert.equal(decideRules({ quorum: 1, trusted: [], escalate }, "web1", e, byOrigin, [NOW], NOW).escalation, undefined, "a first offence is not escalated");
+  });
+});
+
+describe("FleetState: the claims, pending until durable", () => {
+  const ban = (ip: string, detectedAt = NOW): BanFrame => ({ type: "ban", id: `f-${ip}-${detectedAt}`, ip, jail: "sshd", bantime: 600, detectedAt });
+
+  test("decide() sees staged events, commit() makes them claims, a replay gives the claim that stands", () => {
+    const fleet = new FleetState({ quorum: 1, trusted: [] });
+    const d = fleet.decide("web1", ban("192.0.2.80"), NOW);
+    assert.ok("batch" in d);
+    d.batch[0].seq = "1";
+    fleet.stage(d.batch);
+    assert.equal(fleet.claims.size, 0, "a staged event is no claim yet");
+    const again = fleet.decide("web1", ban("192.0.2.80"), NOW);
+    assert.ok("standing" in again && again.standing === d.event, "a replay of a staged event is decided against it");
+    fleet.commit(d.batch);
+    assert.equal(fleet.durable, "1");
+    assert.equal(fleet.claims.get("192.0.2.80")?.get("web1"), d.event);
+    assert.equal(fleet.blockedCount(NOW), 1);
+  });
+
+  test("unstage() forgets an event the store did not take", () => {
+    const fleet = new FleetState({ quorum: 1, trusted: [] });
+    const d = fleet.decide("web1", ban("192.0.2.81"), NOW);
+    assert.ok("batch" in d);
+    fleet.stage(d.batch);
+    fleet.unstage(d.batch);
+    assert.ok("batch" in fleet.decide("web1", ban("192.0.2.81"), NOW), "the forgotten event still counted as a replay");
+  });
+
+  test("live() leaves out ended claims without changing the claims; prune() forgets them", () => {
+    const fleet = new FleetState({ quorum: 1, trusted: [] });
+    fleet.load(claim({ ip: "192.0.2.82", origin: "web1", until: NOW - 1 }));
+    fleet.load(claim({ ip: "192.0.2.83", origin: "web1" }));
+    assert.deepEqual([...fleet.live(NOW)].map((e) => e.ip), ["192.0.2.83"]);
+    assert.equal(fleet.size(), 2);
+    fleet.prune(NOW);
+    assert.equal(fleet.size(), 1);
+  });
+});
+
+describe("the hub's small parts", () => {
+  test("RateLimiter.take() allows the burst at once, then the rate", () => {
+    const limit = new RateLimiter(2, 3);
+    assert.deepEqual([1, 2, 3, 4].map(() => limit.take("web1", NOW)), [true, true, true, false]);
+    assert.equal(limit.take("web2", NOW), true, "each node has its own bucket");
+    assert.equal(limit.take("web1", NOW + 500), true, "half a second at 2/s is one more");
+    assert.equal(limit.take("web1", NOW + 500), false);
+  });
+
+  test("Refusals.refuse() counts, logs, writes one CSV row and answers with the error frame and its HTTP status", async (t) => {
+    const dir = await mkdtemp(join(tmpdir(), "banshare-hub-parts-"));
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    const lines: string[] = [];
+    const metrics = new Metrics();
+    const recorder = await Recorder.open(join(dir, "hub.csv"), (l) => lines.push(l));
+    const refusals = new Refusals(metrics, recorder, (l) => lines.push(l));
+    const answers: unknown[] = [];
+    refusals.refuse({ code: "rate_limited", message: "slow down", node: "web1", remote: "192.0.2.1:5", id: "x", ip: "192.0.2.9" }, (status, f) => answers.push([status, f]));
+    refusals.refuse({ code: "unauthorized", message: "unknown token", remote: "192.0.2.2:6", connection: true }, (status, f) => answers.push([status, f]), 401);
+    await recorder.close();
+    assert.deepEqual(answers, [[429, { type: "error", code: "rate_limited", message: "slow down", id: "x" }], [401, undefined]]);
+    assert.deepEqual(lines, ["refused from web1 (192.0.2.1:5): slow down", "refused connection from 192.0.2.2:6: unknown token"]);
+    const csv = (await readFile(join(dir, "hub.csv"), "utf8")).trim().split("\n");
+    assert.equal(csv.length, 3);
+    assert.match(csv[1], /,REJECT,192\.0\.2\.9,web1,.*rate_limited: slow down/);
+    assert.match(csv[2], /,REJECT,,,.*unauthorized: unknown token from 192\.0\.2\.2:6/);
+    const text = metrics.text({ roles: { node: 0, reader: 0, admin: 0 }, agents: 0, held: 0, blocked: 0, seq: 0, store: [] });
+    assert.match(text, /^banshare_refused_total\{reason="rate_limited"\} 1$/m);
+    assert.match(text, /^banshare_refused_total\{reason="unauthorized"\} 1$/m);
+  });
+
+  test("readJournal() reads a journal as the hub does: torn lines skipped and counted, a stranger's file refused", async (t) => {
+    const dir = await mkdtemp(join(tmpdir(), "banshare-hub-journal-"));
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    const e = claim({ ip: "192.0.2.95", origin: "web1", seq: "7" });
+    await writeFile(join(dir, "j"), `${JSON.stringify({ journal: "banshare-journal", v: 1, hub: "h1", seq: 5 })}\n${JSON.stringify(e)}\n{"torn\n`);
+    assert.deepEqual(await readJournal(join(dir, "j")), { hubId: "h1", seq: 7, skipped: 1, events: [e] });
+    await writeFile(join(dir, "empty"), "");
+    assert.equal(await readJournal(join(dir, "empty")), undefined);
+    await writeFile(join(dir, "other"), "not a journal\n");
+    await assert.rejects(readJournal(join(dir, "other")), (err: Error) => err instanceof UsageError && /is not a banshare journal: refusing to overwrite it/.test(err.message));
+  });
+
+  test("usage errors are UsageErrors, so main() exits 2 with one line", () => {
+    assert.throws(() => parseArgs(["--tokens", "/t", "--bogus"]), UsageError);
+    assert.throws(() => parseTokens("x y"), UsageError);
+    assert.throws(() => parseArgs(["--tokens", "/t", "--store", "redis://127.0.0.1:6379/0", "--escalate", "2"]), UsageError);
   });
 });
 
