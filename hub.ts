@@ -9,6 +9,12 @@
  * accepted event to its journal and fsyncs before it acks, and pushes each event to every
  * other node's agents. `GET /healthz` and `GET /metrics` answer on the same port.
  *
+ * Inside, data flows one way: a frame (`Sessions`) or a POST (`HttpApi`) -> `Publisher` (refusal
+ * rules, then `FleetState.decide` with the pure `decideRules`) -> `Store.append` (`Journal` or
+ * `RedisStore`, chosen in `openStore`) -> once durable, `FleetState.commit` -> `Relay` -> the
+ * agents' connections. `Metrics`, `Recorder` (CSV) and `StatusFeed` are told what happened and
+ * change nothing else; `startHub` only wires the parts.
+ *
  * With `--store redis://HOST:PORT/DB` the events go to a Redis stream instead of the journal, and
  * several hubs on one Redis serve one fleet: each relays every event in the stream to its own
  * agents, and an agent's cursor is valid on every one of them (README, "Running several hubs").
@@ -495,10 +501,10 @@ export class FleetState {
    * event) gives the claim that stands, for the ack; a new event gives the batch to store: the
    * event, the held claims it releases and an escalation claim, with the rules' decision.
    */
-  decide(sender: string, f: BanFrame | UnbanFrame, now: number): { standing: FleetEvent } | { event: FleetEvent; batch: FleetEvent[]; decision: RuleDecision } {
+  decide(sender: string, f: BanFrame | UnbanFrame, now: number): { standing: FleetEvent; event: FleetEvent } | { event: FleetEvent; batch: FleetEvent[]; decision: RuleDecision } {
     const view: Claims = new Map([[f.ip, new Map([...(this.claims.get(f.ip) ?? []), ...(this.pending.get(f.ip) ?? [])])]]);
     const event = toEvent(f, sender, "", view, now);
-    if (!mergeClaim(view, event)) return { standing: view.get(f.ip)!.get(event.origin)! };
+    if (!mergeClaim(view, event)) return { standing: view.get(f.ip)!.get(event.origin)!, event };
     const decision = decideRules(this.rules, sender, event, view.get(f.ip)!, this.offenses.get(f.ip) ?? [], now);
     if (decision.hold) event.held = true;
     return { event, batch: [event, ...decision.release, ...(decision.escalation ? [decision.escalation.event] : [])], decision };
@@ -608,10 +614,17 @@ interface Store {
   append(events: FleetEvent[]): Promise<string[]>;
   /** Resolves once everything appended so far is durable (or failed). */
   barrier(): Promise<void>;
+  /**
+   * The ack's seq for `event`, which the hub's claims say changes nothing (`standing` is as new
+   * or newer): a replay, or an older event, is acked once what stands is durable.
+   */
+  replay(standing: FleetEvent, event: FleetEvent): Promise<string>;
   /** True when an agent at `seq` resumes from it: every event after it can still be had; `durable` is the hub's last durable position. */
   resumes(seq: string, durable: string): Promise<boolean>;
   /** The position a welcome, /healthz and the listings report: the last event appended (journal) or read (stream). */
   position(): string;
+  /** Why it takes no event now (a write failed, Redis cannot be reached), or undefined: checked before each event, so cheap. */
+  unavailable(): string | undefined;
   health(): StoreHealth;
   /** The startup line after "listening on ...": what the hub serves, from where. */
   describe(addresses: number): string;
@@ -620,9 +633,8 @@ interface Store {
 
 /** A store's state for /healthz and /metrics. */
 interface StoreHealth {
-  /** It takes events now; else `reason` says why not. */
+  /** It takes events now. */
   ok: boolean;
-  reason?: string;
   /** `banshare_seq`: the journal's seq, or the stream entries this hub has read since it started. */
   count: number;
   /** Fields of its own in /healthz, and lines of its own in /metrics. */
@@ -630,11 +642,11 @@ interface StoreHealth {
   metrics: string[];
 }
 
-/** What a store tells the hub: events as they become durable, in order; claims a reload found; an error after which it stores nothing. */
+/** What a store tells the hub: events as they become durable, in order; claims a reload found; an error after which it stores nothing (the hub stops). */
 interface StoreListener {
   durable(events: FleetEvent[]): void;
   repaired(events: FleetEvent[]): void;
-  fatal(e: Error): void;
+  fatal(why: string): void;
   log(line: string): void;
 }
 
@@ -803,6 +815,12 @@ class Journal implements Store {
     return this.flushing || this.queued.length ? this.append([]).then(() => {}) : this.failed ? Promise.reject(this.failed) : Promise.resolve();
   }
 
+  /** The journal holds all the hub's claims hold: the standing claim is the answer, once written. */
+  async replay(standing: FleetEvent): Promise<string> {
+    await this.barrier();
+    return standing.seq;
+  }
+
   /** Only a seq this journal gave, and no later than what is durable: a cursor ahead of it (a journal restored from a backup) full-syncs. */
   async resumes(seq: string, durable: string): Promise<boolean> {
     return /^\d+$/.test(seq) && comparePositions(seq, durable) <= 0;
@@ -812,8 +830,12 @@ class Journal implements Store {
     return String(this.seq);
   }
 
+  unavailable(): string | undefined {
+    return this.failed?.message;
+  }
+
   health(): StoreHealth {
-    return { ok: !this.failed, reason: this.failed?.message, count: this.seq, fields: {}, metrics: ["# HELP banshare_journal_bytes Size of the journal file (--state).", "# TYPE banshare_journal_bytes gauge", `banshare_journal_bytes ${this.bytes}`] };
+    return { ok: !this.failed, count: this.seq, fields: {}, metrics: metric("banshare_journal_bytes", "gauge", "Size of the journal file (--state).", [["", this.bytes]]) };
   }
 
   describe(addresses: number): string {
@@ -851,7 +873,7 @@ class Journal implements Store {
     } catch (e) {
       this.failed = e as Error;
       for (const w of this.waiters.splice(0)) w.reject(this.failed);
-      this.listener.fatal(this.failed);
+      this.listener.fatal(`journal write failed, stopping so that no unsaved event is acked: ${this.failed.message}`);
     } finally {
       this.flushing = false;
     }
@@ -1222,14 +1244,17 @@ class RedisStore implements Store {
     return this.last;
   }
 
+  unavailable(): string | undefined {
+    return this.up ? undefined : `store ${this.target.display} is unreachable`;
+  }
+
   health(): StoreHealth {
     const up = this.up;
     return {
       ok: up,
-      reason: up ? undefined : `store ${this.target.display} is unreachable`,
       count: this.read,
       fields: { store: up ? "up" : "down" },
-      metrics: ["# HELP banshare_store_up 1 while the shared store (Redis) answers.", "# TYPE banshare_store_up gauge", `banshare_store_up ${up ? 1 : 0}`],
+      metrics: metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
     };
   }
 
@@ -1262,6 +1287,14 @@ class RedisStore implements Store {
       cursor = next;
     } while (cursor !== "0");
     await this.streamInfo();
+  }
+
+  /**
+   * Redis decides, not this hub's claims: it may have lost what this hub read from it (a master
+   * that failed over before its replica had the entry), and APPEND_LUA merges by the same rule.
+   */
+  async replay(_standing: FleetEvent, event: FleetEvent): Promise<string> {
+    return (await this.append([event]))[0];
   }
 
   /** Resolves once every append on its way has its answer from Redis. */
@@ -1312,6 +1345,11 @@ const RELAY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 /** Reasons a refusal may have beyond the protocol's error codes: before any frame, or on the TLS layer. */
 type RefusalCode = ErrorCode | "unauthorized" | "too_many_connections" | "tls";
 
+/** One metric in the Prometheus text format: HELP, TYPE, then each sample as (name suffix with labels, value). */
+function metric(name: string, type: "counter" | "gauge" | "histogram", help: string, samples: Array<[string, number | string]>): string[] {
+  return [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...samples.map(([suffix, v]) => `${name}${suffix} ${v}`)];
+}
+
 /** Gauges /metrics reads from the other parts when it is asked. */
 interface Gauges {
   roles: Record<Role, number>;
@@ -1361,41 +1399,18 @@ export class Metrics {
   }
 
   text(g: Gauges): string {
+    const buckets = RELAY_BUCKETS.map((le, i): [string, number] => [`_bucket{le="${le}"}`, this.relayBuckets.slice(0, i + 1).reduce((a, b) => a + b, 0)]);
     const lines = [
-      "# HELP banshare_connected_nodes WebSocket connections, by role.",
-      "# TYPE banshare_connected_nodes gauge",
-      ...ROLES.map((r) => `banshare_connected_nodes{role="${r}"} ${g.roles[r]}`),
-      "# HELP banshare_agents Connected agents receiving events (synced).",
-      "# TYPE banshare_agents gauge",
-      `banshare_agents ${g.agents}`,
-      "# HELP banshare_events_in_total Events accepted from nodes, by kind.",
-      "# TYPE banshare_events_in_total counter",
-      ...Object.entries(this.eventsIn).map(([k, v]) => `banshare_events_in_total{kind="${k}"} ${v}`),
-      "# HELP banshare_events_out_total Events sent to agents (one per agent that got it), by kind.",
-      "# TYPE banshare_events_out_total counter",
-      ...Object.entries(this.eventsOut).map(([k, v]) => `banshare_events_out_total{kind="${k}"} ${v}`),
-      "# HELP banshare_relay_seconds Hub receive -> relayed to the agents, journal fsync included.",
-      "# TYPE banshare_relay_seconds histogram",
-      ...RELAY_BUCKETS.map((le, i) => `banshare_relay_seconds_bucket{le="${le}"} ${this.relayBuckets.slice(0, i + 1).reduce((a, b) => a + b, 0)}`),
-      `banshare_relay_seconds_bucket{le="+Inf"} ${this.relayCount}`,
-      `banshare_relay_seconds_sum ${this.relaySum.toFixed(6)}`,
-      `banshare_relay_seconds_count ${this.relayCount}`,
-      "# HELP banshare_escalations_total Bans lengthened for repeat offenders (--escalate).",
-      "# TYPE banshare_escalations_total counter",
-      `banshare_escalations_total ${this.escalations}`,
-      "# HELP banshare_held_claims Ban claims held back until --quorum nodes claim the address.",
-      "# TYPE banshare_held_claims gauge",
-      `banshare_held_claims ${g.held}`,
-      "# HELP banshare_refused_total Frames refused, by reason.",
-      "# TYPE banshare_refused_total counter",
-      ...Object.entries(this.refusedBy).map(([k, v]) => `banshare_refused_total{reason="${k}"} ${v}`),
-      `banshare_refused_total{reason="unauthorized"} ${this.unauthorized}`,
-      "# HELP banshare_claims Addresses with at least one live ban claim relayed to the fleet (not held by --quorum, not lifted).",
-      "# TYPE banshare_claims gauge",
-      `banshare_claims ${g.blocked}`,
-      "# HELP banshare_seq Sequence number of the last accepted event; with --store, stream entries this hub has read since it started (the stream position is /healthz's seq).",
-      "# TYPE banshare_seq gauge",
-      `banshare_seq ${g.seq}`,
+      ...metric("banshare_connected_nodes", "gauge", "WebSocket connections, by role.", ROLES.map((r) => [`{role="${r}"}`, g.roles[r]])),
+      ...metric("banshare_agents", "gauge", "Connected agents receiving events (synced).", [["", g.agents]]),
+      ...metric("banshare_events_in_total", "counter", "Events accepted from nodes, by kind.", Object.entries(this.eventsIn).map(([k, v]) => [`{kind="${k}"}`, v])),
+      ...metric("banshare_events_out_total", "counter", "Events sent to agents (one per agent that got it), by kind.", Object.entries(this.eventsOut).map(([k, v]) => [`{kind="${k}"}`, v])),
+      ...metric("banshare_relay_seconds", "histogram", "Hub receive -> relayed to the agents, journal fsync included.", [...buckets, ['_bucket{le="+Inf"}', this.relayCount], ["_sum", this.relaySum.toFixed(6)], ["_count", this.relayCount]]),
+      ...metric("banshare_escalations_total", "counter", "Bans lengthened for repeat offenders (--escalate).", [["", this.escalations]]),
+      ...metric("banshare_held_claims", "gauge", "Ban claims held back until --quorum nodes claim the address.", [["", g.held]]),
+      ...metric("banshare_refused_total", "counter", "Frames refused, by reason.", [...Object.entries(this.refusedBy).map(([k, v]): [string, number] => [`{reason="${k}"}`, v]), ['{reason="unauthorized"}', this.unauthorized]]),
+      ...metric("banshare_claims", "gauge", "Addresses with at least one live ban claim relayed to the fleet (not held by --quorum, not lifted).", [["", g.blocked]]),
+      ...metric("banshare_seq", "gauge", "Sequence number of the last accepted event; with --store, stream entries this hub has read since it started (the stream position is /healthz's seq).", [["", g.seq]]),
       ...g.store,
     ];
     return lines.join("\n") + "\n";
@@ -1752,17 +1767,12 @@ export class Publisher {
 
   /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
   private async accept(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<string> {
-    const health = this.store.health();
-    if (!health.ok) throw new Error(health.reason);
+    const unavailable = this.store.unavailable();
+    if (unavailable) throw new Error(unavailable);
     const now = Date.now();
     const d = this.fleet.decide(entry.name, f, now);
-    if ("standing" in d) {
-      // A replay or an older event: nothing changes, but the sender still gets its ack, once the
-      // claim that stands is stored (a replay of an event still on its way waits for it).
-      await this.store.barrier();
-      if (!d.standing.seq) throw new Error("the event it repeats was not stored either");
-      return d.standing.seq;
-    }
+    // A replay or an older event: nothing changes, but the sender still gets its ack.
+    if ("standing" in d) return this.store.replay(d.standing, d.event);
     this.tell(entry, remote, d.event, d.decision, now);
     this.fleet.stage(d.batch);
     try {
@@ -2152,8 +2162,8 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       log(`the stream was trimmed past this hub's reader: ${newer.length} claim(s) taken from the claims hash instead`);
       relay.send(newer, fleet.durable);
     },
-    fatal: (e) => {
-      log(`error: journal write failed, stopping so that no unsaved event is acked: ${e.message}`);
+    fatal: (why) => {
+      log(`error: ${why}`);
       process.exitCode = 1;
       void hub.close();
     },
@@ -2164,7 +2174,11 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
   const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
   const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, log);
-  const server = await listen(opts, new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics), sessions, refusals);
+  const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics);
+  const server = await listen(opts, http, sessions, refusals).catch(async (e: Error) => {
+    await Promise.all([store.close(), recorder.close()]);
+    throw e;
+  });
   const timers = [every(opts.heartbeatMs, () => conns.heartbeat(log)), every(60_000, () => fleet.prune(Date.now()))];
   let closed: Promise<void> | undefined;
   const hub: Hub = {

@@ -679,3 +679,14 @@ describe("/metrics with a shared store (Redis)", () => {
     assert.equal(await f.metric("banshare_claims"), 3);
   });
 });
+
+describe("startHub() failures", () => {
+  test("startHub() rejects with EADDRINUSE on a port in use, and a journal that is not one with a UsageError", async (t) => {
+    const f = await fleet();
+    t.after(() => f.stop());
+    await assert.rejects(startHub(hubOptions(f.dir, { port: f.hub.port, statePath: join(f.dir, "second.jsonl") })), (e: NodeJS.ErrnoException) => e.code === "EADDRINUSE");
+    await writeFile(join(f.dir, "notes.txt"), "my notes\n");
+    await assert.rejects(startHub(hubOptions(f.dir, { statePath: join(f.dir, "notes.txt") })), UsageError);
+    assert.equal(await readFile(join(f.dir, "notes.txt"), "utf8"), "my notes\n");
+  });
+});
