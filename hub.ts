@@ -804,15 +804,16 @@ class Journal implements Store {
   /** Numbers the events and resolves with their seqs once they are durable. Every event queued meanwhile shares one fsync. */
   append(events: FleetEvent[]): Promise<string[]> {
     if (this.failed) return Promise.reject(this.failed);
-    for (const e of events) e.seq = String(++this.seq);
+    const seqs = events.map((e) => (e.seq = String(++this.seq)));
     this.queued.push(...events);
-    const p = new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
+    const p = new Promise<string[]>((resolve, reject) => this.waiters.push({ resolve: () => resolve(seqs), reject }));
     if (!this.flushing) void this.flush();
-    return p.then(() => events.map((e) => e.seq));
+    return p;
   }
 
-  barrier(): Promise<void> {
-    return this.flushing || this.queued.length ? this.append([]).then(() => {}) : this.failed ? Promise.reject(this.failed) : Promise.resolve();
+  async barrier(): Promise<void> {
+    if (this.flushing || this.queued.length) await this.append([]);
+    else if (this.failed) throw this.failed;
   }
 
   /** The journal holds all the hub's claims hold: the standing claim is the answer, once written. */
@@ -1743,12 +1744,11 @@ export class Publisher {
 
   /** Publishes `f` from `entry`: answers its ack once durable, or its refusal. */
   publish(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame, answer: Answer): void {
-    const refuse = (code: ErrorCode, message: string) => this.refusals.refuse({ code, message, node: entry.name, remote, id: f.id, ip: f.ip }, answer);
     const no = this.refusal(entry, f);
-    if (no) return refuse(no.code, no.message);
+    if (no) return this.refusals.refuse({ ...no, node: entry.name, remote, id: f.id, ip: f.ip }, answer);
     this.accept(entry, remote, f).then(
       (seq) => answer(200, { type: "ack", id: f.id, seq }),
-      (e: Error) => refuse("internal", `Could not store the event: ${e.message}`),
+      (e: Error) => this.refusals.refuse({ code: "internal", message: `Could not store the event: ${e.message}`, node: entry.name, remote, id: f.id, ip: f.ip }, answer),
     );
   }
 
@@ -1874,7 +1874,8 @@ export class Sessions {
 
   private open(c: Conn): void {
     this.conns.add(c);
-    c.ws.on("message", (data: Buffer, isBinary) => this.frame(c, data, isBinary));
+    const answer = this.answer(c);
+    c.ws.on("message", (data: Buffer, isBinary) => this.frame(c, data, isBinary, answer));
     c.ws.on("pong", () => c.seen());
     // A frame the WebSocket layer refuses (over maxPayload, invalid UTF-8, a protocol error)
     // closes the connection: it is a refused frame all the same, counted and logged as one.
@@ -1909,7 +1910,8 @@ export class Sessions {
     this.refusals.refuse({ code, message, node: c.entry.name, remote: c.remote, id, ip }, this.answer(c));
   }
 
-  private frame(c: Conn, data: Buffer, isBinary: boolean): void {
+  /** One frame from `c`, answered through `answer` (made once per connection: this is the hot path). */
+  private frame(c: Conn, data: Buffer, isBinary: boolean, answer: Answer): void {
     c.seen();
     if (isBinary) return this.refuse(c, "bad_frame", "Expected a JSON text frame, got a binary frame");
     if (data.length > MAX_NODE_FRAME_BYTES) return this.refuse(c, "too_big", `Expected a frame of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${data.length}`);
@@ -1923,7 +1925,7 @@ export class Sessions {
       return this.feed.applied(c, f);
     }
     if (!c.hello) return this.refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
-    this.publisher.publish(c.entry, c.remote, f, this.answer(c));
+    this.publisher.publish(c.entry, c.remote, f, answer);
   }
 
   private hello(c: Conn, f: HelloFrame): void {
