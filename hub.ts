@@ -2145,6 +2145,25 @@ function every(ms: number, fn: () => void): NodeJS.Timeout {
   return t;
 }
 
+/** What the store's news does: durable events join the fleet state and go out; a fatal error stops the hub. */
+function storeListener(fleet: FleetState, relay: Relay, log: (line: string) => void, stop: () => void): StoreListener {
+  return {
+    durable: (events) => relay.send(fleet.commit(events), fleet.durable),
+    repaired: (events) => {
+      const newer = fleet.repair(events);
+      if (!newer.length) return;
+      log(`the stream was trimmed past this hub's reader: ${newer.length} claim(s) taken from the claims hash instead`);
+      relay.send(newer, fleet.durable);
+    },
+    fatal: (why) => {
+      log(`error: ${why}`);
+      process.exitCode = 1;
+      stop();
+    },
+    log,
+  };
+}
+
 /** Starts a hub and resolves once it listens: wires the parts, data flowing one way (README, "Architecture"). */
 export async function startHub(opts: HubOptions): Promise<Hub> {
   const log = opts.log;
@@ -2156,22 +2175,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate });
   const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
   const relay = new Relay(conns, metrics, recorder, feed);
-  const listener: StoreListener = {
-    durable: (events) => relay.send(fleet.commit(events), fleet.durable),
-    repaired: (events) => {
-      const newer = fleet.repair(events);
-      if (!newer.length) return;
-      log(`the stream was trimmed past this hub's reader: ${newer.length} claim(s) taken from the claims hash instead`);
-      relay.send(newer, fleet.durable);
-    },
-    fatal: (why) => {
-      log(`error: ${why}`);
-      process.exitCode = 1;
-      void hub.close();
-    },
-    log,
-  };
-  const store = await openStore(opts, listener, fleet, (e) => fleet.load(e));
+  const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
   fleet.durable = store.position();
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
   const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
