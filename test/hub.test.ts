@@ -8,7 +8,6 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { WebSocket } from "ws";
 import { ALL_ORIGINS, DEFAULT_MAX_PREFIX, ESCALATION_ORIGIN, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 import {
   FleetState,
@@ -41,6 +40,7 @@ import {
   type Hub,
   type HubOptions,
 } from "../hub.ts";
+import { connectNode, type HubClient } from "./lib/client.ts";
 import { enrol, waitFor } from "./lib/fleet.ts";
 import { startRedis } from "./lib/redis.ts";
 
@@ -385,43 +385,6 @@ describe("the hub's small parts", () => {
 // ---------------------------------------------------------------------------------------------
 // The hub in this process
 
-/** A WebSocket client that keeps every frame it got, for `next` to wait on. */
-class Client {
-  readonly frames: Array<Record<string, any>> = [];
-  private seen = 0;
-  private constructor(readonly ws: WebSocket) {
-    ws.on("message", (d) => this.frames.push(JSON.parse(String(d))));
-  }
-
-  static async open(port: number, token: string): Promise<Client> {
-    const ws = new WebSocket(`ws://127.0.0.1:${port}/`, { headers: { authorization: `Bearer ${token}` } });
-    const c = new Client(ws);
-    await new Promise((resolve, reject) => {
-      ws.once("open", resolve);
-      ws.once("error", reject);
-    });
-    return c;
-  }
-
-  send(f: object): void {
-    this.ws.send(JSON.stringify(f));
-  }
-
-  /** The next frame (after those already taken) that `match` accepts. */
-  async next(match: (f: Record<string, any>) => boolean, what: string): Promise<Record<string, any>> {
-    return waitFor(() => {
-      const i = this.frames.findIndex((f, n) => n >= this.seen && match(f));
-      if (i < 0) return undefined;
-      this.seen = i + 1;
-      return this.frames[i];
-    }, what, 5000);
-  }
-
-  close(): void {
-    this.ws.close();
-  }
-}
-
 let frameNo = 0;
 function banFrame(ip: string, detectedAt = Date.now(), bantime = 600): BanFrame {
   return { type: "ban", id: `t${++frameNo}`, ip, jail: "sshd", bantime, detectedAt };
@@ -439,19 +402,24 @@ async function fleet(extra: Partial<HubOptions> = {}) {
   const token = async (n: string) => (await readFile(files[n], "utf8")).trim();
   const hub: Hub = await startHub(hubOptions(dir, extra));
   const http = `http://127.0.0.1:${hub.port}`;
-  const clients: Client[] = [];
+  const url = `ws://127.0.0.1:${hub.port}/`;
+  const clients: HubClient[] = [];
   return {
     dir,
     hub,
     /** A connected client of node `n` that said hello (an agent when `want` is "events"). */
-    async connect(n: string, hello: object = {}): Promise<Client> {
-      const c = await Client.open(hub.port, await token(n));
-      clients.push(c);
-      c.send({ type: "hello", v: 1, ...hello });
-      await c.next((f) => f.type === "welcome", "welcome");
+    async connect(n: string, hello: Record<string, unknown> = {}): Promise<HubClient> {
+      const c = await this.open(n);
+      await c.hello(hello);
       return c;
     },
-    async agent(n: string, cursor?: { hub: string; seq: string }): Promise<{ c: Client; sync: Record<string, any> }> {
+    /** A connected client of node `n` that has not said hello yet. */
+    async open(n: string): Promise<HubClient> {
+      const c = await connectNode(url, await token(n), { timeoutMs: 5000 });
+      clients.push(c);
+      return c;
+    },
+    async agent(n: string, cursor?: { hub: string; seq: string }): Promise<{ c: HubClient; sync: Record<string, any> }> {
       const c = await this.connect(n, { want: "events", cursor });
       return { c, sync: await c.next((f) => f.type === "sync", "sync") };
     },
@@ -509,7 +477,7 @@ describe("the hub refuses what a node may not do, over WebSocket and POST alike"
   });
 
   test("a frame before hello is refused, and a node over its rate gets rate_limited", async () => {
-    const c = await Client.open(f.hub.port, (await readFile(join(f.dir, "web2.token"), "utf8")).trim());
+    const c = await f.open("web2");
     c.send(banFrame("192.0.2.12"));
     assert.equal((await c.next((x) => x.type === "error", "not_hello")).code, "not_hello");
     c.close();
