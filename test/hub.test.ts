@@ -57,7 +57,7 @@ function claimsOf(...events: FleetEvent[]): Claims {
   return claims;
 }
 
-describe("token file and request authentication", () => {
+describe("tokens: the token file is read strictly, and a request's token comes only from a well-formed header or subprotocol", () => {
   test("parseTokens() reads names, hashes and roles, skipping comments and blank lines", () => {
     const text = `# fleet\nweb1 ${HASH}\n\n  web2 ${"b".repeat(64)} reader # the dashboard\nops ${"c".repeat(64)} admin\n`;
     assert.deepEqual(parseTokens(text), [
@@ -107,7 +107,7 @@ describe("token file and request authentication", () => {
   });
 });
 
-describe("positions and listen addresses", () => {
+describe("positions and listen addresses: --listen takes the documented forms, and positions order numerically", () => {
   test("parseListen() takes HOST:PORT, [V6]:PORT and PORT, and refuses the rest in one sentence", () => {
     assert.deepEqual(parseListen("0.0.0.0:7700"), { host: "0.0.0.0", port: 7700 });
     assert.deepEqual(parseListen("[::1]:80"), { host: "::1", port: 80 });
@@ -127,7 +127,7 @@ describe("positions and listen addresses", () => {
   });
 });
 
-describe("claims: events, sync, listings", () => {
+describe("claims: events, syncs and listings say what the fleet blocks, leaving out ended, lifted and own claims", () => {
   const ban: BanFrame = { type: "ban", id: "b1", ip: "192.0.2.1", jail: "sshd", bantime: 600, detectedAt: NOW - 1000 };
 
   test("toEvent() turns a ban into a claim by its sender, ending bantime after detection", () => {
@@ -198,7 +198,7 @@ describe("claims: events, sync, listings", () => {
   });
 });
 
-describe("parseArgs() rules", () => {
+describe("hub parseArgs(): the documented defaults, and unsafe or contradictory flags refused", () => {
   const serve = (...a: string[]) => {
     const r = parseArgs(["--tokens", "/t", ...a]);
     assert.equal(r.command, "serve");
@@ -332,7 +332,7 @@ describe("FleetState: the claims, pending until durable", () => {
   });
 });
 
-describe("the hub's small parts", () => {
+describe("the hub's small parts: the rate limit holds, a refusal is counted, logged and answered in one place, a journal reads as the hub reads it, usage errors are typed", () => {
   test("RateLimiter.take() allows the burst at once, then the rate", () => {
     const limit = new RateLimiter(2, 3);
     assert.deepEqual([1, 2, 3, 4].map(() => limit.take("web1", NOW)), [true, true, true, false]);
@@ -613,7 +613,7 @@ describe("--escalate lengthens a repeat offender's ban on every node", () => {
   });
 });
 
-describe("/metrics", () => {
+describe("/metrics: banshare_claims counts addresses with a live relayed ban claim", () => {
   let f: Fleet;
   before(async () => (f = await fleet({ quorum: 2 })));
   after(() => f.stop());
@@ -633,7 +633,7 @@ describe("/metrics", () => {
   });
 });
 
-describe("/metrics with a shared store (Redis)", () => {
+describe("/metrics with a shared store (Redis): banshare_seq counts the stream entries read", () => {
   test("banshare_seq counts the stream entries this hub read, not a stream ID's milliseconds", async (t) => {
     const redis = await startRedis(t);
     const f = await fleet({ store: redis.url });
@@ -648,7 +648,7 @@ describe("/metrics with a shared store (Redis)", () => {
   });
 });
 
-describe("startHub() failures", () => {
+describe("startHub() fails fast on a port in use and on a file that is not a journal, leaving it untouched", () => {
   test("startHub() rejects with EADDRINUSE on a port in use, and a journal that is not one with a UsageError", async (t) => {
     const f = await fleet();
     t.after(() => f.stop());

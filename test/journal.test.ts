@@ -61,7 +61,7 @@ async function agentSynced(agent: Proc, csv: string): Promise<Set<string>> {
   return syncedBlocks(csv);
 }
 
-describe("the hub's journal", () => {
+describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or compaction, which keeps the hub id and every live claim", () => {
   const dirs: string[] = [];
 
   /** A fresh folder with a publisher node `pub`, an agent node `agent1` and `extra` more publishers `pub1`... */
