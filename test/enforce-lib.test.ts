@@ -123,6 +123,9 @@ describe("the probe and the Docker path on the real kernel", needs(["root", "net
     const t2 = Date.now();
     await probe.waitFor("open", 2000, { since: t2, consecutive: 3 }); // the FORWARD DROP now comes after Docker's ACCEPT
 
+    await dockerRestart(host, undefined, { fresh: false }); // its rules are there: the FORWARD DROP stays below them
+    assert.equal((await ipt(["-S", "FORWARD"])).split("\n")[7], `-A FORWARD -s ${topo.ip("attacker")}/32 -j DROP`);
+
     await ipt(["-I", "DOCKER-USER", "1", "-s", topo.ip("attacker"), "-j", "DROP"]);
     const t3 = Date.now();
     await probe.waitFor("blocked", 2000, { since: t3, consecutive: 3 });
@@ -158,17 +161,21 @@ describe("each tampering removes what it targets", needs(["root", "netns", "ipta
     }
     await run("nft", ["-f", "-"], `table inet ${o.nftTable} {\n set v4 { type ipv4_addr; flags interval,timeout; elements = { 10.66.0.9 } }\n chain input { type filter hook input priority filter - 10; ip saddr @v4 drop; }\n}\n`);
   }
-  const state = async () => ({
-    inputJump: await ok("iptables", ["-w", "-C", "INPUT", ...o.inputJump]),
-    inputJump6: await ok("ip6tables", ["-w", "-C", "INPUT", ...o.inputJump]),
-    userJump: await ok("iptables", ["-w", "-C", "DOCKER-USER", "-j", o.chain]),
-    chainRule: await ok("iptables", ["-w", "-C", o.chain, "-m", "set", "--match-set", o.sets.v4, "src", "-j", "DROP"]),
-    chain: await ok("iptables", ["-w", "-S", o.chain]),
-    set: await ok("ipset", ["list", "-n", o.sets.v4]),
-    setMember: await ok("ipset", ["test", o.sets.v4, "10.66.0.9"]),
-    nftTable: await ok("nft", ["list", "table", "inet", o.nftTable]),
-    dockerUserFirst: (await run("iptables", ["-w", "-S", "FORWARD"])).stdout.split("\n")[1] === "-A FORWARD -j DOCKER-USER",
-  });
+  /** Which of the objects are there (read-only checks, run at once). */
+  const state = async () => {
+    const [inputJump, inputJump6, userJump, chainRule, chain, set, setMember, nftTable, forward] = await Promise.all([
+      ok("iptables", ["-w", "-C", "INPUT", ...o.inputJump]),
+      ok("ip6tables", ["-w", "-C", "INPUT", ...o.inputJump]),
+      ok("iptables", ["-w", "-C", "DOCKER-USER", "-j", o.chain]),
+      ok("iptables", ["-w", "-C", o.chain, "-m", "set", "--match-set", o.sets.v4, "src", "-j", "DROP"]),
+      ok("iptables", ["-w", "-S", o.chain]),
+      ok("ipset", ["list", "-n", o.sets.v4]),
+      ok("ipset", ["test", o.sets.v4, "10.66.0.9"]),
+      ok("nft", ["list", "table", "inet", o.nftTable]),
+      run("iptables", ["-w", "-S", "FORWARD"]),
+    ]);
+    return { inputJump, inputJump6, userJump, chainRule, chain, set, setMember, nftTable, dockerUserFirst: forward.stdout.split("\n")[1] === "-A FORWARD -j DOCKER-USER" };
+  };
   type State = Awaited<ReturnType<typeof state>>;
   const all: State = { inputJump: true, inputJump6: true, userJump: true, chainRule: true, chain: true, set: true, setMember: true, nftTable: true, dockerUserFirst: true };
   const EXPECT: Record<TamperName, Partial<State>> = {

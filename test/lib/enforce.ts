@@ -389,15 +389,17 @@ function dockerForwardRules(b: string): string[][] {
  *   flushed and refilled; DOCKER-USER is created if missing but never flushed (Docker's promise:
  *   user rules there survive), and gets `-j RETURN` appended if it has none;
  * - FORWARD policy DROP (dockerd turned ip_forward on);
- * - its FORWARD rules are deleted and inserted again at the top, `-j DOCKER-USER` last, so it
- *   ends up first: anything another program put at the top of FORWARD (a ban jump) is now below
- *   Docker's ACCEPT for the published port. (A dockerd restart that finds its rules in place
- *   leaves them where they are; this is the fresh start, e.g. the boot on which banshare came
- *   first. `-I FORWARD -j DOCKER-USER` is re-done at every start.)
+ * - `fresh` (default true): its FORWARD rules are deleted and inserted again at the top, so
+ *   anything another program put at the top of FORWARD (a ban jump) is now below Docker's ACCEPT
+ *   for the published port: the start that finds none of its rules (the boot on which banshare
+ *   came first, or after an `iptables -F`). `fresh: false`: rules already there stay where they
+ *   are, missing ones are inserted at the top (dockerd's check-then-insert).
+ * - either way `-j DOCKER-USER` is deleted and inserted at the top last (dockerd's
+ *   EnsureJumpRule), so DOCKER-USER comes first; between the two calls it is not traversed.
  * - nat: PREROUTING/OUTPUT jumps to DOCKER for local addresses, MASQUERADE for the bridge's
  *   outgoing traffic, and the DNAT of host:port to the container.
  */
-export function dockerStartSteps(layout: DockerLayout): DockerStep[] {
+export function dockerStartSteps(layout: DockerLayout, { fresh = true }: { fresh?: boolean } = {}): DockerStep[] {
   const b = layout.bridge;
   const ctr = containerIp(layout);
   const steps: DockerStep[] = [];
@@ -417,8 +419,12 @@ export function dockerStartSteps(layout: DockerLayout): DockerStep[] {
   f(['-A', 'DOCKER-ISOLATION-STAGE-2', '-j', 'RETURN']);
   // Each -I goes to the top: insert bottom-up so the final order is dockerForwardRules's.
   for (const rule of [...dockerForwardRules(b)].reverse()) {
-    f(['-D', 'FORWARD', ...rule], { mayFail: true });
-    f(['-I', 'FORWARD', ...rule]);
+    if (fresh || rule[1] === 'DOCKER-USER') {
+      f(['-D', 'FORWARD', ...rule], { mayFail: true });
+      f(['-I', 'FORWARD', ...rule]);
+    } else {
+      f(['-I', 'FORWARD', ...rule], { unless: ['-C', 'FORWARD', ...rule] });
+    }
   }
   ensure('filter', 'DOCKER-USER', ['-j', 'RETURN']);
 
@@ -442,8 +448,8 @@ const layouts = new Map<string, DockerLayout>(); // host namespace -> its contai
  * as dockerd does (not atomic: other rules may interleave). Uses the layout {@link dockerPath}
  * built in `ns`, else the default one.
  */
-export async function dockerRestart(ns: string, layout = layouts.get(ns) ?? dockerLayout()): Promise<void> {
-  for (const s of dockerStartSteps(layout)) {
+export async function dockerRestart(ns: string, layout = layouts.get(ns) ?? dockerLayout(), opts: { fresh?: boolean } = {}): Promise<void> {
+  for (const s of dockerStartSteps(layout, opts)) {
     if (s.unless && (await execa('ip', ['netns', 'exec', ns, 'iptables', '-w', '-t', s.table, ...s.unless], { reject: false, timeout: CMD_TIMEOUT_MS })).exitCode === 0) continue;
     await nsRun(ns, 'iptables', ['-w', '-t', s.table, ...s.args], { okIf: s.mayFail ? /[^]*/ : undefined });
   }
@@ -460,8 +466,8 @@ export interface DockerPath {
   readonly port: number;
   /** The listener in the container, on `layout.containerPort`; `accepts()` shows the original source address. */
   readonly listener: TcpListener;
-  /** {@link dockerRestart} in the host's namespace. */
-  restart(): Promise<void>;
+  /** {@link dockerRestart} in the host's namespace (`fresh` default true). */
+  restart(opts?: { fresh?: boolean }): Promise<void>;
   /** Stop the listener and delete the container namespace. Idempotent; also runs at process exit. */
   destroy(): Promise<void>;
 }
@@ -523,7 +529,7 @@ export async function dockerPath(topo: Topology, host: string, over: Partial<Doc
     containerIp: containerIp(layout),
     port: layout.port,
     listener,
-    restart: () => dockerRestart(hostNs, layout),
+    restart: (opts) => dockerRestart(hostNs, layout, opts),
     destroy,
   };
 }
