@@ -9,7 +9,10 @@
  * each), nftables (table inet banshare), iptables (one rule per address, the paper's way),
  * dry-run (changes nothing, logs what it would do). Bans expire in the kernel, so they end on
  * time even when the agent is down; start never flushes, so bans keep enforcing while the hub
- * is unreachable. After each sync the kernel is reconciled to the fleet state in one command.
+ * is unreachable, and the --state file's bans go back into the kernel before any hub answers
+ * (a reboot). After each sync the kernel is reconciled to the fleet state in one command. The
+ * DROP is hooked into INPUT, FORWARD and DOCKER-USER (nftables: input, forward), or nowhere
+ * (--hook none: sets only), and put back whenever something else removes it.
  *
  * Parts, in file order, data flowing one way (hub -> kernel):
  * - backend plans: pure functions and one `BACKENDS` table entry per firewall (setup, change,
@@ -18,6 +21,9 @@
  * - `desiredState` / `changesFor`: pure, what the kernel should hold and the diff to get there.
  * - `Applier`: owns the claims and what was applied; batches changes into the backend, one
  *   kernel command at a time, reconciles after a sync, writes BLOCK/UNBLOCK/REJECT rows.
+ * - `Guard`: checks that the kernel still holds the hooks, chains, sets and entries (on `nft
+ *   monitor` events from other programs, a quick set-header tick, a full tick) and repairs in
+ *   one batch, with a REPAIR row; `snapshot()` is `Agent.enforcement()`.
  * - `StateFile` (--state), `CsvLog` (--csv), `Spool` (--spool forwarding, per connection).
  * - `HubLink`: connects and reconnects; each connection is a `Session`, made on open and thrown
  *   away on close, that turns the hub's frames into calls on the applier.
@@ -81,6 +87,10 @@ export interface AgentOptions {
   heartbeatMs: number;
   /** Name of the sets, chain and table the agent owns. */
   prefix: string;
+  /** Where the DROP is hooked in (default `DEFAULT_HOOKS`; nftables: input and forward); empty: sets only. */
+  hooks?: Hook[];
+  /** Full enforcement checks this often (ms; default 10000); 0: the agent never looks again after start. */
+  checkMs?: number;
   log: (line: string) => void;
 }
 
@@ -95,13 +105,36 @@ export interface FirewallConfig {
   prefix: string;
   ports: number[];
   allow: Address[];
+  /** Where the DROP is hooked in (default `DEFAULT_HOOKS`); empty: the sets (or chain) only, for the user's own rules. */
+  hooks?: Hook[];
 }
 
-/** A command to run: argv, and what to write to its stdin; with `unless`, only when that check command fails. */
+/**
+ * Where the agent hooks its DROP in: the iptables chains INPUT, FORWARD and DOCKER-USER (ipset and
+ * iptables backends), or the nftables hooks input and forward of table `inet PREFIX` (nftables,
+ * whose forward hook runs before Docker's FORWARD chain, so docker-user is not needed there).
+ */
+export type Hook = "input" | "forward" | "docker-user";
+
+/** Every hook, in the order the agent sets them up. */
+export const HOOKS: readonly Hook[] = ["input", "forward", "docker-user"];
+
+/** The hooks when --hook is not given: INPUT and FORWARD, and DOCKER-USER whenever Docker made it. */
+export const DEFAULT_HOOKS: readonly Hook[] = HOOKS;
+
+/** The iptables chain of each hook. */
+const HOOK_CHAIN: Record<Hook, string> = { input: "INPUT", forward: "FORWARD", "docker-user": "DOCKER-USER" };
+
+function hooksOf(cfg: FirewallConfig): readonly Hook[] {
+  return cfg.hooks ?? DEFAULT_HOOKS;
+}
+
+/** A command to run: argv, and what to write to its stdin; with `unless`, only when that check command fails; with `when`, only when it succeeds. */
 export interface Command {
   argv: string[];
   input?: string;
   unless?: string[];
+  when?: string[];
 }
 
 /** One step of a backend's plan: a command, or (dry-run) a line for the log. */
@@ -111,6 +144,8 @@ export type Step = Command | { log: string };
 export interface Agent {
   claims: Claims;
   cursor(): Cursor | undefined;
+  /** How it enforces now: hooks, entries against what it applied, repairs. */
+  enforcement(): Enforcement;
   close(): Promise<void>;
 }
 
@@ -126,7 +161,7 @@ const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
 /** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
 const SESSION_MAX_BYTES = 256 * 1024;
-const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup"];
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "cleanup"];
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers and the backends' plans
@@ -224,7 +259,7 @@ export function ipsetSetupCommands(cfg: FirewallConfig): Command[] {
   return cmds;
 }
 
-/** nftables backend: the table's definition, sets created if missing, chain rules rewritten atomically. */
+/** nftables backend: the table's definition, sets created if missing, each hook's chain rules rewritten atomically (the chain of a hook not wanted is removed). */
 export function nftSetupScript(cfg: FirewallConfig): string {
   const t = `inet ${cfg.prefix}`;
   const ports = cfg.ports.length ? `tcp dport { ${cfg.ports.join(", ")} } ` : "";
@@ -234,15 +269,24 @@ export function nftSetupScript(cfg: FirewallConfig): string {
     `add table ${t}`,
     `add set ${t} v4 { type ipv4_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`,
     `add set ${t} v6 { type ipv6_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`,
-    // Priority just before the usual filter chains, so a ban wins over their ACCEPT rules.
-    `add chain ${t} input { type filter hook input priority filter - 10; policy accept; }`,
-    `flush chain ${t} input`,
   ];
-  if (allow4.length) lines.push(`add rule ${t} input ip saddr { ${allow4.join(", ")} } return`);
-  if (allow6.length) lines.push(`add rule ${t} input ip6 saddr { ${allow6.join(", ")} } return`);
-  lines.push(`add rule ${t} input ${ports}ip saddr @v4 drop`, `add rule ${t} input ${ports}ip6 saddr @v6 drop`);
+  for (const hook of NFT_HOOKS) {
+    // Priority just before the usual filter chains (and iptables-nft's, Docker's FORWARD among
+    // them), so a ban wins over their ACCEPT rules.
+    lines.push(`add chain ${t} ${hook} { type filter hook ${hook} priority filter - 10; policy accept; }`, `flush chain ${t} ${hook}`);
+    if (!hooksOf(cfg).includes(hook)) {
+      lines.push(`delete chain ${t} ${hook}`);
+      continue;
+    }
+    if (allow4.length) lines.push(`add rule ${t} ${hook} ip saddr { ${allow4.join(", ")} } return`);
+    if (allow6.length) lines.push(`add rule ${t} ${hook} ip6 saddr { ${allow6.join(", ")} } return`);
+    lines.push(`add rule ${t} ${hook} ${ports}ip saddr @v4 drop`, `add rule ${t} ${hook} ${ports}ip6 saddr @v6 drop`);
+  }
   return lines.join("\n") + "\n";
 }
+
+/** The nftables hooks the agent can own a chain in (named after them). */
+const NFT_HOOKS = ["input", "forward"] as const;
 
 function nftElement(ip: string, until: number | null, now: number): string | undefined {
   const left = remainingSeconds(until, now);
@@ -325,31 +369,56 @@ export function ipsetSession(ackSet: string): SessionKind {
 }
 
 /**
- * nftables: `nft -i` runs each input line as one transaction, so a batch goes on one line, its
- * commands joined by `;` (atomic, as with `nft -f`); `list chain` of the agent's small input
- * chain answers with the table's closing `}` at the start of a line, the acknowledgement. An
- * error does not end the process: it is a line on stderr, written before the answer.
+ * ipset: a second `ipset restore`, for the enforcement check alone: `list -t SET` prints the
+ * set's header, whose last line (its number of entries) is the answer. Not the batch session:
+ * after its `list -n`, every later list in that process prints names only.
  */
-export function nftSession(prefix: string): SessionKind {
+export function ipsetHeaderSession(): SessionKind {
   return {
-    argv: ["stdbuf", "-oL", "nft", "-i"],
-    frame: (script) => `${script.split("\n").filter(Boolean).join("; ")}\nlist chain inet ${prefix} input\n`,
-    isAck: (line) => line === "}",
+    argv: ["stdbuf", "-oL", "ipset", "restore"],
+    frame: (script) => script,
+    isAck: (line) => line.startsWith("Number of entries:"),
   };
 }
 
-/** Steps that hook the agent's chain into INPUT unless it is already (ipset and iptables backends). */
-function jumpSteps(prefix: string): Command[] {
-  return (["iptables", "ip6tables"] as const).map((bin) => ({
-    unless: [bin, "-w", "-C", "INPUT", "-j", prefix],
-    // -I, not -A: the ban must come before any ACCEPT rule already in INPUT.
-    argv: [bin, "-w", "-I", "INPUT", "1", "-j", prefix],
-  }));
+/**
+ * nftables: `nft -i` runs each input line as one transaction, so a batch goes on one line, its
+ * commands joined by `;` (atomic, as with `nft -f`); `describe meta length` answers with one line
+ * without asking the kernel anything (any listing of the table makes nft 1.0 fetch every element
+ * of its sets: about a second at 100,000), the acknowledgement. An error does not end the
+ * process: it is a line on stderr, written before the answer.
+ */
+export function nftSession(_prefix: string): SessionKind {
+  return {
+    argv: ["stdbuf", "-oL", "nft", "-i"],
+    frame: (script) => `${script.split("\n").filter(Boolean).join("; ")}\n${NFT_ACK}\n`,
+    isAck: (line) => line.startsWith("meta expression"),
+  };
 }
 
-/** Commands that remove the agent's chain and its jump from INPUT, for both families. */
+const NFT_ACK = "describe meta length";
+
+/**
+ * Steps that hook the agent's chain into each wanted hook chain unless it is already there, and
+ * take it out of the others (ipset and iptables backends). DOCKER-USER is Docker's: hooked when
+ * it exists, never created.
+ */
+function jumpSteps(cfg: FirewallConfig): Command[] {
+  const steps: Command[] = [];
+  for (const bin of ["iptables", "ip6tables"] as const) {
+    for (const hook of HOOKS) {
+      const jump = [HOOK_CHAIN[hook], "-j", cfg.prefix];
+      if (!hooksOf(cfg).includes(hook)) steps.push({ when: [bin, "-w", "-C", ...jump], argv: [bin, "-w", "-D", ...jump] });
+      // -I, not -A: the ban must come before any ACCEPT rule already in the chain.
+      else steps.push({ when: hook === "docker-user" ? [bin, "-w", "-S", HOOK_CHAIN[hook]] : undefined, unless: [bin, "-w", "-C", ...jump], argv: [bin, "-w", "-I", HOOK_CHAIN[hook], "1", "-j", cfg.prefix] });
+    }
+  }
+  return steps;
+}
+
+/** Commands that remove the agent's chain and its jumps from every hook chain, for both families. */
 function chainCleanup(prefix: string): string[][] {
-  return ["iptables", "ip6tables"].flatMap((bin) => [[bin, "-w", "-D", "INPUT", "-j", prefix], [bin, "-w", "-F", prefix], [bin, "-w", "-X", prefix]]);
+  return ["iptables", "ip6tables"].flatMap((bin) => [...HOOKS.map((h) => [bin, "-w", "-D", HOOK_CHAIN[h], "-j", prefix]), [bin, "-w", "-F", prefix], [bin, "-w", "-X", prefix]]);
 }
 
 /** The agent's DROP rules in `iptables -S` output (one per address): the addresses they block. */
@@ -383,17 +452,145 @@ export interface BackendPlan {
   count(prefix: string): string[][];
   /** The addresses in `count`'s output, for a backend whose changes depend on what the kernel holds. */
   listed?(output: string): string[];
+  /** Adds every entry of `desired` the kernel lacks, removing nothing (the state file restored at start). */
+  fill(cfg: FirewallConfig, desired: Map<string, number | null>, now: number, present: Set<string>): Step[];
+  /** The enforcement check (`Guard`): commands, by name, whose output shows the agent's objects without listing set contents. */
+  inspect?(cfg: FirewallConfig): Record<string, string[]>;
+  /** Reads `inspect`'s outputs (undefined where a command failed): pure. */
+  read?(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection;
+  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for every second. */
+  quick?(prefix: string): { session: SessionKind; queries: Record<string, string> };
+  /** The kernel ends entries by their timeout itself: counts are compared with a margin around each entry's end. */
+  expires?: boolean;
+}
+
+/** What an enforcement check found in the kernel. */
+export interface Inspection {
+  /** Each hook the agent should be in, e.g. "iptables INPUT", "nft forward": present, missing, or absent (Docker's chain does not exist: nothing to hook). */
+  hooks: Map<string, "present" | "missing" | "absent">;
+  /** What is missing (hooks, chains, rules, sets, the table), each in a few words. */
+  missing: string[];
+  /** The entries the kernel holds per family, where this backend counts them. */
+  entries?: Record<4 | 6, number>;
+}
+
+/** `iptables-save` output as each chain's rules (the words after `-A CHAIN`); chains without rules map to []. */
+export function parseIptablesSave(text: string): Map<string, string[]> {
+  const chains = new Map<string, string[]>();
+  for (const line of text.split("\n")) {
+    const c = /^:(\S+) /.exec(line);
+    if (c) chains.set(c[1], chains.get(c[1]) ?? []);
+    const r = /^-A (\S+) (.*)$/.exec(line);
+    if (r) chains.set(r[1], [...(chains.get(r[1]) ?? []), r[2]]);
+  }
+  return chains;
+}
+
+/**
+ * Reads one family's `iptables-save -t filter` into `into`: the agent's chain (and in it the
+ * rule `mustHave` matches, the ipset DROP), and the jump into it from each wanted hook chain.
+ * Returns the chain's rules as `iptables -S` prints them.
+ */
+function readChains(cfg: FirewallConfig, fam: 4 | 6, saved: string | undefined, into: Inspection, mustHave?: { what: string; re: RegExp }): string {
+  if (saved === undefined) return "";
+  const bin = iptablesFor(fam);
+  const chains = parseIptablesSave(saved);
+  const own = chains.get(cfg.prefix);
+  if (!own) into.missing.push(`${bin} chain ${cfg.prefix}`);
+  else if (mustHave && !own.some((r) => mustHave.re.test(r))) into.missing.push(`${bin} ${mustHave.what}`);
+  for (const hook of hooksOf(cfg)) {
+    const chain = HOOK_CHAIN[hook];
+    const rules = chains.get(chain);
+    const state = !rules && hook === "docker-user" ? "absent" : rules?.includes(`-j ${cfg.prefix}`) ? "present" : "missing";
+    into.hooks.set(`${bin} ${chain}`, state);
+    if (state === "missing") into.missing.push(`${bin} ${chain} jump`);
+  }
+  return (own ?? []).map((r) => `-A ${cfg.prefix} ${r}`).join("\n");
+}
+
+/** `ipset list -t` output(s): entries per set name. */
+export function ipsetHeaders(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  let name = "";
+  for (const line of text.split("\n")) {
+    const n = /^Name: (\S+)/.exec(line);
+    if (n) name = n[1];
+    const e = /^Number of entries: (\d+)/.exec(line);
+    if (e && name) out.set(name, Number(e[1]));
+  }
+  return out;
+}
+
+/** ipset backend's check: the iptables hooks and chain (when hooked), and each set's header. */
+function ipsetInspect(cfg: FirewallConfig): Record<string, string[]> {
+  const names = ipsetNames(cfg.prefix);
+  const cmds: Record<string, string[]> = { v4: ["ipset", "list", "-t", names.v4], v6: ["ipset", "list", "-t", names.v6] };
+  if (hooksOf(cfg).length) Object.assign(cmds, { ipt4: ["iptables-save", "-t", "filter"], ipt6: ["ip6tables-save", "-t", "filter"] });
+  return cmds;
+}
+
+function ipsetRead(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection {
+  const names = ipsetNames(cfg.prefix);
+  const r: Inspection = { hooks: new Map(), missing: [] };
+  const counts = ipsetHeaders(`${out.v4 ?? ""}\n${out.v6 ?? ""}`);
+  for (const set of [names.v4, names.v6]) if (!counts.has(set)) r.missing.push(`set ${set}`);
+  if (counts.has(names.v4) && counts.has(names.v6)) r.entries = { 4: counts.get(names.v4)!, 6: counts.get(names.v6)! };
+  if (hooksOf(cfg).length) {
+    for (const fam of [4, 6] as const) {
+      const set = fam === 4 ? names.v4 : names.v6;
+      readChains(cfg, fam, out[`ipt${fam}`], r, { what: `DROP rule for ${set}`, re: new RegExp(`--match-set ${set} src -j DROP$`) });
+    }
+  }
+  return r;
+}
+
+function iptablesRead(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection {
+  const r: Inspection = { hooks: new Map(), missing: [] };
+  const listed = ([4, 6] as const).map((fam) => iptablesListed(readChains(cfg, fam, out[`ipt${fam}`], r)).length);
+  if (out.ipt4 !== undefined && out.ipt6 !== undefined) r.entries = { 4: listed[0], 6: listed[1] };
+  return r;
+}
+
+/** nftables backend's check: `nft -t list ruleset` (no set elements: cheap at any size), our table's sets, chains and drops. */
+function nftRead(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection {
+  const r: Inspection = { hooks: new Map(), missing: [] };
+  if (out.ruleset === undefined) return r;
+  const lines = out.ruleset.split("\n");
+  const start = lines.indexOf(`table inet ${cfg.prefix} {`);
+  if (start < 0) {
+    r.missing.push(`table inet ${cfg.prefix}`);
+    for (const hook of NFT_HOOKS) if (hooksOf(cfg).includes(hook)) r.hooks.set(`nft ${hook}`, "missing");
+    return r;
+  }
+  const end = lines.indexOf("}", start);
+  const body = lines.slice(start + 1, end < 0 ? undefined : end);
+  for (const set of ["v4", "v6"]) if (!body.includes(`\tset ${set} {`)) r.missing.push(`set inet ${cfg.prefix} ${set}`);
+  for (const hook of NFT_HOOKS) {
+    if (!hooksOf(cfg).includes(hook)) continue;
+    const at = body.indexOf(`\tchain ${hook} {`);
+    const chain = at < 0 ? [] : body.slice(at + 1, body.indexOf("\t}", at));
+    const ok = chain.some((l) => l.includes(`type filter hook ${hook} `)) && chain.some((l) => l.endsWith("ip saddr @v4 drop")) && chain.some((l) => l.endsWith("ip6 saddr @v6 drop"));
+    r.hooks.set(`nft ${hook}`, ok ? "present" : "missing");
+    if (!ok) r.missing.push(`nft ${hook} chain`);
+  }
+  return r;
 }
 
 const BACKEND_TABLE = {
   ipset: {
     describe: "ipset sets",
-    setup: (cfg) => [...ipsetSetupCommands(cfg), ...jumpSteps(cfg.prefix)],
+    // Hooked: the sets, the chain and its jumps; set-only (no hooks): the sets alone.
+    setup: (cfg) => [...ipsetSetupCommands(cfg).slice(0, hooksOf(cfg).length ? undefined : 1), ...jumpSteps(cfg)],
     change: (cfg, changes, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetChangeScript(cfg.prefix, changes, now) }],
     reconcile: (cfg, desired, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetReconcileScript(cfg.prefix, desired, now) }],
     session: (prefix) => ipsetSession(ipsetNames(prefix).v4),
     cleanup: (prefix) => [...chainCleanup(prefix), ...Object.values(ipsetNames(prefix)).map((set) => ["ipset", "destroy", set])],
     count: (prefix) => Object.values(ipsetNames(prefix)).map((set) => ["ipset", "list", "-terse", set]),
+    fill: (cfg, desired, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetChangeScript(cfg.prefix, [...desired].filter(([, u]) => remainingSeconds(u, now) >= 0).map(([ip, until]) => ({ ip, until })), now) }],
+    inspect: ipsetInspect,
+    read: ipsetRead,
+    quick: (prefix) => ({ session: ipsetHeaderSession(), queries: { v4: `list -t ${ipsetNames(prefix).v4}\n`, v6: `list -t ${ipsetNames(prefix).v6}\n` } }),
+    expires: true,
   },
   nftables: {
     describe: "an nftables table",
@@ -403,22 +600,31 @@ const BACKEND_TABLE = {
     session: nftSession,
     cleanup: (prefix) => [["nft", "delete", "table", "inet", prefix]],
     count: (prefix) => ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
+    // The reconcile's additions without its flushes: an element already there stays as it is.
+    fill: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now).split("\n").filter((l) => !l.startsWith("flush set")).join("\n") }],
+    inspect: () => ({ ruleset: ["nft", "-t", "list", "ruleset"] }),
+    read: nftRead,
+    expires: true,
   },
   iptables: {
     describe: "one iptables rule per address",
     // The chain is created when `iptables -S` cannot list it; the rules a previous run left stay (see `listed`).
-    setup: (cfg) => [...(["iptables", "ip6tables"] as const).map((bin) => ({ unless: [bin, "-w", "-S", cfg.prefix], argv: [bin, "-w", "-N", cfg.prefix] })), ...jumpSteps(cfg.prefix)],
+    setup: (cfg) => [...(["iptables", "ip6tables"] as const).map((bin) => ({ unless: [bin, "-w", "-S", cfg.prefix], argv: [bin, "-w", "-N", cfg.prefix] })), ...jumpSteps(cfg)],
     change: (cfg, changes, _now, present) => iptablesChangeCommands(cfg, changes, present),
     reconcile: (cfg, desired) => iptablesReconcileCommands(cfg, desired.keys()),
     cleanup: chainCleanup,
     count: (prefix) => ["iptables", "ip6tables"].map((bin) => [bin, "-w", "-S", prefix]),
     listed: iptablesListed,
+    fill: (cfg, desired, _now, present) => iptablesChangeCommands(cfg, [...desired].map(([ip, until]) => ({ ip, until })), present),
+    inspect: () => ({ ipt4: ["iptables-save", "-t", "filter"], ipt6: ["ip6tables-save", "-t", "filter"] }),
+    read: iptablesRead,
   },
   "dry-run": {
     describe: "log only",
     setup: (cfg) => [{ log: `dry-run: would create the ${cfg.prefix} firewall objects` }],
     change: (_cfg, changes) => changes.map((c) => ({ log: `dry-run: would ${c.until === undefined ? `unblock ${c.ip}` : `block ${c.ip} until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}` })),
     reconcile: (_cfg, desired) => [{ log: `dry-run: would make the kernel hold exactly ${desired.size} address(es)` }],
+    fill: (_cfg, desired) => [{ log: `dry-run: would put ${desired.size} address(es) back into the kernel` }],
     cleanup: () => [],
     count: () => [],
   },
@@ -522,14 +728,26 @@ export class KernelSession {
   private failedBatch = false;
   /** After an error line, how long to wait for the acknowledgement (the acknowledging command may have failed too). */
   private errTimer: NodeJS.Timeout | undefined;
-  private waiting: Array<{ resolve: () => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
+  private waiting: Array<{ resolve: (lines: string[]) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
+  /** The output lines of the batch under way, up to its acknowledgement (a query's answer). */
+  private lines: string[] = [];
 
   constructor(private readonly kind: SessionKind) {}
 
+  /** The process's id, while it runs. */
+  get pid(): number | undefined {
+    return this.child?.pid;
+  }
+
   send(script: string): Promise<void> {
+    return this.query(script).then(() => {});
+  }
+
+  /** Runs `script` like `send`, and resolves with what it printed, the acknowledgement last. */
+  query(script: string): Promise<string[]> {
     if (script.length > SESSION_MAX_BYTES) return Promise.reject(new Error("batch too large for the session"));
     const child = this.child ?? this.start();
-    return new Promise<void>((resolve, reject) => {
+    return new Promise<string[]>((resolve, reject) => {
       const timer = setTimeout(() => this.fail(new Error(`${this.kind.argv[2]} gave no answer in ${CMD_TIMEOUT_MS} ms`)), CMD_TIMEOUT_MS);
       this.waiting.push({ resolve, reject, timer });
       child.stdin!.write(this.kind.frame(script));
@@ -545,7 +763,9 @@ export class KernelSession {
     this.child = child;
     this.out = "";
     this.err = "";
+    this.lines = [];
     this.failedBatch = false;
+    rememberChild(child.pid);
     child.stdout!.setEncoding("utf8").on("data", (d: string) => {
       if (child !== this.child) return;
       this.out += d;
@@ -553,7 +773,10 @@ export class KernelSession {
       while ((nl = this.out.indexOf("\n")) >= 0) {
         const line = this.out.slice(0, nl);
         this.out = this.out.slice(nl + 1);
+        if (this.lines.length < 1000) this.lines.push(line);
         if (!this.kind.isAck(line)) continue;
+        const answer = this.lines;
+        this.lines = [];
         // stderr was written before this answer: its data, if any, is delivered in this same
         // poll phase, so decide once the phase is over.
         setImmediate(() => {
@@ -562,7 +785,7 @@ export class KernelSession {
           const w = this.waiting.shift();
           if (!w) return;
           clearTimeout(w.timer);
-          if (!this.failedBatch) return w.resolve();
+          if (!this.failedBatch) return w.resolve(answer);
           this.failedBatch = false;
           w.reject(new Error(this.err.trim().split("\n").slice(0, 3).join(" / ")));
         });
@@ -595,8 +818,39 @@ export class KernelSession {
 /** A firewall command that failed: the message names it and says why, in one line. */
 export class CommandError extends Error {}
 
+/**
+ * The processes this agent started lately: `nft monitor` names the process behind each change,
+ * and a change of our own is no tampering. Kept a minute (a one-shot command has exited by the
+ * time its change is reported, so its parent can no longer be read).
+ */
+const ownChildren = new Map<number, number>();
+
+function rememberChild(pid: number | undefined): void {
+  if (pid === undefined) return;
+  const now = Date.now();
+  if (ownChildren.size > 1000) for (const [p, at] of ownChildren) if (at < now - 60_000) ownChildren.delete(p);
+  ownChildren.set(pid, now);
+}
+
+/** True when `pid` is a process this agent started (its child now, or lately). */
+export function isOwnProcess(pid: number): boolean {
+  if (ownChildren.has(pid)) return true;
+  try {
+    return /^PPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))?.[1] === String(process.pid);
+  } catch {
+    return false;
+  }
+}
+
+/** Runs a command as execa does, remembering its process as ours. */
+function exec(argv: string[], opts: { input?: string; stripFinalNewline?: boolean } = {}) {
+  const sub = execa(argv[0], argv.slice(1), { input: opts.input ?? "", timeout: CMD_TIMEOUT_MS, reject: false, stripFinalNewline: opts.stripFinalNewline ?? true });
+  rememberChild(sub.pid);
+  return sub;
+}
+
 async function run(cmd: Command): Promise<void> {
-  const r = await execa(cmd.argv[0], cmd.argv.slice(1), { input: cmd.input ?? "", timeout: CMD_TIMEOUT_MS, reject: false, stripFinalNewline: true });
+  const r = await exec(cmd.argv, { input: cmd.input });
   if (r.exitCode !== 0) {
     const why = String(r.stderr || r.stdout || r.shortMessage || "").split("\n").slice(0, 3).join(" / ");
     throw new CommandError(`${cmd.argv.join(" ")} failed (${r.timedOut ? "timed out" : `exit ${r.exitCode}`}): ${why}`);
@@ -606,7 +860,8 @@ async function run(cmd: Command): Promise<void> {
 /** Runs one step of a plan: logs it, or runs its command (unless its check command succeeds). */
 async function runStep(step: Step, log: (s: string) => void): Promise<void> {
   if ("log" in step) return log(step.log);
-  if (step.unless && (await execa(step.unless[0], step.unless.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false })).exitCode === 0) return;
+  if (step.when && (await exec(step.when)).exitCode !== 0) return;
+  if (step.unless && (await exec(step.unless)).exitCode === 0) return;
   await run(step);
 }
 
@@ -615,12 +870,16 @@ export interface Backend {
   setup(): Promise<void>;
   apply(changes: Change[], now: number): Promise<void>;
   reconcile(desired: Map<string, number | null>, now: number): Promise<void>;
+  /** Adds what the kernel lacks of `desired`, removing nothing, in one batch. */
+  fill(desired: Map<string, number | null>, now: number): Promise<void>;
+  /** Runs the plan's enforcement check (undefined: this backend has none); `quick`: only what the session answers. */
+  inspect?(quick: boolean): Promise<Inspection | undefined>;
   close(): void;
 }
 
 /** Creates the backend for `name`: runs its plan, batches through its session if it has one; `log` receives dry-run plans. */
 export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: string) => void): Backend {
-  const plan = BACKENDS[name];
+  const plan: BackendPlan = BACKENDS[name];
   const kind = plan.session?.(cfg.prefix);
   const session = kind && new KernelSession(kind);
   /** What the kernel holds, for a backend whose changes depend on it (`listed`). */
@@ -628,13 +887,24 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
   const runAll = async (steps: Step[]) => {
     for (const s of steps) await runStep(s, log);
   };
+  /** A batch goes to the session; to a one-shot command when the session fails. */
+  const runBatch = async (steps: Step[]) => {
+    for (const step of steps) {
+      if (session && "argv" in step) await session.send(step.input ?? "").catch(() => run(step));
+      else await runStep(step, log);
+    }
+  };
+  const { inspect, read } = plan;
+  const quick = plan.quick?.(cfg.prefix);
+  const asker = quick && new KernelSession(quick.session);
   return {
     async setup() {
       await runAll(plan.setup(cfg));
       if (plan.listed) {
         // Learn what a previous run left, without touching it.
+        present.clear();
         for (const argv of plan.count(cfg.prefix)) {
-          const r = await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
+          const r = await exec(argv);
           if (r.exitCode === 0) for (const ip of plan.listed(r.stdout)) present.add(ip);
         }
       }
@@ -642,10 +912,7 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
       if (session) await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own ${kind.argv[2]}`));
     },
     async apply(changes, now) {
-      for (const step of plan.change(cfg, changes, now, present)) {
-        if (session && "argv" in step) await session.send(step.input ?? "").catch(() => run(step));
-        else await runStep(step, log);
-      }
+      await runBatch(plan.change(cfg, changes, now, present));
       if (plan.listed) for (const c of changes) c.until === undefined ? present.delete(c.ip) : present.add(c.ip);
     },
     async reconcile(desired, now) {
@@ -655,7 +922,34 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
         for (const ip of desired.keys()) present.add(ip);
       }
     },
-    close: () => session?.close(),
+    async fill(desired, now) {
+      await runBatch(plan.fill(cfg, desired, now, present));
+      if (plan.listed) for (const ip of desired.keys()) present.add(ip);
+    },
+    inspect:
+      inspect && read
+        ? async (fast) => {
+            const cmds = inspect(cfg);
+            const out: Record<string, string | undefined> = {};
+            for (const [n, q] of Object.entries(quick?.queries ?? {})) {
+              // A query that fails (the set is gone: ipset then ends) is asked of a process of its own.
+              const lines = await asker!.query(q).catch(() => undefined);
+              out[n] = lines?.join("\n") ?? ((r) => (r.exitCode === 0 ? String(r.stdout) : undefined))(await exec(cmds[n]));
+              delete cmds[n];
+            }
+            if (!fast || !quick) {
+              for (const [n, argv] of Object.entries(cmds)) {
+                const r = await exec(argv);
+                out[n] = r.exitCode === 0 ? String(r.stdout) : undefined;
+              }
+            }
+            return read(cfg, out);
+          }
+        : undefined,
+    close: () => {
+      session?.close();
+      asker?.close();
+    },
   };
 }
 
@@ -847,10 +1141,66 @@ export class Applier {
     this.sweeper.unref();
   }
 
-  /** Takes the claims of a saved state, as what the kernel held then: the next reconcile logs only real changes. */
-  restore(events: FleetEvent[], now: number): void {
+  /**
+   * Takes the claims of a saved state and puts what they block into the kernel in one batch,
+   * adding what it lacks and removing nothing (after a reboot it holds none of it; after a
+   * restart, maybe bans newer than the file). Expired claims are not restored. No CSV rows: the
+   * fleet's view did not change, and the next reconcile logs only real changes. Resolves with
+   * the number of addresses restored; a kernel that refuses them is logged, and the next
+   * enforcement check or sync tries again.
+   */
+  async restore(events: FleetEvent[], now: number): Promise<number> {
     for (const e of events) mergeClaim(this.claims, e);
     this.applied = desiredState(this.claims, this.opts.allow, now);
+    return this.exclusive(() => this.opts.backend.fill(new Map(this.applied), now)).then(
+      () => this.applied.size,
+      (e: Error) => {
+        this.opts.log(`error: cannot restore the state file's bans into the kernel: ${e.message}`);
+        return 0;
+      },
+    );
+  }
+
+  /**
+   * Puts what the agent applied back into the kernel in one batch (the backend's reconcile), after
+   * something else removed it: no CSV rows, nothing changed in the fleet's view. Resolves with
+   * the number of addresses the kernel holds again.
+   */
+  async refill(): Promise<number> {
+    const held = new Map(this.applied);
+    await this.exclusive(() => this.opts.backend.reconcile(held, Date.now()));
+    return held.size;
+  }
+
+  /** What the agent applied to the kernel: address -> until. */
+  held(): ReadonlyMap<string, number | null> {
+    return this.applied;
+  }
+
+  /** Counts the kernel commands begun and ended: unchanged across a look at the kernel, nothing changed it meanwhile. */
+  get epoch(): number {
+    return this.epochs;
+  }
+
+  /** A kernel command is under way, or changes wait for one. */
+  get busy(): boolean {
+    return Boolean(this.working || this.dirty.size || this.pendingReconcile);
+  }
+
+  private epochs = 0;
+
+  /** Runs `command` when no other kernel command runs, as the only one; then the work that waited. */
+  private async exclusive(command: () => Promise<void>): Promise<void> {
+    while (this.working) await this.working.catch(() => {});
+    this.epochs++;
+    this.working = command();
+    try {
+      await this.working;
+    } finally {
+      this.working = undefined;
+      this.epochs++;
+      this.kick();
+    }
   }
 
   /** Merges events (a REJECT row for an allowlisted ban) and applies what changed; `live`: remember them for `onApplied`. */
@@ -898,8 +1248,10 @@ export class Applier {
   private async work(): Promise<void> {
     while ((this.dirty.size || this.pendingReconcile) && !this.working) {
       const now = Date.now();
+      this.epochs++;
       if (this.pendingReconcile) await this.reconcile(now);
       else await this.applyDirty(now);
+      this.epochs++;
     }
   }
 
@@ -992,6 +1344,302 @@ export class Applier {
     if (before === undefined) record({ action: "BLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, rtMs: c ? now - c.detectedAt : undefined, detail: `${via}: banned by ${c?.origin ?? "?"}` });
     // A timed block that becomes permanent cancels its scheduled unblock: say so (until "never").
     if (after !== before && (after !== null || before !== undefined)) record({ action: "SCHEDULE_UNBLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, detail: after === null ? "none: blocked for good" : `in ${Math.round((after - now) / 1000)} s` });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The guard: the kernel keeps enforcing what the agent applied, whatever else rewrites the firewall
+
+/** How the agent enforces, as `Agent.enforcement()` reports it: a snapshot, nothing live. */
+export interface Enforcement {
+  backend: string;
+  /** Each hook the agent should be in: present, missing, or absent (Docker's chain is not there), and since when (ms). */
+  hooks: Array<{ hook: string; state: "present" | "missing" | "absent"; since: number }>;
+  /** What the last check found missing or wrong; empty while enforcing. */
+  missing: string[];
+  /** Since when something is missing (ms). */
+  missingSince?: number;
+  /** Entries in the kernel's sets (or the iptables backend's rules) at the last count; undefined where not counted (nftables). */
+  entries?: number;
+  /** Addresses the agent applied to the kernel. */
+  expected: number;
+  /** Repairs since start, and the last one. */
+  repairs: number;
+  lastRepair?: { at: number; what: string };
+  /** When the kernel was last looked at (ms). */
+  lastCheck?: number;
+}
+
+/**
+ * Why the kernel's entry counts do not match what the agent applied, or undefined when they do.
+ * Where the kernel ends entries itself (`expires`), an entry ending within `marginMs` of `now`
+ * may be there or not.
+ */
+export function countDrift(entries: Record<4 | 6, number>, held: ReadonlyMap<string, number | null>, now: number, expires: boolean, marginMs = 3000): string | undefined {
+  const sure = { 4: 0, 6: 0 };
+  const maybe = { 4: 0, 6: 0 };
+  for (const [ip, until] of held) {
+    const fam = family(ip);
+    if (!expires || until === null || until > now + marginMs) sure[fam]++;
+    else if (until > now - marginMs) maybe[fam]++;
+  }
+  const out: string[] = [];
+  for (const fam of [4, 6] as const) {
+    if (entries[fam] < sure[fam] || entries[fam] > sure[fam] + maybe[fam]) out.push(`IPv${fam}: ${entries[fam]} of ${sure[fam]}${maybe[fam] ? `-${sure[fam] + maybe[fam]}` : ""} entries in the kernel`);
+  }
+  return out.length ? out.join(", ") : undefined;
+}
+
+/**
+ * A long-lived `nft monitor`: every change to the ruleset (iptables-nft's rules included) is an
+ * event naming the process that made it. Tells `onChange` about each change another process
+ * made, with its event lines. Restarts when it ends; without nft, does nothing.
+ */
+export class NftMonitor {
+  private child: ChildProcess | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+  private attempt = 0;
+
+  constructor(
+    private readonly onChange: (by: string, lines: string[]) => void,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  start(): void {
+    if (this.closed) return;
+    const child = spawn("stdbuf", ["-oL", "nft", "monitor"], { stdio: ["ignore", "pipe", "pipe"] });
+    this.child = child;
+    let buf = "";
+    let lines: string[] = [];
+    let err = "";
+    child.stdout!.setEncoding("utf8").on("data", (d: string) => {
+      this.attempt = 0;
+      buf += d;
+      let nl: number;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        const gen = /^# new generation \d+ by process (\d+) \((.*)\)/.exec(line);
+        if (!gen) {
+          if (lines.length < 1000) lines.push(line);
+          continue;
+        }
+        const mine = isOwnProcess(Number(gen[1]));
+        const batch = lines;
+        lines = [];
+        if (!mine) this.onChange(`${gen[2]} (pid ${gen[1]})`, batch);
+      }
+    });
+    child.stderr!.setEncoding("utf8").on("data", (d: string) => (err = (err + d).slice(-500)));
+    child.on("error", () => {}); // reported by "close"
+    child.on("close", (code, sig) => {
+      if (this.closed || child !== this.child) return;
+      this.child = undefined;
+      const delay = Math.min(30_000, 1000 * 2 ** Math.min(this.attempt++, 5));
+      this.log(`warning: nft monitor ended (${sig ?? `exit ${code}`}${err.trim() ? `: ${err.trim().split("\n")[0]}` : ""}); changes by other programs are seen by the periodic check only, until it restarts in ${delay} ms`);
+      this.timer = setTimeout(() => this.start(), delay);
+      this.timer.unref();
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    clearTimeout(this.timer);
+    this.child?.kill("SIGKILL");
+  }
+}
+
+/** What a `Guard` is given. */
+export interface GuardOptions {
+  backend: Backend;
+  backendName: BackendName;
+  applier: Applier;
+  prefix: string;
+  record: (r: Row) => void;
+  log: (line: string) => void;
+  /** A full check this often (ms): the safety net for changes no event tells of. */
+  checkMs: number;
+  /** The quick check (the set headers, through a long-lived `ipset restore`) this often (ms; default 1000: ~0.25% of a core at 100,000 entries). */
+  quickMs?: number;
+  /** Watch `nft monitor` for changes by other programs (default true). */
+  monitor?: boolean;
+}
+
+/**
+ * Checks, continually and cheaply, that the kernel holds the agent's table, chains, sets and
+ * jumps and that the sets hold what it applied, and restores whatever is missing without a
+ * restart: the hooks (the backend's setup, idempotent) and the full set contents in one batch.
+ * When to look: on each change another program makes to the ruleset (`NftMonitor`), at every
+ * quick tick (each second; ipset: the set headers through a long-lived `ipset restore`, since
+ * `ipset flush` and `ipset destroy` make no nftables event), and at every full tick (10 s). Each repair is
+ * one log line, one REPAIR row and one more in `repairs`. A repair that does not hold (something
+ * undoes it at once) is retried ever more slowly, up to every 30 s.
+ */
+export class Guard {
+  private running: Promise<void> | undefined;
+  private again: boolean | undefined;
+  private soon: NodeJS.Timeout | undefined;
+  private timers: NodeJS.Timeout[] = [];
+  private monitor: NftMonitor | undefined;
+  private closed = false;
+  /** Repairs since the last check that found everything in place. */
+  private streak = 0;
+  /** Entries another program deleted from an nftables set (seen only as events). */
+  private lost: string | undefined;
+  /**
+   * The kernel's counts at the last look, and when they were last compared with everything the
+   * agent applied (a pass over 100,000 entries costs ~10 ms, too much for every second):
+   * they are compared when a count falls to 0 or by more than 1% between two looks (a flush, a
+   * reload), when the last comparison was put off, and every 30 s.
+   */
+  private counted: { last?: Record<4 | 6, number>; comparedAt: number; due: boolean } = { comparedAt: 0, due: true };
+  private readonly hooks = new Map<string, { state: "present" | "missing" | "absent"; since: number }>();
+  private missing: string[] = [];
+  private missingSince: number | undefined;
+  private entries: number | undefined;
+  private repairs = 0;
+  private lastRepair: { at: number; what: string } | undefined;
+  private lastCheck: number | undefined;
+  /** Ends the wait before a repeated repair (close). */
+  private wake: (() => void) | undefined;
+
+  constructor(private readonly opts: GuardOptions) {}
+
+  /** Starts watching; a backend without a check (dry-run), or a `checkMs` of 0, leaves it idle. */
+  start(): void {
+    const { opts } = this;
+    if (!opts.backend.inspect || opts.checkMs <= 0) return;
+    this.timers.push(setInterval(() => this.run(true), opts.checkMs));
+    if (BACKENDS[opts.backendName].quick) this.timers.push(setInterval(() => this.run(false), opts.quickMs ?? 1000));
+    for (const t of this.timers) t.unref();
+    if (opts.monitor !== false) {
+      this.monitor = new NftMonitor((by, lines) => this.changed(by, lines), opts.log);
+      this.monitor.start();
+    }
+    this.run(true);
+  }
+
+  /** Looks now (a full check), or once the check under way is done. */
+  check(): Promise<void> {
+    this.run(true);
+    return this.idle();
+  }
+
+  /** Resolves once no check or repair is under way. */
+  async idle(): Promise<void> {
+    while (this.running) await this.running;
+  }
+
+  /** How the agent enforces now. */
+  snapshot(): Enforcement {
+    return {
+      backend: this.opts.backendName,
+      hooks: [...this.hooks].map(([hook, h]) => ({ hook, ...h })),
+      missing: [...this.missing],
+      missingSince: this.missingSince,
+      entries: this.entries,
+      expected: this.opts.applier.held().size,
+      repairs: this.repairs,
+      lastRepair: this.lastRepair && { ...this.lastRepair },
+      lastCheck: this.lastCheck,
+    };
+  }
+
+  close(): Promise<void> {
+    this.closed = true;
+    for (const t of this.timers) clearInterval(t);
+    clearTimeout(this.soon);
+    this.monitor?.close();
+    this.wake?.();
+    return this.idle();
+  }
+
+  /** Another program changed the ruleset: look shortly (a reload is many changes in a row). */
+  private changed(by: string, lines: string[]): void {
+    const set = new RegExp(`^(delete element|flush set) inet ${this.opts.prefix} `);
+    if (this.opts.backendName === "nftables" && lines.some((l) => set.test(l))) this.lost = `entries deleted from the sets by ${by}`;
+    if (this.soon) return;
+    this.soon = setTimeout(() => {
+      this.soon = undefined;
+      this.run(true);
+    }, 30);
+  }
+
+  private run(full: boolean): void {
+    if (this.closed) return;
+    if (this.running) {
+      this.again = this.again || full;
+      return;
+    }
+    this.running = this.look(full)
+      .catch((e: Error) => this.opts.log(`error: enforcement check: ${e.message}`))
+      .finally(() => {
+        this.running = undefined;
+        const again = this.again;
+        this.again = undefined;
+        if (again !== undefined) this.run(again);
+      });
+  }
+
+  private async look(full: boolean): Promise<void> {
+    const { applier, backend } = this.opts;
+    const before = { idle: !applier.busy, epoch: applier.epoch };
+    const found = await backend.inspect!(!full);
+    if (!found || this.closed) return;
+    const now = Date.now();
+    this.lastCheck = now;
+    for (const [hook, state] of found.hooks) if (this.hooks.get(hook)?.state !== state) this.hooks.set(hook, { state, since: now });
+    const problems = [...found.missing];
+    if (this.lost) problems.push(this.lost);
+    this.lost = undefined;
+    if (found.entries) {
+      const { last } = this.counted;
+      this.entries = found.entries[4] + found.entries[6];
+      this.counted.last = found.entries;
+      const fell = (f: 4 | 6) => last !== undefined && found.entries![f] < last[f] && (found.entries![f] === 0 || last[f] - found.entries![f] > last[f] / 100);
+      if (fell(4) || fell(6) || now - this.counted.comparedAt >= 30_000) this.counted.due = true;
+      // Counts compare only while no kernel command ran: a batch under way is no drift.
+      const settled = before.idle && !applier.busy && applier.epoch === before.epoch;
+      if (this.counted.due && settled) {
+        this.counted = { last: found.entries, comparedAt: now, due: false };
+        const drift = countDrift(found.entries, applier.held(), now, BACKENDS[this.opts.backendName].expires === true);
+        if (drift) problems.push(drift);
+      }
+    }
+    if (!problems.length) {
+      if (full || !this.missing.length) {
+        this.streak = 0;
+        this.missing = [];
+        this.missingSince = undefined;
+      }
+      return;
+    }
+    this.missing = problems;
+    this.missingSince ??= now;
+    await this.repair(problems.join("; "));
+  }
+
+  private async repair(what: string): Promise<void> {
+    const { backend, applier, log, record } = this.opts;
+    const wait = this.streak < 2 ? 0 : Math.min(30_000, 250 * 2 ** (this.streak - 2));
+    if (wait) await new Promise<void>((resolve) => (this.wake = resolve) && setTimeout(resolve, wait).unref());
+    if (this.closed) return;
+    this.streak++;
+    const t0 = Date.now();
+    try {
+      await backend.setup();
+      const n = await applier.refill();
+      this.repairs++;
+      this.lastRepair = { at: Date.now(), what };
+      log(`repaired: ${what}; restored the hooks and ${n} entr${n === 1 ? "y" : "ies"} in one batch in ${Date.now() - t0} ms`);
+      record({ action: "REPAIR", detail: `${what}; restored hooks and ${n} entries` });
+    } catch (e) {
+      log(`error: repair of "${what}" failed: ${(e as Error).message}`);
+    }
+    // Look again at once: the repair held, or something undid it.
+    this.again = true;
+    this.counted.due = true;
   }
 }
 
@@ -1361,7 +2009,7 @@ function warnings(opts: AgentOptions): string[] {
 export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const log = opts.log;
   const token = await readToken(opts.tokenFile);
-  const cfg: FirewallConfig = { prefix: opts.prefix, ports: opts.ports, allow: opts.allow.map((s) => parseAddress(s)!) };
+  const cfg: FirewallConfig = { prefix: opts.prefix, ports: opts.ports, allow: opts.allow.map((s) => parseAddress(s)!), hooks: opts.hooks ?? backendHooks(opts.backend) };
   const never = [...cfg.allow, ...ownAddresses(), ...(await hubAddresses(opts.hubs))];
   for (const w of warnings(opts)) log(w);
   const backend = makeBackend(opts.backend, cfg, log);
@@ -1380,19 +2028,25 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const link: HubLink = new HubLink({ ...opts, token, applier, state, csv });
   const saved = await state.load();
   if (saved) {
-    applier.restore(saved.claims, Date.now());
     link.cursor = saved.cursor;
+    // Before any hub answers: after a reboot the kernel holds nothing, and the hub may be away.
+    const n = await applier.restore(saved.claims, Date.now());
     log(`loaded ${applier.claims.size} address(es) and cursor ${saved.cursor.hub}:${saved.cursor.seq} from ${opts.statePath}`);
+    log(`restored: ${n} address(es) blocked from the state file before any hub answered (${opts.backend})`);
   }
+  const guard = new Guard({ backend, backendName: opts.backend, applier, prefix: opts.prefix, record: (r) => csv.record(r), log, checkMs: opts.checkMs ?? 10_000 });
+  guard.start();
   link.connect();
 
   let closed: Promise<void> | undefined;
   return {
     claims: applier.claims,
     cursor: () => link.cursor,
+    enforcement: () => guard.snapshot(),
     close() {
       closed ??= (async () => {
         link.close();
+        await guard.close();
         await applier.close();
         await state.close();
         await csv.close();
@@ -1400,6 +2054,27 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
       return closed;
     },
   };
+}
+
+/** The hooks of `backend` when --hook is not given: nftables has no DOCKER-USER (its forward hook runs first). */
+export function backendHooks(backend: BackendName): Hook[] {
+  return backend === "nftables" ? ["input", "forward"] : [...DEFAULT_HOOKS];
+}
+
+/** --hook's values (repeatable, comma-separated, any case; `none`: sets only) as hooks; throws with one sentence. */
+export function parseHooks(values: string[], backend: BackendName): Hook[] {
+  const words = values.flatMap((v) => v.split(",")).map((w) => w.trim().toLowerCase()).filter(Boolean);
+  if (words.includes("none")) {
+    if (words.length > 1) throw new UsageError(`Expected --hook none alone (sets only), got ${JSON.stringify(values.join(","))}`);
+    return [];
+  }
+  const hooks: Hook[] = [];
+  for (const w of words) {
+    if (!(HOOKS as readonly string[]).includes(w)) throw new UsageError(`Expected --hook to be ${HOOKS.join(", ")} or none, got ${JSON.stringify(w)}`);
+    if (w === "docker-user" && backend === "nftables") throw new UsageError("Expected --hook input or forward with --backend nftables, got docker-user: its forward hook already runs before Docker's chains");
+    if (!hooks.includes(w as Hook)) hooks.push(w as Hook);
+  }
+  return hooks;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1444,12 +2119,14 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("backend", { choices: BACKEND_NAMES, default: "ipset" as BackendName, describe: `How to block: ${BACKEND_NAMES.slice(0, -1).map((b) => BACKENDS[b].describe).join(", ")}, or ${BACKENDS[BACKEND_NAMES.at(-1)!].describe}` })
       .option("allow", { type: "string", array: true, default: [] as string[], describe: "Address or CIDR never to block (repeatable); this host's and the hub's addresses are always allowed" })
       .option("ports", { type: "string", default: "", describe: "Block only these TCP ports, e.g. 22,2222 (default: all traffic from a banned address)" })
-      .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT" })
+      .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT, REPAIR" })
       .option("spool", { type: "string", describe: "Spool directory of ban.ts: events it could not deliver are forwarded from here" })
-      .option("state", { type: "string", describe: "State file (cursor and claims): a restarted agent resumes where it stopped instead of a full sync" })
+      .option("state", { type: "string", describe: "State file (cursor and claims): at start its bans go back into the kernel before any hub answers (a reboot leaves no gap), then the agent resumes where it stopped instead of a full sync" })
       .option("ca", { type: "string", describe: "PEM CA certificate to verify a wss:// hub with (self-signed fleets)" })
       .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
       .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
+      .option("hook", { type: "string", array: true, describe: "Where the DROP is hooked in (repeatable or comma-separated): INPUT, FORWARD, DOCKER-USER (ipset, iptables; DOCKER-USER once Docker made it), or the nftables hooks input, forward; none: only create and fill the sets, for your own rules (default: all of them)" })
+      .option("check-interval", { type: "number", default: 10, describe: "Seconds between full checks that the hooks, chains, sets and their entries are in the kernel (changes by other programs are also seen at once through nft monitor); anything missing is restored; 0: never check" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .strict()
       .fail((msg, err) => {
@@ -1477,6 +2154,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
   for (const s of a.allow) if (!parseAddress(s)) throw new UsageError(`Expected --allow to be an address or CIDR, got ${JSON.stringify(s)}`);
   const ports = a.ports ? a.ports.split(",").map((p) => Number(p.trim())) : [];
   for (const p of ports) if (!Number.isInteger(p) || p < 1 || p > 65535) throw new UsageError(`Expected --ports to be TCP ports 1-65535 separated by commas, got ${JSON.stringify(a.ports)}`);
+  if (!(a.checkInterval === 0 || (a.checkInterval >= 0.1 && a.checkInterval <= 3600))) throw new UsageError(`Expected --check-interval to be 0 or 0.1-3600 seconds, got ${a.checkInterval}`);
+  const hooks = a.hook === undefined ? undefined : parseHooks(a.hook, a.backend);
   if (!(a.heartbeat >= 1 && a.heartbeat <= 86400)) throw new UsageError(`Expected --heartbeat to be 1-86400 seconds, got ${a.heartbeat}`);
   if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
   return {
@@ -1494,6 +2173,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
       ca: a.ca,
       heartbeatMs: a.heartbeat * 1000,
       prefix: a.prefix,
+      hooks,
+      checkMs: Math.round(a.checkInterval * 1000),
     },
   };
 }

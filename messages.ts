@@ -685,7 +685,7 @@ export function eventUntil(kind: Kind, detectedAt: number, bantime: number | und
 export const CSV_HEADER = "time,node,action,ip,origin,jail,until,rt_ms,detail";
 
 /** Actions written to the structured log. */
-export type CsvAction = "BLOCK" | "SCHEDULE_UNBLOCK" | "UNBLOCK" | "REJECT" | "RECEIVE" | "RELAY" | "ESCALATE" | "HOLD";
+export type CsvAction = "BLOCK" | "SCHEDULE_UNBLOCK" | "UNBLOCK" | "REJECT" | "REPAIR" | "RECEIVE" | "RELAY" | "ESCALATE" | "HOLD";
 
 /** One row of the structured log, as its fields. */
 export interface CsvRecord {

@@ -10,8 +10,14 @@ import {
   Applier,
   BACKEND_NAMES,
   BACKENDS,
+  backendHooks,
   changesFor,
   cleanupCommands,
+  countDrift,
+  Guard,
+  ipsetHeaders,
+  parseHooks,
+  parseIptablesSave,
   countCommands,
   CsvLog,
   desiredState,
@@ -192,14 +198,15 @@ describe("nftables plans: sets survive a restart, each change replaces the eleme
     ].join("\n"));
   });
 
-  test("the long-lived nft -i gets a batch as one line (one transaction), then its acknowledging list", () => {
+  test("the long-lived nft -i gets a batch as one line (one transaction), then an acknowledging command that lists nothing", () => {
     const kind = nftSession("banshare");
     assert.deepEqual(kind.argv, ["stdbuf", "-oL", "nft", "-i"]);
     const script = nftChangeScript("banshare", [{ ip: "203.0.113.7", until: undefined }], NOW);
-    assert.equal(kind.frame(script), "add element inet banshare v4 { 203.0.113.7 }; delete element inet banshare v4 { 203.0.113.7 }\nlist chain inet banshare input\n");
-    assert.equal(kind.frame(""), "\nlist chain inet banshare input\n");
-    assert.equal(kind.isAck("}"), true);
-    assert.equal(kind.isAck("\t}"), false, "the chain's closing brace is not the table's");
+    // Any listing of the table makes nft fetch every element of its sets; describe asks the kernel nothing.
+    assert.equal(kind.frame(script), "add element inet banshare v4 { 203.0.113.7 }; delete element inet banshare v4 { 203.0.113.7 }\ndescribe meta length\n");
+    assert.equal(kind.frame(""), "\ndescribe meta length\n");
+    assert.equal(kind.isAck("meta expression, datatype integer (integer), 32 bits"), true);
+    assert.equal(kind.isAck("}"), false, "a listing's closing brace is no acknowledgement");
   });
 
   test("reconcile flushes and refills both sets in one atomic transaction", () => {
@@ -221,6 +228,101 @@ describe("iptables plans: rules change only where the chain differs, and reconci
     const [v4, v6] = iptablesReconcileCommands(cfg, ["203.0.113.2", "2001:db8:1::5"]);
     assert.equal(v4.input, "*filter\n:banshare - [0:0]\n-A banshare -s 192.0.2.0/24 -j RETURN\n-A banshare -s 203.0.113.2 -j DROP\nCOMMIT\n");
     assert.match(v6.input!, /-A banshare -s 2001:db8:1::5 -j DROP/);
+  });
+});
+
+describe("where the DROP is hooked in (--hook) and the enforcement check's readers", () => {
+  const setupText = (b: "ipset" | "iptables", hooks?: ("input" | "forward" | "docker-user")[]) =>
+    BACKENDS[b].setup({ ...cfg, hooks }).map((s) => ("argv" in s ? `${s.when ? `[when ${s.when.join(" ")}] ` : ""}${s.unless ? `[unless ${s.unless.join(" ")}] ` : ""}${s.argv.join(" ")}` : s.log));
+
+  test("by default the chain is jumped to from INPUT and FORWARD, and from DOCKER-USER only when Docker made it; never created", () => {
+    const steps = setupText("ipset");
+    for (const bin of ["iptables", "ip6tables"]) {
+      assert.ok(steps.includes(`[unless ${bin} -w -C INPUT -j banshare] ${bin} -w -I INPUT 1 -j banshare`), steps.join("\n"));
+      assert.ok(steps.includes(`[unless ${bin} -w -C FORWARD -j banshare] ${bin} -w -I FORWARD 1 -j banshare`));
+      assert.ok(steps.includes(`[when ${bin} -w -S DOCKER-USER] [unless ${bin} -w -C DOCKER-USER -j banshare] ${bin} -w -I DOCKER-USER 1 -j banshare`));
+    }
+    assert.ok(!steps.some((s) => /-N DOCKER-USER/.test(s)));
+    assert.deepEqual(backendHooks("ipset"), ["input", "forward", "docker-user"]);
+    assert.deepEqual(backendHooks("nftables"), ["input", "forward"]);
+  });
+
+  test("--hook none creates the sets only and takes the agent's jumps out of every hook chain", () => {
+    const steps = setupText("ipset", []);
+    assert.match(steps[0], /^ipset -exist restore$/);
+    assert.ok(!steps.some((s) => /iptables-restore|-I /.test(s)), steps.join("\n"));
+    assert.ok(steps.includes("[when iptables -w -C INPUT -j banshare] iptables -w -D INPUT -j banshare"));
+    const nft = nftSetupScript({ ...cfg, hooks: [] });
+    assert.match(nft, /^add set inet banshare v4 /m);
+    assert.match(nft, /^delete chain inet banshare input$/m);
+    assert.match(nft, /^delete chain inet banshare forward$/m);
+    assert.doesNotMatch(nft, /saddr @v4 drop/);
+  });
+
+  test("nftables hooks its chains input and forward, each dropping both families", () => {
+    const nft = nftSetupScript({ ...cfg, hooks: ["forward"] });
+    assert.match(nft, /^add chain inet banshare forward \{ type filter hook forward priority filter - 10; policy accept; \}$/m);
+    assert.match(nft, /^add rule inet banshare forward ip6 saddr @v6 drop$/m);
+    assert.match(nft, /^delete chain inet banshare input$/m);
+  });
+
+  test("parseHooks() takes iptables' and nft's spellings, comma lists, none alone; parseArgs passes them on", () => {
+    assert.deepEqual(parseHooks(["INPUT,FORWARD", "DOCKER-USER"], "ipset"), ["input", "forward", "docker-user"]);
+    assert.deepEqual(parseHooks(["input"], "nftables"), ["input"]);
+    assert.deepEqual(parseHooks(["none"], "ipset"), []);
+    assert.throws(() => parseHooks(["none,INPUT"], "ipset"), /none alone/);
+    assert.throws(() => parseHooks(["OUTPUT"], "ipset"), /Expected --hook to be input, forward, docker-user or none, got "output"/);
+    assert.throws(() => parseHooks(["docker-user"], "nftables"), /forward hook already runs before Docker/);
+    const r = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--hook", "INPUT", "--check-interval", "2"]);
+    assert.ok(r.command === "run" && r.options.hooks?.join() === "input" && r.options.checkMs === 2000);
+    const d = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t"]);
+    assert.ok(d.command === "run" && d.options.hooks === undefined && d.options.checkMs === 10_000);
+    assert.throws(() => parseArgs(["--hub", "ws://x", "--token-file", "/t", "--check-interval", "-1"]), /--check-interval/);
+  });
+
+  test("cleanup takes the jumps out of INPUT, FORWARD and DOCKER-USER", () => {
+    const c = cleanupCommands("ipset", "banshare").map((a) => a.join(" "));
+    for (const chain of ["INPUT", "FORWARD", "DOCKER-USER"]) assert.ok(c.includes(`iptables -w -D ${chain} -j banshare`) && c.includes(`ip6tables -w -D ${chain} -j banshare`), chain);
+  });
+
+  const SAVE = "# Generated\n*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n:banshare - [0:0]\n-A INPUT -j banshare\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j banshare\n-A DOCKER-USER -j RETURN\n-A banshare -s 192.0.2.0/24 -j RETURN\n-A banshare -m set --match-set banshare-v4 src -j DROP\nCOMMIT\n";
+  const HEADERS = (n4: number, n6: number) => `Name: banshare-v4\nType: hash:net\nNumber of entries: ${n4}\nName: banshare-v6\nNumber of entries: ${n6}`;
+
+  test("parseIptablesSave() and ipsetHeaders() read what the kernel lists", () => {
+    const chains = parseIptablesSave(SAVE);
+    assert.deepEqual(chains.get("FORWARD"), ["-j DOCKER-USER", "-j banshare"]);
+    assert.deepEqual(chains.get("DOCKER-USER"), ["-j RETURN"]);
+    assert.deepEqual([...ipsetHeaders(HEADERS(3, 0))], [["banshare-v4", 3], ["banshare-v6", 0]]);
+  });
+
+  test("the ipset check names each missing hook, rule and set; DOCKER-USER without the jump is missing, no DOCKER-USER is absent", () => {
+    const r = BACKENDS.ipset.read!(cfg, { v4: HEADERS(3, 0), v6: "", ipt4: SAVE, ipt6: ":INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n" });
+    assert.deepEqual(r.missing, ["iptables DOCKER-USER jump", "ip6tables chain banshare", "ip6tables INPUT jump", "ip6tables FORWARD jump"]);
+    assert.equal(r.hooks.get("iptables INPUT"), "present");
+    assert.equal(r.hooks.get("ip6tables DOCKER-USER"), "absent");
+    assert.deepEqual(r.entries, { 4: 3, 6: 0 });
+    const gone = BACKENDS.ipset.read!({ ...cfg, hooks: [] }, { v4: undefined, v6: undefined });
+    assert.deepEqual(gone.missing, ["set banshare-v4", "set banshare-v6"]);
+    const flushed = BACKENDS.ipset.read!(cfg, { v4: HEADERS(0, 0), ipt4: SAVE.replace(/^-A banshare -m set.*\n/m, ""), ipt6: SAVE.replace(/banshare-v4/, "banshare-v6") });
+    assert.ok(flushed.missing.includes("iptables DROP rule for banshare-v4"), flushed.missing.join());
+  });
+
+  test("the nftables check reads `nft -t list ruleset`: the table, its sets, and each hook's chain with both drops", () => {
+    const table = "table ip filter {\n}\ntable inet banshare {\n\tset v4 {\n\t\ttype ipv4_addr\n\t}\n\tset v6 {\n\t}\n\tchain input {\n\t\ttype filter hook input priority filter - 10; policy accept;\n\t\tip saddr @v4 drop\n\t\tip6 saddr @v6 drop\n\t}\n}\n";
+    const r = BACKENDS.nftables.read!({ ...cfg, hooks: ["input", "forward"] }, { ruleset: table });
+    assert.deepEqual(r.missing, ["nft forward chain"]);
+    assert.equal(r.hooks.get("nft input"), "present");
+    assert.deepEqual(BACKENDS.nftables.read!(cfg, { ruleset: "table ip filter {\n}\n" }).missing, ["table inet banshare"]);
+    assert.equal(BACKENDS.nftables.read!(cfg, { ruleset: table }).entries, undefined, "nft sets are not counted: a listing costs seconds at 100k");
+  });
+
+  test("countDrift() compares the kernel's counts with what was applied, allowing for entries the kernel ends around now", () => {
+    const held = new Map<string, number | null>([["203.0.113.1", null], ["203.0.113.2", NOW + 60_000], ["203.0.113.3", NOW + 1000], ["2001:db8::1", null]]);
+    assert.equal(countDrift({ 4: 3, 6: 1 }, held, NOW, true), undefined);
+    assert.equal(countDrift({ 4: 2, 6: 1 }, held, NOW, true), undefined, "the entry ending in a second may be gone already");
+    assert.equal(countDrift({ 4: 0, 6: 1 }, held, NOW, true), "IPv4: 0 of 2-3 entries in the kernel");
+    assert.equal(countDrift({ 4: 3, 6: 0 }, held, NOW, true), "IPv6: 0 of 1 entries in the kernel");
+    assert.equal(countDrift({ 4: 2, 6: 1 }, held, NOW, false), "IPv4: 2 of 3 entries in the kernel", "rules without timeouts are counted exactly");
   });
 });
 
@@ -428,6 +530,34 @@ describe("Applier: claims in, kernel changes and CSV rows out (dry-run backend)"
       assert.ok(lines.includes("synced: 1 address(es) blocked (dry-run)"));
       assert.deepEqual(rows, []);
     } finally {
+      await applier.close();
+    }
+  });
+
+  test("restore() puts the saved claims into the kernel in one batch, not the expired ones, and writes no row", async () => {
+    const now = Date.now();
+    const { applier, lines, rows } = start();
+    try {
+      const n = await applier.restore([ev("ban", "203.0.113.1", now - 1000, null), ev("ban", "203.0.113.2", now - 9000, now - 1000), ev("ban", "192.0.2.9", now - 1000, null)], now);
+      assert.equal(n, 1, "one address: the other ban is over, the third address allowlisted");
+      assert.deepEqual(lines, ["dry-run: would put 1 address(es) back into the kernel"]);
+      assert.deepEqual(rows, []);
+      assert.deepEqual([...applier.held().keys()], ["203.0.113.1"]);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("a Guard over a backend without a check (dry-run) stays idle and reports what was applied", async () => {
+    const { applier } = start();
+    const backend = makeBackend("dry-run", cfg, () => {});
+    const guard = new Guard({ backend, backendName: "dry-run", applier, prefix: "banshare", record: () => {}, log: () => {}, checkMs: 5000 });
+    try {
+      guard.start();
+      await guard.check();
+      assert.deepEqual(guard.snapshot(), { backend: "dry-run", hooks: [], missing: [], missingSince: undefined, entries: undefined, expected: 0, repairs: 0, lastRepair: undefined, lastCheck: undefined });
+    } finally {
+      await guard.close();
       await applier.close();
     }
   });
