@@ -689,8 +689,9 @@ export function parseState(text: string): AgentState | undefined {
   try {
     const s = JSON.parse(text) as AgentState;
     if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string" || !Array.isArray(s.claims)) return undefined;
+    // A damaged claim costs only itself: the others are kept.
     const frame = parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: s.cursor.seq, events: s.claims }));
-    return frame.ok ? s : undefined;
+    return frame.ok && frame.value.type === "sync" ? { ...s, claims: frame.value.events } : undefined;
   } catch {
     return undefined;
   }
