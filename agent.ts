@@ -41,9 +41,11 @@ import {
   MAX_APPLIED_BATCH,
   MAX_APPLIED_RT_MS,
   MAX_CLOCK_SKEW_MS,
+  DEFAULT_MAX_PREFIX,
   MAX_HUB_FRAME_BYTES,
   PROTOCOL_VERSION,
   blockedUntil,
+  checkBannable,
   csvRow,
   mergeClaim,
   overlaps,
@@ -60,6 +62,7 @@ import {
   type Cursor,
   type ErrorFrame,
   type FleetEvent,
+  type PrefixLimits,
   type SyncFrame,
   type UnbanFrame,
   type WelcomeFrame,
@@ -81,6 +84,8 @@ export interface AgentOptions {
   heartbeatMs: number;
   /** Name of the sets, chain and table the agent owns. */
   prefix: string;
+  /** Broadest networks the agent takes from the hub (as the hub's --max-prefix-v4/-v6): anything broader is refused. Default: `DEFAULT_MAX_PREFIX`. */
+  maxPrefix?: PrefixLimits;
   log: (line: string) => void;
 }
 
@@ -126,7 +131,17 @@ const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
 /** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
 const SESSION_MAX_BYTES = 256 * 1024;
-const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup"];
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "max-prefix-v4", "max-prefix-v6", "cleanup"];
+/**
+ * Most events one sync may bring (all chunks together): as many as one kernel set holds. The
+ * agent keeps every claim in memory (about 0.5 KB each), so this bounds it near 1 GB, within
+ * Node's default heap; a fleet state larger than a set cannot be enforced anyway.
+ */
+export const MAX_SYNC_EVENTS = MAX_ELEMENTS;
+/** Most bytes one sync may bring (all chunks together): 512 per event, twice a real event's size, so endless small chunks end too. */
+export const MAX_SYNC_BYTES = MAX_SYNC_EVENTS * 512;
+/** Refused events of one frame logged one line each; the rest are counted in one more line (each has its REJECT row). */
+const MAX_REFUSAL_LINES = 10;
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers and the backends' plans
@@ -1071,8 +1086,10 @@ export class Spool {
 // The hub link: one connection at a time, each a Session
 
 /** What a `HubLink` is given. */
-export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "spoolDir" | "heartbeatMs" | "ca" | "log"> {
+export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "spoolDir" | "heartbeatMs" | "ca" | "maxPrefix" | "log"> {
   token: string;
+  /** Bounds of one sync (default: `MAX_SYNC_EVENTS`, `MAX_SYNC_BYTES`); smaller in tests. */
+  syncLimits?: { events: number; bytes: number };
   applier: Applier;
   state: StateFile;
   csv: CsvLog;
@@ -1083,8 +1100,10 @@ interface SessionHost {
   /** Where the agent is in the hub's stream; a session moves it on. */
   cursor: Cursor | undefined;
   readonly opts: HubLinkOptions;
-  /** The hub welcomed this session: the reconnect backoff starts over. */
+  /** The hub welcomed this session: the reconnect backoff starts over, unless recent sessions broke off an oversized sync. */
   welcomed(): void;
+  /** This session's sync completed: the backoff after an oversized sync is forgiven. */
+  synced(): void;
 }
 
 /**
@@ -1099,6 +1118,12 @@ export class Session {
   private hubId = "";
   private awaitingSync = false;
   private syncBuffer: FleetEvent[] = [];
+  /** Bytes of the sync frames received so far for `syncBuffer`. */
+  private syncBytes = 0;
+  /** Size of the frame being handled, bytes. */
+  private frameBytes = 0;
+  /** The hub's sync outgrew MAX_SYNC_EVENTS or MAX_SYNC_BYTES and this session dropped the connection. */
+  overflowed = false;
   private hubTakesApplied = false;
   private appliedQueue: AppliedRecord[] = [];
   private appliedTimer: NodeJS.Timeout | undefined;
@@ -1133,12 +1158,14 @@ export class Session {
 
   receive(data: Buffer): void {
     this.alive = true;
+    if (this.overflowed) return;
+    this.frameBytes = data.length;
     const parsed = parseHubFrame(data.toString("utf8"));
     if (!parsed.ok) return this.host.opts.log(`warning: ignoring a frame from the hub: ${parsed.message}`);
     const f = parsed.value;
     if (f.type === "welcome") this.onWelcome(f);
     else if (f.type === "sync") this.onSync(f);
-    else if (f.type === "event") this.onEvents([f], f.seq);
+    else if (f.type === "event") this.onEvents(this.admit([f]), f.seq);
     else if (f.type === "ack") this.onAck(f);
     else if (f.type === "error") this.onError(f);
   }
@@ -1179,6 +1206,7 @@ export class Session {
     this.hubId = f.hub;
     this.awaitingSync = true;
     this.syncBuffer = [];
+    this.syncBytes = 0;
     if (this.host.opts.spoolDir) {
       this.spool = new Spool(this.host.opts.spoolDir, (frame) => this.send(frame), this.host.opts.log);
       this.spool.start();
@@ -1186,18 +1214,62 @@ export class Session {
   }
 
   private onSync(f: SyncFrame): void {
+    const events = this.admit(f.events, f.dropped);
     // A sync not awaited is a burst the hub relayed in one frame.
-    if (!this.awaitingSync) return this.onEvents(f.events, f.seq);
-    // The answer to our hello: the full state, or the events after our cursor, maybe in chunks.
-    this.syncBuffer.push(...f.events);
+    if (!this.awaitingSync) return this.onEvents(events, f.seq);
+    // The answer to our hello: the full state, or the events after our cursor, maybe in chunks,
+    // bounded: past the bound the connection goes, and the kernel keeps what it holds.
+    this.syncBytes += this.frameBytes;
+    const max = this.host.opts.syncLimits ?? { events: MAX_SYNC_EVENTS, bytes: MAX_SYNC_BYTES };
+    if (this.syncBuffer.length + events.length > max.events || this.syncBytes > max.bytes) {
+      this.host.opts.log(`error: the sync from ${this.url} exceeds ${max.events} events or ${max.bytes} bytes (${this.syncBuffer.length + events.length} events, ${this.syncBytes} bytes so far); dropping the connection and keeping what the kernel holds`);
+      this.overflowed = true;
+      this.awaitingSync = false;
+      this.syncBuffer = [];
+      this.sock.terminate();
+      return;
+    }
+    // No spread push: a frame's events can outnumber the arguments a call may take.
+    for (const e of events) this.syncBuffer.push(e);
     if (f.more) return;
-    const events = this.syncBuffer;
+    const all = this.syncBuffer;
     this.awaitingSync = false;
     this.syncBuffer = [];
-    this.host.opts.log(f.full ? `full sync: ${events.length} event(s) at seq ${f.seq}` : `resumed after seq ${this.host.cursor?.seq}: ${events.length} event(s) missed, now at seq ${f.seq}`);
-    this.host.opts.applier.sync(events, f.full);
+    this.host.opts.log(f.full ? `full sync: ${all.length} event(s) at seq ${f.seq}` : `resumed after seq ${this.host.cursor?.seq}: ${all.length} event(s) missed, now at seq ${f.seq}`);
+    this.host.opts.applier.sync(all, f.full);
     this.host.cursor = { hub: this.hubId, seq: f.seq };
+    this.host.synced();
     this.host.opts.state.schedule();
+  }
+
+  /**
+   * The events of a frame the agent takes: the address of each must pass `checkBannable` with
+   * the agent's prefix limits, as the hub checks what nodes send. A refused ban is a REJECT row;
+   * refused events and the malformed ones `parseHubFrame` dropped are log lines (the first few
+   * of a frame one each, the rest counted in one); the rest of the frame applies.
+   */
+  private admit(events: FleetEvent[], dropped?: SyncFrame["dropped"]): FleetEvent[] {
+    const { log, csv } = this.host.opts;
+    const limits = this.host.opts.maxPrefix ?? DEFAULT_MAX_PREFIX;
+    let out: FleetEvent[] | undefined;
+    let refused = 0;
+    for (let i = 0; i < events.length; i++) {
+      const e = events[i];
+      const r = checkBannable(e.ip, limits);
+      if (r.ok) {
+        out?.push(e);
+        continue;
+      }
+      out ??= events.slice(0, i);
+      if (e.kind === "ban") csv.record({ action: "REJECT", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: `from the hub: ${r.message}` });
+      if (++refused <= MAX_REFUSAL_LINES) log(`warning: ignoring the hub's ${e.kind} of ${e.ip} from ${e.origin}: ${r.message}`);
+    }
+    if (refused > MAX_REFUSAL_LINES) log(`warning: ignored ${refused - MAX_REFUSAL_LINES} more event(s) of that frame from the hub (REJECT rows in the CSV)`);
+    if (dropped) {
+      log(`warning: ignoring ${dropped.count} malformed event(s) in a sync frame from the hub: ${dropped.reasons.join("; ")}`);
+      csv.record({ action: "REJECT", detail: `${dropped.count} malformed event(s) in a sync frame from the hub: ${dropped.reasons.join("; ")}` });
+    }
+    return out ?? events;
   }
 
   /** Events relayed live: applied, remembered for the response-time report, and the cursor moves on (once there is one). */
@@ -1237,6 +1309,8 @@ export class HubLink implements SessionHost {
   private session: Session | undefined;
   private sock: WebSocket | undefined;
   private attempt = 0;
+  /** Sessions in a row that broke off an oversized sync: the backoff keeps growing across their welcomes. */
+  private strikes = 0;
   private hubIndex = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private closing = false;
@@ -1244,7 +1318,11 @@ export class HubLink implements SessionHost {
   constructor(readonly opts: HubLinkOptions) {}
 
   welcomed(): void {
-    this.attempt = 0;
+    this.attempt = this.strikes;
+  }
+
+  synced(): void {
+    this.strikes = 0;
   }
 
   /** Passes a batch's response times to the current session, if any (best effort). */
@@ -1287,6 +1365,7 @@ export class HubLink implements SessionHost {
 
   private closed(session: Session, code: number, reason: Buffer): void {
     session.close();
+    if (session.overflowed) this.attempt = ++this.strikes;
     if (this.session === session) this.session = undefined;
     this.opts.applier.forgetLive();
     if (this.closing) return;
@@ -1451,6 +1530,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("ca", { type: "string", describe: "PEM CA certificate to verify a wss:// hub with (self-signed fleets)" })
       .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
       .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
+      .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 networks from the hub broader than this prefix length (set it as on the hub)" })
+      .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .strict()
       .fail((msg, err) => {
@@ -1478,6 +1559,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
   for (const s of a.allow) if (!parseAddress(s)) throw new UsageError(`Expected --allow to be an address or CIDR, got ${JSON.stringify(s)}`);
   const ports = a.ports ? a.ports.split(",").map((p) => Number(p.trim())) : [];
   for (const p of ports) if (!Number.isInteger(p) || p < 1 || p > 65535) throw new UsageError(`Expected --ports to be TCP ports 1-65535 separated by commas, got ${JSON.stringify(a.ports)}`);
+  for (const [flag, v, max] of [["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128]] as const) {
+    if (!Number.isInteger(v) || v < 0 || v > max) throw new UsageError(`Expected ${flag} to be a prefix length 0-${max}, got ${v}`);
+  }
   if (!(a.heartbeat >= 1 && a.heartbeat <= 86400)) throw new UsageError(`Expected --heartbeat to be 1-86400 seconds, got ${a.heartbeat}`);
   if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
   return {
@@ -1495,6 +1579,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       ca: a.ca,
       heartbeatMs: a.heartbeat * 1000,
       prefix: a.prefix,
+      maxPrefix: { v4: a.maxPrefixV4, v6: a.maxPrefixV6 },
     },
   };
 }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
@@ -548,6 +548,161 @@ describe("HubLink: a Session per connection, thrown away on close", () => {
       link.close();
       await applier.close();
       await new Promise((r) => wss.close(r));
+    }
+  });
+});
+
+/** A scripted hub on a real WebSocket: `script(send, n)` plays connection n (1-based) after its hello. */
+async function scriptedHub(script: (send: (f: object) => void, n: number, sock: ServerSocket) => void) {
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((r) => wss.once("listening", r));
+  let conns = 0;
+  wss.on("connection", (sock: ServerSocket) => {
+    const n = ++conns;
+    sock.on("error", () => {});
+    sock.once("message", () => {
+      const send = (f: object) => sock.readyState === sock.OPEN && sock.send(JSON.stringify(f));
+      send({ type: "welcome", v: 1, hub: "h1", node: "web9", role: "node", seq: "1" });
+      script(send, n, sock);
+    });
+  });
+  return { url: `ws://127.0.0.1:${(wss.address() as { port: number }).port}`, conns: () => conns, close: () => new Promise((r) => wss.close(r)) };
+}
+
+/** A HubLink with a dry-run applier and a real CSV file, against `url`. */
+async function linkTo(url: string, dir: string, extra: Partial<ConstructorParameters<typeof HubLink>[0]> = {}) {
+  const lines: string[] = [];
+  const log = (l: string) => lines.push(l);
+  const csv = await CsvLog.open(join(dir, "agent.csv"), "agent", log);
+  const applier = new Applier({ backend: makeBackend("dry-run", cfg, log), backendName: "dry-run", allow: new Allowlist([]), record: (r) => csv.record(r), log });
+  const link: HubLink = new HubLink({ hubs: [url], heartbeatMs: 60_000, token: "t".repeat(16), log, applier, csv, state: new StateFile(undefined, log, () => ({ cursor: link.cursor, claims: applier.claims })), ...extra });
+  return {
+    link, applier, lines,
+    rows: async () => {
+      await new Promise((r) => setTimeout(r, 20));
+      const text = await readFile(join(dir, "agent.csv"), "utf8");
+      return text.trim().split("\n").slice(1);
+    },
+    close: async () => {
+      link.close();
+      await applier.close();
+      await csv.close();
+    },
+  };
+}
+
+async function until(pred: () => boolean, what: string, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+describe("Session: what the hub sends is checked as strictly as the hub checks nodes", () => {
+  const HOSTILE = ["127.0.0.53", "224.0.0.251", "255.255.255.255", "0.1.2.3", "240.0.0.1", "128.0.0.0/1", "ff02::1", "64:ff9b::/96", "100.64.0.0/10", "2001:db8::/32"];
+
+  test("a sync and live events with refused addresses apply everything else; each refused ban is a REJECT row and a log line", async () => {
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-admit-"));
+    const hub = await scriptedHub((send) => {
+      const bad = HOSTILE.map((ip, i) => ev("ban", ip, now, null, "evil", String(i + 1)));
+      send({ type: "sync", full: true, seq: "20", more: true, events: [bad[0], ev("ban", "203.0.113.1", now, null), ...bad.slice(1, 5), { kind: "nonsense" }] });
+      send({ type: "sync", full: true, seq: "20", events: [...bad.slice(5), ev("ban", "2001:db8:1::/64", now, null)] });
+      setTimeout(() => {
+        send({ type: "event", ...ev("ban", "127.0.0.1", now, null, "evil", "21") });
+        send({ type: "event", ...ev("ban", "203.0.113.2", now, null, "web2", "22") });
+        send({ type: "sync", full: false, seq: "24", events: [ev("ban", "ff05::1", now, null, "evil", "23"), ev("ban", "203.0.113.3", now, null, "web2", "24")] });
+      }, 50);
+    });
+    const agent = await linkTo(hub.url, dir);
+    try {
+      agent.link.connect();
+      await until(() => agent.link.cursor?.seq === "24", "the cursor to reach seq 24");
+      assert.deepEqual([...agent.applier.claims.keys()].sort(), ["2001:db8:1::/64", "203.0.113.1", "203.0.113.2", "203.0.113.3"]);
+      const rejects = (await agent.rows()).filter((r) => r.includes(",REJECT,"));
+      for (const ip of [...HOSTILE, "127.0.0.1", "ff05::1"]) assert.ok(rejects.some((r) => r.includes(`,${ip},`) && r.includes("from the hub: Refusing to ban")), `REJECT row for ${ip}`);
+      assert.ok(rejects.some((r) => /1 malformed event\(s\) in a sync frame from the hub: event kind ""nonsense""/.test(r)), rejects.join("\n"));
+      assert.ok(agent.lines.some((l) => l.startsWith("warning: ignoring the hub's ban of 64:ff9b::/96 from evil: Refusing to ban 64:ff9b::/96")), agent.lines.join("\n"));
+      assert.ok(agent.lines.some((l) => /^full sync: 2 event\(s\) at seq 20$/.test(l)), agent.lines.join("\n"));
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("--max-prefix-v4/-v6 set the agent's limits; broader networks from the hub are refused", async () => {
+    const r = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--max-prefix-v4", "24", "--max-prefix-v6", "48"]);
+    assert.ok(r.command === "run");
+    if (r.command !== "run") return;
+    assert.deepEqual(r.options.maxPrefix, { v4: 24, v6: 48 });
+    assert.deepEqual((parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t"]) as { options: { maxPrefix: unknown } }).options.maxPrefix, { v4: 32, v6: 64 });
+    assert.throws(() => parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--max-prefix-v4", "33"]), /Expected --max-prefix-v4 to be a prefix length 0-32, got 33/);
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-admit-"));
+    const hub = await scriptedHub((send) => send({ type: "sync", full: true, seq: "3", events: [ev("ban", "198.51.100.0/24", now, null), ev("ban", "198.51.0.0/16", now, null, "web2"), ev("ban", "2001:db8::/48", now, null, "web3")] }));
+    const agent = await linkTo(hub.url, dir, { maxPrefix: { v4: 24, v6: 48 } });
+    try {
+      agent.link.connect();
+      await until(() => agent.link.cursor?.seq === "3", "the sync");
+      assert.deepEqual([...agent.applier.claims.keys()].sort(), ["198.51.100.0/24", "2001:db8::/48"]);
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a sync of 200,000 events in one frame (about 40 MB) is taken whole: no spread push to overflow the stack", async () => {
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-bigsync-"));
+    const N = 200_000;
+    const hub = await scriptedHub((send) => {
+      const events = Array.from({ length: N }, (_, i) => ev("ban", i % 2 ? `127.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}` : `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`, now, null, "web1", String(i + 1)));
+      send({ type: "sync", full: true, seq: String(N), events });
+    });
+    const agent = await linkTo(hub.url, dir);
+    try {
+      agent.link.connect();
+      await until(() => agent.link.cursor?.seq === String(N), "the big sync", 60_000);
+      assert.equal(agent.applier.claims.size, N / 2, "the loopback half refused, the rest taken");
+      assert.ok(agent.lines.some((l) => l === "warning: ignored 99990 more event(s) of that frame from the hub (REJECT rows in the CSV)"), agent.lines.slice(0, 20).join("\n"));
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a sync past its bound (events, or bytes of endless more: true chunks) drops the connection, keeps the claims, and backs off more each time", async () => {
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-endless-"));
+    const at: number[] = [];
+    const hub = await scriptedHub((send, n, sock) => {
+      at.push(Date.now());
+      if (n <= 2) setTimeout(() => sock.terminate(), 50);
+      if (n === 1) return send({ type: "sync", full: true, seq: "1", events: [ev("ban", "203.0.113.1", now, null)] });
+      if (n === 2) return;
+      if (n === 3) return send({ type: "sync", full: true, seq: "9", events: Array.from({ length: 101 }, (_, i) => ev("ban", `198.51.100.${i}`, now, null)) });
+      // Endless chunks of nothing new.
+      const timer = setInterval(() => send({ type: "sync", full: true, seq: "9", more: true, events: [] }), 1);
+      sock.on("close", () => clearInterval(timer));
+    });
+    const agent = await linkTo(hub.url, dir, { syncLimits: { events: 100, bytes: 100_000 } });
+    try {
+      agent.link.connect();
+      await until(() => hub.conns() >= 6, "three oversized syncs", 30_000).catch((e) => assert.fail(`${e.message}: ${agent.lines.join("\n")}`));
+      assert.deepEqual([...agent.applier.claims.keys()], ["203.0.113.1"], "what the first sync brought stays; nothing of the oversized ones");
+      assert.equal(agent.link.cursor?.seq, "1");
+      assert.ok(agent.lines.some((l) => /^error: the sync from ws:\S+ exceeds 100 events or 100000 bytes \(101 events/.test(l)), agent.lines.join("\n"));
+      assert.ok(agent.lines.some((l) => /^error: the sync from ws:\S+ exceeds 100 events or 100000 bytes \(0 events, 1\d{5} bytes so far\)/.test(l)), agent.lines.join("\n"));
+      const gaps = at.slice(3).map((t, i) => t - at[i + 2]);
+      assert.ok(gaps[2] > gaps[0], `the backoff grows across oversized syncs: ${gaps.join(", ")} ms`);
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });
