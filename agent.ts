@@ -46,6 +46,7 @@ import {
   PROTOCOL_VERSION,
   blockedUntil,
   checkBannable,
+  contains,
   csvRow,
   mergeClaim,
   overlaps,
@@ -122,8 +123,14 @@ export interface Agent {
 /** What the agent's CSV rows say; time and node are added by `CsvLog`. */
 export type Row = Omit<CsvRecord, "time" | "node">;
 
-/** Largest timeout ipset accepts, in seconds; longer bans are capped and renewed by each reconcile. */
+/** Largest timeout ipset accepts, in seconds (2^31 ms, 24.8 days); longer bans are capped and renewed (`Applier`). */
 export const IPSET_MAX_TIMEOUT_S = 2147483;
+/**
+ * Largest timeout the nftables backend writes, in seconds (3.17 years): nft 1.0.6 refuses a
+ * timeout of 100,000,000 s or more written in seconds ("value too large"; the kernel itself takes
+ * up to 2^64 ns, about 213,000 days). Longer bans are capped and renewed, as with ipset.
+ */
+export const NFT_MAX_TIMEOUT_S = 99_999_999;
 const MAX_ELEMENTS = 2_097_152;
 const CMD_TIMEOUT_MS = 60_000;
 /** Response-time reports (`applied`): gathered this long before one frame goes, at most this many waiting. */
@@ -262,7 +269,13 @@ export function nftSetupScript(cfg: FirewallConfig): string {
 function nftElement(ip: string, until: number | null, now: number): string | undefined {
   const left = remainingSeconds(until, now);
   if (left < 0) return undefined;
-  return left === 0 ? ip : `${ip} timeout ${left}s`;
+  return left === 0 ? ip : `${ip} timeout ${Math.min(left, NFT_MAX_TIMEOUT_S)}s`;
+}
+
+function nftElements(prefix: string, set: string, els: string[]): string[] {
+  const lines: string[] = [];
+  for (let i = 0; i < els.length; i += 1000) lines.push(`add element inet ${prefix} ${set} { ${els.slice(i, i + 1000).join(", ")} }`);
+  return lines;
 }
 
 /**
@@ -289,8 +302,50 @@ export function nftReconcileScript(prefix: string, desired: Map<string, number |
     const el = nftElement(ip, until, now);
     if (el) els[family(ip)].push(el);
   }
+  for (const fam of [4, 6] as const) for (const l of nftElements(prefix, `v${fam}`, els[fam])) lines.push(l);
+  return lines.join("\n") + "\n";
+}
+
+/**
+ * nftables backend: one transaction that tries `entries` in scratch sets made and deleted in it,
+ * so it changes nothing whether it succeeds or not: it tells which entries the kernel refuses
+ * when a reconcile fails.
+ */
+export function nftTestScript(prefix: string, entries: Change[], now: number): string {
+  const lines: string[] = [];
+  const els: Record<4 | 6, string[]> = { 4: [], 6: [] };
+  for (const c of entries) {
+    const el = c.until === undefined ? undefined : nftElement(c.ip, c.until, now);
+    if (el) els[family(c.ip)].push(el);
+  }
   for (const fam of [4, 6] as const) {
-    for (let i = 0; i < els[fam].length; i += 1000) lines.push(`add element inet ${prefix} v${fam} { ${els[fam].slice(i, i + 1000).join(", ")} }`);
+    if (!els[fam].length) continue;
+    lines.push(`add set inet ${prefix} test${fam} { type ipv${fam}_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`);
+    for (const l of nftElements(prefix, `test${fam}`, els[fam])) lines.push(l);
+    lines.push(`delete set inet ${prefix} test${fam}`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+/**
+ * ipset backend: `ipset restore` input that tries `entries` in scratch sets, created, filled and
+ * destroyed, never the live ones: it tells which entries the kernel refuses when a reconcile
+ * fails. A refused entry stops the restore before the destroy; `ipsetTestCleanup` removes them.
+ */
+export function ipsetTestScript(prefix: string, entries: Change[], now: number): string {
+  const names = ipsetNames(prefix);
+  const lines: string[] = [];
+  for (const fam of [4, 6] as const) {
+    const set = `${fam === 4 ? names.v4 : names.v6}-test`;
+    const start = lines.length;
+    lines.push(ipsetCreate(set, fam), `flush ${set}`);
+    for (const c of entries) {
+      if (family(c.ip) !== fam || c.until === undefined) continue;
+      const add = ipsetAddLine(set, c.ip, c.until, now);
+      if (add) lines.push(add);
+    }
+    if (lines.length === start + 2) lines.length = start;
+    else lines.push(`destroy ${set}`);
   }
   return lines.join("\n") + "\n";
 }
@@ -390,6 +445,12 @@ export interface BackendPlan {
   change(cfg: FirewallConfig, changes: Change[], now: number, present: Set<string>): Step[];
   /** Makes the kernel hold exactly `desired`, atomically: run after each sync. */
   reconcile(cfg: FirewallConfig, desired: Map<string, number | null>, now: number): Step[];
+  /** Tries entries without touching the live sets (each step fails when the kernel refuses one): how a failed reconcile finds the entries to leave out. */
+  test?(cfg: FirewallConfig, entries: Change[], now: number): Step[];
+  /** Removes what a failed `test` left behind (each command may fail when absent). */
+  testCleanup?(prefix: string): string[][];
+  /** Longest kernel timeout this backend writes, seconds: longer bans are capped and renewed before it ends. */
+  maxTimeoutS?: number;
   /** The long-lived process a batch goes to first (`KernelSession`); `change` is then one command, run one-shot when the session fails. */
   session?(prefix: string): SessionKind;
   /** Removes every object the agent created, and nothing else (each command may fail when absent). */
@@ -406,6 +467,9 @@ const BACKEND_TABLE = {
     setup: (cfg) => [...ipsetSetupCommands(cfg), ...jumpSteps(cfg.prefix)],
     change: (cfg, changes, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetChangeScript(cfg.prefix, changes, now) }],
     reconcile: (cfg, desired, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetReconcileScript(cfg.prefix, desired, now) }],
+    test: (cfg, entries, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetTestScript(cfg.prefix, entries, now) }],
+    testCleanup: (prefix) => Object.values(ipsetNames(prefix)).map((set) => ["ipset", "destroy", `${set}-test`]),
+    maxTimeoutS: IPSET_MAX_TIMEOUT_S,
     session: (prefix) => ipsetSession(ipsetNames(prefix).v4),
     cleanup: (prefix) => [...chainCleanup(prefix), ...Object.values(ipsetNames(prefix)).map((set) => ["ipset", "destroy", set])],
     count: (prefix) => Object.values(ipsetNames(prefix)).map((set) => ["ipset", "list", "-terse", set]),
@@ -415,6 +479,8 @@ const BACKEND_TABLE = {
     setup: (cfg) => [{ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) }],
     change: (cfg, changes, now) => [{ argv: ["nft", "-f", "-"], input: nftChangeScript(cfg.prefix, changes, now) }],
     reconcile: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }],
+    test: (cfg, entries, now) => [{ argv: ["nft", "-f", "-"], input: nftTestScript(cfg.prefix, entries, now) }],
+    maxTimeoutS: NFT_MAX_TIMEOUT_S,
     session: nftSession,
     cleanup: (prefix) => [["nft", "delete", "table", "inet", prefix]],
     count: (prefix) => ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
@@ -517,6 +583,62 @@ export function changesFor(desired: Map<string, number | null>, applied: Map<str
   for (const ip of applied.keys()) if (!desired.has(ip)) changes.push({ ip, until: undefined });
   for (const [ip, until] of desired) if (applied.get(ip) !== until) changes.push({ ip, until });
   return changes;
+}
+
+/** The later of two ends, null (for good) winning. */
+function laterEnd(a: number | null, b: number | null): number | null {
+  return a === null || b === null ? null : Math.max(a, b);
+}
+
+/** The first `bits` bits of `bytes`, as a map key. */
+function prefixKey(bytes: Uint8Array, bits: number): string {
+  let key = "";
+  for (let i = 0; i * 8 < bits; i++) key += String.fromCharCode(bits - i * 8 >= 8 ? bytes[i] : bytes[i] & ((0xff << (8 - (bits - i * 8))) & 0xff));
+  return key;
+}
+
+/**
+ * What the kernel can hold of `desired` when networks overlap: an nftables interval set refuses
+ * a network together with an address or network inside it ("conflicting intervals"), so the
+ * covering network wins. An entry inside a blocked network is left out while the network is
+ * blocked, and the network's kernel entry lasts as long as the longest entry inside it, so the
+ * kernel alone (an agent that is down) never ends a ban early. When the network's own claim
+ * ends, the agent puts the entries inside back with their own ends, in one batch. The same rule
+ * runs for every backend (ipset's hash:net would take both) so they hold the same. Without
+ * networks in `desired`, `desired` itself is returned.
+ */
+export function resolveOverlaps(desired: Map<string, number | null>): Map<string, number | null> {
+  const nets = new Map<string, Map<string, string>>(); // "family/bits" -> prefix key -> network
+  const lengths: Record<4 | 6, number[]> = { 4: [], 6: [] };
+  for (const ip of desired.keys()) {
+    if (!ip.includes("/")) continue;
+    const a = parseAddress(ip)!;
+    const k = `${a.family}/${a.prefix}`;
+    if (!nets.has(k)) {
+      nets.set(k, new Map());
+      lengths[a.family].push(a.prefix);
+    }
+    nets.get(k)!.set(prefixKey(a.bytes, a.prefix), ip);
+  }
+  if (!nets.size) return desired;
+  lengths[4].sort((x, y) => x - y);
+  lengths[6].sort((x, y) => x - y);
+  const out = new Map(desired);
+  for (const [ip, until] of desired) {
+    const fam = family(ip);
+    if (!lengths[fam].length) continue;
+    const a = parseAddress(ip)!;
+    // The broadest blocked network around it: the one the kernel holds.
+    for (const bits of lengths[fam]) {
+      if (bits >= a.prefix) break;
+      const cover = nets.get(`${fam}/${bits}`)!.get(prefixKey(a.bytes, bits));
+      if (cover === undefined) continue;
+      out.delete(ip);
+      out.set(cover, laterEnd(out.get(cover)!, until));
+      break;
+    }
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,12 +747,52 @@ async function runStep(step: Step, log: (s: string) => void): Promise<void> {
   await run(step);
 }
 
+/** A change the kernel refused, with the kernel's own message. */
+export interface Refusal {
+  change: Change;
+  message: string;
+}
+
+/** The firewall's objects are not there (or its command cannot run): no entry is to blame. */
+export class KernelUnavailable extends Error {}
+
 /** A firewall backend at work: a `BACKENDS` entry run against the kernel. */
 export interface Backend {
   setup(): Promise<void>;
-  apply(changes: Change[], now: number): Promise<void>;
-  reconcile(desired: Map<string, number | null>, now: number): Promise<void>;
+  /**
+   * Applies a batch. One bad entry never holds back the rest: a batch the kernel refuses is split
+   * in halves until each refused change stands alone; those are returned, everything else has
+   * landed. Throws `KernelUnavailable` when every change fails and the firewall's objects are
+   * missing (nothing is then to blame on an entry).
+   */
+  apply(changes: Change[], now: number): Promise<Refusal[]>;
+  /**
+   * Makes the kernel hold exactly `desired`. When the kernel refuses that, the entries it refuses
+   * are found without touching the live sets (`test`, halving), and the kernel is made to hold the
+   * rest; those refused are returned. Throws when it still fails.
+   */
+  reconcile(desired: Map<string, number | null>, now: number): Promise<Refusal[]>;
+  /** Longest kernel timeout, seconds: longer bans are capped and must be renewed (undefined: no limit). */
+  readonly maxTimeoutS?: number;
   close(): void;
+}
+
+/**
+ * Runs `attempt` on `items`; when it fails, on each half, down to single items: returns the
+ * items that fail alone, with their error's message. Order is kept (unblocks before blocks).
+ */
+export async function splitRefused<T>(items: T[], attempt: (part: T[]) => Promise<void>): Promise<Array<{ item: T; message: string }>> {
+  try {
+    if (items.length) await attempt(items);
+    return [];
+  } catch (e) {
+    if (items.length === 1) return [{ item: items[0], message: (e as Error).message }];
+    const mid = items.length >> 1;
+    const left = await splitRefused(items.slice(0, mid), attempt);
+    const right = await splitRefused(items.slice(mid), attempt);
+    for (const r of right) left.push(r);
+    return left;
+  }
 }
 
 /** Creates the backend for `name`: runs its plan, batches through its session if it has one; `log` receives dry-run plans. */
@@ -642,6 +804,13 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
   const present = new Set<string>();
   const runAll = async (steps: Step[]) => {
     for (const s of steps) await runStep(s, log);
+  };
+  /** When every change failed: do the firewall's objects exist? (Its count commands run.) Throws KernelUnavailable when not. */
+  const available = async (why: string) => {
+    for (const argv of plan.count(cfg.prefix)) {
+      const r = await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
+      if (r.exitCode !== 0) throw new KernelUnavailable(`${why} (and ${argv.join(" ")} fails: the firewall's objects are missing)`);
+    }
   };
   return {
     async setup() {
@@ -657,19 +826,41 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
       if (session) await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own ${kind.argv[2]}`));
     },
     async apply(changes, now) {
-      for (const step of plan.change(cfg, changes, now, present)) {
-        if (session && "argv" in step) await session.send(step.input ?? "").catch(() => run(step));
-        else await runStep(step, log);
-      }
-      if (plan.listed) for (const c of changes) c.until === undefined ? present.delete(c.ip) : present.add(c.ip);
+      const attempt = async (part: Change[]) => {
+        for (const step of plan.change(cfg, part, now, present)) {
+          if (session && "argv" in step) await session.send(step.input ?? "").catch(() => run(step));
+          else await runStep(step, log);
+        }
+        if (plan.listed) for (const c of part) c.until === undefined ? present.delete(c.ip) : present.add(c.ip);
+      };
+      const refused = (await splitRefused(changes, attempt)).map((r) => ({ change: r.item, message: r.message }));
+      if (refused.length && refused.length === changes.length) await available(refused[0].message);
+      return refused;
     },
     async reconcile(desired, now) {
-      await runAll(plan.reconcile(cfg, desired, now));
+      let refused: Refusal[] = [];
+      try {
+        await runAll(plan.reconcile(cfg, desired, now));
+      } catch (e) {
+        if (!plan.test) throw e;
+        // Which entries does the kernel refuse? Tried in scratch sets, the live ones untouched.
+        const entries: Change[] = [];
+        for (const [ip, until] of desired) entries.push({ ip, until });
+        refused = (await splitRefused(entries, (part) => runAll(plan.test!(cfg, part, now)))).map((r) => ({ change: r.item, message: r.message }));
+        for (const argv of plan.testCleanup?.(cfg.prefix) ?? []) await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
+        if (!refused.length) throw e;
+        if (refused.length === entries.length) await available(refused[0].message);
+        const rest = new Map(desired);
+        for (const r of refused) rest.delete(r.change.ip);
+        await runAll(plan.reconcile(cfg, rest, now));
+      }
       if (plan.listed) {
         present.clear();
         for (const ip of desired.keys()) present.add(ip);
       }
+      return refused;
     },
+    maxTimeoutS: plan.maxTimeoutS,
     close: () => session?.close(),
   };
 }
@@ -837,11 +1028,19 @@ export interface ApplierOptions {
   onApplied?: (changes: Change[], live: Map<string, FleetEvent>) => void;
 }
 
+/** How long a failed kernel command waits before the kernel is reconciled again, ms. */
+const RETRY_MS = 5000;
+/** Refused entries of one batch logged one line each; the rest are counted in one more line (each has its REJECT row). */
+const MAX_REFUSED_LINES = 20;
+
 /**
  * Owns the fleet's claims as this agent knows them and what it applied to the kernel. Events
  * mark addresses dirty; one kernel command runs at a time, and changes that arrive meanwhile
  * wait and go in the next batch. After a sync the kernel is reconciled to the claims in one
- * command. A sweep each second ends what expired.
+ * command. A sweep each second ends what expired and renews kernel timeouts that were capped
+ * (a ban longer than the backend's `maxTimeoutS` is re-added once half of its capped timeout
+ * has passed). An entry the kernel refuses is a REJECT row and one log line, and is not tried
+ * again until its claim changes (or the next sync's reconcile).
  */
 export class Applier {
   readonly claims: Claims = new Map();
@@ -850,9 +1049,18 @@ export class Applier {
   private readonly dirty = new Set<string>();
   /** Events relayed live (not in a sync), by address, until the batch that applies them. */
   private readonly arrived = new Map<string, FleetEvent>();
+  /** Entries the kernel refused, with the end they had then: not tried again while it stays the same. */
+  readonly refused = new Map<string, { until: number | null; message: string }>();
+  /** Claimed networks: an event on one of them, or on an address inside one, needs the overlap rule (`resolveOverlaps`). */
+  private readonly nets = new Map<string, Address>();
+  /** Entries whose kernel timeout was capped: when to re-add them (ms). */
+  private readonly renewAt = new Map<string, number>();
+  private nextRenewal = Infinity;
+  /** Entries due for renewal, in the next batch. */
+  private readonly renew = new Set<string>();
   private pendingReconcile = false;
   /** The kernel command under way. */
-  private working: Promise<void> | undefined;
+  private working: Promise<unknown> | undefined;
   private readonly sweeper: NodeJS.Timeout;
   private retryTimer: NodeJS.Timeout | undefined;
 
@@ -865,8 +1073,13 @@ export class Applier {
 
   /** Takes the claims of a saved state, as what the kernel held then: the next reconcile logs only real changes. */
   restore(events: FleetEvent[], now: number): void {
-    for (const e of events) mergeClaim(this.claims, e);
-    this.applied = desiredState(this.claims, this.opts.allow, now);
+    for (const e of events) this.merge(e);
+    this.applied = this.kernelState(now);
+    // When the kernel last got a capped timeout is not known: renew those at the first sweep.
+    for (const [ip, until] of this.applied) {
+      this.scheduleRenewal(ip, until, now);
+      if (this.renewAt.has(ip)) this.renewAt.set(ip, (this.nextRenewal = now));
+    }
   }
 
   /** Merges events (a REJECT row for an allowlisted ban) and applies what changed; `live`: remember them for `onApplied`. */
@@ -874,7 +1087,7 @@ export class Applier {
     for (const e of events) {
       const why = this.opts.allow.reason(e.ip);
       if (why && e.kind === "ban") this.opts.record({ action: "REJECT", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: why });
-      if (mergeClaim(this.claims, e)) this.dirty.add(e.ip);
+      if (this.merge(e)) this.dirty.add(e.ip);
       if (live && (this.arrived.size < MAX_APPLIED_QUEUE * 10 || this.arrived.has(e.ip))) this.arrived.set(e.ip, e);
     }
     this.kick();
@@ -882,7 +1095,10 @@ export class Applier {
 
   /** The answer to a hello: the full state (`full`) or the events missed; the kernel is then reconciled. */
   sync(events: FleetEvent[], full: boolean): void {
-    if (full) this.claims.clear();
+    if (full) {
+      this.claims.clear();
+      this.nets.clear();
+    }
     this.pendingReconcile = true;
     this.take(events);
   }
@@ -892,10 +1108,24 @@ export class Applier {
     this.arrived.clear();
   }
 
-  /** Marks what ended by `now` (claims and applied entries) and applies it. */
+  /** What the kernel should hold now: the claims' blocks, the overlap rule applied (refused entries included). */
+  kernelState(now: number): Map<string, number | null> {
+    return resolveOverlaps(desiredState(this.claims, this.opts.allow, now));
+  }
+
+  /** Marks what ended by `now` (claims and applied entries), and the capped timeouts due for renewal, and applies it. */
   sweep(now: number): void {
     for (const ip of pruneClaims(this.claims, now)) this.dirty.add(ip);
     for (const [ip, until] of this.applied) if (until !== null && until <= now) this.dirty.add(ip);
+    if (now >= this.nextRenewal) {
+      this.nextRenewal = Infinity;
+      for (const [ip, at] of this.renewAt) {
+        if (at <= now) {
+          this.renew.add(ip);
+          this.dirty.add(ip);
+        } else if (at < this.nextRenewal) this.nextRenewal = at;
+      }
+    }
     if (this.dirty.size) this.kick();
   }
 
@@ -905,6 +1135,14 @@ export class Applier {
     clearTimeout(this.retryTimer);
     while (this.working) await this.working.catch(() => {});
     this.opts.backend.close();
+  }
+
+  private merge(e: FleetEvent): boolean {
+    if (e.ip.includes("/") && !this.nets.has(e.ip)) {
+      const a = parseAddress(e.ip);
+      if (a) this.nets.set(e.ip, a);
+    }
+    return mergeClaim(this.claims, e);
   }
 
   private kick(): void {
@@ -919,33 +1157,126 @@ export class Applier {
     }
   }
 
+  /** Reconciles the kernel again in RETRY_MS (a command that failed as a whole). */
+  private retryLater(): void {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => {
+      this.pendingReconcile = true;
+      this.kick();
+    }, RETRY_MS);
+    this.retryTimer.unref();
+  }
+
   private async reconcile(now: number): Promise<void> {
-    const { backend, allow, log } = this.opts;
+    const { backend, log } = this.opts;
     this.pendingReconcile = false;
     this.dirty.clear();
+    this.renew.clear();
     this.arrived.clear();
-    const desired = desiredState(this.claims, allow, now);
-    this.working = backend.reconcile(desired, now);
+    // Entries refused before are tried again, once per sync: never a hot loop.
+    const desired = this.kernelState(now);
+    const working = backend.reconcile(desired, now);
+    this.working = working;
     try {
-      await this.working;
+      const refused = await working;
+      this.refuse(refused);
+      for (const r of refused) desired.delete(r.change.ip);
+      for (const ip of this.refused.keys()) if (!refused.some((r) => r.change.ip === ip)) this.refused.delete(ip);
       for (const c of changesFor(desired, this.applied)) this.logApplied(c.ip, this.applied.get(c.ip), c.until, now, "sync");
       this.applied = desired;
-      log(`synced: ${desired.size} address(es) blocked (${this.opts.backendName})`);
+      this.renewAt.clear();
+      this.nextRenewal = Infinity;
+      for (const [ip, until] of desired) this.scheduleRenewal(ip, until, now);
+      log(`synced: ${desired.size} address(es) blocked (${this.opts.backendName})${refused.length ? `, ${refused.length} refused by the kernel` : ""}`);
     } catch (e) {
-      log(`error: reconcile failed, retrying in 5 s: ${(e as Error).message}`);
-      this.retryTimer = setTimeout(() => {
-        this.pendingReconcile = true;
-        this.kick();
-      }, 5000);
-      this.retryTimer.unref();
+      log(`error: reconcile failed, retrying in ${RETRY_MS / 1000} s: ${(e as Error).message}`);
+      this.retryLater();
     } finally {
       this.working = undefined;
     }
   }
 
+  /** The changes for the dirty addresses, and the renewals due; refused entries left out while their claim is unchanged. */
+  private plan(now: number): { changes: Change[]; renewals: number } {
+    const { allow } = this.opts;
+    let changes: Change[];
+    let desired: Map<string, number | null>;
+    if (this.touchesNet()) {
+      // A network or an address inside one: the overlap rule decides over the whole state.
+      desired = this.kernelState(now);
+      this.dropRefused(desired, this.refused.keys());
+      changes = changesFor(desired, this.applied);
+    } else {
+      desired = desiredState(this.claims, allow, now, this.dirty);
+      this.dropRefused(desired, this.dirty);
+      changes = changesFor(desired, this.applied, this.dirty);
+    }
+    let renewals = 0;
+    for (const ip of this.renew) {
+      const until = desired.get(ip);
+      if (until !== undefined && until === this.applied.get(ip)) {
+        changes.push({ ip, until });
+        renewals++;
+      }
+    }
+    this.renew.clear();
+    // Unblocks first: a network's entries inside it leave the set before it comes (or the other way round).
+    const unblocks = changes.filter((c) => c.until === undefined);
+    return { changes: unblocks.length && unblocks.length < changes.length ? unblocks.concat(changes.filter((c) => c.until !== undefined)) : changes, renewals };
+  }
+
+  /** Leaves out of `desired` the entries of `ips` the kernel refused with the same end; forgets refusals whose claim changed. */
+  private dropRefused(desired: Map<string, number | null>, ips: Iterable<string>): void {
+    if (!this.refused.size) return;
+    for (const ip of [...ips]) {
+      const r = this.refused.get(ip);
+      if (!r) continue;
+      if (desired.has(ip) && desired.get(ip) === r.until) desired.delete(ip);
+      else this.refused.delete(ip);
+    }
+  }
+
+  /** True when a dirty address is a claimed network or lies inside one. */
+  private touchesNet(): boolean {
+    if (!this.nets.size) return false;
+    for (const [n] of this.nets) if (!this.claims.has(n)) this.nets.delete(n);
+    for (const ip of this.dirty) {
+      if (ip.includes("/")) return true;
+      const a = parseAddress(ip);
+      if (a) for (const n of this.nets.values()) if (contains(n, a)) return true;
+    }
+    return false;
+  }
+
+  /** Remembers refused changes: a REJECT row and a log line for each one not refused before with the same end. */
+  private refuse(refused: Refusal[]): void {
+    let lines = 0;
+    for (const { change, message } of refused) {
+      const before = this.refused.get(change.ip);
+      if (change.until !== undefined) this.refused.set(change.ip, { until: change.until, message });
+      if (before && before.until === change.until) continue;
+      const c = this.cause(change.ip);
+      this.opts.record({ action: "REJECT", ip: change.ip, origin: c?.origin, jail: c?.jail, until: change.until, detail: `kernel refused: ${message}` });
+      if (++lines <= MAX_REFUSED_LINES) this.opts.log(`error: the kernel refused ${change.until === undefined ? "to unblock" : "to block"} ${change.ip}: ${message}`);
+    }
+    if (lines > MAX_REFUSED_LINES) this.opts.log(`error: the kernel refused ${lines - MAX_REFUSED_LINES} more entries (REJECT rows in the CSV)`);
+  }
+
+  /** Notes when a capped kernel timeout must be renewed: half-way through it. */
+  private scheduleRenewal(ip: string, until: number | null | undefined, now: number): void {
+    const max = this.opts.backend.maxTimeoutS;
+    if (max === undefined || until === undefined || until === null || until - now <= max * 1000) {
+      this.renewAt.delete(ip);
+      return;
+    }
+    const at = now + (max * 1000) / 2;
+    this.renewAt.set(ip, at);
+    if (at < this.nextRenewal) this.nextRenewal = at;
+  }
+
   private async applyDirty(now: number): Promise<void> {
-    const { backend, record, log } = this.opts;
-    const changes = changesFor(desiredState(this.claims, this.opts.allow, now, this.dirty), this.applied, this.dirty);
+    const { backend, log } = this.opts;
+    const { changes, renewals } = this.plan(now);
     const live = new Map<string, FleetEvent>();
     if (this.arrived.size) {
       for (const ip of this.dirty) {
@@ -958,33 +1289,37 @@ export class Applier {
     }
     this.dirty.clear();
     if (!changes.length) return;
-    this.working = backend.apply(changes, now).catch(async (e: Error) => {
-      // One bad element must not hold back the rest: retry one by one and report each failure.
-      log(`warning: batch of ${changes.length} failed (${e.message}); applying one by one`);
-      for (const c of [...changes]) {
-        try {
-          await backend.apply([c], now);
-        } catch (err) {
-          changes.splice(changes.indexOf(c), 1);
-          record({ action: "REJECT", ip: c.ip, detail: `kernel refused: ${(err as Error).message}` });
-          log(`error: ${(err as Error).message}`);
-        }
-      }
-    });
+    const working = backend.apply(changes, now);
+    this.working = working;
+    let refused: Refusal[];
     try {
-      await this.working;
+      refused = await working;
+    } catch (e) {
+      // Nothing landed and no entry is to blame (the firewall's objects are missing): the whole
+      // state goes again in a reconcile shortly, not one change at a time in a hot loop.
+      log(`error: applying ${changes.length} change(s) failed, reconciling in ${RETRY_MS / 1000} s: ${(e as Error).message}`);
+      this.retryLater();
+      return;
     } finally {
       this.working = undefined;
     }
-    for (const c of changes) {
-      this.logApplied(c.ip, this.applied.get(c.ip), c.until, Date.now(), "event");
+    this.refuse(refused);
+    const failed = new Set(refused.map((r) => r.change));
+    const done = failed.size ? changes.filter((c) => !failed.has(c)) : changes;
+    const at = Date.now();
+    for (const c of done) {
+      this.logApplied(c.ip, this.applied.get(c.ip), c.until, at, "event");
       if (c.until === undefined) this.applied.delete(c.ip);
       else this.applied.set(c.ip, c.until);
+      this.scheduleRenewal(c.ip, c.until, now);
     }
-    if (live.size) this.opts.onApplied?.(changes, live);
-    if (changes.length <= 20) {
-      for (const c of changes) log(`${c.until === undefined ? "unblocked" : "blocked"} ${c.ip}${c.until === undefined ? "" : ` until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
-    } else log(`applied ${changes.length} change(s)`);
+    for (const r of refused) if (r.change.until === undefined) this.applied.delete(r.change.ip);
+    if (live.size) this.opts.onApplied?.(done, live);
+    const shown = done.length - (renewals && !failed.size ? renewals : 0);
+    if (renewals) log(`renewed the capped kernel timeout of ${renewals} address(es)`);
+    if (shown <= 20) {
+      for (const c of done.slice(0, shown)) log(`${c.until === undefined ? "unblocked" : "blocked"} ${c.ip}${c.until === undefined ? "" : ` until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
+    } else log(`applied ${shown} change(s)`);
   }
 
   /** The claim that makes `ip` blocked: the newest active ban, for the log. */
@@ -999,6 +1334,8 @@ export class Applier {
     const record = this.opts.record;
     if (after === undefined) {
       if (before === undefined) return;
+      // Left out of the set because a blocked network covers it: still blocked, no UNBLOCK.
+      if (!this.opts.allow.reason(ip) && blockedUntil(this.claims.get(ip), now) !== undefined) return;
       const last = [...(this.claims.get(ip)?.values() ?? [])].sort((a, b) => b.detectedAt - a.detectedAt)[0];
       const expired = before !== null && before <= now;
       record({ action: "UNBLOCK", ip, origin: last?.origin, jail: last?.jail, detail: expired ? "ban ended" : `${via}: unbanned by ${last?.origin ?? "the fleet"}` });
