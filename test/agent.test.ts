@@ -34,12 +34,21 @@ import {
   nftReconcileScript,
   nftSession,
   nftSetupScript,
+  nftTestScript,
+  ipsetTestScript,
+  IPSET_MAX_TIMEOUT_S,
+  NFT_MAX_TIMEOUT_S,
+  resolveOverlaps,
+  splitRefused,
+  KernelUnavailable,
+  type Backend,
+  type Change,
   parseArgs,
   remainingSeconds,
   type Row,
 } from "../agent.ts";
 import { countKernelEntries, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
-import { mergeClaim, parseAddress, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
+import { contains, mergeClaim, parseAddress, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
 const NOW = 1_800_000_000_000;
 const cfg = { prefix: "banshare", ports: [] as number[], allow: [parseAddress("192.0.2.0/24")!, parseAddress("2001:db8::/32")!] };
@@ -443,6 +452,222 @@ describe("Applier: claims in, kernel changes and CSV rows out (dry-run backend)"
       await until(() => lines.includes("unblocked 203.0.113.9"));
       assert.equal(rows.at(-1)?.action, "UNBLOCK");
       assert.equal(rows.at(-1)?.detail, "ban ended");
+    } finally {
+      await applier.close();
+    }
+  });
+});
+
+describe("timeouts are capped to each kernel's limit", () => {
+  test("nft writes at most NFT_MAX_TIMEOUT_S seconds (nft 1.0.6 refuses 100,000,000 s and more), ipset at most IPSET_MAX_TIMEOUT_S", () => {
+    assert.equal(NFT_MAX_TIMEOUT_S, 99_999_999);
+    const tenYears = NOW + 10 * 365 * 86_400_000;
+    assert.match(nftChangeScript("banshare", [{ ip: "203.0.113.7", until: tenYears }], NOW), /\{ 203\.0\.113\.7 timeout 99999999s \}/);
+    assert.equal(nftReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), "flush set inet banshare v4\nflush set inet banshare v6\nadd element inet banshare v4 { 203.0.113.7 timeout 99999999s }\n");
+    assert.match(ipsetReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), new RegExp(`add banshare-v4-tmp 203\\.0\\.113\\.7 timeout ${IPSET_MAX_TIMEOUT_S}\n`));
+    assert.equal(BACKENDS.nftables.maxTimeoutS, NFT_MAX_TIMEOUT_S);
+    assert.equal(BACKENDS.ipset.maxTimeoutS, IPSET_MAX_TIMEOUT_S);
+    assert.equal(BACKENDS.iptables.maxTimeoutS, undefined, "agent-side expiry: no kernel timeout");
+  });
+
+  test("the test scripts try entries in scratch sets only, made and removed again", () => {
+    const entries: Change[] = [{ ip: "203.0.113.7", until: NOW + 30_000 }, { ip: "2001:db8::/64", until: null }];
+    assert.equal(nftTestScript("banshare", entries, NOW), [
+      "add set inet banshare test4 { type ipv4_addr; flags interval, timeout; size 2097152; }",
+      "add element inet banshare test4 { 203.0.113.7 timeout 30s }",
+      "delete set inet banshare test4",
+      "add set inet banshare test6 { type ipv6_addr; flags interval, timeout; size 2097152; }",
+      "add element inet banshare test6 { 2001:db8::/64 }",
+      "delete set inet banshare test6",
+      "",
+    ].join("\n"));
+    const ipset = ipsetTestScript("banshare", entries.slice(0, 1), NOW);
+    assert.equal(ipset, "create banshare-v4-test hash:net family inet hashsize 1024 maxelem 2097152 timeout 0\nflush banshare-v4-test\nadd banshare-v4-test 203.0.113.7 timeout 30\ndestroy banshare-v4-test\n");
+    assert.deepEqual(BACKENDS.ipset.testCleanup!("banshare"), [["ipset", "destroy", "banshare-v4-test"], ["ipset", "destroy", "banshare-v6-test"]]);
+  });
+});
+
+describe("splitRefused(): one bad entry never blocks the rest", () => {
+  test("halves a failing batch down to the entries that fail alone, in order, with their messages", async () => {
+    const tried: number[][] = [];
+    const bad = new Set([3, 10]);
+    const items = Array.from({ length: 16 }, (_, i) => i);
+    const landed: number[] = [];
+    const refused = await splitRefused(items, async (part) => {
+      tried.push(part);
+      const b = part.find((i) => bad.has(i));
+      if (b !== undefined) throw new Error(`Error: refused ${b}`);
+      landed.push(...part);
+    });
+    assert.deepEqual(refused, [{ item: 3, message: "Error: refused 3" }, { item: 10, message: "Error: refused 10" }]);
+    assert.deepEqual(landed, items.filter((i) => !bad.has(i)), "every other entry landed, in order");
+    assert.ok(tried.length <= 2 * 2 * Math.log2(items.length) + 1, `${tried.length} attempts`);
+    assert.deepEqual(await splitRefused([], async () => assert.fail("nothing to try")), []);
+  });
+});
+
+describe("resolveOverlaps(): the covering network wins", () => {
+  test("an entry inside a blocked network is left out; the network lasts as long as the longest entry inside it", () => {
+    const desired = new Map<string, number | null>([
+      ["2001:db8:1::/64", NOW + 60_000],
+      ["2001:db8:1::5", NOW + 600_000],
+      ["2001:db8:1:0:ffff::/80", NOW + 1000],
+      ["2001:db8:2::5", NOW + 5000],
+      ["198.51.100.0/24", NOW + 1000],
+      ["198.51.100.7", null],
+      ["198.51.101.7", NOW + 1000],
+    ]);
+    assert.deepEqual([...resolveOverlaps(desired)], [
+      ["2001:db8:1::/64", NOW + 600_000],
+      ["2001:db8:2::5", NOW + 5000],
+      ["198.51.100.0/24", null],
+      ["198.51.101.7", NOW + 1000],
+    ]);
+    const nested = new Map<string, number | null>([["2001:db8::/48", NOW + 1], ["2001:db8::/64", NOW + 2], ["2001:db8::1", NOW + 3]]);
+    assert.deepEqual([...resolveOverlaps(nested)], [["2001:db8::/48", NOW + 3]], "the broadest network holds them all");
+    const plain = new Map<string, number | null>([["203.0.113.1", null]]);
+    assert.equal(resolveOverlaps(plain), plain, "no network: the same map, nothing computed");
+  });
+});
+
+/**
+ * A kernel in memory behind the Backend seam, with a real kernel's two refusals: a timeout over
+ * its limit, and an interval set's conflicting intervals (the real ones are in test/poison.test.ts).
+ */
+class MemoryKernel implements Backend {
+  readonly held = new Map<string, number | null>();
+  readonly calls: string[] = [];
+  missing = false;
+  constructor(readonly maxTimeoutS = 1000, private readonly limitS = 5000) {}
+  async setup() {}
+  close() {}
+  private refuses(c: Change, now: number, held: Map<string, number | null>): string | undefined {
+    if (c.until === undefined) return undefined;
+    if (c.until !== null && c.until - now > this.limitS * 1000) return "Error: value too large";
+    const a = parseAddress(c.ip)!;
+    for (const ip of held.keys()) if (ip !== c.ip && (contains(parseAddress(ip)!, a) || contains(a, parseAddress(ip)!))) return "Error: conflicting intervals specified";
+    return undefined;
+  }
+  async apply(changes: Change[], now: number) {
+    if (this.missing) throw new KernelUnavailable("no such set");
+    this.calls.push(`apply ${changes.map((c) => c.ip).join(" ")}`);
+    return splitRefused(changes, async (part) => {
+      const next = new Map(this.held);
+      for (const c of part) {
+        const why = this.refuses(c, now, next);
+        if (why) throw new Error(why);
+        if (c.until === undefined) next.delete(c.ip);
+        else next.set(c.ip, c.until === null ? null : Math.min(c.until, now + this.maxTimeoutS * 1000));
+      }
+      this.held.clear();
+      for (const [k, v] of next) this.held.set(k, v);
+    }).then((r) => r.map((x) => ({ change: x.item, message: x.message })));
+  }
+  async reconcile(desired: Map<string, number | null>, now: number) {
+    this.calls.push(`reconcile ${desired.size}`);
+    this.held.clear();
+    const refused = await this.apply([...desired].map(([ip, until]) => ({ ip, until })), now);
+    return refused;
+  }
+}
+
+describe("Applier: refused entries, capped timeouts and overlapping networks", () => {
+  const start = (kernel: Backend) => {
+    const lines: string[] = [];
+    const rows: Row[] = [];
+    const log = (l: string) => lines.push(l);
+    const applier = new Applier({ backend: kernel, backendName: "memory", allow: new Allowlist([]), record: (r) => rows.push(r), log });
+    return { applier, lines, rows };
+  };
+  const settle = () => new Promise((r) => setTimeout(r, 30));
+
+  test("a refused entry is one REJECT row and one log line, is not tried again until its claim changes, and the rest lands", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(1000, 5000);
+    const { applier, lines, rows } = start(kernel);
+    try {
+      applier.sync([ev("ban", "203.0.113.1", now, now + 60_000), ev("ban", "203.0.113.2", now, now + 9_000_000), ev("ban", "203.0.113.3", now, null)], true);
+      await settle();
+      assert.deepEqual([...kernel.held.keys()].sort(), ["203.0.113.1", "203.0.113.3"]);
+      assert.ok(lines.includes("synced: 2 address(es) blocked (memory), 1 refused by the kernel"), lines.join("\n"));
+      const rejects = () => rows.filter((r) => r.action === "REJECT");
+      assert.equal(rejects().length, 1);
+      assert.equal(rejects()[0].ip, "203.0.113.2");
+      assert.equal(rejects()[0].detail, "kernel refused: Error: value too large");
+      // Other events and sweeps do not try it again.
+      applier.take([ev("ban", "203.0.113.4", now, null, "web2")]);
+      applier.sweep(Date.now());
+      await settle();
+      assert.ok(kernel.held.has("203.0.113.4"));
+      assert.equal(kernel.calls.filter((c) => c.includes("203.0.113.2")).length, 1, "tried once, in the reconcile");
+      assert.equal(rejects().length, 1, "logged once");
+      assert.equal(applier.refused.get("203.0.113.2")?.message, "Error: value too large");
+      // A new claim on it is tried again, and lands.
+      applier.take([ev("ban", "203.0.113.2", now + 1, now + 60_000)]);
+      await settle();
+      assert.ok(kernel.held.has("203.0.113.2"));
+      assert.equal(applier.refused.has("203.0.113.2"), false);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("a batch that fails because the firewall's objects are missing is not blamed on its entries: the kernel is reconciled again later", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel();
+    const { applier, lines, rows } = start(kernel);
+    try {
+      kernel.missing = true;
+      applier.take([ev("ban", "203.0.113.1", now, null)]);
+      await settle();
+      assert.ok(lines.some((l) => /^error: applying 1 change\(s\) failed, reconciling in 5 s: no such set$/.test(l)), lines.join("\n"));
+      assert.equal(rows.filter((r) => r.action === "REJECT").length, 0);
+      assert.equal(applier.refused.size, 0);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("a ban longer than the kernel's cap is renewed before its capped timeout ends, while its claim lasts, with no new CSV rows", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(0.2, 1e9);
+    const { applier, lines, rows } = start(kernel);
+    try {
+      applier.take([ev("ban", "203.0.113.1", now, now + 30 * 86_400_000), ev("ban", "203.0.113.2", now, now + 100)]);
+      await settle();
+      const first = kernel.held.get("203.0.113.1")!;
+      assert.ok(first <= Date.now() + 200, "capped");
+      await new Promise((r) => setTimeout(r, 150));
+      applier.sweep(Date.now());
+      await settle();
+      assert.ok(kernel.held.get("203.0.113.1")! > first, "renewed");
+      assert.ok(lines.includes("renewed the capped kernel timeout of 1 address(es)"), lines.join("\n"));
+      assert.deepEqual(rows.filter((r) => r.ip === "203.0.113.1").map((r) => r.action), ["BLOCK", "SCHEDULE_UNBLOCK"], "a renewal writes no row");
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("an IPv6 /64 from one node and a /128 inside it from another: the /64 is held, lasting as long as the /128, which comes back when the /64's claim ends", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(1e6, 1e9);
+    const { applier, rows } = start(kernel);
+    try {
+      applier.take([ev("ban", "2001:db8:1::5", now, now + 600_000, "web1"), ev("ban", "203.0.113.9", now, null, "web1")]);
+      await settle();
+      applier.take([ev("ban", "2001:db8:1::/64", now, now + 300, "web2")]);
+      await settle();
+      assert.deepEqual([...kernel.held].sort(), [["2001:db8:1::/64", now + 600_000], ["203.0.113.9", null]]);
+      assert.equal(rows.filter((r) => r.action === "UNBLOCK").length, 0, "the /128 is still blocked (by the /64): no UNBLOCK row");
+      assert.equal(rows.filter((r) => r.action === "REJECT").length, 0);
+      await new Promise((r) => setTimeout(r, 350));
+      applier.sweep(Date.now());
+      await settle();
+      assert.deepEqual([...kernel.held].sort(), [["2001:db8:1::5", now + 600_000], ["203.0.113.9", null]], "the /64's claim ended: the /128 is back with its own end");
+      // A full sync with both gives the same.
+      applier.sync([ev("ban", "2001:db8:1::5", now, now + 600_000, "web1"), ev("ban", "2001:db8:1::/64", now, now + 60_000, "web2")], true);
+      await settle();
+      assert.deepEqual([...kernel.held], [["2001:db8:1::/64", now + 600_000]]);
     } finally {
       await applier.close();
     }
