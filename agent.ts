@@ -15,12 +15,15 @@
  * - backend plans: pure functions and one `BACKENDS` table entry per firewall (setup, change,
  *   reconcile, session, cleanup, count); `makeBackend` runs an entry, `KernelSession` is the
  *   long-lived `ipset restore` / `nft -i` a batch goes to.
- * - `desiredState` / `changesFor`: pure, what the kernel should hold and the diff to get there.
+ * - `desiredState` / `changesFor` / `resolveOverlaps`: pure, what the kernel should hold (a
+ *   network covering an entry wins) and the diff to get there.
  * - `Applier`: owns the claims and what was applied; batches changes into the backend, one
- *   kernel command at a time, reconciles after a sync, writes BLOCK/UNBLOCK/REJECT rows.
+ *   kernel command at a time, reconciles after a sync, renews capped timeouts, remembers the
+ *   entries the kernel refused (`splitRefused` finds them), writes BLOCK/UNBLOCK/REJECT rows.
  * - `StateFile` (--state), `CsvLog` (--csv), `Spool` (--spool forwarding, per connection).
  * - `HubLink`: connects and reconnects; each connection is a `Session`, made on open and thrown
- *   away on close, that turns the hub's frames into calls on the applier.
+ *   away on close, that checks the hub's frames (`checkBannable` on every address, a bounded
+ *   sync) and turns them into calls on the applier.
  * - `startAgent` wires these together; `parseArgs` and `main` are the command line.
  *
  * @module
