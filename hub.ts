@@ -9,6 +9,12 @@
  * accepted event to its journal and fsyncs before it acks, and pushes each event to every
  * other node's agents. `GET /healthz` and `GET /metrics` answer on the same port.
  *
+ * Inside, data flows one way: a frame (`Sessions`) or a POST (`HttpApi`) -> `Publisher` (refusal
+ * rules, then `FleetState.decide` with the pure `decideRules`) -> `Store.append` (`Journal` or
+ * `RedisStore`, chosen in `openStore`) -> once durable, `FleetState.commit` -> `Relay` -> the
+ * agents' connections. `Metrics`, `Recorder` (CSV) and `StatusFeed` are told what happened and
+ * change nothing else; `startHub` only wires the parts.
+ *
  * With `--store redis://HOST:PORT/DB` the events go to a Redis stream instead of the journal, and
  * several hubs on one Redis serve one fleet: each relays every event in the stream to its own
  * agents, and an agent's cursor is valid on every one of them (README, "Running several hubs").
@@ -20,7 +26,7 @@ import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
 import { createReadStream, createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
 import { appendFile, chmod, mkdir, open, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
-import { createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { STATUS_CODES, createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { networkInterfaces } from "node:os";
@@ -51,13 +57,16 @@ import {
   parseNodeFrame,
   pruneClaims,
   type Address,
+  type AddressClaims,
   type BanFrame,
   type Claims,
   type CsvRecord,
+  type Cursor,
   type AppliedFrame,
   type AppliedRecord,
   type ErrorCode,
   type FleetEvent,
+  type HelloFrame,
   type ListedClaim,
   type HubFrame,
   type StatusBan,
@@ -125,6 +134,11 @@ export interface Hub {
   close(): Promise<void>;
 }
 
+/** A usage or validation error: `main` prints its message alone and exits 2. */
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
 const ROLES: Role[] = ["node", "reader", "admin"];
 const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
@@ -135,6 +149,15 @@ const STATUS_INTERVAL_MS = 1000;
 const RT_RING = 200;
 const STATUS_RT_WINDOW_MS = 15 * 60 * 1000;
 const MAX_STATUS_EVENTS = 200;
+/** The subprotocol the status page speaks; the hub selects it, never the token's. */
+export const STATUS_PROTOCOL = "banshare.v1";
+/** A browser offers its token as the subprotocol `banshare.token.TOKEN`. */
+const TOKEN_PROTOCOL_PREFIX = "banshare.token.";
+/** A token as the hub reads it, from a bearer header or a subprotocol: 1-512 printable ASCII characters, no spaces. */
+const TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
+/** Where `requestToken` finds a token: a bearer header, or a subprotocol (the prefix escaped, its dots literal). */
+const BEARER_RE = new RegExp(`^Bearer (${TOKEN_PATTERN})$`);
+const TOKEN_PROTOCOL_RE = new RegExp(`^${TOKEN_PROTOCOL_PREFIX.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}(${TOKEN_PATTERN})$`);
 
 const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
@@ -159,11 +182,11 @@ export function parseTokens(text: string, file = "tokens"): TokenEntry[] {
     if (!line) return;
     const [name, hash, role = "node", extra] = line.split(/\s+/);
     const where = `${file}:${i + 1}`;
-    if (extra !== undefined) throw new Error(`${where}: expected "NAME SHA256HEX [ROLE]", got ${line.split(/\s+/).length} fields`);
-    if (!isName(name)) throw new Error(`${where}: expected a node name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(name)}`);
-    if (!/^[0-9a-f]{64}$/.test(hash ?? "")) throw new Error(`${where}: expected a 64-digit lowercase SHA-256 hex hash for ${name}`);
-    if (!ROLES.includes(role as Role)) throw new Error(`${where}: expected role node, reader or admin, got ${JSON.stringify(role)}`);
-    if (names.has(name)) throw new Error(`${where}: node ${name} is listed twice`);
+    if (extra !== undefined) throw new UsageError(`${where}: expected "NAME SHA256HEX [ROLE]", got ${line.split(/\s+/).length} fields`);
+    if (!isName(name)) throw new UsageError(`${where}: expected a node name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(name)}`);
+    if (!/^[0-9a-f]{64}$/.test(hash ?? "")) throw new UsageError(`${where}: expected a 64-digit lowercase SHA-256 hex hash for ${name}`);
+    if (!ROLES.includes(role as Role)) throw new UsageError(`${where}: expected role node, reader or admin, got ${JSON.stringify(role)}`);
+    if (names.has(name)) throw new UsageError(`${where}: node ${name} is listed twice`);
     names.add(name);
     out.push({ name, hash, role: role as Role });
   });
@@ -200,13 +223,9 @@ export function findToken(entries: TokenEntry[], token: string): TokenEntry | un
 
 /** Reads the bearer token of an upgrade request, or undefined. */
 export function bearerToken(req: Pick<IncomingMessage, "headers">): string | undefined {
-  const m = /^Bearer ([\x21-\x7e]{1,512})$/.exec(req.headers.authorization ?? "");
+  const m = BEARER_RE.exec(req.headers.authorization ?? "");
   return m?.[1];
 }
-
-/** The subprotocol the status page speaks; the hub selects it, never the token's. */
-export const STATUS_PROTOCOL = "banshare.v1";
-const TOKEN_PROTOCOL_PREFIX = "banshare.token.";
 
 /**
  * Reads the token of a request: its bearer token or, on a WebSocket upgrade only, a
@@ -217,7 +236,7 @@ export function requestToken(req: Pick<IncomingMessage, "headers">): string | un
   const bearer = bearerToken(req);
   if (bearer !== undefined || req.headers.upgrade === undefined) return bearer;
   for (const p of (req.headers["sec-websocket-protocol"] ?? "").split(",")) {
-    const m = /^banshare\.token\.([\x21-\x7e]{1,512})$/.exec(p.trim());
+    const m = TOKEN_PROTOCOL_RE.exec(p.trim());
     if (m) return m[1];
   }
   return undefined;
@@ -281,7 +300,7 @@ export function statusBans(claims: Claims, now: number, limit: number): { bans: 
 export function parseListen(s: string): { host: string; port: number } {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(s) ?? /^()()(\d{1,5})$/.exec(s);
   const port = m ? Number(m[3]) : NaN;
-  if (!m || port > 65535) throw new Error(`Expected --listen as HOST:PORT or [IPV6]:PORT, got ${JSON.stringify(s)}`);
+  if (!m || port > 65535) throw new UsageError(`Expected --listen as HOST:PORT or [IPV6]:PORT, got ${JSON.stringify(s)}`);
   return { host: m[1] || m[2] || "127.0.0.1", port };
 }
 
@@ -397,6 +416,259 @@ export function countBlocked(claims: Claims, node: string, now: number): { block
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fleet rules: --quorum and --escalate as pure decisions (inputs in, decision out)
+
+/** The rules a hub applies to new bans: `--quorum`, `--trust`, `--escalate`. */
+export interface FleetRules {
+  quorum: number;
+  trusted: string[];
+  escalate?: { factor: number; maxSeconds: number };
+}
+
+/** What the fleet rules decide for one new event. */
+export interface RuleDecision {
+  /** `--quorum`: too few nodes claim the address, so the event is held back. */
+  hold?: { claimers: number; quorum: number };
+  /** Held claims this event releases: copies no longer held, to be stored (and given seqs) with it. */
+  release: FleetEvent[];
+  /** `--escalate`: the hub's escalation claim for a repeat offender (to be given a seq), and why. */
+  escalation?: { event: FleetEvent; priors: number; bantime: number; seconds: number };
+}
+
+/**
+ * The nodes that count towards `--quorum` on one address: those with a live ban claim, so a
+ * claim an admin unban lifted is no vote for banning the address again. Held claims count.
+ */
+export function quorumClaimers(byOrigin: AddressClaims, now: number): number {
+  return liveClaims(byOrigin, now).filter((c) => c.origin !== ESCALATION_ORIGIN).length;
+}
+
+/**
+ * `--quorum` and `--escalate` for a new event `e` from `sender`, given the address's claims with
+ * `e` merged in and the detection times of the address's earlier bans (`offenses`). Holds `e`
+ * back while too few nodes claim the address; otherwise releases the claims held before it
+ * (copies with new seqs, so agents resuming by cursor get them); adds the escalation claim for
+ * a repeat offender. Changes, counts and logs nothing: the caller does that with the decision.
+ */
+export function decideRules(rules: FleetRules, sender: string, e: FleetEvent, byOrigin: AddressClaims, offenses: readonly number[], now: number): RuleDecision {
+  const decision: RuleDecision = { release: [] };
+  if (e.kind !== "ban" || e.origin === ALL_ORIGINS) return decision;
+  if (rules.quorum > 1 && !rules.trusted.includes(sender)) {
+    const claimers = quorumClaimers(byOrigin, now);
+    if (claimers < rules.quorum) decision.hold = { claimers, quorum: rules.quorum };
+  }
+  if (!decision.hold) {
+    const admin = byOrigin.get(ALL_ORIGINS);
+    for (const c of byOrigin.values()) {
+      if (c.held && c !== e && !isExpired(c, now) && !(admin && !isNewer(c, admin))) decision.release.push({ ...c, seq: "", held: undefined });
+    }
+  }
+  if (rules.escalate && e.until !== null) {
+    const { factor, maxSeconds } = rules.escalate;
+    const horizon = now - maxSeconds * 1000;
+    const priors = offenses.filter((t) => t > horizon && t !== e.detectedAt).length;
+    const bantime = Math.round((e.until - e.detectedAt) / 1000);
+    const seconds = escalatedSeconds(bantime, priors, factor, maxSeconds);
+    const current = byOrigin.get(ESCALATION_ORIGIN);
+    const until = Math.max(e.detectedAt + seconds * 1000, current?.kind === "ban" && current.until !== null ? current.until : 0);
+    if (seconds > bantime && until > e.until) {
+      const event: FleetEvent = { ...e, seq: "", origin: ESCALATION_ORIGIN, until, escalation: Math.round((seconds / bantime) * 100) / 100, ...(decision.hold ? { held: true } : {}) };
+      decision.escalation = { event, priors, bantime, seconds };
+    }
+  }
+  return decision;
+}
+
+/**
+ * The fleet's claims as this hub knows them, and what it decides with them. `claims` hold what
+ * is durable (what syncs, listings and the status page show); `pending` what was accepted and is
+ * on its way to the store, newest per (ip, origin): decisions see both, so a burst is decided
+ * against itself, yet a sync never shows an agent an event a crash could still take back.
+ */
+export class FleetState {
+  readonly claims: Claims = new Map();
+  private readonly pending: Claims = new Map();
+  /** `--escalate`: detection times of the bans each address got, within the last maxSeconds. */
+  private readonly offenses = new Map<string, number[]>();
+  /** Position of the last durable event: the most a sync may promise an agent. */
+  durable = "0";
+
+  constructor(private readonly rules: FleetRules) {}
+
+  /** Takes one event the store held when the hub started. */
+  load(e: FleetEvent): void {
+    mergeHubClaim(this.claims, e);
+    this.noteOffense(e);
+  }
+
+  /**
+   * Decides frame `f` from `sender` against every claim accepted so far: a replay (or an older
+   * event) gives the claim that stands, for the ack; a new event gives the batch to store: the
+   * event, the held claims it releases and an escalation claim, with the rules' decision.
+   */
+  decide(sender: string, f: BanFrame | UnbanFrame, now: number): { standing: FleetEvent; event: FleetEvent } | { event: FleetEvent; batch: FleetEvent[]; decision: RuleDecision } {
+    const view: Claims = new Map([[f.ip, new Map([...(this.claims.get(f.ip) ?? []), ...(this.pending.get(f.ip) ?? [])])]]);
+    const event = toEvent(f, sender, "", view, now);
+    if (!mergeClaim(view, event)) return { standing: view.get(f.ip)!.get(event.origin)!, event };
+    const decision = decideRules(this.rules, sender, event, view.get(f.ip)!, this.offenses.get(f.ip) ?? [], now);
+    if (decision.hold) event.held = true;
+    return { event, batch: [event, ...decision.release, ...(decision.escalation ? [decision.escalation.event] : [])], decision };
+  }
+
+  /** A decided batch goes to the store: its claims are pending until durable. */
+  stage(batch: FleetEvent[]): void {
+    for (const e of batch) mergeHubClaim(this.pending, e);
+    if (batch[0].until !== null) this.noteOffense(batch[0]);
+  }
+
+  /** The store answered for `batch` (durable, refused or failed): none of it is pending any more. */
+  unstage(batch: FleetEvent[]): void {
+    for (const e of batch) this.dropPending(e);
+  }
+
+  /** Events now durable (the journal flushed them, or they were read from the shared stream), in order: they join the claims. */
+  commit(events: FleetEvent[]): FleetEvent[] {
+    for (const e of events) {
+      mergeHubClaim(this.claims, e);
+      this.dropPending(e);
+    }
+    this.durable = events[events.length - 1].seq;
+    return events;
+  }
+
+  /** Claims a reload of the store gave (the shared stream was trimmed past this hub): the newer ones join the claims and are returned in order. */
+  repair(events: FleetEvent[]): FleetEvent[] {
+    return events.filter((e) => mergeHubClaim(this.claims, e)).sort((a, b) => comparePositions(a.seq, b.seq));
+  }
+
+  /** Forgets ended claims and offenses older than `--escalate-max`. */
+  prune(now: number): void {
+    pruneClaims(this.claims, now);
+    if (!this.rules.escalate) return;
+    const horizon = now - this.rules.escalate.maxSeconds * 1000;
+    for (const [ip, list] of this.offenses) {
+      const kept = list.filter((t) => t > horizon);
+      if (kept.length) this.offenses.set(ip, kept);
+      else this.offenses.delete(ip);
+    }
+  }
+
+  /** (address, origin) claims held, ended ones included until pruned: the lines a compaction writes at most. */
+  size(): number {
+    let n = 0;
+    for (const byOrigin of this.claims.values()) n += byOrigin.size;
+    return n;
+  }
+
+  /** Every claim not ended by `now`: what a compacted journal holds. */
+  *live(now: number): Generator<FleetEvent> {
+    for (const byOrigin of this.claims.values()) for (const e of byOrigin.values()) if (!isExpired(e, now)) yield e;
+  }
+
+  /** Claims held back by `--quorum`. */
+  heldCount(): number {
+    let n = 0;
+    for (const byOrigin of this.claims.values()) for (const c of byOrigin.values()) if (c.held) n++;
+    return n;
+  }
+
+  /**
+   * Addresses with at least one live ban claim that was relayed (not held), lifted by no newer
+   * admin unban: the fleet's blocked addresses. One pass without allocation, for /metrics.
+   */
+  blockedCount(now: number): number {
+    let n = 0;
+    for (const byOrigin of this.claims.values()) {
+      const admin = byOrigin.get(ALL_ORIGINS);
+      for (const c of byOrigin.values()) {
+        if (c.kind === "ban" && !c.held && !isExpired(c, now) && !(admin && !isNewer(c, admin))) {
+          n++;
+          break;
+        }
+      }
+    }
+    return n;
+  }
+
+  private dropPending(e: FleetEvent): void {
+    const byOrigin = this.pending.get(e.ip);
+    if (byOrigin?.get(e.origin) === e) byOrigin.delete(e.origin);
+    if (byOrigin?.size === 0) this.pending.delete(e.ip);
+  }
+
+  private noteOffense(e: FleetEvent): void {
+    if (!this.rules.escalate || e.kind !== "ban" || e.origin === ALL_ORIGINS || e.origin === ESCALATION_ORIGIN) return;
+    const list = this.offenses.get(e.ip) ?? [];
+    if (!list.includes(e.detectedAt)) list.push(e.detectedAt);
+    if (list.length > 64) list.shift();
+    this.offenses.set(e.ip, list);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Store: where accepted events become durable. The journal (one hub) and Redis (several hubs)
+// implement it; `openStore` chooses, and nothing else in the hub asks which it has.
+
+/** What every store gives the hub. */
+interface Store {
+  /** The `hub` of a cursor: the journal's own id, or the fleet id every hub on one Redis shares. */
+  readonly hubId: string;
+  /** Reads what the store holds, each event to `each`, before anything is appended. */
+  load(each: (e: FleetEvent) => void): Promise<void>;
+  /** Gives each event its position (its seq) and resolves with them once the events are durable. */
+  append(events: FleetEvent[]): Promise<string[]>;
+  /** Resolves once everything appended so far is durable (or failed). */
+  barrier(): Promise<void>;
+  /**
+   * The ack's seq for `event`, which the hub's claims say changes nothing (`standing` is as new
+   * or newer): a replay, or an older event, is acked once what stands is durable.
+   */
+  replay(standing: FleetEvent, event: FleetEvent): Promise<string>;
+  /** True when an agent at `seq` resumes from it: every event after it can still be had; `durable` is the hub's last durable position. */
+  resumes(seq: string, durable: string): Promise<boolean>;
+  /** The position a welcome, /healthz and the listings report: the last event appended (journal) or read (stream). */
+  position(): string;
+  /** Why it takes no event now (a write failed, Redis cannot be reached), or undefined: checked before each event, so cheap. */
+  unavailable(): string | undefined;
+  health(): StoreHealth;
+  /** The startup line after "listening on ...": what the hub serves, from where. */
+  describe(addresses: number): string;
+  close(): Promise<void>;
+}
+
+/** A store's state for /healthz and /metrics. */
+interface StoreHealth {
+  /** It takes events now. */
+  ok: boolean;
+  /** `banshare_seq`: the journal's seq, or the stream entries this hub has read since it started. */
+  count: number;
+  /** Fields of its own in /healthz, and lines of its own in /metrics. */
+  fields: Record<string, string>;
+  metrics: string[];
+}
+
+/** What a store tells the hub: events as they become durable, in order; claims a reload found; an error after which it stores nothing (the hub stops). */
+interface StoreListener {
+  durable(events: FleetEvent[]): void;
+  repaired(events: FleetEvent[]): void;
+  fatal(why: string): void;
+  log(line: string): void;
+}
+
+/** What a journal compacts to: the claims it should keep (read only, never changed by the journal). */
+interface StoreSnapshot {
+  size(): number;
+  live(now: number): Iterable<FleetEvent>;
+}
+
+/** Opens the store `opts` names and loads what it holds into `each`: the one place a store is chosen. */
+async function openStore(opts: HubOptions, listener: StoreListener, snapshot: StoreSnapshot, each: (e: FleetEvent) => void): Promise<Store> {
+  const store: Store = opts.store ? new RedisStore(opts, listener) : new Journal(opts.statePath, listener, snapshot);
+  await store.load(each);
+  return store;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Journal: append-only JSONL, group commit, compaction by rename
 
 interface JournalHeader {
@@ -406,7 +678,7 @@ interface JournalHeader {
   seq: number;
 }
 
-/** What a journal file held when it was opened. */
+/** What a journal file holds. */
 export interface JournalContents {
   hubId: string;
   seq: number;
@@ -433,36 +705,47 @@ function parseJournalLine(line: string): FleetEvent | undefined {
   }
 }
 
-/** Parses a journal file's text. A torn or corrupt line is skipped and counted, never fatal. */
-export function parseJournal(text: string): JournalContents | undefined {
-  const lines = text.split("\n");
-  const header = parseJournalHeader(lines[0]);
-  if (!header) return undefined;
-  const events: FleetEvent[] = [];
+/**
+ * Reads a journal file line by line, handing each event to `each` as it is read: the hub never
+ * holds the file's text or an array of its events. A torn or corrupt line is skipped and
+ * counted, never fatal. Undefined for an empty file; throws when the file is not a journal.
+ */
+async function readJournalLines(path: string, each: (e: FleetEvent) => void): Promise<{ hubId: string; seq: number; skipped: number } | undefined> {
+  let header: JournalHeader | undefined;
+  let seq = 0;
   let skipped = 0;
-  let seq = Number(header.seq) || 0;
-  for (const line of lines.slice(1)) {
+  for await (const line of createInterface({ input: createReadStream(path, "utf8"), crlfDelay: Infinity })) {
+    if (!header) {
+      header = parseJournalHeader(line);
+      if (!header) throw new UsageError(`${path} is not a banshare journal: refusing to overwrite it`);
+      seq = Number(header.seq) || 0;
+      continue;
+    }
     if (!line) continue;
     const e = parseJournalLine(line);
     if (!e) skipped++;
     else {
-      events.push(e);
+      each(e);
       seq = Math.max(seq, Number(e.seq));
     }
   }
-  return { hubId: header.hub, seq, events, skipped };
+  return header && { hubId: header.hub, seq, skipped };
 }
 
-/** Callbacks the journal makes: events just made durable, the state to compact to, a fatal write error. */
-interface JournalHooks {
-  durable: (events: FleetEvent[]) => void;
-  live: () => { claims: Claims; seq: number };
-  fatal: (e: Error) => void;
+/** What the journal at `path` holds, read as the hub reads it when it starts; undefined for an empty file. */
+export async function readJournal(path: string): Promise<JournalContents | undefined> {
+  const events: FleetEvent[] = [];
+  const read = await readJournalLines(path, (e) => events.push(e));
+  return read && { ...read, events };
 }
 
+/** The embedded store: one hub's JSONL file (none without `--state`), fsync before ack, compacted to the live claims as it grows. */
 class Journal implements Store {
+  hubId = randomBytes(8).toString("hex");
+  /** The seq of the last event appended: the journal numbers the events, 1, 2, 3... */
+  private seq = 0;
   private fh?: FileHandle;
-  private pending: FleetEvent[] = [];
+  private queued: FleetEvent[] = [];
   private waiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
   private flushing = false;
   private lines = 0;
@@ -470,70 +753,42 @@ class Journal implements Store {
   private counted = { live: 0, at: 0 };
   private failed?: Error;
   /** Size of the journal file, for /metrics. */
-  bytes = 0;
+  private bytes = 0;
 
-  private constructor(
+  constructor(
     private readonly path: string | undefined,
-    readonly hubId: string,
-    private readonly hooks: JournalHooks,
+    private readonly listener: StoreListener,
+    private readonly snapshot: StoreSnapshot,
   ) {}
 
-  /** Opens (or creates) the journal at `path` and returns what it held; compact it before appending. */
-  /**
-   * Opens (or creates) the journal at `path`, handing each event it holds to `onEvent` as it is
-   * read, line by line: the hub never holds the file's text or an array of its events, only
-   * the claims they make. Compact it before appending.
-   */
-  static async open(path: string | undefined, log: (s: string) => void, hooks: JournalHooks, onEvent: (e: FleetEvent) => void): Promise<{ journal: Journal; seq: number }> {
-    let hubId = randomBytes(8).toString("hex");
-    let seq = 0;
-    if (path) {
-      await mkdir(dirname(path), { recursive: true });
-      if (existsSync(path)) {
-        let header: JournalHeader | undefined;
-        let skipped = 0;
-        let first = true;
-        for await (const line of createInterface({ input: createReadStream(path, "utf8"), crlfDelay: Infinity })) {
-          if (first) {
-            first = false;
-            header = parseJournalHeader(line);
-            if (!header) throw new Error(`${path} is not a banshare journal: refusing to overwrite it`);
-            hubId = header.hub;
-            seq = Number(header.seq) || 0;
-            continue;
-          }
-          if (!line) continue;
-          const e = parseJournalLine(line);
-          if (!e) skipped++;
-          else {
-            onEvent(e);
-            seq = Math.max(seq, Number(e.seq));
-          }
-        }
-        if (skipped) log(`warning: skipped ${skipped} torn or corrupt line(s) in ${path}; every other event is kept`);
-      }
+  /** Reads the journal (if any) and compacts it before the first append. */
+  async load(each: (e: FleetEvent) => void): Promise<void> {
+    if (!this.path) return;
+    await mkdir(dirname(this.path), { recursive: true });
+    const read = existsSync(this.path) ? await readJournalLines(this.path, each) : undefined;
+    if (read) {
+      this.hubId = read.hubId;
+      this.seq = read.seq;
+      if (read.skipped) this.listener.log(`warning: skipped ${read.skipped} torn or corrupt line(s) in ${this.path}; every other event is kept`);
     }
-    return { journal: new Journal(path, hubId, hooks), seq };
+    await this.compact();
   }
 
   /** Rewrites the journal as the live claims: temp file, fsync, rename, fsync the folder, reopen. */
-  async compact(): Promise<void> {
+  private async compact(): Promise<void> {
     if (!this.path) return;
-    const { claims, seq } = this.hooks.live();
     const tmp = `${this.path}.tmp`;
     const out = await open(tmp, "w", 0o600);
     try {
-      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq };
+      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq: this.seq };
       let chunk = JSON.stringify(header) + "\n";
       let lines = 0;
-      for (const byOrigin of claims.values()) {
-        for (const e of byOrigin.values()) {
-          chunk += JSON.stringify(e) + "\n";
-          lines++;
-          if (chunk.length > 1 << 20) {
-            await out.write(chunk);
-            chunk = "";
-          }
+      for (const e of this.snapshot.live(Date.now())) {
+        chunk += JSON.stringify(e) + "\n";
+        lines++;
+        if (chunk.length > 1 << 20) {
+          await out.write(chunk);
+          chunk = "";
         }
       }
       await out.write(chunk);
@@ -551,18 +806,46 @@ class Journal implements Store {
     this.fh = await open(this.path, "a", 0o600);
   }
 
-  /** Appends events; resolves once they are durable. Every event queued meanwhile shares one fsync. */
-  append(events: FleetEvent[]): Promise<void> {
+  /** Numbers the events and resolves with their seqs once they are durable. Every event queued meanwhile shares one fsync. */
+  append(events: FleetEvent[]): Promise<string[]> {
     if (this.failed) return Promise.reject(this.failed);
-    this.pending.push(...events);
-    const p = new Promise<void>((resolve, reject) => this.waiters.push({ resolve, reject }));
+    const seqs = events.map((e) => (e.seq = String(++this.seq)));
+    this.queued.push(...events);
+    const p = new Promise<string[]>((resolve, reject) => this.waiters.push({ resolve: () => resolve(seqs), reject }));
     if (!this.flushing) void this.flush();
     return p;
   }
 
-  /** Resolves once everything appended so far is durable. */
-  barrier(): Promise<void> {
-    return this.flushing || this.pending.length ? this.append([]) : this.failed ? Promise.reject(this.failed) : Promise.resolve();
+  async barrier(): Promise<void> {
+    if (this.flushing || this.queued.length) await this.append([]);
+    else if (this.failed) throw this.failed;
+  }
+
+  /** The journal holds all the hub's claims hold: the standing claim is the answer, once written. */
+  async replay(standing: FleetEvent): Promise<string> {
+    await this.barrier();
+    return standing.seq;
+  }
+
+  /** Only a seq this journal gave, and no later than what is durable: a cursor ahead of it (a journal restored from a backup) full-syncs. */
+  async resumes(seq: string, durable: string): Promise<boolean> {
+    return /^\d+$/.test(seq) && comparePositions(seq, durable) <= 0;
+  }
+
+  position(): string {
+    return String(this.seq);
+  }
+
+  unavailable(): string | undefined {
+    return this.failed?.message;
+  }
+
+  health(): StoreHealth {
+    return { ok: !this.failed, count: this.seq, fields: {}, metrics: metric("banshare_journal_bytes", "gauge", "Size of the journal file (--state).", [["", this.bytes]]) };
+  }
+
+  describe(addresses: number): string {
+    return `as hub ${this.hubId}, ${addresses} address(es) claimed, seq ${this.seq}${this.path ? "" : " (no --state: nothing survives a restart)"}`;
   }
 
   private async flush(): Promise<void> {
@@ -570,8 +853,8 @@ class Journal implements Store {
     try {
       // Let the current burst of frames queue up first: one write and one fsync for all of them.
       await new Promise((r) => setImmediate(r));
-      while (this.pending.length || this.waiters.length) {
-        const events = this.pending.splice(0);
+      while (this.queued.length || this.waiters.length) {
+        const events = this.queued.splice(0);
         const waiters = this.waiters.splice(0);
         if (this.path && events.length) {
           const text = events.map((e) => JSON.stringify(e) + "\n").join("");
@@ -581,15 +864,14 @@ class Journal implements Store {
           await this.fh!.sync();
           this.lines += events.length;
         }
-        if (events.length) this.hooks.durable(events);
+        if (events.length) this.listener.durable(events);
         for (const w of waiters) w.resolve();
         // Count (address, origin) claims, the lines a compaction writes: counting addresses, a
         // fleet whose nodes ban the same addresses would rewrite the whole journal every flush.
         // Counting walks every claim: not on every flush of a busy hub, only once the journal
         // outgrew the last count, or that count is 10 s old (claims may have expired since).
         if (this.lines > Math.max(10_000, 4 * this.counted.live) || (this.lines > 10_000 && Date.now() - this.counted.at > 10_000)) {
-          let live = 0;
-          for (const byOrigin of this.hooks.live().claims.values()) live += byOrigin.size;
+          const live = this.snapshot.size();
           this.counted = { live, at: Date.now() };
           if (this.lines > Math.max(10_000, 4 * live)) await this.compact();
         }
@@ -597,7 +879,7 @@ class Journal implements Store {
     } catch (e) {
       this.failed = e as Error;
       for (const w of this.waiters.splice(0)) w.reject(this.failed);
-      this.hooks.fatal(this.failed);
+      this.listener.fatal(`journal write failed, stopping so that no unsaved event is acked: ${this.failed.message}`);
     } finally {
       this.flushing = false;
     }
@@ -612,15 +894,6 @@ class Journal implements Store {
 
 // ---------------------------------------------------------------------------------------------
 // Shared store: a Redis stream of events and a hash of claims, for several hubs
-
-/** What every store gives the hub: the id cursors carry, a barrier before ack-less answers, close. */
-interface Store {
-  /** The `hub` of a cursor: the journal's own id, or the fleet id every hub on one Redis shares. */
-  readonly hubId: string;
-  /** Resolves once everything accepted so far is durable. */
-  barrier(): Promise<void>;
-  close(): Promise<void>;
-}
 
 /** Where a `--store` URL points: one Redis, or the master a set of Sentinels names. */
 export interface RedisTarget {
@@ -642,7 +915,7 @@ export interface RedisTarget {
  */
 export function parseStoreUrl(s: string): RedisTarget {
   const m = /^(redis|rediss|redis-sentinel):\/\/(?:([^:@/]*)(?::([^@/]*))?@)?([^/@]+?)(?:\/([^/]*))?(?:\/(\d+))?\/?$/.exec(s);
-  const bad = () => new Error(`Expected --store as redis://HOST:PORT/DB, rediss://HOST:PORT/DB or redis-sentinel://HOST:PORT,HOST:PORT/MASTER/DB, got ${JSON.stringify(s.replace(/:[^:@/]*@/, ":***@"))}`);
+  const bad = () => new UsageError(`Expected --store as redis://HOST:PORT/DB, rediss://HOST:PORT/DB or redis-sentinel://HOST:PORT,HOST:PORT/MASTER/DB, got ${JSON.stringify(s.replace(/:[^:@/]*@/, ":***@"))}`);
   if (!m) throw bad();
   const [, scheme, user, pass, hosts, fifth, sixth] = m;
   const username = user ? decodeURIComponent(user) : undefined;
@@ -715,22 +988,6 @@ interface RedisClient {
   on(event: "error", fn: (e: Error) => void): unknown;
 }
 
-/**
- * Callbacks the Redis store makes: events read from the stream, in order; claims a reload of the
- * hash found newer than the hub's (after the stream was trimmed past the reader); each claim of
- * the first snapshot.
- */
-interface RedisHooks {
-  events: (events: FleetEvent[]) => void;
-  repaired: (events: FleetEvent[]) => void;
-  claim: (e: FleetEvent) => void;
-  log: (line: string) => void;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms).unref());
-}
-
 /** Rejects with `what` if `p` has not settled within `ms` (a Redis host gone silent never answers). */
 function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout;
@@ -746,11 +1003,13 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
  */
 class RedisStore implements Store {
   hubId = "";
-  /** ID of the last stream entry handed to `hooks.events`: what this hub's agents have been sent. */
-  position = "0-0";
+  /** ID of the last stream entry handed to `listener.durable`: what this hub's agents have been sent. */
+  private last = "0-0";
+  /** Stream entries this hub has read since it started: `banshare_seq` (a stream ID is no count). */
+  private read = 0;
   /** The oldest cursor that resumes: the first entry the stream kept once trimmed ("0-0" before). */
   private trimmed = "0-0";
-  up = false;
+  private up = false;
   private cmd?: RedisClient;
   private reader?: RedisClient;
   private closing = false;
@@ -758,42 +1017,50 @@ class RedisStore implements Store {
   private wake?: () => void;
   private timer?: NodeJS.Timeout;
   private sha = { append: "" };
+  private createClient!: (o: object) => RedisClient;
+  private readonly target: RedisTarget;
+  private readonly maxLen: number;
+  private readonly maxAgeMs: number;
+  /** Replicas that must have an event before it is acked (`--store-replicas`, WAIT). */
+  private readonly replicas: number;
+  /** Appends on their way: a barrier waits for them. */
+  private readonly inflight = new Set<Promise<unknown>>();
 
-  private constructor(
-    private readonly target: RedisTarget,
-    private readonly maxLen: number,
-    private readonly maxAgeMs: number,
-    private readonly hooks: RedisHooks,
-    private readonly createClient: (o: object) => RedisClient,
-    /** Replicas that must have an event before it is acked (`--store-replicas`, WAIT). */
-    private readonly replicas = 0,
-  ) {}
+  constructor(
+    opts: HubOptions,
+    private readonly listener: StoreListener,
+  ) {
+    // Both rules decide against the address's claims as they stand when a ban arrives; hubs on
+    // one Redis see each other's bans a moment late, so there they would not hold as documented.
+    if (opts.escalate || (opts.quorum ?? 1) !== 1) throw new UsageError("--escalate and --quorum are not supported with --store yet");
+    this.target = parseStoreUrl(opts.store!);
+    this.maxLen = opts.streamMaxLen;
+    this.maxAgeMs = opts.streamMaxAgeMs;
+    this.replicas = opts.storeReplicas ?? 0;
+  }
 
   /**
-   * Connects, takes (or creates) the fleet id, loads the claims hash into the hub's claims and
-   * starts reading the stream after the point the snapshot is sure to cover. Throws if Redis
-   * cannot be reached at start: a hub without its store would serve an empty fleet state.
+   * Connects, takes (or creates) the fleet id, loads the claims hash into `each` and starts
+   * reading the stream after the point the snapshot is sure to cover. Throws if Redis cannot be
+   * reached at start: a hub without its store would serve an empty fleet state.
    */
-  static async open(url: string, maxLen: number, maxAgeMs: number, hooks: RedisHooks, replicas = 0): Promise<RedisStore> {
-    const target = parseStoreUrl(url);
+  async load(each: (e: FleetEvent) => void): Promise<void> {
     // Loaded here only: a single-hub fleet on its journal never loads the Redis client.
     const { createClient } = await import("redis");
-    const store = new RedisStore(target, maxLen, maxAgeMs, hooks, (o) => createClient(o) as unknown as RedisClient, replicas);
-    await store.connect();
-    const cmd = store.cmd!;
+    this.createClient = (o) => createClient(o) as unknown as RedisClient;
+    await this.connect();
     // Snapshot: the stream's last ID first, then the claims. The hash may hold claims newer than
     // that ID too; reading the stream from it merges them again, which changes nothing.
-    store.position = await store.streamInfo(true);
+    this.last = await this.streamInfo(true);
     let count = 0;
-    await store.scanClaims(cmd, (e) => {
-      hooks.claim(e);
+    await this.scanClaims(this.cmd!, (e) => {
+      each(e);
       count++;
     });
-    hooks.log(`store ${target.display}: fleet ${store.hubId}, ${count} claim(s) loaded, stream at ${store.position}`);
-    store.loop = store.readLoop();
-    store.timer = setInterval(() => void store.maintain().catch((e: Error) => hooks.log(`warning: store maintenance: ${e.message}`)), 60_000);
-    store.timer.unref();
-    return store;
+    this.listener.log(`store ${this.target.display}: fleet ${this.hubId}, ${count} claim(s) loaded, stream at ${this.last}`);
+    this.loop = this.readLoop();
+    this.timer = setInterval(() => void this.maintain().catch((e: Error) => this.listener.log(`warning: store maintenance: ${e.message}`)), 60_000);
+    this.timer.unref();
   }
 
   /** Hands every claim of the hash to `each`, HSCAN by chunks (a fleet of 100k claims is never one reply). */
@@ -828,7 +1095,7 @@ class RedisStore implements Store {
       const fresh = randomBytes(8).toString("hex");
       await cmd.sendCommand(["SET", REDIS_KEYS.id, this.hubId || fresh, "NX"]);
       const id = (await cmd.sendCommand(["GET", REDIS_KEYS.id])) as string;
-      if (this.hubId && id !== this.hubId) this.hooks.log(`warning: store ${this.target.display} holds fleet ${id}, not ${this.hubId} as before: agents will full-sync`);
+      if (this.hubId && id !== this.hubId) this.listener.log(`warning: store ${this.target.display} holds fleet ${id}, not ${this.hubId} as before: agents will full-sync`);
       this.hubId = id;
       this.sha.append = (await cmd.sendCommand(["SCRIPT", "LOAD", APPEND_LUA])) as string;
     } catch (e) {
@@ -881,7 +1148,7 @@ class RedisStore implements Store {
 
   /** Marks the store down (once per outage) and drops both connections; the reading loop reconnects. */
   private fail(e: Error): void {
-    if (this.up) this.hooks.log(`error: store ${this.target.display} unreachable (${e.message}); agents stay connected, events are refused until it is back`);
+    if (this.up) this.listener.log(`error: store ${this.target.display} unreachable (${e.message}); agents stay connected, events are refused until it is back`);
     this.up = false;
     const [cmd, reader] = [this.cmd, this.reader];
     this.cmd = this.reader = undefined;
@@ -897,27 +1164,28 @@ class RedisStore implements Store {
       try {
         if (!this.reader) {
           await this.connect();
-          this.hooks.log(`store ${this.target.display} is back: reading the stream after ${this.position}`);
+          this.listener.log(`store ${this.target.display} is back: reading the stream after ${this.last}`);
           attempt = 0;
           this.up = true;
         }
-        const reply = (await within(this.reader!.sendCommand(["XREAD", "COUNT", "1000", "BLOCK", "2000", "STREAMS", REDIS_KEYS.events, this.position]), 7000, "XREAD")) as Array<[string, Array<[string, string[]]>]> | null;
+        const reply = (await within(this.reader!.sendCommand(["XREAD", "COUNT", "1000", "BLOCK", "2000", "STREAMS", REDIS_KEYS.events, this.last]), 7000, "XREAD")) as Array<[string, Array<[string, string[]]>]> | null;
         if (!reply) continue;
-        const before = this.position;
+        const before = this.last;
         const events: FleetEvent[] = [];
         for (const [id, fields] of reply[0][1]) {
-          this.position = id;
+          this.last = id;
+          this.read++;
           const e = parseJournalLine(`{"seq":"${id}",${(fields[1] ?? "{").slice(1)}`);
           if (e) events.push(e);
         }
-        if (events.length) this.hooks.events(events);
+        if (events.length) this.listener.durable(events);
         // Trimmed past this reader (it lagged more than --stream-max-len entries): entries it never
         // read are gone, but their claims are in the hash. Reload it; what is newer goes out.
         await this.streamInfo();
         if (this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
           const newer: FleetEvent[] = [];
           await this.scanClaims(this.cmd!, (e) => newer.push(e));
-          this.hooks.repaired(newer);
+          this.listener.repaired(newer);
         }
       } catch (e) {
         if (this.closing) break;
@@ -931,8 +1199,19 @@ class RedisStore implements Store {
     }
   }
 
-  /** Appends an accepted event; resolves with its stream ID once Redis has it (or the stored claim's seq, if it was not newer). */
-  async append(e: FleetEvent): Promise<string> {
+  /** Appends events one by one; resolves with their stream IDs once Redis has them (for one that was not newer, the stored claim's seq). */
+  append(events: FleetEvent[]): Promise<string[]> {
+    const p = (async () => {
+      const out: string[] = [];
+      for (const e of events) out.push((e.seq = await this.appendOne(e)));
+      return out;
+    })();
+    this.inflight.add(p);
+    void p.catch(() => {}).finally(() => this.inflight.delete(p));
+    return p;
+  }
+
+  private async appendOne(e: FleetEvent): Promise<string> {
     const cmd = this.cmd;
     if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
     const { seq: _unused, ...rest } = e;
@@ -958,8 +1237,39 @@ class RedisStore implements Store {
     }
   }
 
+  /**
+   * Every hub reads the same stream, so a cursor from any of them is good here, unless the
+   * stream was trimmed past it: then it may have missed an event nobody can replay. A cursor
+   * ahead of this hub (it lags the one the agent left) resumes too: what lies between comes by relay.
+   */
+  async resumes(seq: string): Promise<boolean> {
+    return comparePositions(seq, await this.horizon()) >= 0;
+  }
+
+  position(): string {
+    return this.last;
+  }
+
+  unavailable(): string | undefined {
+    return this.up ? undefined : `store ${this.target.display} is unreachable`;
+  }
+
+  health(): StoreHealth {
+    const up = this.up;
+    return {
+      ok: up,
+      count: this.read,
+      fields: { store: up ? "up" : "down" },
+      metrics: metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
+    };
+  }
+
+  describe(addresses: number): string {
+    return `as a hub of fleet ${this.hubId} (store ${this.target.display}), ${addresses} address(es) claimed, stream at ${this.last}`;
+  }
+
   /** The oldest cursor that resumes, fresh from Redis when it answers. */
-  async horizon(): Promise<string> {
+  private async horizon(): Promise<string> {
     if (this.cmd && this.up) await within(this.streamInfo(), 1000, "XINFO").catch(() => {});
     return this.trimmed;
   }
@@ -985,7 +1295,18 @@ class RedisStore implements Store {
     await this.streamInfo();
   }
 
-  async barrier(): Promise<void> {}
+  /**
+   * Redis decides, not this hub's claims: it may have lost what this hub read from it (a master
+   * that failed over before its replica had the entry), and APPEND_LUA merges by the same rule.
+   */
+  async replay(_standing: FleetEvent, event: FleetEvent): Promise<string> {
+    return (await this.append([event]))[0];
+  }
+
+  /** Resolves once every append on its way has its answer from Redis. */
+  async barrier(): Promise<void> {
+    await Promise.allSettled([...this.inflight]);
+  }
 
   async close(): Promise<void> {
     this.closing = true;
@@ -997,471 +1318,723 @@ class RedisStore implements Store {
   }
 }
 
+
 // ---------------------------------------------------------------------------------------------
-// The hub
+// Observers: the CSV recorder, the metrics, the status feed. Told what happened; they change
+// nothing else.
 
-interface Conn {
-  ws: WebSocket;
-  entry: TokenEntry;
-  token: string;
-  remote: string;
-  hello: boolean;
-  /** An agent that receives events (it said `want: "events"` and got its sync). */
-  receiving: boolean;
-  alive: boolean;
-  /** Frames refused on this connection. */
-  refused: number;
-  /** Bytes of the sync sent to it: a large state is queued at once, on top of --max-buffered. */
-  syncBytes: number;
-  /** A status page (it said `want: "status"`): gets `status` frames and every relayed event. */
-  watching: boolean;
-  /** Connected at, and the last pong or frame from it, ms. */
-  since: number;
-  lastSeen: number;
-  /** The last seq relayed to this agent (the hub's durable seq when it got everything up to it). */
-  sentSeq?: string;
-  /** The newest seq this agent reported applied (`applied` frames). */
-  appliedSeq?: string;
-}
+/** The structured log (`--csv`): one writer of the hub's rows; without a path it writes nothing. */
+export class Recorder {
+  private constructor(private readonly out?: WriteStream) {}
 
-interface Counters {
-  eventsIn: Record<string, number>;
-  eventsOut: Record<string, number>;
-  refused: Record<string, number>;
-  unauthorized: number;
-  escalations: number;
-  /** Hub receive -> relayed (journal fsync included): counts per bucket of RELAY_BUCKETS, and the sum. */
-  relayBuckets: number[];
-  relaySum: number;
-  relayCount: number;
+  static async open(path: string | undefined, log: (line: string) => void): Promise<Recorder> {
+    if (!path) return new Recorder();
+    await mkdir(dirname(path), { recursive: true });
+    if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
+    const out = createWriteStream(path, { flags: "a" });
+    out.on("error", (e) => log(`warning: cannot write ${path}: ${e.message}`));
+    return new Recorder(out);
+  }
+
+  row(r: Omit<CsvRecord, "time" | "node">): void {
+    this.out?.write(csvRow({ time: Date.now(), node: "hub", ...r }));
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => (this.out ? this.out.end(resolve) : resolve()));
+  }
 }
 
 /** Upper bounds (seconds) of the relay latency histogram in /metrics. */
 const RELAY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
 
-/** Starts a hub and resolves once it listens. */
-export async function startHub(opts: HubOptions): Promise<Hub> {
-  if (opts.store && (opts.escalate || (opts.quorum ?? 1) !== 1)) throw new Error("--escalate and --quorum are not supported with --store yet");
-  const log = opts.log;
-  let tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
-  const claims: Claims = new Map();
-  /** Accepted events not yet fsynced, newest per (ip, origin). They join `claims` once durable, so
-   *  a sync never shows an agent an event a crash could still take back (and its seq reuse). */
-  const pending: Claims = new Map();
-  const conns = new Set<Conn>();
-  const counters: Counters = { eventsIn: { ban: 0, unban: 0 }, eventsOut: { ban: 0, unban: 0 }, refused: {}, unauthorized: 0, escalations: 0, relayBuckets: RELAY_BUCKETS.map(() => 0), relaySum: 0, relayCount: 0 };
-  const quorum = opts.quorum ?? 1;
-  const trusted = new Set(opts.trusted ?? []);
-  /** --escalate: detection times of the bans each address got, within the last maxSeconds. */
-  const offenses = new Map<string, number[]>();
-  const noteOffense = (e: FleetEvent) => {
-    if (!opts.escalate || e.kind !== "ban" || e.origin === ALL_ORIGINS || e.origin === ESCALATION_ORIGIN) return;
-    const list = offenses.get(e.ip) ?? [];
-    if (!list.includes(e.detectedAt)) list.push(e.detectedAt);
-    if (list.length > 64) list.shift();
-    offenses.set(e.ip, list);
-  };
-  const pruneOffenses = (now: number) => {
-    if (!opts.escalate) return;
-    const horizon = now - opts.escalate.maxSeconds * 1000;
-    for (const [ip, list] of offenses) {
-      const kept = list.filter((t) => t > horizon);
-      if (kept.length) offenses.set(ip, kept);
-      else offenses.delete(ip);
+/** Reasons a refusal may have beyond the protocol's error codes: before any frame, or on the TLS layer. */
+type RefusalCode = ErrorCode | "unauthorized" | "too_many_connections" | "tls";
+
+/** One metric in the Prometheus text format: HELP, TYPE, then each sample as (name suffix with labels, value). */
+function metric(name: string, type: "counter" | "gauge" | "histogram", help: string, samples: Array<[string, number | string]>): string[] {
+  return [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...samples.map(([suffix, v]) => `${name}${suffix} ${v}`)];
+}
+
+/** Gauges /metrics reads from the other parts when it is asked. */
+interface Gauges {
+  roles: Record<Role, number>;
+  agents: number;
+  held: number;
+  blocked: number;
+  seq: number;
+  store: string[];
+}
+
+/** The hub's counters, one writer each, and the Prometheus text they make with the gauges. */
+export class Metrics {
+  private readonly eventsIn = { ban: 0, unban: 0 };
+  private readonly eventsOut = { ban: 0, unban: 0 };
+  private readonly refusedBy: Record<string, number> = {};
+  private unauthorized = 0;
+  private escalations = 0;
+  /** Hub receive -> relayed (journal fsync included): counts per bucket of RELAY_BUCKETS, and the sum. */
+  private readonly relayBuckets = RELAY_BUCKETS.map(() => 0);
+  private relaySum = 0;
+  private relayCount = 0;
+
+  received(e: FleetEvent): void {
+    this.eventsIn[e.kind]++;
+  }
+
+  escalated(): void {
+    this.escalations++;
+  }
+
+  refused(code: RefusalCode): void {
+    if (code === "unauthorized") this.unauthorized++;
+    else this.refusedBy[code] = (this.refusedBy[code] ?? 0) + 1;
+  }
+
+  /** Events relayed at `now`; `sent` copies went out to agents, by kind. */
+  relayed(events: FleetEvent[], sent: { ban: number; unban: number }, now: number): void {
+    this.eventsOut.ban += sent.ban;
+    this.eventsOut.unban += sent.unban;
+    for (const e of events) {
+      const s = Math.max(0, now - e.relayedAt) / 1000;
+      this.relaySum += s;
+      this.relayCount++;
+      const b = RELAY_BUCKETS.findIndex((le) => s <= le);
+      if (b >= 0) this.relayBuckets[b]++;
     }
-  };
-  let csv: WriteStream | undefined;
-  let closing = false;
-  const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
-  const buckets = new Map<string, { tokens: number; at: number }>();
-  /** Token bucket per node: true when the node may publish one more event now. */
-  const takeToken = (node: string, now: number): boolean => {
-    const b = buckets.get(node) ?? { tokens: opts.burst, at: now };
-    b.tokens = Math.min(opts.burst, b.tokens + ((now - b.at) / 1000) * opts.rate);
+  }
+
+  text(g: Gauges): string {
+    const buckets = RELAY_BUCKETS.map((le, i): [string, number] => [`_bucket{le="${le}"}`, this.relayBuckets.slice(0, i + 1).reduce((a, b) => a + b, 0)]);
+    const lines = [
+      ...metric("banshare_connected_nodes", "gauge", "WebSocket connections, by role.", ROLES.map((r) => [`{role="${r}"}`, g.roles[r]])),
+      ...metric("banshare_agents", "gauge", "Connected agents receiving events (synced).", [["", g.agents]]),
+      ...metric("banshare_events_in_total", "counter", "Events accepted from nodes, by kind.", Object.entries(this.eventsIn).map(([k, v]) => [`{kind="${k}"}`, v])),
+      ...metric("banshare_events_out_total", "counter", "Events sent to agents (one per agent that got it), by kind.", Object.entries(this.eventsOut).map(([k, v]) => [`{kind="${k}"}`, v])),
+      ...metric("banshare_relay_seconds", "histogram", "Hub receive -> relayed to the agents, journal fsync included.", [...buckets, ['_bucket{le="+Inf"}', this.relayCount], ["_sum", this.relaySum.toFixed(6)], ["_count", this.relayCount]]),
+      ...metric("banshare_escalations_total", "counter", "Bans lengthened for repeat offenders (--escalate).", [["", this.escalations]]),
+      ...metric("banshare_held_claims", "gauge", "Ban claims held back until --quorum nodes claim the address.", [["", g.held]]),
+      ...metric("banshare_refused_total", "counter", "Frames refused, by reason.", [...Object.entries(this.refusedBy).map(([k, v]): [string, number] => [`{reason="${k}"}`, v]), ['{reason="unauthorized"}', this.unauthorized]]),
+      ...metric("banshare_claims", "gauge", "Addresses with at least one live ban claim relayed to the fleet (not held by --quorum, not lifted).", [["", g.blocked]]),
+      ...metric("banshare_seq", "gauge", "Sequence number of the last accepted event; with --store, stream entries this hub has read since it started (the stream position is /healthz's seq).", [["", g.seq]]),
+      ...g.store,
+    ];
+    return lines.join("\n") + "\n";
+  }
+}
+
+/** One refusal: its reason, what to say, who asked; `connection` when it came before any frame. */
+interface Refusal {
+  code: RefusalCode;
+  message: string;
+  remote: string;
+  node?: string;
+  id?: string;
+  ip?: string;
+  connection?: boolean;
+  /** The CSV row's shorter reason, when the log line says more. */
+  csv?: string;
+}
+
+/** Where a frame or request is answered: an HTTP status and, unless a connection was refused before its request was read, a frame. */
+type Answer = (status: number, frame?: HubFrame) => void;
+
+/** HTTP status of each refusal; 400 for the rest. */
+const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, protected: 403, rate_limited: 429, too_big: 413, internal: 503, unauthorized: 401, too_many_connections: 429 };
+
+/** The one refusal path: count, log line, CSV row and the answer (error frame, JSON error or bare status). */
+export class Refusals {
+  constructor(
+    private readonly metrics: Metrics,
+    private readonly recorder: Recorder,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  refuse(r: Refusal, answer?: Answer, status = HTTP_STATUS[r.code] ?? 400): void {
+    this.metrics.refused(r.code);
+    const who = r.node ? `${r.node} (${r.remote})` : r.remote;
+    if (r.connection) {
+      this.log(`refused connection from ${who}: ${r.message}`);
+      this.recorder.row({ action: "REJECT", origin: r.node, detail: `${r.code}: ${r.csv ?? r.message} from ${r.remote}` });
+      answer?.(status);
+      return;
+    }
+    this.log(`refused from ${who}: ${r.message}`);
+    this.recorder.row({ action: "REJECT", ip: r.ip, origin: r.node, detail: `${r.code}: ${r.message}` });
+    answer?.(status, { type: "error", code: r.code as ErrorCode, message: r.message, id: r.id });
+  }
+}
+
+/** Token bucket per node: `rate` events a second sustained, `burst` at once. */
+export class RateLimiter {
+  private readonly buckets = new Map<string, { tokens: number; at: number }>();
+
+  constructor(
+    readonly rate: number,
+    readonly burst: number,
+  ) {}
+
+  /** True when `node` may publish one more event now (and takes its token). */
+  take(node: string, now: number): boolean {
+    const b = this.buckets.get(node) ?? { tokens: this.burst, at: now };
+    b.tokens = Math.min(this.burst, b.tokens + ((now - b.at) / 1000) * this.rate);
     b.at = now;
-    buckets.set(node, b);
+    this.buckets.set(node, b);
     if (b.tokens < 1) return false;
     b.tokens -= 1;
     return true;
-  };
-
-  /** Events made durable (journal) or read from the shared stream (Redis): into the claims, out to the agents. */
-  const durable = (events: FleetEvent[]) => {
-    for (const e of events) {
-      mergeHubClaim(claims, e);
-      const byOrigin = pending.get(e.ip);
-      if (byOrigin?.get(e.origin) === e) byOrigin.delete(e.origin);
-      if (byOrigin?.size === 0) pending.delete(e.ip);
-    }
-    durableSeq = events[events.length - 1].seq;
-    relay(events);
-  };
-  const shared = opts.store ? await RedisStore.open(opts.store, opts.streamMaxLen, opts.streamMaxAgeMs, {
-    events: (events) => durable(events),
-    repaired: (events) => {
-      const newer = events.filter((e) => mergeHubClaim(claims, e)).sort((a, b) => comparePositions(a.seq, b.seq));
-      if (!newer.length) return;
-      log(`the stream was trimmed past this hub's reader: ${newer.length} claim(s) taken from the claims hash instead`);
-      relay(newer);
-    },
-    claim: (e) => mergeHubClaim(claims, e),
-    log,
-  }, opts.storeReplicas ?? 0) : undefined;
-  const { journal, seq: journalSeq }: { journal?: Journal; seq: number } = shared ? { journal: undefined, seq: 0 } : await Journal.open(opts.statePath, log, {
-    durable,
-    live: (): { claims: Claims; seq: number } => {
-      pruneClaims(claims, Date.now());
-      return { claims, seq };
-    },
-    fatal: (e) => {
-      log(`error: journal write failed, stopping so that no unsaved event is acked: ${e.message}`);
-      process.exitCode = 1;
-      void hub.close();
-    },
-  }, (e) => {
-    mergeHubClaim(claims, e);
-    noteOffense(e);
-  });
-  let seq: number = journalSeq;
-  /** The seq of the last durable event (Redis: the last stream entry relayed): the most a sync may promise an agent. */
-  let durableSeq = shared ? shared.position : String(seq);
-  await journal?.compact();
-  const store: Store = shared ?? journal!;
-  /** The position a welcome and /healthz report: the last accepted seq, or the last stream entry relayed. */
-  const position = () => (shared ? durableSeq : String(seq));
-
-  if (opts.csvPath) {
-    await mkdir(dirname(opts.csvPath), { recursive: true });
-    if (!existsSync(opts.csvPath)) await appendFile(opts.csvPath, CSV_HEADER + "\n");
-    csv = createWriteStream(opts.csvPath, { flags: "a" });
-    csv.on("error", (e) => log(`warning: cannot write ${opts.csvPath}: ${e.message}`));
   }
-  const record = (r: Omit<CsvRecord, "time" | "node"> & { node?: string }) => csv?.write(csvRow({ time: Date.now(), node: "hub", ...r }));
+}
 
-  /** Sends a frame, or one already serialised (a relay serialises once for all its agents). */
-  const send = (c: Conn, f: HubFrame | Buffer) => {
-    if (c.ws.readyState !== c.ws.OPEN) return;
-    if (c.ws.bufferedAmount > opts.maxBufferedBytes + c.syncBytes) {
-      log(`dropping ${c.entry.name} (${c.remote}): more than ${opts.maxBufferedBytes} bytes queued, it is not reading`);
-      c.ws.terminate();
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+/** One WebSocket connection and what the hub knows of it. */
+export class Conn {
+  hello = false;
+  /** An agent that receives events (it said `want: "events"` and got its sync). */
+  receiving = false;
+  /** A status page (it said `want: "status"`): gets `status` frames and every relayed event. */
+  watching = false;
+  alive = true;
+  /** Frames refused on this connection. */
+  refused = 0;
+  /** Bytes of the sync sent to it: a large state is queued at once, on top of --max-buffered. */
+  syncBytes = 0;
+  /** Connected at, and the last pong or frame from it, ms. */
+  readonly since = Date.now();
+  lastSeen = this.since;
+  /** The last seq relayed to this agent (the hub's durable seq when it got everything up to it). */
+  sentSeq?: string;
+  /** The newest seq this agent reported applied (`applied` frames). */
+  appliedSeq?: string;
+
+  constructor(
+    readonly ws: WebSocket,
+    readonly entry: TokenEntry,
+    readonly token: string,
+    readonly remote: string,
+    private readonly maxBufferedBytes: number,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  get who(): string {
+    return `${this.entry.name} (${this.remote})`;
+  }
+
+  get kind(): "events" | "status" | "send" {
+    return this.receiving ? "events" : this.watching ? "status" : "send";
+  }
+
+  /** Sends a frame, or one already serialised (a relay serialises once for all its agents); drops a socket that does not read. */
+  send(f: HubFrame | Buffer): void {
+    if (this.ws.readyState !== this.ws.OPEN) return;
+    if (this.ws.bufferedAmount > this.maxBufferedBytes + this.syncBytes) {
+      this.log(`dropping ${this.who}: more than ${this.maxBufferedBytes} bytes queued, it is not reading`);
+      this.ws.terminate();
       return;
     }
-    c.ws.send(Buffer.isBuffer(f) ? f : JSON.stringify(f), { binary: false });
-  };
+    this.ws.send(Buffer.isBuffer(f) ? f : JSON.stringify(f), { binary: false });
+  }
 
-  /** Counts, logs and records one refused frame or request. */
-  const noteRefusal = (node: string | undefined, remote: string, code: ErrorCode, message: string, ip?: string) => {
-    counters.refused[code] = (counters.refused[code] ?? 0) + 1;
-    const who = node ? `${node} (${remote})` : remote;
-    log(`refused from ${who}: ${message}`);
-    record({ action: "REJECT", ip, origin: node, detail: `${code}: ${message}` });
-    return who;
-  };
+  /** A frame or pong arrived: it is alive. */
+  seen(): void {
+    this.alive = true;
+    this.lastSeen = Date.now();
+  }
+}
 
-  const refuse = (c: Conn | undefined, code: ErrorCode, message: string, id?: string, ip?: string) => {
-    const who = noteRefusal(c?.entry.name, c?.remote ?? "unknown", code, message, ip);
-    if (!c) return;
-    send(c, { type: "error", code, message, id });
-    // Each refusal costs a log line and a CSV row: a node that keeps sending garbage is cut off.
-    if (++c.refused === MAX_REFUSED_PER_CONN) {
-      log(`closing ${who}: ${MAX_REFUSED_PER_CONN} refused frames on one connection`);
-      c.ws.close(1008, "too many refused frames");
+/** The open connections. */
+export class Connections implements Iterable<Conn> {
+  private readonly all = new Set<Conn>();
+
+  add(c: Conn): void {
+    this.all.add(c);
+  }
+
+  delete(c: Conn): void {
+    this.all.delete(c);
+  }
+
+  get size(): number {
+    return this.all.size;
+  }
+
+  [Symbol.iterator](): Iterator<Conn> {
+    return this.all.values();
+  }
+
+  /** Connections of node `name`. */
+  countOf(name: string): number {
+    let n = 0;
+    for (const c of this.all) if (c.entry.name === name) n++;
+    return n;
+  }
+
+  roles(): Record<Role, number> {
+    const out: Record<Role, number> = { node: 0, reader: 0, admin: 0 };
+    for (const c of this.all) out[c.entry.role]++;
+    return out;
+  }
+
+  receiving(): Conn[] {
+    return [...this.all].filter((c) => c.receiving);
+  }
+
+  /** Heartbeat: a node that missed the last ping's pong is gone (cable pulled, host frozen). */
+  heartbeat(log: (line: string) => void): void {
+    for (const c of this.all) {
+      if (!c.alive) {
+        log(`${c.who} missed a heartbeat; dropping it`);
+        c.ws.terminate();
+        continue;
+      }
+      c.alive = false;
+      c.ws.ping();
     }
-  };
+  }
 
-  // Status page: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for all of
-  // them and not at all while nobody watches, and every event as it is relayed.
-  const rts = new Map<string, AppliedRecord[]>();
-  let statusTimer: NodeJS.Timeout | undefined;
-  /** Events accepted but not yet relayed to an agent at `sent`: journal seqs count; stream IDs only tell "none" (this hub relays what it reads at once). */
-  const lagOf = (sent: string): number | undefined => {
-    const at = position();
-    if (/^\d+$/.test(at) && /^\d+$/.test(sent)) return Math.max(0, Number(at) - Number(sent));
-    return comparePositions(sent, at) >= 0 ? 0 : undefined;
-  };
-  const statusFrame = (): StatusFrame => {
-    const now = Date.now();
-    const { bans, total } = statusBans(claims, now, MAX_STATUS_BANS);
-    const rt = [];
-    for (const [node, ring] of rts) for (const r of ring) if (r.at > now - STATUS_RT_WINDOW_MS) rt.push({ node, at: r.at, rtMs: r.rtMs });
-    rt.sort((a, b) => a.at - b.at);
-    const kindOf = (c: Conn) => (c.receiving ? "events" : c.watching ? "status" : "send") as "events" | "status" | "send";
-    return {
-      type: "status",
-      hub: store.hubId,
-      seq: position(),
-      at: now,
-      conns: [...conns]
-        .filter((c) => c.hello)
-        .map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: kindOf(c), since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : lagOf(c.sentSeq), appliedSeq: c.appliedSeq })),
-      bans,
-      bansTotal: total,
-      rt: rt.slice(-MAX_STATUS_RT),
-    };
-  };
-  const broadcastStatus = () => {
-    const watchers = [...conns].filter((c) => c.watching);
-    if (!watchers.length) {
-      clearInterval(statusTimer);
-      statusTimer = undefined;
-      return;
+  /** Closes every connection whose token is gone from `tokens` or now names another node or role. */
+  revoke(tokens: TokenEntry[], log: (line: string) => void): void {
+    for (const c of this.all) {
+      const now = findToken(tokens, c.token);
+      if (!now || now.name !== c.entry.name || now.role !== c.entry.role) {
+        log(`${c.who}: token revoked or changed; disconnecting`);
+        c.ws.close(1008, "token revoked");
+      }
     }
-    const frame = Buffer.from(JSON.stringify(statusFrame()));
-    for (const c of watchers) send(c, frame);
-  };
-  const startWatching = (c: Conn) => {
+  }
+
+  terminateAll(): void {
+    for (const c of this.all) c.ws.terminate();
+  }
+}
+
+/** The frame that carries relayed events: one `event`, or an incremental `sync` for several. */
+function eventsFrame(events: FleetEvent[]): HubFrame {
+  return events.length === 1 ? { type: "event", ...events[0] } : { type: "sync", full: false, events, seq: events[events.length - 1].seq };
+}
+
+/**
+ * The status page's feed: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for
+ * all of them and not at all while nobody watches, and every event as it is relayed; the agents'
+ * `applied` reports fill each node's ring of response times.
+ */
+export class StatusFeed {
+  private readonly rts = new Map<string, AppliedRecord[]>();
+  private timer?: NodeJS.Timeout;
+
+  constructor(
+    private readonly conns: Connections,
+    private readonly state: () => { hub: string; seq: string; claims: Claims },
+    private readonly log: (line: string) => void,
+  ) {}
+
+  watch(c: Conn): void {
     c.watching = true;
-    log(`${c.entry.name} (${c.remote}) opened the status page`);
-    broadcastStatus();
-    if (!statusTimer) {
-      statusTimer = setInterval(broadcastStatus, STATUS_INTERVAL_MS);
-      statusTimer.unref();
+    this.log(`${c.who} opened the status page`);
+    this.broadcast();
+    if (!this.timer) {
+      this.timer = setInterval(() => this.broadcast(), STATUS_INTERVAL_MS);
+      this.timer.unref();
     }
-  };
-  /** Called with every flush's durable events: moves the agents' cursors, shows the relayed events to watchers. */
-  const noteRelayed = (all: FleetEvent[]) => {
-    // A burst of 100k events: the page shows the newest few hundred anyway.
-    const shown = statusTimer ? all.filter((e) => !e.held).slice(-MAX_STATUS_EVENTS) : [];
-    let frame: Buffer | undefined;
-    for (const c of conns) {
-      if (c.receiving) c.sentSeq = durableSeq;
-      if (!c.watching || !shown.length) continue;
-      send(c, (frame ??= Buffer.from(JSON.stringify(shown.length === 1 ? { type: "event", ...shown[0] } : { type: "sync", full: false, events: shown, seq: shown[shown.length - 1].seq }))));
-    }
-  };
+  }
+
   /** Records an agent's `applied` report in its node's ring of response times. */
-  const takeApplied = (c: Conn, f: AppliedFrame) => {
-    if (!c.receiving) return refuse(c, "forbidden", `Expected applied only from an agent that receives events, got it from a ${c.watching ? "status page" : "sender"}`);
-    let ring = rts.get(c.entry.name);
-    if (!ring) rts.set(c.entry.name, (ring = []));
+  applied(c: Conn, f: AppliedFrame): void {
+    let ring = this.rts.get(c.entry.name);
+    if (!ring) this.rts.set(c.entry.name, (ring = []));
     for (const r of f.events) {
       ring.push(r);
       if (c.appliedSeq === undefined || comparePositions(r.seq, c.appliedSeq) > 0) c.appliedSeq = r.seq;
     }
     if (ring.length > RT_RING) ring.splice(0, ring.length - RT_RING);
-  };
+  }
 
-  // Relay: events made durable by one journal flush go out together, one frame per agent.
-  const relay = (all: FleetEvent[]) => {
-    noteRelayed(all);
-    // Claims held back by --quorum stay in the journal and the claims, and go nowhere yet.
+  /** Shows relayed events to the watchers (a burst of 100k: the newest few hundred, as the page shows no more). */
+  relayed(all: FleetEvent[]): void {
+    if (!this.timer) return;
+    const shown = all.filter((e) => !e.held).slice(-MAX_STATUS_EVENTS);
+    if (!shown.length) return;
+    let frame: Buffer | undefined;
+    for (const c of this.conns) if (c.watching) c.send((frame ??= Buffer.from(JSON.stringify(eventsFrame(shown)))));
+  }
+
+  frame(): StatusFrame {
+    const now = Date.now();
+    const { hub, seq, claims } = this.state();
+    const { bans, total } = statusBans(claims, now, MAX_STATUS_BANS);
+    const rt = [];
+    for (const [node, ring] of this.rts) for (const r of ring) if (r.at > now - STATUS_RT_WINDOW_MS) rt.push({ node, at: r.at, rtMs: r.rtMs });
+    rt.sort((a, b) => a.at - b.at);
+    // Events accepted but not yet relayed to an agent: journal seqs count; stream IDs only tell "none" (a hub relays what it reads at once).
+    const lagOf = (sent: string): number | undefined => {
+      if (/^\d+$/.test(seq) && /^\d+$/.test(sent)) return Math.max(0, Number(seq) - Number(sent));
+      return comparePositions(sent, seq) >= 0 ? 0 : undefined;
+    };
+    const conns = [...this.conns].filter((c) => c.hello);
+    return {
+      type: "status",
+      hub,
+      seq,
+      at: now,
+      conns: conns.map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: c.kind, since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : lagOf(c.sentSeq), appliedSeq: c.appliedSeq })),
+      bans,
+      bansTotal: total,
+      rt: rt.slice(-MAX_STATUS_RT),
+    };
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  private broadcast(): void {
+    const watchers = [...this.conns].filter((c) => c.watching);
+    if (!watchers.length) return this.stop();
+    const frame = Buffer.from(JSON.stringify(this.frame()));
+    for (const c of watchers) c.send(frame);
+  }
+}
+
+/** Sends durable events on to every agent but their origin's, one frame per agent, and tells the observers. */
+export class Relay {
+  constructor(
+    private readonly conns: Connections,
+    private readonly metrics: Metrics,
+    private readonly recorder: Recorder,
+    private readonly feed: StatusFeed,
+  ) {}
+
+  /** `all` became durable (or came from the store's reload); `upTo` is the hub's durable position now. */
+  send(all: FleetEvent[], upTo: string): void {
+    const receiving = this.conns.receiving();
+    for (const c of receiving) c.sentSeq = upTo;
+    this.feed.relayed(all);
+    // Claims held back by --quorum stay in the store and the claims, and go nowhere yet.
     const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
     if (!events.length) return;
-    const receiving = [...conns].filter((c) => c.receiving);
-    const frameOf = (theirs: FleetEvent[]): HubFrame => (theirs.length === 1 ? { type: "event", ...theirs[0] } : { type: "sync", full: false, events: theirs, seq: theirs[theirs.length - 1].seq });
+    const sent = { ban: 0, unban: 0 };
     // Most agents get every event: serialise that frame once, not once per agent (1,000 agents).
     let everything: Buffer | undefined;
     for (const c of receiving) {
       const theirs = events.filter((e) => e.origin !== c.entry.name);
       if (!theirs.length) continue;
-      for (const e of theirs) counters.eventsOut[e.kind]++;
-      if (theirs.length === events.length) send(c, (everything ??= Buffer.from(JSON.stringify(frameOf(events)))));
-      else send(c, frameOf(theirs));
+      for (const e of theirs) sent[e.kind]++;
+      if (theirs.length === events.length) c.send((everything ??= Buffer.from(JSON.stringify(eventsFrame(events)))));
+      else c.send(eventsFrame(theirs));
     }
     const now = Date.now();
-    for (const e of events) {
-      const s = Math.max(0, now - e.relayedAt) / 1000;
-      counters.relaySum += s;
-      counters.relayCount++;
-      const b = RELAY_BUCKETS.findIndex((le) => s <= le);
-      if (b >= 0) counters.relayBuckets[b]++;
-    }
-    for (const e of events) record({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.filter((c) => c.entry.name !== e.origin).length} agent(s)` });
-  };
+    this.metrics.relayed(events, sent, now);
+    for (const e of events) this.recorder.row({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.filter((c) => c.entry.name !== e.origin).length} agent(s)` });
+  }
+}
 
-  /**
-   * --quorum and --escalate for a new event `e` (already merged into `view`, the address's
-   * claims): marks `e` held while too few nodes claim the address, and returns the events that
-   * go into the journal with it: the held claims it releases (copies with new seqs, so agents
-   * resuming by cursor get them) and the hub's escalation claim for a repeat offender.
-   */
-  const fleetRules = (entry: TokenEntry, e: FleetEvent, view: Claims, now: number): FleetEvent[] => {
-    if (e.kind !== "ban" || e.origin === ALL_ORIGINS) return [];
-    const byOrigin = view.get(e.ip)!;
-    const extra: FleetEvent[] = [];
-    if (quorum > 1 && !trusted.has(entry.name)) {
-      let claimers = 0;
-      for (const c of byOrigin.values()) if (c.kind === "ban" && c.origin !== ESCALATION_ORIGIN && c.origin !== ALL_ORIGINS && !isExpired(c, now)) claimers++;
-      if (claimers < quorum) {
-        e.held = true;
-        record({ action: "HOLD", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: `${claimers} of ${quorum} node(s) claim it: not relayed until --quorum is reached` });
-      }
-    }
-    if (!e.held) {
-      for (const c of byOrigin.values()) {
-        if (c.held && c !== e && !isExpired(c, now)) extra.push({ ...c, seq: String(++seq), held: undefined });
-      }
-    }
-    if (opts.escalate && e.until !== null) {
-      pruneOffenses(now);
-      const priors = offenses.get(e.ip)?.filter((t) => t !== e.detectedAt).length ?? 0;
-      noteOffense(e);
-      const bantime = Math.round((e.until - e.detectedAt) / 1000);
-      const seconds = escalatedSeconds(bantime, priors, opts.escalate.factor, opts.escalate.maxSeconds);
-      const current = byOrigin.get(ESCALATION_ORIGIN);
-      const until = Math.max(e.detectedAt + seconds * 1000, current?.kind === "ban" && current.until !== null ? current.until : 0);
-      if (seconds > bantime && until > e.until) {
-        counters.escalations++;
-        const esc: FleetEvent = { ...e, seq: String(++seq), origin: ESCALATION_ORIGIN, until, escalation: Math.round((seconds / bantime) * 100) / 100 };
-        extra.push(esc);
-        record({ action: "ESCALATE", ip: e.ip, origin: e.origin, jail: e.jail, until, detail: `banned ${priors} time(s) before: ${bantime} s x ${esc.escalation} = ${seconds} s on every node${e.held ? " (held with the ban)" : ""}` });
-        log(`escalated ${e.ip}: banned ${priors} time(s) before, now ${seconds} s on every node`);
-      }
-    }
-    return extra;
-  };
+// ---------------------------------------------------------------------------------------------
+// The publish path, one for WebSocket and HTTP: refusal rules -> fleet rules -> store -> ack
 
-  /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
-  const accept = async (entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<string> => {
-    const now = Date.now();
-    if (shared) {
-      // The merge check is Redis's (APPEND_LUA): another hub may hold a newer claim this one has
-      // not read yet. The local claims only give an unban's tombstone its lifetime.
-      const e = toEvent(f, entry.name, "", claims, now);
-      const pos = await shared.append(e);
-      counters.eventsIn[e.kind]++;
-      record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${entry.name} (${remote})` });
-      return pos;
-    }
-    // Decided against everything accepted so far, durable or still pending (pending is newer).
-    const view: Claims = new Map([[f.ip, new Map([...(claims.get(f.ip) ?? []), ...(pending.get(f.ip) ?? [])])]]);
-    const e = toEvent(f, entry.name, seq + 1, view, now);
-    if (!mergeClaim(view, e)) {
-      // A replay or an older event: nothing changes, but the sender still gets its ack.
-      await store.barrier();
-      return view.get(e.ip)?.get(e.origin)?.seq ?? String(seq);
-    }
-    seq++;
-    counters.eventsIn[e.kind]++;
-    const batch = [e, ...fleetRules(entry, e, view, now)];
-    for (const b of batch) mergeHubClaim(pending, b);
-    record({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${entry.name} (${remote})` });
-    await journal!.append(batch);
-    return e.seq;
-  };
+/** Takes ban and unban frames from nodes: refuses, decides, stores, acks. */
+export class Publisher {
+  constructor(
+    private readonly fleet: FleetState,
+    private readonly store: Store,
+    private readonly limiter: RateLimiter,
+    private readonly protectedNets: Address[],
+    private readonly refusals: Refusals,
+    private readonly metrics: Metrics,
+    private readonly recorder: Recorder,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Publishes `f` from `entry`: answers its ack once durable, or its refusal. */
+  publish(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame, answer: Answer): void {
+    const no = this.refusal(entry, f);
+    if (no) return this.refusals.refuse({ ...no, node: entry.name, remote, id: f.id, ip: f.ip }, answer);
+    this.accept(entry, remote, f).then(
+      (seq) => answer(200, { type: "ack", id: f.id, seq }),
+      (e: Error) => this.refusals.refuse({ code: "internal", message: `Could not store the event: ${e.message}`, node: entry.name, remote, id: f.id, ip: f.ip }, answer),
+    );
+  }
 
   /** Why `entry` may not publish `f` (role, admin-only unban, protected network, rate), or undefined. */
-  const publishRefusal = (entry: TokenEntry, f: BanFrame | UnbanFrame): { code: ErrorCode; message: string } | undefined => {
+  refusal(entry: TokenEntry, f: BanFrame | UnbanFrame): { code: ErrorCode; message: string } | undefined {
     if (entry.role === "reader") return { code: "forbidden", message: `Node ${entry.name} has the reader role and cannot publish` };
     if (f.type === "unban" && f.all && entry.role !== "admin") return { code: "forbidden", message: `Only an admin can unban for every node; ${entry.name} is a ${entry.role}` };
     if (f.type === "ban") {
       const addr = parseAddress(f.ip)!;
-      const hit = protectedNets.find((n) => overlaps(n, addr));
+      const hit = this.protectedNets.find((n) => overlaps(n, addr));
       if (hit) return { code: "protected", message: `Refusing to ban ${f.ip}: it overlaps the protected network ${hit.text}` };
     }
-    if (!takeToken(entry.name, Date.now())) return { code: "rate_limited", message: `Node ${entry.name} is over its limit of ${opts.rate} events/s (burst ${opts.burst}); slow down and retry` };
+    if (!this.limiter.take(entry.name, Date.now())) return { code: "rate_limited", message: `Node ${entry.name} is over its limit of ${this.limiter.rate} events/s (burst ${this.limiter.burst}); slow down and retry` };
     return undefined;
-  };
+  }
 
-  const startSync = async (c: Conn, cursor: { hub: string; seq: string } | undefined) => {
-    let resumeFrom: string | undefined;
-    if (!shared) {
-      // Only what is durable (`claims` up to `durableSeq`): an event still on its way to the disk
-      // reaches the agent by relay once it is there, and never if a crash takes it back.
-      resumeFrom = cursor && cursor.hub === store.hubId && /^\d+$/.test(cursor.seq) && isPosition(cursor.seq) && comparePositions(cursor.seq, durableSeq) <= 0 ? cursor.seq : undefined;
-    } else if (cursor && cursor.hub === store.hubId && isPosition(cursor.seq)) {
-      // Every hub reads the same stream, so a cursor from any of them is good here, unless the
-      // stream was trimmed past it: then it may have missed an event nobody can replay. A cursor
-      // ahead of this hub (it lags the one the agent left) resumes too: what lies between comes by relay.
-      const trimmed = await shared.horizon();
-      if (c.ws.readyState !== c.ws.OPEN) return;
-      resumeFrom = comparePositions(cursor.seq, trimmed) >= 0 ? cursor.seq : undefined;
-    }
+  /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
+  private async accept(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<string> {
+    const unavailable = this.store.unavailable();
+    if (unavailable) throw new Error(unavailable);
     const now = Date.now();
-    const events = syncEvents(claims, c.entry.name, resumeFrom, now);
-    const full = resumeFrom === undefined;
-    for (let i = 0; i === 0 || i < events.length; i += opts.syncChunk) {
-      const chunk = events.slice(i, i + opts.syncChunk);
-      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: chunk, seq: durableSeq, more: i + opts.syncChunk < events.length || undefined }));
-      c.syncBytes += frame.length;
-      send(c, frame);
+    const d = this.fleet.decide(entry.name, f, now);
+    // A replay or an older event: nothing changes, but the sender still gets its ack.
+    if ("standing" in d) return this.store.replay(d.standing, d.event);
+    this.tell(entry, remote, d.event, d.decision, now);
+    this.fleet.stage(d.batch);
+    try {
+      return (await this.store.append(d.batch))[0];
+    } finally {
+      this.fleet.unstage(d.batch);
     }
-    c.receiving = true;
-    c.sentSeq = durableSeq;
-    log(`${c.entry.name} (${c.remote}) ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
-  };
+  }
 
-  const onFrame = (c: Conn, data: Buffer, isBinary: boolean) => {
-    c.alive = true;
-    c.lastSeen = Date.now();
-    if (isBinary) return refuse(c, "bad_frame", "Expected a JSON text frame, got a binary frame");
-    if (data.length > MAX_NODE_FRAME_BYTES) return refuse(c, "too_big", `Expected a frame of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${data.length}`);
-    const parsed = parseNodeFrame(data.toString("utf8"), Date.now(), opts.maxPrefix);
-    if (!parsed.ok) return refuse(c, parsed.code, parsed.message, parsed.id);
-    const f = parsed.value;
-    if (f.type === "hello") {
-      if (c.hello) return refuse(c, "bad_frame", "Expected one hello per connection, got a second");
-      if (f.node !== undefined && f.node !== c.entry.name) {
-        refuse(c, "forbidden", `This token belongs to node ${c.entry.name}, not ${f.node}`);
-        c.ws.close(1008, "token does not match node");
-        return;
-      }
-      if (f.want === "status" && c.entry.role === "node") {
-        refuse(c, "forbidden", `Node ${c.entry.name} has the node role; the status page needs a reader or admin token`);
-        c.ws.close(1008, "status needs a reader or admin token");
-        return;
-      }
-      c.hello = true;
-      send(c, { type: "welcome", v: PROTOCOL_VERSION, hub: store.hubId, node: c.entry.name, role: c.entry.role, seq: position(), accepts: ["applied"] });
-      if (f.want === "events") {
-        void startSync(c, f.cursor).catch((e: Error) => {
-          log(`error: sync for ${c.entry.name} (${c.remote}) failed, closing its connection for a retry: ${e.message}`);
-          c.ws.close(1011, "sync failed");
-        });
-      } else if (f.want === "status") startWatching(c);
-      return;
+  /** Tells the observers about an accepted event and what the fleet rules made of it. */
+  private tell(entry: TokenEntry, remote: string, e: FleetEvent, d: RuleDecision, now: number): void {
+    if (d.hold) this.recorder.row({ action: "HOLD", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: `${d.hold.claimers} of ${d.hold.quorum} node(s) claim it: not relayed until --quorum is reached` });
+    if (d.escalation) {
+      const { event, priors, bantime, seconds } = d.escalation;
+      this.metrics.escalated();
+      this.recorder.row({ action: "ESCALATE", ip: e.ip, origin: e.origin, jail: e.jail, until: event.until, detail: `banned ${priors} time(s) before: ${bantime} s x ${event.escalation} = ${seconds} s on every node${e.held ? " (held with the ban)" : ""}` });
+      this.log(`escalated ${e.ip}: banned ${priors} time(s) before, now ${seconds} s on every node`);
     }
-    if (f.type === "applied") return c.hello ? takeApplied(c, f) : refuse(c, "not_hello", "Expected hello as the first frame, got applied");
-    if (!c.hello) return refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
-    const no = publishRefusal(c.entry, f);
-    if (no) return refuse(c, no.code, no.message, f.id, f.ip);
-    accept(c.entry, c.remote, f).then(
-      (ackSeq) => send(c, { type: "ack", id: f.id, seq: ackSeq }),
-      (e: Error) => refuse(c, "internal", `Could not store the event: ${e.message}`, f.id, f.ip),
-    );
-  };
+    this.metrics.received(e);
+    this.recorder.row({ action: "RECEIVE", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} from ${entry.name} (${remote})` });
+  }
+}
 
-  /** Authenticates a request by its bearer token; answers 401/503/429 itself and returns undefined. */
-  const authenticate = (req: IncomingMessage, remote: string, reject: (status: string) => void): TokenEntry | undefined => {
+/** `HOST:PORT` of the peer of a request. */
+function remoteOf(req: IncomingMessage): string {
+  return `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+}
+
+/** Authentication: the token list, the per-node connection limit, and no one in while the hub stops. */
+export class Gate {
+  closing = false;
+
+  private constructor(
+    private readonly file: string,
+    private tokens: TokenEntry[],
+    private readonly conns: Connections,
+    private readonly maxConnsPerNode: number,
+    private readonly refusals: Refusals,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  static async open(file: string, conns: Connections, maxConnsPerNode: number, refusals: Refusals, log: (line: string) => void): Promise<Gate> {
+    return new Gate(file, parseTokens(await readFile(file, "utf8"), file), conns, maxConnsPerNode, refusals, log);
+  }
+
+  /** Reads the token file again (SIGHUP); connections whose token went or changed are closed. */
+  async reload(): Promise<void> {
+    this.tokens = parseTokens(await readFile(this.file, "utf8"), this.file);
+    this.conns.revoke(this.tokens, this.log);
+    this.log(`loaded ${this.tokens.length} node(s) from ${this.file}`);
+  }
+
+  /** The node a request's token names, or undefined once the refusal (401, 503, 429) is answered. */
+  admit(req: IncomingMessage, remote: string, answer: Answer): TokenEntry | undefined {
     const token = requestToken(req);
-    const entry = token === undefined ? undefined : findToken(tokens, token);
-    if (!entry || closing) {
-      counters.unauthorized++;
-      const why = closing ? "hub is stopping" : token === undefined ? "no bearer token" : "unknown token";
-      log(`refused connection from ${remote}: ${why}`);
-      record({ action: "REJECT", detail: `unauthorized: ${why} from ${remote}` });
-      reject(closing ? "503 Service Unavailable" : "401 Unauthorized");
+    const entry = token === undefined ? undefined : findToken(this.tokens, token);
+    if (!entry || this.closing) {
+      const why = this.closing ? "hub is stopping" : token === undefined ? "no bearer token" : "unknown token";
+      this.refusals.refuse({ code: "unauthorized", message: why, remote, connection: true }, answer, this.closing ? 503 : 401);
       return undefined;
     }
-    const open = [...conns].filter((c) => c.entry.name === entry.name).length;
-    if (open >= opts.maxConnsPerNode) {
-      counters.refused.too_many_connections = (counters.refused.too_many_connections ?? 0) + 1;
-      log(`refused connection from ${entry.name} (${remote}): already ${open} open, the limit is ${opts.maxConnsPerNode}`);
-      record({ action: "REJECT", origin: entry.name, detail: `too_many_connections: ${open} open from ${remote}` });
-      reject("429 Too Many Requests");
+    const open = this.conns.countOf(entry.name);
+    if (open >= this.maxConnsPerNode) {
+      this.refusals.refuse({ code: "too_many_connections", message: `already ${open} open, the limit is ${this.maxConnsPerNode}`, csv: `${open} open`, node: entry.name, remote, connection: true }, answer);
       return undefined;
     }
     return entry;
-  };
+  }
+}
 
-  // POST /v1/events: one ban or unban per request, answered with its ack or error frame. This is
-  // how ban.ts sends: one round trip and no WebSocket library to load, for the fleet's reaction time.
-  const HTTP_STATUS: Partial<Record<ErrorCode, number>> = { forbidden: 403, protected: 403, rate_limited: 429, too_big: 413, internal: 503 };
-  const handlePost = (req: IncomingMessage, res: ServerResponse) => {
-    const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
-    const entry = authenticate(req, remote, (status) => {
-      res.writeHead(Number(status.slice(0, 3)), { "www-authenticate": "Bearer", connection: "close" });
-      res.end();
+/** The WebSocket side: connections are opened here, their frames validated and handed on. */
+export class Sessions {
+  // A status page offers its token as a subprotocol too: the hub answers with banshare.v1 only.
+  private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false, handleProtocols: (offered) => (offered.has(STATUS_PROTOCOL) ? STATUS_PROTOCOL : false) });
+
+  constructor(
+    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes" | "syncChunk">,
+    private readonly gate: Gate,
+    private readonly conns: Connections,
+    private readonly fleet: FleetState,
+    private readonly store: Store,
+    private readonly publisher: Publisher,
+    private readonly refusals: Refusals,
+    private readonly feed: StatusFeed,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** An HTTP upgrade: authenticated before the WebSocket handshake, refused in plain HTTP. */
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    socket.on("error", () => socket.destroy());
+    const remote = remoteOf(req);
+    const entry = this.gate.admit(req, remote, (status) => socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status]}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`));
+    if (entry) this.wss.handleUpgrade(req, socket, head, (ws) => this.open(new Conn(ws, entry, requestToken(req)!, remote, this.opts.maxBufferedBytes, this.log)));
+  }
+
+  close(): void {
+    this.wss.close();
+  }
+
+  private open(c: Conn): void {
+    this.conns.add(c);
+    const answer = this.answer(c);
+    c.ws.on("message", (data: Buffer, isBinary) => this.frame(c, data, isBinary, answer));
+    c.ws.on("pong", () => c.seen());
+    // A frame the WebSocket layer refuses (over maxPayload, invalid UTF-8, a protocol error)
+    // closes the connection: it is a refused frame all the same, counted and logged as one.
+    c.ws.on("error", (e: Error & { code?: string }) =>
+      e.code?.startsWith("WS_ERR_") ? this.refuse(c, /^WS_ERR_(UNSUPPORTED_\w*LENGTH|TOO_MANY_BUFFERED_PARTS)$/.test(e.code) ? "too_big" : "bad_frame", `Closing the connection: ${e.message}`) : this.log(`${c.who}: ${e.message}`),
+    );
+    // A connection that never says hello would hold a slot forever: heartbeats keep it alive.
+    const helloTimer = setTimeout(() => {
+      if (c.hello) return;
+      this.refuse(c, "not_hello", `Expected hello within ${HELLO_TIMEOUT_MS / 1000} s of connecting, got none`);
+      c.ws.close(1008, "no hello");
+    }, HELLO_TIMEOUT_MS);
+    helloTimer.unref();
+    c.ws.on("close", () => {
+      clearTimeout(helloTimer);
+      this.conns.delete(c);
     });
-    if (!entry) return;
-    const answer = (status: number, f: HubFrame) => {
-      res.writeHead(status, { "content-type": "application/json" });
-      res.end(JSON.stringify(f) + "\n");
+  }
+
+  /** Answers on connection `c`; each refusal costs a log line and a CSV row, so a node that keeps sending garbage is cut off. */
+  private answer(c: Conn): Answer {
+    return (_status, f) => {
+      if (f) c.send(f);
+      if (f?.type === "error" && ++c.refused === MAX_REFUSED_PER_CONN) {
+        this.log(`closing ${c.who}: ${MAX_REFUSED_PER_CONN} refused frames on one connection`);
+        c.ws.close(1008, "too many refused frames");
+      }
     };
-    const fail = (code: ErrorCode, message: string, id?: string, ip?: string) => {
-      noteRefusal(entry.name, remote, code, message, ip);
-      answer(HTTP_STATUS[code] ?? 400, { type: "error", code, message, id });
+  }
+
+  private refuse(c: Conn, code: ErrorCode, message: string, id?: string, ip?: string): void {
+    this.refusals.refuse({ code, message, node: c.entry.name, remote: c.remote, id, ip }, this.answer(c));
+  }
+
+  /** One frame from `c`, answered through `answer` (made once per connection: this is the hot path). */
+  private frame(c: Conn, data: Buffer, isBinary: boolean, answer: Answer): void {
+    c.seen();
+    if (isBinary) return this.refuse(c, "bad_frame", "Expected a JSON text frame, got a binary frame");
+    if (data.length > MAX_NODE_FRAME_BYTES) return this.refuse(c, "too_big", `Expected a frame of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${data.length}`);
+    const parsed = parseNodeFrame(data.toString("utf8"), Date.now(), this.opts.maxPrefix);
+    if (!parsed.ok) return this.refuse(c, parsed.code, parsed.message, parsed.id);
+    const f = parsed.value;
+    if (f.type === "hello") return this.hello(c, f);
+    if (f.type === "applied") {
+      if (!c.hello) return this.refuse(c, "not_hello", "Expected hello as the first frame, got applied");
+      if (!c.receiving) return this.refuse(c, "forbidden", `Expected applied only from an agent that receives events, got it from a ${c.watching ? "status page" : "sender"}`);
+      return this.feed.applied(c, f);
+    }
+    if (!c.hello) return this.refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
+    this.publisher.publish(c.entry, c.remote, f, answer);
+  }
+
+  private hello(c: Conn, f: HelloFrame): void {
+    if (c.hello) return this.refuse(c, "bad_frame", "Expected one hello per connection, got a second");
+    if (f.node !== undefined && f.node !== c.entry.name) {
+      this.refuse(c, "forbidden", `This token belongs to node ${c.entry.name}, not ${f.node}`);
+      c.ws.close(1008, "token does not match node");
+      return;
+    }
+    if (f.want === "status" && c.entry.role === "node") {
+      this.refuse(c, "forbidden", `Node ${c.entry.name} has the node role; the status page needs a reader or admin token`);
+      c.ws.close(1008, "status needs a reader or admin token");
+      return;
+    }
+    c.hello = true;
+    c.send({ type: "welcome", v: PROTOCOL_VERSION, hub: this.store.hubId, node: c.entry.name, role: c.entry.role, seq: this.store.position(), accepts: ["applied"] });
+    if (f.want === "events") {
+      void this.sync(c, f.cursor).catch((e: Error) => {
+        this.log(`error: sync for ${c.who} failed, closing its connection for a retry: ${e.message}`);
+        c.ws.close(1011, "sync failed");
+      });
+    } else if (f.want === "status") this.feed.watch(c);
+  }
+
+  /**
+   * Brings an agent up to date: the events after its cursor when the store can resume from it,
+   * else the full state. Only what is durable (the fleet's claims up to its durable position):
+   * an event still on its way to the store reaches the agent by relay once it is there.
+   */
+  private async sync(c: Conn, cursor: Cursor | undefined): Promise<void> {
+    const resumes = cursor !== undefined && cursor.hub === this.store.hubId && isPosition(cursor.seq) && (await this.store.resumes(cursor.seq, this.fleet.durable));
+    if (c.ws.readyState !== c.ws.OPEN) return;
+    const resumeFrom = resumes ? cursor.seq : undefined;
+    const upTo = this.fleet.durable;
+    const events = syncEvents(this.fleet.claims, c.entry.name, resumeFrom, Date.now());
+    const full = resumeFrom === undefined;
+    const chunk = this.opts.syncChunk;
+    for (let i = 0; i === 0 || i < events.length; i += chunk) {
+      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: events.slice(i, i + chunk), seq: upTo, more: i + chunk < events.length || undefined }));
+      c.syncBytes += frame.length;
+      c.send(frame);
+    }
+    c.receiving = true;
+    c.sentSeq = upTo;
+    this.log(`${c.who} ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
+  }
+}
+
+/** Answers with one JSON document. */
+function json(res: ServerResponse, status: number, body: unknown): void {
+  res.writeHead(status, { "content-type": "application/json" });
+  res.end(JSON.stringify(body) + "\n");
+}
+
+type Handler = (req: IncomingMessage, res: ServerResponse) => void;
+
+/** The HTTP side: a route table, and one wrapper that authenticates the routes that need it. */
+export class HttpApi {
+  private readonly routes = new Map<string, { methods?: string[]; handle: Handler }>();
+
+  constructor(
+    private readonly maxPrefix: PrefixLimits,
+    private readonly gate: Gate,
+    private readonly conns: Connections,
+    private readonly fleet: FleetState,
+    private readonly store: Store,
+    private readonly publisher: Publisher,
+    private readonly refusals: Refusals,
+    private readonly metrics: Metrics,
+  ) {
+    // POST /v1/events: one ban or unban per request, answered with its ack or error frame. This is
+    // how ban.ts sends: one round trip and no WebSocket library to load, for the fleet's reaction time.
+    this.routes.set("/v1/events", { methods: ["POST"], handle: this.authed((req, res, entry, remote) => this.postEvent(req, res, entry, remote)) });
+    // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list` show.
+    this.routes.set("/v1/whoami", { methods: ["GET"], handle: this.authed((_req, res, entry) => this.whoami(res, entry)) });
+    this.routes.set("/v1/bans", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.bans(res, entry, remote)) });
+    // The status page is static (no data, no token in it): its script fetches everything over the socket.
+    for (const path of STATUS_PAGE.keys()) this.routes.set(path, { methods: ["GET", "HEAD"], handle: (req, res) => this.statusPage(req, res, path) });
+    this.routes.set("/healthz", { handle: (_req, res) => this.healthz(res) });
+    this.routes.set("/metrics", { handle: (_req, res) => this.metricsText(res) });
+  }
+
+  handle(req: IncomingMessage, res: ServerResponse): void {
+    const route = this.routes.get((req.url ?? "/").split("?")[0]);
+    if (route && (!route.methods || route.methods.includes(req.method ?? ""))) return route.handle(req, res);
+    res.writeHead(404, { "content-type": "text/plain" });
+    res.end("banshare hub: WebSocket endpoint; see /healthz and /metrics\n");
+  }
+
+  /** Authenticates a request by its bearer token before `handle`; a refusal is answered as a bare status. */
+  private authed(handle: (req: IncomingMessage, res: ServerResponse, entry: TokenEntry, remote: string) => void): Handler {
+    return (req, res) => {
+      const remote = remoteOf(req);
+      const entry = this.gate.admit(req, remote, (status) => {
+        res.writeHead(status, { "www-authenticate": "Bearer", connection: "close" });
+        res.end();
+      });
+      if (entry) handle(req, res, entry, remote);
     };
+  }
+
+  private postEvent(req: IncomingMessage, res: ServerResponse, entry: TokenEntry, remote: string): void {
+    const answer: Answer = (status, f) => json(res, status, f);
+    const refuse = (code: ErrorCode, message: string, id?: string) => this.refusals.refuse({ code, message, node: entry.name, remote, id }, answer);
     const chunks: Buffer[] = [];
     let size = 0;
     req.on("data", (chunk: Buffer) => {
@@ -1470,51 +2043,34 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
     });
     req.on("error", () => res.destroy());
     req.on("end", () => {
-      if (size > MAX_NODE_FRAME_BYTES) return fail("too_big", `Expected a body of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${size}`);
-      const parsed = parseNodeFrame(Buffer.concat(chunks).toString("utf8"), Date.now(), opts.maxPrefix);
-      if (!parsed.ok) return fail(parsed.code, parsed.message, parsed.id);
+      if (size > MAX_NODE_FRAME_BYTES) return refuse("too_big", `Expected a body of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${size}`);
+      const parsed = parseNodeFrame(Buffer.concat(chunks).toString("utf8"), Date.now(), this.maxPrefix);
+      if (!parsed.ok) return refuse(parsed.code, parsed.message, parsed.id);
       const f = parsed.value;
-      if (f.type === "hello" || f.type === "applied") return fail("bad_frame", `Expected a ban or unban frame in a POST, got ${f.type}`);
-      const no = publishRefusal(entry, f);
-      if (no) return fail(no.code, no.message, f.id, f.ip);
-      accept(entry, remote, f).then(
-        (ackSeq) => answer(200, { type: "ack", id: f.id, seq: ackSeq }),
-        (e: Error) => fail("internal", `Could not store the event: ${e.message}`, f.id, f.ip),
-      );
+      if (f.type === "hello" || f.type === "applied") return refuse("bad_frame", `Expected a ban or unban frame in a POST, got ${f.type}`);
+      this.publisher.publish(entry, remote, f, answer);
     });
-  };
+  }
 
-  // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list`
-  // show, authenticated like a POST.
-  const handleGet = (req: IncomingMessage, res: ServerResponse, path: string) => {
-    const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
-    const entry = authenticate(req, remote, (status) => {
-      res.writeHead(Number(status.slice(0, 3)), { "www-authenticate": "Bearer", connection: "close" });
-      res.end();
-    });
-    if (!entry) return;
+  private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
-    if (path === "/v1/whoami") {
-      res.writeHead(200, { "content-type": "application/json" });
-      res.end(JSON.stringify({ node: entry.name, role: entry.role, hub: store.hubId, seq: position(), now, ...countBlocked(claims, entry.name, now) }) + "\n");
-      return;
-    }
+    json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, entry.name, now) });
+  }
+
+  private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
     if (entry.role !== "admin") {
       const message = `Only an admin can list the fleet's bans; ${entry.name} is a ${entry.role}`;
-      noteRefusal(entry.name, remote, "forbidden", message);
-      res.writeHead(403, { "content-type": "application/json" });
-      res.end(JSON.stringify({ type: "error", code: "forbidden", message } satisfies HubFrame) + "\n");
-      return;
+      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote }, (status, f) => json(res, status, f));
     }
-    void streamBans(res, now);
-  };
+    void this.streamBans(res, Date.now());
+  }
 
   /**
    * Writes the live claims as one JSON document, one address per line, in pieces of about 64 KiB
    * that each wait for the socket to drain: 100k bans never sit in memory as one string, and a
    * slow reader holds back only its own response.
    */
-  const streamBans = async (res: ServerResponse, now: number) => {
+  private async streamBans(res: ServerResponse, now: number): Promise<void> {
     const drained = () =>
       new Promise<void>((resolve) => {
         const done = () => {
@@ -1526,9 +2082,9 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         res.on("close", done);
       });
     res.writeHead(200, { "content-type": "application/json" });
-    let chunk = `{"hub":${JSON.stringify(store.hubId)},"seq":"${position()}","now":${now},"bans":[`;
+    let chunk = `{"hub":${JSON.stringify(this.store.hubId)},"seq":"${this.store.position()}","now":${now},"bans":[`;
     let count = 0;
-    for (const [ip, byOrigin] of claims) {
+    for (const [ip, byOrigin] of this.fleet.claims) {
       const live = liveClaims(byOrigin, now);
       if (!live.length) continue;
       const nodes = live.filter((c) => c.origin !== ESCALATION_ORIGIN).length;
@@ -1540,198 +2096,123 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
       if (res.destroyed) return;
     }
     res.end(`${chunk}\n],"count":${count}}\n`);
-  };
+  }
 
-  // A status page offers its token as a subprotocol too: the hub answers with banshare.v1 only.
-  const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false, handleProtocols: (offered) => (offered.has(STATUS_PROTOCOL) ? STATUS_PROTOCOL : false) });
+  private statusPage(req: IncomingMessage, res: ServerResponse, path: string): void {
+    const [type, body] = STATUS_PAGE.get(path)!;
+    res.writeHead(200, { "content-type": type, "content-security-policy": STATUS_CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY", "cache-control": "no-cache" });
+    res.end(req.method === "HEAD" ? undefined : body);
+  }
 
-  const handleHttp = (req: IncomingMessage, res: ServerResponse) => {
-    const path = (req.url ?? "/").split("?")[0];
-    if (path === "/v1/events" && req.method === "POST") {
-      handlePost(req, res);
-    } else if ((path === "/v1/bans" || path === "/v1/whoami") && req.method === "GET") {
-      handleGet(req, res, path);
-    } else if (STATUS_PAGE.has(path) && (req.method === "GET" || req.method === "HEAD")) {
-      // The status page is static (no data, no token in it): its script fetches everything over the socket.
-      const [type, body] = STATUS_PAGE.get(path)!;
-      res.writeHead(200, { "content-type": type, "content-security-policy": STATUS_CSP, "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "x-frame-options": "DENY", "cache-control": "no-cache" });
-      res.end(req.method === "HEAD" ? undefined : body);
-    } else if (path === "/healthz") {
-      if (shared) {
-        // The store's state decides: a load balancer should not send ban.ts to a hub that cannot store.
-        res.writeHead(shared.up ? 200 : 503, { "content-type": "application/json" });
-        res.end(JSON.stringify({ ok: shared.up, hub: store.hubId, seq: position(), nodes: conns.size, claims: claims.size, store: shared.up ? "up" : "down" }) + "\n");
-        return;
-      }
-      res.writeHead(200, { "content-type": "application/json" });
-      res.end(JSON.stringify({ ok: true, hub: store.hubId, seq: String(seq), nodes: conns.size, claims: claims.size }) + "\n");
-    } else if (path === "/metrics") {
-      res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
-      res.end(metricsText());
-    } else {
-      res.writeHead(404, { "content-type": "text/plain" });
-      res.end("banshare hub: WebSocket endpoint; see /healthz and /metrics\n");
-    }
-  };
+  /** The store's state decides: a load balancer should not send ban.ts to a hub that cannot store. */
+  private healthz(res: ServerResponse): void {
+    const h = this.store.health();
+    json(res, h.ok ? 200 : 503, { ok: h.ok, hub: this.store.hubId, seq: this.store.position(), nodes: this.conns.size, claims: this.fleet.claims.size, ...h.fields });
+  }
 
-  const metricsText = () => {
-    const lines = [
-      "# HELP banshare_connected_nodes WebSocket connections, by role.",
-      "# TYPE banshare_connected_nodes gauge",
-      ...ROLES.map((r) => `banshare_connected_nodes{role="${r}"} ${[...conns].filter((c) => c.entry.role === r).length}`),
-      "# HELP banshare_agents Connected agents receiving events (synced).",
-      "# TYPE banshare_agents gauge",
-      `banshare_agents ${[...conns].filter((c) => c.receiving).length}`,
-      "# HELP banshare_events_in_total Events accepted from nodes, by kind.",
-      "# TYPE banshare_events_in_total counter",
-      ...Object.entries(counters.eventsIn).map(([k, v]) => `banshare_events_in_total{kind="${k}"} ${v}`),
-      "# HELP banshare_events_out_total Events sent to agents (one per agent that got it), by kind.",
-      "# TYPE banshare_events_out_total counter",
-      ...Object.entries(counters.eventsOut).map(([k, v]) => `banshare_events_out_total{kind="${k}"} ${v}`),
-      "# HELP banshare_relay_seconds Hub receive -> relayed to the agents, journal fsync included.",
-      "# TYPE banshare_relay_seconds histogram",
-      ...RELAY_BUCKETS.map((le, i) => `banshare_relay_seconds_bucket{le="${le}"} ${counters.relayBuckets.slice(0, i + 1).reduce((a, b) => a + b, 0)}`),
-      `banshare_relay_seconds_bucket{le="+Inf"} ${counters.relayCount}`,
-      `banshare_relay_seconds_sum ${counters.relaySum.toFixed(6)}`,
-      `banshare_relay_seconds_count ${counters.relayCount}`,
-      "# HELP banshare_escalations_total Bans lengthened for repeat offenders (--escalate).",
-      "# TYPE banshare_escalations_total counter",
-      `banshare_escalations_total ${counters.escalations}`,
-      "# HELP banshare_held_claims Ban claims held back until --quorum nodes claim the address.",
-      "# TYPE banshare_held_claims gauge",
-      `banshare_held_claims ${[...claims.values()].reduce((n, byOrigin) => n + [...byOrigin.values()].filter((c) => c.held).length, 0)}`,
-      ...(journal
-        ? ["# HELP banshare_journal_bytes Size of the journal file (--state).", "# TYPE banshare_journal_bytes gauge", `banshare_journal_bytes ${journal.bytes}`]
-        : []),
-      "# HELP banshare_refused_total Frames refused, by reason.",
-      "# TYPE banshare_refused_total counter",
-      ...Object.entries(counters.refused).map(([k, v]) => `banshare_refused_total{reason="${k}"} ${v}`),
-      `banshare_refused_total{reason="unauthorized"} ${counters.unauthorized}`,
-      "# HELP banshare_claims Addresses with at least one live claim.",
-      "# TYPE banshare_claims gauge",
-      `banshare_claims ${claims.size}`,
-      "# HELP banshare_seq Sequence number of the last accepted event.",
-      "# TYPE banshare_seq gauge",
-      `banshare_seq ${shared ? durableSeq.split("-")[0] : seq}`,
-      ...(shared ? ["# HELP banshare_store_up 1 while the shared store (Redis) answers.", "# TYPE banshare_store_up gauge", `banshare_store_up ${shared.up ? 1 : 0}`] : []),
-    ];
-    return lines.join("\n") + "\n";
-  };
+  private metricsText(res: ServerResponse): void {
+    const h = this.store.health();
+    const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: this.fleet.heldCount(), blocked: this.fleet.blockedCount(Date.now()), seq: h.count, store: h.metrics };
+    res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
+    res.end(this.metrics.text(gauges));
+  }
+}
 
-  const handleUpgrade = (req: IncomingMessage, socket: Duplex, head: Buffer) => {
-    socket.on("error", () => socket.destroy());
-    const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
-    const entry = authenticate(req, remote, (status) => socket.end(`HTTP/1.1 ${status}\r\nWWW-Authenticate: Bearer\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`));
-    if (!entry) return;
-    wss.handleUpgrade(req, socket, head, (ws) => {
-      const c: Conn = { ws, entry, token: requestToken(req)!, remote, hello: false, receiving: false, alive: true, refused: 0, syncBytes: 0, watching: false, since: Date.now(), lastSeen: Date.now() };
-      conns.add(c);
-      ws.on("message", (data: Buffer, isBinary) => onFrame(c, data, isBinary));
-      ws.on("pong", () => {
-        c.alive = true;
-        c.lastSeen = Date.now();
-      });
-      // A frame the WebSocket layer refuses (over maxPayload, invalid UTF-8, a protocol error)
-      // closes the connection: it is a refused frame all the same, counted and logged as one.
-      ws.on("error", (e: Error & { code?: string }) =>
-        e.code?.startsWith("WS_ERR_") ? refuse(c, /^WS_ERR_(UNSUPPORTED_\w*LENGTH|TOO_MANY_BUFFERED_PARTS)$/.test(e.code) ? "too_big" : "bad_frame", `Closing the connection: ${e.message}`) : log(`${entry.name} (${remote}): ${e.message}`),
-      );
-      // A connection that never says hello would hold a slot forever: heartbeats keep it alive.
-      const helloTimer = setTimeout(() => {
-        if (!c.hello) {
-          refuse(c, "not_hello", `Expected hello within ${HELLO_TIMEOUT_MS / 1000} s of connecting, got none`);
-          ws.close(1008, "no hello");
-        }
-      }, HELLO_TIMEOUT_MS);
-      helloTimer.unref();
-      ws.on("close", () => {
-        clearTimeout(helloTimer);
-        conns.delete(c);
-      });
-    });
-  };
-
-  const server: Server =
-    opts.tlsCert && opts.tlsKey
-      ? createHttpsServer({ cert: await readFile(opts.tlsCert), key: await readFile(opts.tlsKey) }, handleHttp)
-      : createHttpServer(handleHttp);
-  server.on("upgrade", handleUpgrade);
+/**
+ * Creates the HTTP(S) server and resolves once it listens. A failed TLS handshake is a refused
+ * connection too (a node with the wrong CA, a scanner); a plain ws:// client is told in plain
+ * HTTP, the only thing it can read, on the socket under the TLS layer (`_parent`: Node's, not
+ * public; without it the socket just closes).
+ */
+async function listen(opts: HubOptions, http: HttpApi, sessions: Sessions, refusals: Refusals): Promise<Server> {
+  const onRequest = (req: IncomingMessage, res: ServerResponse) => http.handle(req, res);
+  const server: Server = opts.tlsCert && opts.tlsKey ? createHttpsServer({ cert: await readFile(opts.tlsCert), key: await readFile(opts.tlsKey) }, onRequest) : createHttpServer(onRequest);
+  server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => sessions.upgrade(req, socket, head));
   // The peer's address, taken while the socket is open: a failed handshake is reported after it closed.
   const peers = new WeakMap<object, string>();
   server.on("connection", (s: Duplex & { remoteAddress?: string; remotePort?: number }) => peers.set(s, `${s.remoteAddress}:${s.remotePort}`));
-  // A failed TLS handshake is a refused connection too (a node with the wrong CA, a scanner). A
-  // plain ws:// client is told in plain HTTP, the only thing it can read, on the socket under
-  // the TLS layer (`_parent`: Node's, not public; without it the socket just closes).
   server.on("tlsClientError", (e: Error & { code?: string; reason?: string }, tls: Duplex & { _parent?: Duplex }) => {
     const plain = e.code === "ERR_SSL_HTTP_REQUEST";
     // A Node client that does not trust the certificate sends no alert: it just drops the connection.
     const why = plain ? "plain HTTP (ws://) on the TLS port" : `TLS handshake failed: ${e.code === "ECONNRESET" ? "the client dropped it (does it trust the hub's certificate? check its --ca)" : (e.reason ?? e.code ?? e.message.split("\n")[0])}`;
-    const remote = peers.get(tls._parent ?? tls) ?? "an unknown address";
-    counters.refused.tls = (counters.refused.tls ?? 0) + 1;
-    log(`refused connection from ${remote}: ${why}`);
-    record({ action: "REJECT", detail: `tls: ${why} from ${remote}` });
+    refusals.refuse({ code: "tls", message: why, remote: peers.get(tls._parent ?? tls) ?? "an unknown address", connection: true });
     if (plain) tls._parent?.end("HTTP/1.1 400 Plain HTTP Sent To The TLS Port, Use wss://\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
   });
   server.listen(opts.port, opts.host);
   await once(server, "listening");
-  const port = (server.address() as AddressInfo).port;
+  return server;
+}
 
-  // Heartbeat: a node that missed the last ping's pong is gone (cable pulled, host frozen).
-  const heartbeat = setInterval(() => {
-    for (const c of conns) {
-      if (!c.alive) {
-        log(`${c.entry.name} (${c.remote}) missed a heartbeat; dropping it`);
-        c.ws.terminate();
-        continue;
-      }
-      c.alive = false;
-      c.ws.ping();
-    }
-  }, opts.heartbeatMs);
-  heartbeat.unref();
-  const pruner = setInterval(() => {
-    pruneClaims(claims, Date.now());
-    pruneOffenses(Date.now());
-  }, 60_000);
-  pruner.unref();
+/** Runs `fn` every `ms` without keeping the process alive. */
+function every(ms: number, fn: () => void): NodeJS.Timeout {
+  const t = setInterval(fn, ms);
+  t.unref();
+  return t;
+}
 
+/** What the store's news does: durable events join the fleet state and go out; a fatal error stops the hub. */
+function storeListener(fleet: FleetState, relay: Relay, log: (line: string) => void, stop: () => void): StoreListener {
+  return {
+    durable: (events) => relay.send(fleet.commit(events), fleet.durable),
+    repaired: (events) => {
+      const newer = fleet.repair(events);
+      if (!newer.length) return;
+      log(`the stream was trimmed past this hub's reader: ${newer.length} claim(s) taken from the claims hash instead`);
+      relay.send(newer, fleet.durable);
+    },
+    fatal: (why) => {
+      log(`error: ${why}`);
+      process.exitCode = 1;
+      stop();
+    },
+    log,
+  };
+}
+
+/** Starts a hub and resolves once it listens: wires the parts, data flowing one way (README, "Architecture"). */
+export async function startHub(opts: HubOptions): Promise<Hub> {
+  const log = opts.log;
+  const recorder = await Recorder.open(opts.csvPath, log);
+  const metrics = new Metrics();
+  const refusals = new Refusals(metrics, recorder, log);
+  const conns = new Connections();
+  const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, refusals, log);
+  const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate });
+  const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
+  const relay = new Relay(conns, metrics, recorder, feed);
+  const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
+  fleet.durable = store.position();
+  const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
+  const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
+  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, log);
+  const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics);
+  const server = await listen(opts, http, sessions, refusals).catch(async (e: Error) => {
+    await Promise.all([store.close(), recorder.close()]);
+    throw e;
+  });
+  const timers = [every(opts.heartbeatMs, () => conns.heartbeat(log)), every(60_000, () => fleet.prune(Date.now()))];
   let closed: Promise<void> | undefined;
   const hub: Hub = {
-    port,
+    port: (server.address() as AddressInfo).port,
     hubId: store.hubId,
-    claims,
-    seq: () => (shared ? Number(durableSeq.split("-")[0]) : seq),
-    async reloadTokens() {
-      tokens = parseTokens(await readFile(opts.tokensFile, "utf8"), opts.tokensFile);
-      for (const c of conns) {
-        const now = findToken(tokens, c.token);
-        if (!now || now.name !== c.entry.name || now.role !== c.entry.role) {
-          log(`${c.entry.name} (${c.remote}): token revoked or changed; disconnecting`);
-          c.ws.close(1008, "token revoked");
-        }
-      }
-      log(`loaded ${tokens.length} node(s) from ${opts.tokensFile}`);
-    },
-    close() {
-      closed ??= (async () => {
-        closing = true;
-        clearInterval(heartbeat);
-        clearInterval(pruner);
-        clearInterval(statusTimer);
+    claims: fleet.claims,
+    seq: () => store.health().count,
+    reloadTokens: () => gate.reload(),
+    close: () =>
+      (closed ??= (async () => {
+        gate.closing = true;
+        for (const t of timers) clearInterval(t);
+        feed.stop();
         await store.barrier().catch(() => {});
-        for (const c of conns) c.ws.terminate();
-        wss.close();
+        conns.terminateAll();
+        sessions.close();
         await new Promise<void>((resolve) => server.close(() => resolve()));
         await store.close();
-        if (csv) await new Promise<void>((resolve) => csv!.end(resolve));
-      })();
-      return closed;
-    },
+        await recorder.close();
+      })()),
   };
   if (!opts.tlsCert && !isLoopback(opts.host)) log(`warning: --insecure: serving plain ws:// on ${opts.host}; tokens and bans cross the network unencrypted`);
-  const listening = `listening on ${opts.tlsCert ? "wss" : "ws"}://${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${port}`;
-  if (shared) log(`${listening} as a hub of fleet ${store.hubId} (store ${parseStoreUrl(opts.store!).display}), ${claims.size} address(es) claimed, stream at ${durableSeq}`);
-  else log(`${listening} as hub ${store.hubId}, ${claims.size} address(es) claimed, seq ${seq}${opts.statePath ? "" : " (no --state: nothing survives a restart)"}`);
+  log(`listening on ${opts.tlsCert ? "wss" : "ws"}://${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${hub.port} ${store.describe(fleet.claims.size)}`);
   return hub;
 }
 
@@ -1740,9 +2221,9 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
 
 /** Adds a node to the token file and returns its new token (32 random bytes, base64url). */
 export async function addNode(tokensFile: string, name: string, role: Role): Promise<string> {
-  if (!isName(name)) throw new Error(`Expected a node name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(name)}`);
+  if (!isName(name)) throw new UsageError(`Expected a node name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(name)}`);
   const text = existsSync(tokensFile) ? await readFile(tokensFile, "utf8") : "";
-  if (parseTokens(text, tokensFile).some((e) => e.name === name)) throw new Error(`Node ${name} is already in ${tokensFile}; remove its line first to issue a new token`);
+  if (parseTokens(text, tokensFile).some((e) => e.name === name)) throw new UsageError(`Node ${name} is already in ${tokensFile}; remove its line first to issue a new token`);
   const token = randomBytes(32).toString("base64url");
   await mkdir(dirname(tokensFile), { recursive: true });
   await appendFile(tokensFile, `${text && !text.endsWith("\n") ? "\n" : ""}${name} ${hashToken(token)} ${role}\n`, { mode: 0o600 });
@@ -1755,10 +2236,10 @@ export async function addNode(tokensFile: string, name: string, role: Role): Pro
  */
 export async function genCert(dir: string, hosts: string[], days: number): Promise<string[]> {
   const { execFileSync } = await import("node:child_process");
-  for (const h of hosts) if (!/^[A-Za-z0-9.:-]{1,253}$/.test(h)) throw new Error(`Expected --host to be a DNS name or address, got ${JSON.stringify(h)}`);
+  for (const h of hosts) if (!/^[A-Za-z0-9.:-]{1,253}$/.test(h)) throw new UsageError(`Expected --host to be a DNS name or address, got ${JSON.stringify(h)}`);
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const f = (n: string) => `${dir}/${n}`;
-  for (const n of ["ca.pem", "hub.pem"]) if (existsSync(f(n))) throw new Error(`${f(n)} exists already; move it away to make new certificates`);
+  for (const n of ["ca.pem", "hub.pem"]) if (existsSync(f(n))) throw new UsageError(`${f(n)} exists already; move it away to make new certificates`);
   const san = hosts.map((h) => (parseAddress(h) ? `IP:${h}` : `DNS:${h}`)).join(",");
   const ssl = (...args: string[]) => execFileSync("openssl", args, { stdio: ["ignore", "ignore", "pipe"] });
   ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f("ca.key"), "-out", f("ca.pem"), "-days", String(days), "-subj", "/CN=banshare fleet CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign");
@@ -1835,23 +2316,23 @@ export function parseArgs(argv: string[]): ParsedArgs {
         (a) => {
           const { host, port } = parseListen(a.listen);
           for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
-            if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new Error(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
+            if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new UsageError(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
           }
-          if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new Error("Expected --tls-cert and --tls-key together, got only one");
-          if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new Error(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
-          if (a.store !== undefined && a.state !== undefined) throw new Error("Expected --state (one hub, journal) or --store (several hubs, Redis), got both");
+          if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new UsageError("Expected --tls-cert and --tls-key together, got only one");
+          if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new UsageError(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
+          if (a.store !== undefined && a.state !== undefined) throw new UsageError("Expected --state (one hub, journal) or --store (several hubs, Redis), got both");
           if (a.store !== undefined) parseStoreUrl(a.store);
-          if (!Number.isInteger(a.streamMaxLen) || a.streamMaxLen < 1 || !(a.streamMaxAge > 0)) throw new Error(`Expected --stream-max-len to be a positive integer and --stream-max-age a positive number of hours, got ${a.streamMaxLen} and ${a.streamMaxAge}`);
-          for (const p of a.protect) if (!parseAddress(p)) throw new Error(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
+          if (!Number.isInteger(a.streamMaxLen) || a.streamMaxLen < 1 || !(a.streamMaxAge > 0)) throw new UsageError(`Expected --stream-max-len to be a positive integer and --stream-max-age a positive number of hours, got ${a.streamMaxLen} and ${a.streamMaxAge}`);
+          for (const p of a.protect) if (!parseAddress(p)) throw new UsageError(`Expected --protect to be an address or CIDR, got ${JSON.stringify(p)}`);
           // Both decide against the address's claims as they stand when a ban arrives; hubs on one
           // Redis see each other's bans a moment late, so there the rules would not hold as documented.
-          if (!Number.isInteger(a.storeReplicas) || a.storeReplicas < 0 || a.storeReplicas > 100) throw new Error(`Expected --store-replicas to be a whole number from 0 to 100, got ${a.storeReplicas}`);
-          if (a.store && (a.escalate !== undefined || a.quorum !== 1)) throw new Error("Expected --escalate and --quorum on a hub with its own journal: with --store (several hubs) they are not supported yet");
-          if (a.escalate !== undefined && !(a.escalate > 1 && a.escalate <= 100)) throw new Error(`Expected --escalate to be a factor above 1 (e.g. 2), got ${a.escalate}`);
-          if (!Number.isInteger(a.escalateMax) || a.escalateMax < 1) throw new Error(`Expected --escalate-max to be a whole number of seconds, got ${a.escalateMax}`);
-          if (!Number.isInteger(a.quorum) || a.quorum < 1 || a.quorum > 1000) throw new Error(`Expected --quorum to be a whole number from 1 to 1000, got ${a.quorum}`);
-          for (const n of a.trust) if (!isName(n)) throw new Error(`Expected --trust to be a node name, got ${JSON.stringify(n)}`);
-          if (!(a.rate > 0) || !(a.burst >= 1) || !Number.isInteger(a.maxConnsPerNode) || a.maxConnsPerNode < 1) throw new Error(`Expected --rate > 0, --burst >= 1 and --max-conns-per-node >= 1, got ${a.rate}, ${a.burst}, ${a.maxConnsPerNode}`);
+          if (!Number.isInteger(a.storeReplicas) || a.storeReplicas < 0 || a.storeReplicas > 100) throw new UsageError(`Expected --store-replicas to be a whole number from 0 to 100, got ${a.storeReplicas}`);
+          if (a.store && (a.escalate !== undefined || a.quorum !== 1)) throw new UsageError("Expected --escalate and --quorum on a hub with its own journal: with --store (several hubs) they are not supported yet");
+          if (a.escalate !== undefined && !(a.escalate > 1 && a.escalate <= 100)) throw new UsageError(`Expected --escalate to be a factor above 1 (e.g. 2), got ${a.escalate}`);
+          if (!Number.isInteger(a.escalateMax) || a.escalateMax < 1) throw new UsageError(`Expected --escalate-max to be a whole number of seconds, got ${a.escalateMax}`);
+          if (!Number.isInteger(a.quorum) || a.quorum < 1 || a.quorum > 1000) throw new UsageError(`Expected --quorum to be a whole number from 1 to 1000, got ${a.quorum}`);
+          for (const n of a.trust) if (!isName(n)) throw new UsageError(`Expected --trust to be a node name, got ${JSON.stringify(n)}`);
+          if (!(a.rate > 0) || !(a.burst >= 1) || !Number.isInteger(a.maxConnsPerNode) || a.maxConnsPerNode < 1) throw new UsageError(`Expected --rate > 0, --burst >= 1 and --max-conns-per-node >= 1, got ${a.rate}, ${a.burst}, ${a.maxConnsPerNode}`);
           result = {
             command: "serve",
             options: {
@@ -1907,20 +2388,33 @@ export function parseArgs(argv: string[]): ParsedArgs {
       )
       .strict()
       .fail((msg, err) => {
-        throw err ?? new Error(msg);
+        throw err instanceof UsageError ? err : new UsageError(err?.message ?? msg);
       })
       .help()
       .version(false)
       .wrap(null)
       .parseSync());
-  if (!result) throw new Error("Expected a command: serve, add-node or gen-cert");
+  if (!result) throw new UsageError("Expected a command: serve, add-node or gen-cert");
   const tokensFile = result.command === "serve" ? result.options.tokensFile : result.command === "add-node" ? result.tokensFile : "not needed";
-  if (!tokensFile) throw new Error("Expected --tokens FILE (or BANSHARE_TOKENS), got none");
+  if (!tokensFile) throw new UsageError("Expected --tokens FILE (or BANSHARE_TOKENS), got none");
   return result;
 }
 
 function logLine(line: string): void {
   process.stderr.write(`${new Date().toISOString()} hub: ${line}\n`);
+}
+
+/**
+ * Reports an error of `main` by its type: a usage error or a file that does not exist, one line
+ * and exit 2; a system error (port taken, no permission, openssl failed), one line and exit 1;
+ * anything else, its stack and exit 1.
+ */
+function reportError(e: unknown): void {
+  const err = e as NodeJS.ErrnoException & { status?: number };
+  const usage = e instanceof UsageError || err.code === "ENOENT";
+  const oneLine = usage || typeof err.code === "string" || typeof err.status === "number";
+  process.stderr.write(`hub.ts: ${oneLine ? err.message.split("\n")[0] : err.stack}\n`);
+  process.exitCode = usage ? 2 : 1;
 }
 
 /** Runs the hub or one of its commands from the command line. */
@@ -1929,8 +2423,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   try {
     args = parseArgs(argv);
   } catch (e) {
-    process.stderr.write(`hub.ts: ${(e as Error).message}\n`);
-    process.exitCode = 2;
+    reportError(e);
     return;
   }
   if (args.command === "gen-cert") {
@@ -1938,8 +2431,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
       const files = await genCert(args.dir, args.hosts, args.days);
       process.stderr.write(`Wrote ${files.join(", ")}.\nHub: --tls-cert ${files[2]} --tls-key ${files[3]}. Nodes: copy ${files[0]} and use --ca ca.pem with wss://${args.hosts[0]}:${DEFAULT_PORT}. Keep ca.key offline.\n`);
     } catch (e) {
-      process.stderr.write(`hub.ts: ${(e as Error).message.split("\n")[0]}\n`);
-      process.exitCode = 1;
+      reportError(e);
     }
     return;
   }
@@ -1949,8 +2441,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
       process.stdout.write(token + "\n");
       process.stderr.write(`Added ${args.name} (${args.role}) to ${args.tokensFile}. Save the token above on that node in a root-only file (e.g. /etc/banshare/token, mode 600); it is not shown again. A running hub loads it on SIGHUP.\n`);
     } catch (e) {
-      process.stderr.write(`hub.ts: ${(e as Error).message}\n`);
-      process.exitCode = 2;
+      reportError(e);
     }
     return;
   }
@@ -1958,9 +2449,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   try {
     hub = await startHub({ ...args.options, log: logLine });
   } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    process.stderr.write(`hub.ts: ${err.code === "ENOENT" || err.code === "EADDRINUSE" || err.code === "EACCES" || /^Expected|refusing|tokens/.test(err.message) ? err.message : err.stack}\n`);
-    process.exitCode = err.code === "EADDRINUSE" || err.code === "EACCES" ? 1 : 2;
+    reportError(e);
     return;
   }
   const stop = (sig: string) => {
@@ -1978,9 +2467,6 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
 // WebSocket subprotocol, says hello with `want: "status"` and draws what the hub sends.
 // Every protocol value in the script (subprotocols, version, limits, the token pattern) comes
 // from the TypeScript constants by interpolation; test/copies.test.ts checks the served script.
-
-/** A token as `requestToken` reads it from a subprotocol or bearer header: 1-512 printable ASCII characters. */
-const STATUS_TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
 
 /** Content-Security-Policy of the status page: its own script, style and socket, nothing else. */
 const STATUS_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -2293,7 +2779,7 @@ const STATUS_JS = String.raw`"use strict";
     ev.preventDefault();
     var token = $("token").value.trim();
     $("token").value = "";
-    if (!/^${STATUS_TOKEN_PATTERN}$/.test(token)) return showLogin("Expected a token of 1 to 512 printable ASCII characters without spaces (as hub.ts add-node prints it).");
+    if (!/^${TOKEN_PATTERN}$/.test(token)) return showLogin("Expected a token of 1 to 512 printable ASCII characters without spaces (as hub.ts add-node prints it).");
     sessionStorage.setItem(KEY, token);
     connect();
   });

@@ -8,13 +8,13 @@
  * agent's sync that falls between a ban's acceptance and its fsync (strace slows the fsync).
  */
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
 import { spool } from "../ban.ts";
-import { parseJournal } from "../hub.ts";
+import { readJournal } from "../hub.ts";
 import type { BanFrame, UnbanFrame } from "../messages.ts";
 import { enrol, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
 import { createTopology, type Topology } from "./lib/netns.ts";
@@ -412,7 +412,7 @@ describe("faults: nothing lost, nothing reordered", needs(["root", "netns", "ips
     a2 = await startAgent(w, "a2", hub.url, ["--state", state]);
     assert.match(a2.output(), /resumed after seq/);
     // The fleet's state is the hub's journal: every acked ban, what else made it to disk, the new bans.
-    const fleet = new Set(parseJournal(readFileSync(journalOf(w), "utf8"))!.events.filter((e) => e.kind === "ban").map((e) => e.ip));
+    const fleet = new Set((await readJournal(journalOf(w)))!.events.filter((e) => e.kind === "ban").map((e) => e.ip));
     for (const ip of [...acked, ...second]) assert.ok(fleet.has(ip), `${ip} was acked but is not in the hub's journal`);
     await waitForKernel(w, "a2", fleet);
     await waitForKernel(w, "a1", fleet);

@@ -135,8 +135,11 @@ function pidAlive(pid: number): boolean {
   }
 }
 
-/** SIGKILL every process in `ns` (by PID, from `ip netns pids`) and delete it. Sync, never throws. */
-function killAndDeleteSync(ns: string) {
+/**
+ * SIGKILL every process in `ns` (by PID, from `ip netns pids`) and delete it. Sync, never throws.
+ * Exported for helpers that add namespaces of their own next to a topology's (test/lib/enforce.ts).
+ */
+export function killAndDeleteSync(ns: string) {
   const pids = runSync('ip', ['netns', 'pids', ns]).stdout.split(/\s+/).filter(Boolean).map(Number);
   for (const pid of pids) {
     if (pid > 1 && pid !== process.pid) {
@@ -352,10 +355,15 @@ process.on('SIGTERM', () => process.exit(0));
  *   assert.deepEqual(l.accepts(), [topo.ip('attacker')]);
  */
 export async function startTcpListener(topo: Topology, name: string, port: number): Promise<TcpListener> {
-  const proc = spawnProc(process.execPath, ['-e', LISTENER_JS, String(port)], {
-    netns: topo.ns(name),
-    name: `listen:${name}:${port}`,
-  });
+  return startTcpListenerIn(topo.ns(name), port, `listen:${name}:${port}`);
+}
+
+/**
+ * {@link startTcpListener} in any namespace given by name (one that is not a topology node, such
+ * as the routed "container" of test/lib/enforce.ts's dockerPath). `label` names the process.
+ */
+export async function startTcpListenerIn(netns: string, port: number, label = `listen:${netns}:${port}`): Promise<TcpListener> {
+  const proc = spawnProc(process.execPath, ['-e', LISTENER_JS, String(port)], { netns, name: label });
   try {
     await proc.waitForLine(/^listening \d+$/, 10_000);
   } catch (e) {
