@@ -917,7 +917,7 @@ describe("Session: what the hub sends is checked as strictly as the hub checks n
     const agent = await linkTo(hub.url, dir, { syncLimits: { events: 100, bytes: 100_000 } });
     try {
       agent.link.connect();
-      await until(() => hub.conns() >= 6, "three oversized syncs", 30_000).catch((e) => assert.fail(`${e.message}: ${agent.lines.join("\n")}`));
+      await until(() => at.length >= 6, "three oversized syncs", 30_000).catch((e) => assert.fail(`${e.message}: ${agent.lines.join("\n")}`));
       assert.deepEqual([...agent.applier.claims.keys()], ["203.0.113.1"], "what the first sync brought stays; nothing of the oversized ones");
       assert.equal(agent.link.cursor?.seq, "1");
       assert.ok(agent.lines.some((l) => /^error: the sync from ws:\S+ exceeds 100 events or 100000 bytes \(101 events/.test(l)), agent.lines.join("\n"));
