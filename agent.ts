@@ -18,15 +18,19 @@
  * - backend plans: pure functions and one `BACKENDS` table entry per firewall (setup, change,
  *   reconcile, session, cleanup, count); `makeBackend` runs an entry, `KernelSession` is the
  *   long-lived `ipset restore` / `nft -i` a batch goes to.
- * - `desiredState` / `changesFor`: pure, what the kernel should hold and the diff to get there.
+ * - `desiredState` / `changesFor` / `resolveOverlaps`: pure, what the kernel should hold (a
+ *   network covering an entry wins) and the diff to get there.
  * - `Applier`: owns the claims and what was applied; batches changes into the backend, one
  *   kernel command at a time, reconciles after a sync, writes BLOCK/UNBLOCK/REJECT rows.
  * - `Guard`: checks that the kernel still holds the hooks, chains, sets and entries (on `nft
  *   monitor` events from other programs, a quick set-header tick, a full tick) and repairs in
  *   one batch, with a REPAIR row; `snapshot()` is `Agent.enforcement()`.
+ *   kernel command at a time, reconciles after a sync, renews capped timeouts, remembers the
+ *   entries the kernel refused (`splitRefused` finds them), writes BLOCK/UNBLOCK/REJECT rows.
  * - `StateFile` (--state), `CsvLog` (--csv), `Spool` (--spool forwarding, per connection).
  * - `HubLink`: connects and reconnects; each connection is a `Session`, made on open and thrown
- *   away on close, that turns the hub's frames into calls on the applier.
+ *   away on close, that checks the hub's frames (`checkBannable` on every address, a bounded
+ *   sync) and turns them into calls on the applier.
  * - `startAgent` wires these together; `parseArgs` and `main` are the command line.
  *
  * @module
@@ -47,9 +51,12 @@ import {
   MAX_APPLIED_BATCH,
   MAX_APPLIED_RT_MS,
   MAX_CLOCK_SKEW_MS,
+  DEFAULT_MAX_PREFIX,
   MAX_HUB_FRAME_BYTES,
   PROTOCOL_VERSION,
   blockedUntil,
+  checkBannable,
+  contains,
   csvRow,
   mergeClaim,
   overlaps,
@@ -66,6 +73,7 @@ import {
   type Cursor,
   type ErrorFrame,
   type FleetEvent,
+  type PrefixLimits,
   type SyncFrame,
   type UnbanFrame,
   type WelcomeFrame,
@@ -91,6 +99,8 @@ export interface AgentOptions {
   hooks?: Hook[];
   /** Full enforcement checks this often (ms; default 10000); 0: the agent never looks again after start. */
   checkMs?: number;
+  /** Broadest networks the agent takes from the hub (as the hub's --max-prefix-v4/-v6): anything broader is refused. Default: `DEFAULT_MAX_PREFIX`. */
+  maxPrefix?: PrefixLimits;
   log: (line: string) => void;
 }
 
@@ -152,8 +162,14 @@ export interface Agent {
 /** What the agent's CSV rows say; time and node are added by `CsvLog`. */
 export type Row = Omit<CsvRecord, "time" | "node">;
 
-/** Largest timeout ipset accepts, in seconds; longer bans are capped and renewed by each reconcile. */
+/** Largest timeout ipset accepts, in seconds (2^31 ms, 24.8 days); longer bans are capped and renewed (`Applier`). */
 export const IPSET_MAX_TIMEOUT_S = 2147483;
+/**
+ * Largest timeout the nftables backend writes, in seconds (3.17 years): nft 1.0.6 refuses a
+ * timeout of 100,000,000 s or more written in seconds ("value too large"; the kernel itself takes
+ * up to 2^64 ns, about 213,000 days). Longer bans are capped and renewed, as with ipset.
+ */
+export const NFT_MAX_TIMEOUT_S = 99_999_999;
 const MAX_ELEMENTS = 2_097_152;
 const CMD_TIMEOUT_MS = 60_000;
 /** Response-time reports (`applied`): gathered this long before one frame goes, at most this many waiting. */
@@ -161,7 +177,17 @@ const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
 /** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
 const SESSION_MAX_BYTES = 256 * 1024;
-const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "cleanup"];
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "max-prefix-v4", "max-prefix-v6", "cleanup"];
+/**
+ * Most events one sync may bring (all chunks together): as many as one kernel set holds. The
+ * agent keeps every claim in memory (about 0.5 KB each), so this bounds it near 1 GB, within
+ * Node's default heap; a fleet state larger than a set cannot be enforced anyway.
+ */
+export const MAX_SYNC_EVENTS = MAX_ELEMENTS;
+/** Most bytes one sync may bring (all chunks together): 512 per event, twice a real event's size, so endless small chunks end too. */
+export const MAX_SYNC_BYTES = MAX_SYNC_EVENTS * 512;
+/** Refused events of one frame logged one line each; the rest are counted in one more line (each has its REJECT row). */
+const MAX_REFUSAL_LINES = 10;
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers and the backends' plans
@@ -291,7 +317,13 @@ const NFT_HOOKS = ["input", "forward"] as const;
 function nftElement(ip: string, until: number | null, now: number): string | undefined {
   const left = remainingSeconds(until, now);
   if (left < 0) return undefined;
-  return left === 0 ? ip : `${ip} timeout ${left}s`;
+  return left === 0 ? ip : `${ip} timeout ${Math.min(left, NFT_MAX_TIMEOUT_S)}s`;
+}
+
+function nftElements(prefix: string, set: string, els: string[]): string[] {
+  const lines: string[] = [];
+  for (let i = 0; i < els.length; i += 1000) lines.push(`add element inet ${prefix} ${set} { ${els.slice(i, i + 1000).join(", ")} }`);
+  return lines;
 }
 
 /**
@@ -318,8 +350,50 @@ export function nftReconcileScript(prefix: string, desired: Map<string, number |
     const el = nftElement(ip, until, now);
     if (el) els[family(ip)].push(el);
   }
+  for (const fam of [4, 6] as const) for (const l of nftElements(prefix, `v${fam}`, els[fam])) lines.push(l);
+  return lines.join("\n") + "\n";
+}
+
+/**
+ * nftables backend: one transaction that tries `entries` in scratch sets made and deleted in it,
+ * so it changes nothing whether it succeeds or not: it tells which entries the kernel refuses
+ * when a reconcile fails.
+ */
+export function nftTestScript(prefix: string, entries: Change[], now: number): string {
+  const lines: string[] = [];
+  const els: Record<4 | 6, string[]> = { 4: [], 6: [] };
+  for (const c of entries) {
+    const el = c.until === undefined ? undefined : nftElement(c.ip, c.until, now);
+    if (el) els[family(c.ip)].push(el);
+  }
   for (const fam of [4, 6] as const) {
-    for (let i = 0; i < els[fam].length; i += 1000) lines.push(`add element inet ${prefix} v${fam} { ${els[fam].slice(i, i + 1000).join(", ")} }`);
+    if (!els[fam].length) continue;
+    lines.push(`add set inet ${prefix} test${fam} { type ipv${fam}_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`);
+    for (const l of nftElements(prefix, `test${fam}`, els[fam])) lines.push(l);
+    lines.push(`delete set inet ${prefix} test${fam}`);
+  }
+  return lines.join("\n") + "\n";
+}
+
+/**
+ * ipset backend: `ipset restore` input that tries `entries` in scratch sets, created, filled and
+ * destroyed, never the live ones: it tells which entries the kernel refuses when a reconcile
+ * fails. A refused entry stops the restore before the destroy; `ipsetTestCleanup` removes them.
+ */
+export function ipsetTestScript(prefix: string, entries: Change[], now: number): string {
+  const names = ipsetNames(prefix);
+  const lines: string[] = [];
+  for (const fam of [4, 6] as const) {
+    const set = `${fam === 4 ? names.v4 : names.v6}-test`;
+    const start = lines.length;
+    lines.push(ipsetCreate(set, fam), `flush ${set}`);
+    for (const c of entries) {
+      if (family(c.ip) !== fam || c.until === undefined) continue;
+      const add = ipsetAddLine(set, c.ip, c.until, now);
+      if (add) lines.push(add);
+    }
+    if (lines.length === start + 2) lines.length = start;
+    else lines.push(`destroy ${set}`);
   }
   return lines.join("\n") + "\n";
 }
@@ -444,6 +518,12 @@ export interface BackendPlan {
   change(cfg: FirewallConfig, changes: Change[], now: number, present: Set<string>): Step[];
   /** Makes the kernel hold exactly `desired`, atomically: run after each sync. */
   reconcile(cfg: FirewallConfig, desired: Map<string, number | null>, now: number): Step[];
+  /** Tries entries without touching the live sets (each step fails when the kernel refuses one): how a failed reconcile finds the entries to leave out. */
+  test?(cfg: FirewallConfig, entries: Change[], now: number): Step[];
+  /** Removes what a failed `test` left behind (each command may fail when absent). */
+  testCleanup?(prefix: string): string[][];
+  /** Longest kernel timeout this backend writes, seconds: longer bans are capped and renewed before it ends. */
+  maxTimeoutS?: number;
   /** The long-lived process a batch goes to first (`KernelSession`); `change` is then one command, run one-shot when the session fails. */
   session?(prefix: string): SessionKind;
   /** Removes every object the agent created, and nothing else (each command may fail when absent). */
@@ -583,6 +663,9 @@ const BACKEND_TABLE = {
     setup: (cfg) => [...ipsetSetupCommands(cfg).slice(0, hooksOf(cfg).length ? undefined : 1), ...jumpSteps(cfg)],
     change: (cfg, changes, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetChangeScript(cfg.prefix, changes, now) }],
     reconcile: (cfg, desired, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetReconcileScript(cfg.prefix, desired, now) }],
+    test: (cfg, entries, now) => [{ argv: ["ipset", "-exist", "restore"], input: ipsetTestScript(cfg.prefix, entries, now) }],
+    testCleanup: (prefix) => Object.values(ipsetNames(prefix)).map((set) => ["ipset", "destroy", `${set}-test`]),
+    maxTimeoutS: IPSET_MAX_TIMEOUT_S,
     session: (prefix) => ipsetSession(ipsetNames(prefix).v4),
     cleanup: (prefix) => [...chainCleanup(prefix), ...Object.values(ipsetNames(prefix)).map((set) => ["ipset", "destroy", set])],
     count: (prefix) => Object.values(ipsetNames(prefix)).map((set) => ["ipset", "list", "-terse", set]),
@@ -597,6 +680,8 @@ const BACKEND_TABLE = {
     setup: (cfg) => [{ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) }],
     change: (cfg, changes, now) => [{ argv: ["nft", "-f", "-"], input: nftChangeScript(cfg.prefix, changes, now) }],
     reconcile: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }],
+    test: (cfg, entries, now) => [{ argv: ["nft", "-f", "-"], input: nftTestScript(cfg.prefix, entries, now) }],
+    maxTimeoutS: NFT_MAX_TIMEOUT_S,
     session: nftSession,
     cleanup: (prefix) => [["nft", "delete", "table", "inet", prefix]],
     count: (prefix) => ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
@@ -708,6 +793,62 @@ export function changesFor(desired: Map<string, number | null>, applied: Map<str
   for (const ip of applied.keys()) if (!desired.has(ip)) changes.push({ ip, until: undefined });
   for (const [ip, until] of desired) if (applied.get(ip) !== until) changes.push({ ip, until });
   return changes;
+}
+
+/** The later of two ends, null (for good) winning. */
+function laterEnd(a: number | null, b: number | null): number | null {
+  return a === null || b === null ? null : Math.max(a, b);
+}
+
+/** The first `bits` bits of `bytes`, as a map key. */
+function prefixKey(bytes: Uint8Array, bits: number): string {
+  let key = "";
+  for (let i = 0; i * 8 < bits; i++) key += String.fromCharCode(bits - i * 8 >= 8 ? bytes[i] : bytes[i] & ((0xff << (8 - (bits - i * 8))) & 0xff));
+  return key;
+}
+
+/**
+ * What the kernel can hold of `desired` when networks overlap: an nftables interval set refuses
+ * a network together with an address or network inside it ("conflicting intervals"), so the
+ * covering network wins. An entry inside a blocked network is left out while the network is
+ * blocked, and the network's kernel entry lasts as long as the longest entry inside it, so the
+ * kernel alone (an agent that is down) never ends a ban early. When the network's own claim
+ * ends, the agent puts the entries inside back with their own ends, in one batch. The same rule
+ * runs for every backend (ipset's hash:net would take both) so they hold the same. Without
+ * networks in `desired`, `desired` itself is returned.
+ */
+export function resolveOverlaps(desired: Map<string, number | null>): Map<string, number | null> {
+  const nets = new Map<string, Map<string, string>>(); // "family/bits" -> prefix key -> network
+  const lengths: Record<4 | 6, number[]> = { 4: [], 6: [] };
+  for (const ip of desired.keys()) {
+    if (!ip.includes("/")) continue;
+    const a = parseAddress(ip)!;
+    const k = `${a.family}/${a.prefix}`;
+    if (!nets.has(k)) {
+      nets.set(k, new Map());
+      lengths[a.family].push(a.prefix);
+    }
+    nets.get(k)!.set(prefixKey(a.bytes, a.prefix), ip);
+  }
+  if (!nets.size) return desired;
+  lengths[4].sort((x, y) => x - y);
+  lengths[6].sort((x, y) => x - y);
+  const out = new Map(desired);
+  for (const [ip, until] of desired) {
+    const fam = family(ip);
+    if (!lengths[fam].length) continue;
+    const a = parseAddress(ip)!;
+    // The broadest blocked network around it: the one the kernel holds.
+    for (const bits of lengths[fam]) {
+      if (bits >= a.prefix) break;
+      const cover = nets.get(`${fam}/${bits}`)!.get(prefixKey(a.bytes, bits));
+      if (cover === undefined) continue;
+      out.delete(ip);
+      out.set(cover, laterEnd(out.get(cover)!, until));
+      break;
+    }
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -865,16 +1006,56 @@ async function runStep(step: Step, log: (s: string) => void): Promise<void> {
   await run(step);
 }
 
+/** A change the kernel refused, with the kernel's own message. */
+export interface Refusal {
+  change: Change;
+  message: string;
+}
+
+/** The firewall's objects are not there (or its command cannot run): no entry is to blame. */
+export class KernelUnavailable extends Error {}
+
 /** A firewall backend at work: a `BACKENDS` entry run against the kernel. */
 export interface Backend {
   setup(): Promise<void>;
-  apply(changes: Change[], now: number): Promise<void>;
-  reconcile(desired: Map<string, number | null>, now: number): Promise<void>;
+  /**
+   * Applies a batch. One bad entry never holds back the rest: a batch the kernel refuses is split
+   * in halves until each refused change stands alone; those are returned, everything else has
+   * landed. Throws `KernelUnavailable` when every change fails and the firewall's objects are
+   * missing (nothing is then to blame on an entry).
+   */
+  apply(changes: Change[], now: number): Promise<Refusal[]>;
+  /**
+   * Makes the kernel hold exactly `desired`. When the kernel refuses that, the entries it refuses
+   * are found without touching the live sets (`test`, halving), and the kernel is made to hold the
+   * rest; those refused are returned. Throws when it still fails.
+   */
+  reconcile(desired: Map<string, number | null>, now: number): Promise<Refusal[]>;
+  /** Longest kernel timeout, seconds: longer bans are capped and must be renewed (undefined: no limit). */
+  readonly maxTimeoutS?: number;
   /** Adds what the kernel lacks of `desired`, removing nothing, in one batch. */
   fill(desired: Map<string, number | null>, now: number): Promise<void>;
   /** Runs the plan's enforcement check (undefined: this backend has none); `quick`: only what the session answers. */
   inspect?(quick: boolean): Promise<Inspection | undefined>;
   close(): void;
+}
+
+/**
+ * Runs `attempt` on `items`; when it fails, on each half, down to single items: returns the
+ * items that fail alone, with their error's message. Order is kept (unblocks before blocks).
+ */
+export async function splitRefused<T>(items: T[], attempt: (part: T[]) => Promise<void>): Promise<Array<{ item: T; message: string }>> {
+  try {
+    if (items.length) await attempt(items);
+    return [];
+  } catch (e) {
+    if (items.length === 1) return [{ item: items[0], message: (e as Error).message }];
+    const mid = items.length >> 1;
+    const left = await splitRefused(items.slice(0, mid), attempt);
+    const right = await splitRefused(items.slice(mid), attempt);
+    for (const r of right) left.push(r);
+    return left;
+  }
 }
 
 /** Creates the backend for `name`: runs its plan, batches through its session if it has one; `log` receives dry-run plans. */
@@ -897,6 +1078,13 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
   const { inspect, read } = plan;
   const quick = plan.quick?.(cfg.prefix);
   const asker = quick && new KernelSession(quick.session);
+  /** When every change failed: do the firewall's objects exist? (Its count commands run.) Throws KernelUnavailable when not. */
+  const available = async (why: string) => {
+    for (const argv of plan.count(cfg.prefix)) {
+      const r = await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
+      if (r.exitCode !== 0) throw new KernelUnavailable(`${why} (and ${argv.join(" ")} fails: the firewall's objects are missing)`);
+    }
+  };
   return {
     async setup() {
       await runAll(plan.setup(cfg));
@@ -912,16 +1100,38 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
       if (session) await session.send("").catch((e: Error) => log(`warning: ${e.message}; each batch will start its own ${kind.argv[2]}`));
     },
     async apply(changes, now) {
-      await runBatch(plan.change(cfg, changes, now, present));
-      if (plan.listed) for (const c of changes) c.until === undefined ? present.delete(c.ip) : present.add(c.ip);
+      const attempt = async (part: Change[]) => {
+        await runBatch(plan.change(cfg, part, now, present));
+        if (plan.listed) for (const c of part) c.until === undefined ? present.delete(c.ip) : present.add(c.ip);
+      };
+      const refused = (await splitRefused(changes, attempt)).map((r) => ({ change: r.item, message: r.message }));
+      if (refused.length && refused.length === changes.length) await available(refused[0].message);
+      return refused;
     },
     async reconcile(desired, now) {
-      await runAll(plan.reconcile(cfg, desired, now));
+      let refused: Refusal[] = [];
+      try {
+        await runAll(plan.reconcile(cfg, desired, now));
+      } catch (e) {
+        if (!plan.test) throw e;
+        // Which entries does the kernel refuse? Tried in scratch sets, the live ones untouched.
+        const entries: Change[] = [];
+        for (const [ip, until] of desired) entries.push({ ip, until });
+        refused = (await splitRefused(entries, (part) => runAll(plan.test!(cfg, part, now)))).map((r) => ({ change: r.item, message: r.message }));
+        for (const argv of plan.testCleanup?.(cfg.prefix) ?? []) await execa(argv[0], argv.slice(1), { timeout: CMD_TIMEOUT_MS, reject: false });
+        if (!refused.length) throw e;
+        if (refused.length === entries.length) await available(refused[0].message);
+        const rest = new Map(desired);
+        for (const r of refused) rest.delete(r.change.ip);
+        await runAll(plan.reconcile(cfg, rest, now));
+      }
       if (plan.listed) {
         present.clear();
         for (const ip of desired.keys()) present.add(ip);
       }
+      return refused;
     },
+    maxTimeoutS: plan.maxTimeoutS,
     async fill(desired, now) {
       await runBatch(plan.fill(cfg, desired, now, present));
       if (plan.listed) for (const ip of desired.keys()) present.add(ip);
@@ -983,8 +1193,9 @@ export function parseState(text: string): AgentState | undefined {
   try {
     const s = JSON.parse(text) as AgentState;
     if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string" || !Array.isArray(s.claims)) return undefined;
+    // A damaged claim costs only itself: the others are kept.
     const frame = parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: s.cursor.seq, events: s.claims }));
-    return frame.ok ? s : undefined;
+    return frame.ok && frame.value.type === "sync" ? { ...s, claims: frame.value.events } : undefined;
   } catch {
     return undefined;
   }
@@ -1115,11 +1326,19 @@ export interface ApplierOptions {
   onApplied?: (changes: Change[], live: Map<string, FleetEvent>) => void;
 }
 
+/** How long a failed kernel command waits before the kernel is reconciled again, ms. */
+const RETRY_MS = 5000;
+/** Refused entries of one batch logged one line each; the rest are counted in one more line (each has its REJECT row). */
+const MAX_REFUSED_LINES = 20;
+
 /**
  * Owns the fleet's claims as this agent knows them and what it applied to the kernel. Events
  * mark addresses dirty; one kernel command runs at a time, and changes that arrive meanwhile
  * wait and go in the next batch. After a sync the kernel is reconciled to the claims in one
- * command. A sweep each second ends what expired.
+ * command. A sweep each second ends what expired and renews kernel timeouts that were capped
+ * (a ban longer than the backend's `maxTimeoutS` is re-added once half of its capped timeout
+ * has passed). An entry the kernel refuses is a REJECT row and one log line, and is not tried
+ * again until its claim changes (or the next sync's reconcile).
  */
 export class Applier {
   readonly claims: Claims = new Map();
@@ -1128,9 +1347,18 @@ export class Applier {
   private readonly dirty = new Set<string>();
   /** Events relayed live (not in a sync), by address, until the batch that applies them. */
   private readonly arrived = new Map<string, FleetEvent>();
+  /** Entries the kernel refused, with the end they had then: not tried again while it stays the same. */
+  readonly refused = new Map<string, { until: number | null; message: string }>();
+  /** Claimed networks: an event on one of them, or on an address inside one, needs the overlap rule (`resolveOverlaps`). */
+  private readonly nets = new Map<string, Address>();
+  /** Entries whose kernel timeout was capped: when to re-add them (ms). */
+  private readonly renewAt = new Map<string, number>();
+  private nextRenewal = Infinity;
+  /** Entries due for renewal, in the next batch. */
+  private readonly renew = new Set<string>();
   private pendingReconcile = false;
   /** The kernel command under way. */
-  private working: Promise<void> | undefined;
+  private working: Promise<unknown> | undefined;
   private readonly sweeper: NodeJS.Timeout;
   private retryTimer: NodeJS.Timeout | undefined;
 
@@ -1150,8 +1378,13 @@ export class Applier {
    * enforcement check or sync tries again.
    */
   async restore(events: FleetEvent[], now: number): Promise<number> {
-    for (const e of events) mergeClaim(this.claims, e);
-    this.applied = desiredState(this.claims, this.opts.allow, now);
+    for (const e of events) this.merge(e);
+    this.applied = this.kernelState(now);
+    // When the kernel last got a capped timeout is not known: renew those at the first sweep.
+    for (const [ip, until] of this.applied) {
+      this.scheduleRenewal(ip, until, now);
+      if (this.renewAt.has(ip)) this.renewAt.set(ip, (this.nextRenewal = now));
+    }
     return this.exclusive(() => this.opts.backend.fill(new Map(this.applied), now)).then(
       () => this.applied.size,
       (e: Error) => {
@@ -1168,8 +1401,9 @@ export class Applier {
    */
   async refill(): Promise<number> {
     const held = new Map(this.applied);
-    await this.exclusive(() => this.opts.backend.reconcile(held, Date.now()));
-    return held.size;
+    const refused = await this.exclusive(() => this.opts.backend.reconcile(held, Date.now()));
+    this.refuse(refused);
+    return held.size - refused.length;
   }
 
   /** What the agent applied to the kernel: address -> until. */
@@ -1190,12 +1424,13 @@ export class Applier {
   private epochs = 0;
 
   /** Runs `command` when no other kernel command runs, as the only one; then the work that waited. */
-  private async exclusive(command: () => Promise<void>): Promise<void> {
+  private async exclusive<T>(command: () => Promise<T>): Promise<T> {
     while (this.working) await this.working.catch(() => {});
     this.epochs++;
-    this.working = command();
+    const working = command();
+    this.working = working;
     try {
-      await this.working;
+      return await working;
     } finally {
       this.working = undefined;
       this.epochs++;
@@ -1208,7 +1443,7 @@ export class Applier {
     for (const e of events) {
       const why = this.opts.allow.reason(e.ip);
       if (why && e.kind === "ban") this.opts.record({ action: "REJECT", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: why });
-      if (mergeClaim(this.claims, e)) this.dirty.add(e.ip);
+      if (this.merge(e)) this.dirty.add(e.ip);
       if (live && (this.arrived.size < MAX_APPLIED_QUEUE * 10 || this.arrived.has(e.ip))) this.arrived.set(e.ip, e);
     }
     this.kick();
@@ -1216,7 +1451,10 @@ export class Applier {
 
   /** The answer to a hello: the full state (`full`) or the events missed; the kernel is then reconciled. */
   sync(events: FleetEvent[], full: boolean): void {
-    if (full) this.claims.clear();
+    if (full) {
+      this.claims.clear();
+      this.nets.clear();
+    }
     this.pendingReconcile = true;
     this.take(events);
   }
@@ -1226,10 +1464,24 @@ export class Applier {
     this.arrived.clear();
   }
 
-  /** Marks what ended by `now` (claims and applied entries) and applies it. */
+  /** What the kernel should hold now: the claims' blocks, the overlap rule applied (refused entries included). */
+  kernelState(now: number): Map<string, number | null> {
+    return resolveOverlaps(desiredState(this.claims, this.opts.allow, now));
+  }
+
+  /** Marks what ended by `now` (claims and applied entries), and the capped timeouts due for renewal, and applies it. */
   sweep(now: number): void {
     for (const ip of pruneClaims(this.claims, now)) this.dirty.add(ip);
     for (const [ip, until] of this.applied) if (until !== null && until <= now) this.dirty.add(ip);
+    if (now >= this.nextRenewal) {
+      this.nextRenewal = Infinity;
+      for (const [ip, at] of this.renewAt) {
+        if (at <= now) {
+          this.renew.add(ip);
+          this.dirty.add(ip);
+        } else if (at < this.nextRenewal) this.nextRenewal = at;
+      }
+    }
     if (this.dirty.size) this.kick();
   }
 
@@ -1239,6 +1491,14 @@ export class Applier {
     clearTimeout(this.retryTimer);
     while (this.working) await this.working.catch(() => {});
     this.opts.backend.close();
+  }
+
+  private merge(e: FleetEvent): boolean {
+    if (e.ip.includes("/") && !this.nets.has(e.ip)) {
+      const a = parseAddress(e.ip);
+      if (a) this.nets.set(e.ip, a);
+    }
+    return mergeClaim(this.claims, e);
   }
 
   private kick(): void {
@@ -1255,33 +1515,126 @@ export class Applier {
     }
   }
 
+  /** Reconciles the kernel again in RETRY_MS (a command that failed as a whole). */
+  private retryLater(): void {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => {
+      this.pendingReconcile = true;
+      this.kick();
+    }, RETRY_MS);
+    this.retryTimer.unref();
+  }
+
   private async reconcile(now: number): Promise<void> {
-    const { backend, allow, log } = this.opts;
+    const { backend, log } = this.opts;
     this.pendingReconcile = false;
     this.dirty.clear();
+    this.renew.clear();
     this.arrived.clear();
-    const desired = desiredState(this.claims, allow, now);
-    this.working = backend.reconcile(desired, now);
+    // Entries refused before are tried again, once per sync: never a hot loop.
+    const desired = this.kernelState(now);
+    const working = backend.reconcile(desired, now);
+    this.working = working;
     try {
-      await this.working;
+      const refused = await working;
+      this.refuse(refused);
+      for (const r of refused) desired.delete(r.change.ip);
+      for (const ip of this.refused.keys()) if (!refused.some((r) => r.change.ip === ip)) this.refused.delete(ip);
       for (const c of changesFor(desired, this.applied)) this.logApplied(c.ip, this.applied.get(c.ip), c.until, now, "sync");
       this.applied = desired;
-      log(`synced: ${desired.size} address(es) blocked (${this.opts.backendName})`);
+      this.renewAt.clear();
+      this.nextRenewal = Infinity;
+      for (const [ip, until] of desired) this.scheduleRenewal(ip, until, now);
+      log(`synced: ${desired.size} address(es) blocked (${this.opts.backendName})${refused.length ? `, ${refused.length} refused by the kernel` : ""}`);
     } catch (e) {
-      log(`error: reconcile failed, retrying in 5 s: ${(e as Error).message}`);
-      this.retryTimer = setTimeout(() => {
-        this.pendingReconcile = true;
-        this.kick();
-      }, 5000);
-      this.retryTimer.unref();
+      log(`error: reconcile failed, retrying in ${RETRY_MS / 1000} s: ${(e as Error).message}`);
+      this.retryLater();
     } finally {
       this.working = undefined;
     }
   }
 
+  /** The changes for the dirty addresses, and the renewals due; refused entries left out while their claim is unchanged. */
+  private plan(now: number): { changes: Change[]; renewals: number } {
+    const { allow } = this.opts;
+    let changes: Change[];
+    let desired: Map<string, number | null>;
+    if (this.touchesNet()) {
+      // A network or an address inside one: the overlap rule decides over the whole state.
+      desired = this.kernelState(now);
+      this.dropRefused(desired, this.refused.keys());
+      changes = changesFor(desired, this.applied);
+    } else {
+      desired = desiredState(this.claims, allow, now, this.dirty);
+      this.dropRefused(desired, this.dirty);
+      changes = changesFor(desired, this.applied, this.dirty);
+    }
+    let renewals = 0;
+    for (const ip of this.renew) {
+      const until = desired.get(ip);
+      if (until !== undefined && until === this.applied.get(ip)) {
+        changes.push({ ip, until });
+        renewals++;
+      }
+    }
+    this.renew.clear();
+    // Unblocks first: a network's entries inside it leave the set before it comes (or the other way round).
+    const unblocks = changes.filter((c) => c.until === undefined);
+    return { changes: unblocks.length && unblocks.length < changes.length ? unblocks.concat(changes.filter((c) => c.until !== undefined)) : changes, renewals };
+  }
+
+  /** Leaves out of `desired` the entries of `ips` the kernel refused with the same end; forgets refusals whose claim changed. */
+  private dropRefused(desired: Map<string, number | null>, ips: Iterable<string>): void {
+    if (!this.refused.size) return;
+    for (const ip of [...ips]) {
+      const r = this.refused.get(ip);
+      if (!r) continue;
+      if (desired.has(ip) && desired.get(ip) === r.until) desired.delete(ip);
+      else this.refused.delete(ip);
+    }
+  }
+
+  /** True when a dirty address is a claimed network or lies inside one. */
+  private touchesNet(): boolean {
+    if (!this.nets.size) return false;
+    for (const [n] of this.nets) if (!this.claims.has(n)) this.nets.delete(n);
+    for (const ip of this.dirty) {
+      if (ip.includes("/")) return true;
+      const a = parseAddress(ip);
+      if (a) for (const n of this.nets.values()) if (contains(n, a)) return true;
+    }
+    return false;
+  }
+
+  /** Remembers refused changes: a REJECT row and a log line for each one not refused before with the same end. */
+  private refuse(refused: Refusal[]): void {
+    let lines = 0;
+    for (const { change, message } of refused) {
+      const before = this.refused.get(change.ip);
+      if (change.until !== undefined) this.refused.set(change.ip, { until: change.until, message });
+      if (before && before.until === change.until) continue;
+      const c = this.cause(change.ip);
+      this.opts.record({ action: "REJECT", ip: change.ip, origin: c?.origin, jail: c?.jail, until: change.until, detail: `kernel refused: ${message}` });
+      if (++lines <= MAX_REFUSED_LINES) this.opts.log(`error: the kernel refused ${change.until === undefined ? "to unblock" : "to block"} ${change.ip}: ${message}`);
+    }
+    if (lines > MAX_REFUSED_LINES) this.opts.log(`error: the kernel refused ${lines - MAX_REFUSED_LINES} more entries (REJECT rows in the CSV)`);
+  }
+
+  /** Notes when a capped kernel timeout must be renewed: half-way through it. */
+  private scheduleRenewal(ip: string, until: number | null | undefined, now: number): void {
+    const max = this.opts.backend.maxTimeoutS;
+    if (max === undefined || until === undefined || until === null || until - now <= max * 1000) {
+      this.renewAt.delete(ip);
+      return;
+    }
+    const at = now + (max * 1000) / 2;
+    this.renewAt.set(ip, at);
+    if (at < this.nextRenewal) this.nextRenewal = at;
+  }
+
   private async applyDirty(now: number): Promise<void> {
-    const { backend, record, log } = this.opts;
-    const changes = changesFor(desiredState(this.claims, this.opts.allow, now, this.dirty), this.applied, this.dirty);
+    const { backend, log } = this.opts;
+    const { changes, renewals } = this.plan(now);
     const live = new Map<string, FleetEvent>();
     if (this.arrived.size) {
       for (const ip of this.dirty) {
@@ -1294,33 +1647,37 @@ export class Applier {
     }
     this.dirty.clear();
     if (!changes.length) return;
-    this.working = backend.apply(changes, now).catch(async (e: Error) => {
-      // One bad element must not hold back the rest: retry one by one and report each failure.
-      log(`warning: batch of ${changes.length} failed (${e.message}); applying one by one`);
-      for (const c of [...changes]) {
-        try {
-          await backend.apply([c], now);
-        } catch (err) {
-          changes.splice(changes.indexOf(c), 1);
-          record({ action: "REJECT", ip: c.ip, detail: `kernel refused: ${(err as Error).message}` });
-          log(`error: ${(err as Error).message}`);
-        }
-      }
-    });
+    const working = backend.apply(changes, now);
+    this.working = working;
+    let refused: Refusal[];
     try {
-      await this.working;
+      refused = await working;
+    } catch (e) {
+      // Nothing landed and no entry is to blame (the firewall's objects are missing): the whole
+      // state goes again in a reconcile shortly, not one change at a time in a hot loop.
+      log(`error: applying ${changes.length} change(s) failed, reconciling in ${RETRY_MS / 1000} s: ${(e as Error).message}`);
+      this.retryLater();
+      return;
     } finally {
       this.working = undefined;
     }
-    for (const c of changes) {
-      this.logApplied(c.ip, this.applied.get(c.ip), c.until, Date.now(), "event");
+    this.refuse(refused);
+    const failed = new Set(refused.map((r) => r.change));
+    const done = failed.size ? changes.filter((c) => !failed.has(c)) : changes;
+    const at = Date.now();
+    for (const c of done) {
+      this.logApplied(c.ip, this.applied.get(c.ip), c.until, at, "event");
       if (c.until === undefined) this.applied.delete(c.ip);
       else this.applied.set(c.ip, c.until);
+      this.scheduleRenewal(c.ip, c.until, now);
     }
-    if (live.size) this.opts.onApplied?.(changes, live);
-    if (changes.length <= 20) {
-      for (const c of changes) log(`${c.until === undefined ? "unblocked" : "blocked"} ${c.ip}${c.until === undefined ? "" : ` until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
-    } else log(`applied ${changes.length} change(s)`);
+    for (const r of refused) if (r.change.until === undefined) this.applied.delete(r.change.ip);
+    if (live.size) this.opts.onApplied?.(done, live);
+    const shown = done.length - (renewals && !failed.size ? renewals : 0);
+    if (renewals) log(`renewed the capped kernel timeout of ${renewals} address(es)`);
+    if (shown <= 20) {
+      for (const c of done.slice(0, shown)) log(`${c.until === undefined ? "unblocked" : "blocked"} ${c.ip}${c.until === undefined ? "" : ` until ${c.until === null ? "never" : new Date(c.until).toISOString()}`}`);
+    } else log(`applied ${shown} change(s)`);
   }
 
   /** The claim that makes `ip` blocked: the newest active ban, for the log. */
@@ -1335,6 +1692,8 @@ export class Applier {
     const record = this.opts.record;
     if (after === undefined) {
       if (before === undefined) return;
+      // Left out of the set because a blocked network covers it: still blocked, no UNBLOCK.
+      if (!this.opts.allow.reason(ip) && blockedUntil(this.claims.get(ip), now) !== undefined) return;
       const last = [...(this.claims.get(ip)?.values() ?? [])].sort((a, b) => b.detectedAt - a.detectedAt)[0];
       const expired = before !== null && before <= now;
       record({ action: "UNBLOCK", ip, origin: last?.origin, jail: last?.jail, detail: expired ? "ban ended" : `${via}: unbanned by ${last?.origin ?? "the fleet"}` });
@@ -1718,8 +2077,10 @@ export class Spool {
 // The hub link: one connection at a time, each a Session
 
 /** What a `HubLink` is given. */
-export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "spoolDir" | "heartbeatMs" | "ca" | "log"> {
+export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "spoolDir" | "heartbeatMs" | "ca" | "maxPrefix" | "log"> {
   token: string;
+  /** Bounds of one sync (default: `MAX_SYNC_EVENTS`, `MAX_SYNC_BYTES`); smaller in tests. */
+  syncLimits?: { events: number; bytes: number };
   applier: Applier;
   state: StateFile;
   csv: CsvLog;
@@ -1730,8 +2091,10 @@ interface SessionHost {
   /** Where the agent is in the hub's stream; a session moves it on. */
   cursor: Cursor | undefined;
   readonly opts: HubLinkOptions;
-  /** The hub welcomed this session: the reconnect backoff starts over. */
+  /** The hub welcomed this session: the reconnect backoff starts over, unless recent sessions broke off an oversized sync. */
   welcomed(): void;
+  /** This session's sync completed: the backoff after an oversized sync is forgiven. */
+  synced(): void;
 }
 
 /**
@@ -1746,6 +2109,12 @@ export class Session {
   private hubId = "";
   private awaitingSync = false;
   private syncBuffer: FleetEvent[] = [];
+  /** Bytes of the sync frames received so far for `syncBuffer`. */
+  private syncBytes = 0;
+  /** Size of the frame being handled, bytes. */
+  private frameBytes = 0;
+  /** The hub's sync outgrew MAX_SYNC_EVENTS or MAX_SYNC_BYTES and this session dropped the connection. */
+  overflowed = false;
   private hubTakesApplied = false;
   private appliedQueue: AppliedRecord[] = [];
   private appliedTimer: NodeJS.Timeout | undefined;
@@ -1780,12 +2149,14 @@ export class Session {
 
   receive(data: Buffer): void {
     this.alive = true;
+    if (this.overflowed) return;
+    this.frameBytes = data.length;
     const parsed = parseHubFrame(data.toString("utf8"));
     if (!parsed.ok) return this.host.opts.log(`warning: ignoring a frame from the hub: ${parsed.message}`);
     const f = parsed.value;
     if (f.type === "welcome") this.onWelcome(f);
     else if (f.type === "sync") this.onSync(f);
-    else if (f.type === "event") this.onEvents([f], f.seq);
+    else if (f.type === "event") this.onEvents(this.admit([f]), f.seq);
     else if (f.type === "ack") this.onAck(f);
     else if (f.type === "error") this.onError(f);
   }
@@ -1826,6 +2197,7 @@ export class Session {
     this.hubId = f.hub;
     this.awaitingSync = true;
     this.syncBuffer = [];
+    this.syncBytes = 0;
     if (this.host.opts.spoolDir) {
       this.spool = new Spool(this.host.opts.spoolDir, (frame) => this.send(frame), this.host.opts.log);
       this.spool.start();
@@ -1833,18 +2205,62 @@ export class Session {
   }
 
   private onSync(f: SyncFrame): void {
+    const events = this.admit(f.events, f.dropped);
     // A sync not awaited is a burst the hub relayed in one frame.
-    if (!this.awaitingSync) return this.onEvents(f.events, f.seq);
-    // The answer to our hello: the full state, or the events after our cursor, maybe in chunks.
-    this.syncBuffer.push(...f.events);
+    if (!this.awaitingSync) return this.onEvents(events, f.seq);
+    // The answer to our hello: the full state, or the events after our cursor, maybe in chunks,
+    // bounded: past the bound the connection goes, and the kernel keeps what it holds.
+    this.syncBytes += this.frameBytes;
+    const max = this.host.opts.syncLimits ?? { events: MAX_SYNC_EVENTS, bytes: MAX_SYNC_BYTES };
+    if (this.syncBuffer.length + events.length > max.events || this.syncBytes > max.bytes) {
+      this.host.opts.log(`error: the sync from ${this.url} exceeds ${max.events} events or ${max.bytes} bytes (${this.syncBuffer.length + events.length} events, ${this.syncBytes} bytes so far); dropping the connection and keeping what the kernel holds`);
+      this.overflowed = true;
+      this.awaitingSync = false;
+      this.syncBuffer = [];
+      this.sock.terminate();
+      return;
+    }
+    // No spread push: a frame's events can outnumber the arguments a call may take.
+    for (const e of events) this.syncBuffer.push(e);
     if (f.more) return;
-    const events = this.syncBuffer;
+    const all = this.syncBuffer;
     this.awaitingSync = false;
     this.syncBuffer = [];
-    this.host.opts.log(f.full ? `full sync: ${events.length} event(s) at seq ${f.seq}` : `resumed after seq ${this.host.cursor?.seq}: ${events.length} event(s) missed, now at seq ${f.seq}`);
-    this.host.opts.applier.sync(events, f.full);
+    this.host.opts.log(f.full ? `full sync: ${all.length} event(s) at seq ${f.seq}` : `resumed after seq ${this.host.cursor?.seq}: ${all.length} event(s) missed, now at seq ${f.seq}`);
+    this.host.opts.applier.sync(all, f.full);
     this.host.cursor = { hub: this.hubId, seq: f.seq };
+    this.host.synced();
     this.host.opts.state.schedule();
+  }
+
+  /**
+   * The events of a frame the agent takes: the address of each must pass `checkBannable` with
+   * the agent's prefix limits, as the hub checks what nodes send. A refused ban is a REJECT row;
+   * refused events and the malformed ones `parseHubFrame` dropped are log lines (the first few
+   * of a frame one each, the rest counted in one); the rest of the frame applies.
+   */
+  private admit(events: FleetEvent[], dropped?: SyncFrame["dropped"]): FleetEvent[] {
+    const { log, csv } = this.host.opts;
+    const limits = this.host.opts.maxPrefix ?? DEFAULT_MAX_PREFIX;
+    let out: FleetEvent[] | undefined;
+    let refused = 0;
+    for (let i = 0; i < events.length; i++) {
+      const e = events[i];
+      const r = checkBannable(e.ip, limits);
+      if (r.ok) {
+        out?.push(e);
+        continue;
+      }
+      out ??= events.slice(0, i);
+      if (e.kind === "ban") csv.record({ action: "REJECT", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, detail: `from the hub: ${r.message}` });
+      if (++refused <= MAX_REFUSAL_LINES) log(`warning: ignoring the hub's ${e.kind} of ${e.ip} from ${e.origin}: ${r.message}`);
+    }
+    if (refused > MAX_REFUSAL_LINES) log(`warning: ignored ${refused - MAX_REFUSAL_LINES} more event(s) of that frame from the hub (REJECT rows in the CSV)`);
+    if (dropped) {
+      log(`warning: ignoring ${dropped.count} malformed event(s) in a sync frame from the hub: ${dropped.reasons.join("; ")}`);
+      csv.record({ action: "REJECT", detail: `${dropped.count} malformed event(s) in a sync frame from the hub: ${dropped.reasons.join("; ")}` });
+    }
+    return out ?? events;
   }
 
   /** Events relayed live: applied, remembered for the response-time report, and the cursor moves on (once there is one). */
@@ -1884,6 +2300,8 @@ export class HubLink implements SessionHost {
   private session: Session | undefined;
   private sock: WebSocket | undefined;
   private attempt = 0;
+  /** Sessions in a row that broke off an oversized sync: the backoff keeps growing across their welcomes. */
+  private strikes = 0;
   private hubIndex = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private closing = false;
@@ -1891,7 +2309,11 @@ export class HubLink implements SessionHost {
   constructor(readonly opts: HubLinkOptions) {}
 
   welcomed(): void {
-    this.attempt = 0;
+    this.attempt = this.strikes;
+  }
+
+  synced(): void {
+    this.strikes = 0;
   }
 
   /** Passes a batch's response times to the current session, if any (best effort). */
@@ -1934,6 +2356,7 @@ export class HubLink implements SessionHost {
 
   private closed(session: Session, code: number, reason: Buffer): void {
     session.close();
+    if (session.overflowed) this.attempt = ++this.strikes;
     if (this.session === session) this.session = undefined;
     this.opts.applier.forgetLive();
     if (this.closing) return;
@@ -2127,6 +2550,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
       .option("hook", { type: "string", array: true, describe: "Where the DROP is hooked in (repeatable or comma-separated): INPUT, FORWARD, DOCKER-USER (ipset, iptables; DOCKER-USER once Docker made it), or the nftables hooks input, forward; none: only create and fill the sets, for your own rules (default: all of them)" })
       .option("check-interval", { type: "number", default: 10, describe: "Seconds between full checks that the hooks, chains, sets and their entries are in the kernel (changes by other programs are also seen at once through nft monitor); anything missing is restored; 0: never check" })
+      .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 networks from the hub broader than this prefix length (set it as on the hub)" })
+      .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .strict()
       .fail((msg, err) => {
@@ -2156,6 +2581,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
   for (const p of ports) if (!Number.isInteger(p) || p < 1 || p > 65535) throw new UsageError(`Expected --ports to be TCP ports 1-65535 separated by commas, got ${JSON.stringify(a.ports)}`);
   if (!(a.checkInterval === 0 || (a.checkInterval >= 0.1 && a.checkInterval <= 3600))) throw new UsageError(`Expected --check-interval to be 0 or 0.1-3600 seconds, got ${a.checkInterval}`);
   const hooks = a.hook === undefined ? undefined : parseHooks(a.hook, a.backend);
+  for (const [flag, v, max] of [["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128]] as const) {
+    if (!Number.isInteger(v) || v < 0 || v > max) throw new UsageError(`Expected ${flag} to be a prefix length 0-${max}, got ${v}`);
+  }
   if (!(a.heartbeat >= 1 && a.heartbeat <= 86400)) throw new UsageError(`Expected --heartbeat to be 1-86400 seconds, got ${a.heartbeat}`);
   if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
   return {
@@ -2175,6 +2603,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       prefix: a.prefix,
       hooks,
       checkMs: Math.round(a.checkInterval * 1000),
+      maxPrefix: { v4: a.maxPrefixV4, v6: a.maxPrefixV6 },
     },
   };
 }

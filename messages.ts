@@ -145,7 +145,15 @@ export interface SyncFrame {
   seq: string;
   /** More `sync` frames follow (a large state is streamed in chunks). */
   more?: boolean;
+  /**
+   * Set by `parseHubFrame`, never sent: the events of the frame it left out because they are
+   * malformed (`events` holds the others), with the reasons of the first `MAX_DROPPED_REASONS`.
+   */
+  dropped?: { count: number; reasons: string[] };
 }
+
+/** How many reasons `parseHubFrame` keeps for the events it drops from one sync frame. */
+export const MAX_DROPPED_REASONS = 10;
 
 export interface EventFrame extends FleetEvent {
   type: "event";
@@ -419,11 +427,15 @@ const NEVER_BAN = [
   ["169.254.0.0/16", "link-local"],
   ["224.0.0.0/4", "multicast"],
   ["255.255.255.255/32", "broadcast"],
+  ["240.0.0.0/4", "reserved"],
   ["::/128", "unspecified"],
   ["::1/128", "loopback"],
   ["fe80::/10", "link-local"],
   ["ff00::/8", "multicast"],
 ].map(([cidr, why]) => ({ net: parseAddress(cidr)!, why }));
+
+/** NAT64's well-known prefix (RFC 6052): every IPv4 address again, behind a NAT64 gateway. */
+const NAT64 = parseAddress("64:ff9b::/96")!;
 
 /** Prefix limits: a ban may not be broader than these. */
 export interface PrefixLimits {
@@ -435,9 +447,13 @@ export interface PrefixLimits {
 export const DEFAULT_MAX_PREFIX: PrefixLimits = { v4: 32, v6: 64 };
 
 /**
- * Checks that `s` is an address that may be banned: valid, not loopback, unspecified,
- * link-local or multicast, and no broader than `limits`. Returns the canonical address or
- * a one-sentence reason.
+ * Checks that `s` is an address that may be banned: valid; not loopback, unspecified,
+ * link-local, multicast, broadcast or reserved (240.0.0.0/4); no broader than `limits`; and
+ * inside NAT64's `64:ff9b::/96` only as the IPv4 address it embeds would be (an IPv4 ban
+ * through the gateway: no broader than /96 plus the IPv4 limit, not of a range refused above),
+ * never the prefix itself or a network around it (all of IPv4). The hub runs it on every ban
+ * a node sends, the agent on every address the hub sends. Returns the canonical address or a
+ * one-sentence reason.
  */
 export function checkBannable(s: unknown, limits: PrefixLimits = { v4: 0, v6: 0 }): Checked<Address> {
   const addr = parseAddress(s);
@@ -446,6 +462,12 @@ export function checkBannable(s: unknown, limits: PrefixLimits = { v4: 0, v6: 0 
   }
   for (const { net, why } of NEVER_BAN) {
     if (overlaps(net, addr)) return { ok: false, code: "bad_ip", message: `Refusing to ban ${addr.text}: it overlaps the ${why} range ${net.text}` };
+  }
+  if (overlaps(NAT64, addr)) {
+    if (addr.prefix <= NAT64.prefix) return { ok: false, code: "bad_ip", message: `Refusing to ban ${addr.text}: it covers the NAT64 prefix ${NAT64.text}, all of IPv4` };
+    const v4 = parseAddress(`${Array.from(addr.bytes.subarray(12)).join(".")}/${addr.prefix - 96}`)!;
+    const inner = checkBannable(v4.text, limits);
+    if (!inner.ok) return { ok: false, code: "bad_ip", message: `Refusing to ban ${addr.text}: as the NAT64 form of ${v4.text}: ${inner.message.replace(/^Refusing to ban \S+: /, "")}` };
   }
   const limit = addr.family === 4 ? limits.v4 : limits.v6;
   if (addr.prefix < limit) {
@@ -544,17 +566,22 @@ function checkApplied(events: unknown, now: number): Checked<AppliedFrame> {
   return { ok: true, value: { type: "applied", events: out } };
 }
 
+/** A position in the hub's stream as the agent stores it and says it back in `hello` (which the hub bounds to 64 characters). */
+function isSeq(v: unknown): v is string {
+  return typeof v === "string" && v.length >= 1 && v.length <= 64;
+}
+
 function checkEvent(e: unknown): string | undefined {
-  if (typeof e !== "object" || e === null) return "an event is not an object";
+  if (typeof e !== "object" || e === null || Array.isArray(e)) return "an event is not an object";
   const o = e as Record<string, unknown>;
   if (o.kind !== "ban" && o.kind !== "unban") return `event kind ${quote(o.kind)}`;
-  if (typeof o.seq !== "string") return `event seq ${quote(o.seq)}`;
+  if (!isSeq(o.seq)) return `event seq ${quote(o.seq)}`;
   if (!parseAddress(o.ip) || parseAddress(o.ip)!.text !== o.ip) return `event ip ${quote(o.ip)}`;
   if (o.origin !== ALL_ORIGINS && o.origin !== ESCALATION_ORIGIN && !isName(o.origin)) return `event origin ${quote(o.origin)}`;
   if (!isName(o.jail)) return `event jail ${quote(o.jail)}`;
   if (o.until !== null && !isInt(o.until)) return `event until ${quote(o.until)}`;
   if (!isInt(o.detectedAt) || !isInt(o.relayedAt)) return "event times";
-  if (typeof o.id !== "string") return `event id ${quote(o.id)}`;
+  if (typeof o.id !== "string" || o.id.length > 256) return `event id ${quote(o.id)}`;
   return undefined;
 }
 
@@ -572,14 +599,25 @@ export function parseHubFrame(data: string): Checked<HubFrame> {
       if (typeof f.hub !== "string" || typeof f.node !== "string" || typeof f.seq !== "string") return bad("Malformed welcome frame");
       return { ok: true, value: f as unknown as WelcomeFrame };
     case "sync": {
-      if (typeof f.full !== "boolean" || typeof f.seq !== "string" || !Array.isArray(f.events)) return bad("Malformed sync frame");
+      if (typeof f.full !== "boolean" || !isSeq(f.seq) || !Array.isArray(f.events)) return bad("Malformed sync frame");
+      // A damaged entry costs only itself: the frame keeps the others.
+      const events: FleetEvent[] = [];
+      let dropped: SyncFrame["dropped"];
       for (const e of f.events) {
         const why = checkEvent(e);
-        if (why) return bad(`Malformed sync frame: ${why}`);
+        if (!why) events.push(e as FleetEvent);
+        else {
+          dropped ??= { count: 0, reasons: [] };
+          dropped.count++;
+          if (dropped.reasons.length < MAX_DROPPED_REASONS) dropped.reasons.push(why);
+        }
       }
-      return { ok: true, value: f as unknown as SyncFrame };
+      const frame: SyncFrame = { type: "sync", full: f.full, events, seq: f.seq, more: f.more === true || undefined };
+      if (dropped) frame.dropped = dropped;
+      return { ok: true, value: frame };
     }
     case "event": {
+      if (!isSeq(f.seq)) return bad(`Malformed event frame: event seq ${quote(f.seq)}`);
       const why = checkEvent(f);
       return why ? bad(`Malformed event frame: ${why}`) : { ok: true, value: f as unknown as EventFrame };
     }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
@@ -40,12 +40,21 @@ import {
   nftReconcileScript,
   nftSession,
   nftSetupScript,
+  nftTestScript,
+  ipsetTestScript,
+  IPSET_MAX_TIMEOUT_S,
+  NFT_MAX_TIMEOUT_S,
+  resolveOverlaps,
+  splitRefused,
+  KernelUnavailable,
+  type Backend,
+  type Change,
   parseArgs,
   remainingSeconds,
   type Row,
 } from "../agent.ts";
 import { countKernelEntries, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
-import { mergeClaim, parseAddress, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
+import { contains, mergeClaim, parseAddress, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
 const NOW = 1_800_000_000_000;
 const cfg = { prefix: "banshare", ports: [] as number[], allow: [parseAddress("192.0.2.0/24")!, parseAddress("2001:db8::/32")!] };
@@ -579,6 +588,226 @@ describe("Applier: claims in, kernel changes and CSV rows out (dry-run backend)"
   });
 });
 
+describe("timeouts are capped to each kernel's limit", () => {
+  test("nft writes at most NFT_MAX_TIMEOUT_S seconds (nft 1.0.6 refuses 100,000,000 s and more), ipset at most IPSET_MAX_TIMEOUT_S", () => {
+    assert.equal(NFT_MAX_TIMEOUT_S, 99_999_999);
+    const tenYears = NOW + 10 * 365 * 86_400_000;
+    assert.match(nftChangeScript("banshare", [{ ip: "203.0.113.7", until: tenYears }], NOW), /\{ 203\.0\.113\.7 timeout 99999999s \}/);
+    assert.equal(nftReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), "flush set inet banshare v4\nflush set inet banshare v6\nadd element inet banshare v4 { 203.0.113.7 timeout 99999999s }\n");
+    assert.match(ipsetReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), new RegExp(`add banshare-v4-tmp 203\\.0\\.113\\.7 timeout ${IPSET_MAX_TIMEOUT_S}\n`));
+    assert.equal(BACKENDS.nftables.maxTimeoutS, NFT_MAX_TIMEOUT_S);
+    assert.equal(BACKENDS.ipset.maxTimeoutS, IPSET_MAX_TIMEOUT_S);
+    assert.equal(BACKENDS.iptables.maxTimeoutS, undefined, "agent-side expiry: no kernel timeout");
+  });
+
+  test("the test scripts try entries in scratch sets only, made and removed again", () => {
+    const entries: Change[] = [{ ip: "203.0.113.7", until: NOW + 30_000 }, { ip: "2001:db8::/64", until: null }];
+    assert.equal(nftTestScript("banshare", entries, NOW), [
+      "add set inet banshare test4 { type ipv4_addr; flags interval, timeout; size 2097152; }",
+      "add element inet banshare test4 { 203.0.113.7 timeout 30s }",
+      "delete set inet banshare test4",
+      "add set inet banshare test6 { type ipv6_addr; flags interval, timeout; size 2097152; }",
+      "add element inet banshare test6 { 2001:db8::/64 }",
+      "delete set inet banshare test6",
+      "",
+    ].join("\n"));
+    const ipset = ipsetTestScript("banshare", entries.slice(0, 1), NOW);
+    assert.equal(ipset, "create banshare-v4-test hash:net family inet hashsize 1024 maxelem 2097152 timeout 0\nflush banshare-v4-test\nadd banshare-v4-test 203.0.113.7 timeout 30\ndestroy banshare-v4-test\n");
+    assert.deepEqual(BACKENDS.ipset.testCleanup!("banshare"), [["ipset", "destroy", "banshare-v4-test"], ["ipset", "destroy", "banshare-v6-test"]]);
+  });
+});
+
+describe("splitRefused(): one bad entry never blocks the rest", () => {
+  test("halves a failing batch down to the entries that fail alone, in order, with their messages", async () => {
+    const tried: number[][] = [];
+    const bad = new Set([3, 10]);
+    const items = Array.from({ length: 16 }, (_, i) => i);
+    const landed: number[] = [];
+    const refused = await splitRefused(items, async (part) => {
+      tried.push(part);
+      const b = part.find((i) => bad.has(i));
+      if (b !== undefined) throw new Error(`Error: refused ${b}`);
+      landed.push(...part);
+    });
+    assert.deepEqual(refused, [{ item: 3, message: "Error: refused 3" }, { item: 10, message: "Error: refused 10" }]);
+    assert.deepEqual(landed, items.filter((i) => !bad.has(i)), "every other entry landed, in order");
+    assert.ok(tried.length <= 2 * 2 * Math.log2(items.length) + 1, `${tried.length} attempts`);
+    assert.deepEqual(await splitRefused([], async () => assert.fail("nothing to try")), []);
+  });
+});
+
+describe("resolveOverlaps(): the covering network wins", () => {
+  test("an entry inside a blocked network is left out; the network lasts as long as the longest entry inside it", () => {
+    const desired = new Map<string, number | null>([
+      ["2001:db8:1::/64", NOW + 60_000],
+      ["2001:db8:1::5", NOW + 600_000],
+      ["2001:db8:1:0:ffff::/80", NOW + 1000],
+      ["2001:db8:2::5", NOW + 5000],
+      ["198.51.100.0/24", NOW + 1000],
+      ["198.51.100.7", null],
+      ["198.51.101.7", NOW + 1000],
+    ]);
+    assert.deepEqual([...resolveOverlaps(desired)], [
+      ["2001:db8:1::/64", NOW + 600_000],
+      ["2001:db8:2::5", NOW + 5000],
+      ["198.51.100.0/24", null],
+      ["198.51.101.7", NOW + 1000],
+    ]);
+    const nested = new Map<string, number | null>([["2001:db8::/48", NOW + 1], ["2001:db8::/64", NOW + 2], ["2001:db8::1", NOW + 3]]);
+    assert.deepEqual([...resolveOverlaps(nested)], [["2001:db8::/48", NOW + 3]], "the broadest network holds them all");
+    const plain = new Map<string, number | null>([["203.0.113.1", null]]);
+    assert.equal(resolveOverlaps(plain), plain, "no network: the same map, nothing computed");
+  });
+});
+
+/**
+ * A kernel in memory behind the Backend seam, with a real kernel's two refusals: a timeout over
+ * its limit, and an interval set's conflicting intervals (the real ones are in test/poison.test.ts).
+ */
+class MemoryKernel implements Backend {
+  readonly held = new Map<string, number | null>();
+  readonly calls: string[] = [];
+  missing = false;
+  constructor(readonly maxTimeoutS = 1000, private readonly limitS = 5000) {}
+  async setup() {}
+  close() {}
+  private refuses(c: Change, now: number, held: Map<string, number | null>): string | undefined {
+    if (c.until === undefined) return undefined;
+    if (c.until !== null && c.until - now > this.limitS * 1000) return "Error: value too large";
+    const a = parseAddress(c.ip)!;
+    for (const ip of held.keys()) if (ip !== c.ip && (contains(parseAddress(ip)!, a) || contains(a, parseAddress(ip)!))) return "Error: conflicting intervals specified";
+    return undefined;
+  }
+  async apply(changes: Change[], now: number) {
+    if (this.missing) throw new KernelUnavailable("no such set");
+    this.calls.push(`apply ${changes.map((c) => c.ip).join(" ")}`);
+    return splitRefused(changes, async (part) => {
+      const next = new Map(this.held);
+      for (const c of part) {
+        const why = this.refuses(c, now, next);
+        if (why) throw new Error(why);
+        if (c.until === undefined) next.delete(c.ip);
+        else next.set(c.ip, c.until === null ? null : Math.min(c.until, now + this.maxTimeoutS * 1000));
+      }
+      this.held.clear();
+      for (const [k, v] of next) this.held.set(k, v);
+    }).then((r) => r.map((x) => ({ change: x.item, message: x.message })));
+  }
+  async reconcile(desired: Map<string, number | null>, now: number) {
+    this.calls.push(`reconcile ${desired.size}`);
+    this.held.clear();
+    const refused = await this.apply([...desired].map(([ip, until]) => ({ ip, until })), now);
+    return refused;
+  }
+  async fill(desired: Map<string, number | null>, now: number) {
+    this.calls.push(`fill ${desired.size}`);
+    await this.apply([...desired].filter(([ip]) => !this.held.has(ip)).map(([ip, until]) => ({ ip, until })), now);
+  }
+}
+
+describe("Applier: refused entries, capped timeouts and overlapping networks", () => {
+  const start = (kernel: Backend) => {
+    const lines: string[] = [];
+    const rows: Row[] = [];
+    const log = (l: string) => lines.push(l);
+    const applier = new Applier({ backend: kernel, backendName: "memory", allow: new Allowlist([]), record: (r) => rows.push(r), log });
+    return { applier, lines, rows };
+  };
+  const settle = () => new Promise((r) => setTimeout(r, 30));
+
+  test("a refused entry is one REJECT row and one log line, is not tried again until its claim changes, and the rest lands", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(1000, 5000);
+    const { applier, lines, rows } = start(kernel);
+    try {
+      applier.sync([ev("ban", "203.0.113.1", now, now + 60_000), ev("ban", "203.0.113.2", now, now + 9_000_000), ev("ban", "203.0.113.3", now, null)], true);
+      await settle();
+      assert.deepEqual([...kernel.held.keys()].sort(), ["203.0.113.1", "203.0.113.3"]);
+      assert.ok(lines.includes("synced: 2 address(es) blocked (memory), 1 refused by the kernel"), lines.join("\n"));
+      const rejects = () => rows.filter((r) => r.action === "REJECT");
+      assert.equal(rejects().length, 1);
+      assert.equal(rejects()[0].ip, "203.0.113.2");
+      assert.equal(rejects()[0].detail, "kernel refused: Error: value too large");
+      // Other events and sweeps do not try it again.
+      applier.take([ev("ban", "203.0.113.4", now, null, "web2")]);
+      applier.sweep(Date.now());
+      await settle();
+      assert.ok(kernel.held.has("203.0.113.4"));
+      assert.equal(kernel.calls.filter((c) => c.includes("203.0.113.2")).length, 1, "tried once, in the reconcile");
+      assert.equal(rejects().length, 1, "logged once");
+      assert.equal(applier.refused.get("203.0.113.2")?.message, "Error: value too large");
+      // A new claim on it is tried again, and lands.
+      applier.take([ev("ban", "203.0.113.2", now + 1, now + 60_000)]);
+      await settle();
+      assert.ok(kernel.held.has("203.0.113.2"));
+      assert.equal(applier.refused.has("203.0.113.2"), false);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("a batch that fails because the firewall's objects are missing is not blamed on its entries: the kernel is reconciled again later", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel();
+    const { applier, lines, rows } = start(kernel);
+    try {
+      kernel.missing = true;
+      applier.take([ev("ban", "203.0.113.1", now, null)]);
+      await settle();
+      assert.ok(lines.some((l) => /^error: applying 1 change\(s\) failed, reconciling in 5 s: no such set$/.test(l)), lines.join("\n"));
+      assert.equal(rows.filter((r) => r.action === "REJECT").length, 0);
+      assert.equal(applier.refused.size, 0);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("a ban longer than the kernel's cap is renewed before its capped timeout ends, while its claim lasts, with no new CSV rows", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(0.2, 1e9);
+    const { applier, lines, rows } = start(kernel);
+    try {
+      applier.take([ev("ban", "203.0.113.1", now, now + 30 * 86_400_000), ev("ban", "203.0.113.2", now, now + 100)]);
+      await settle();
+      const first = kernel.held.get("203.0.113.1")!;
+      assert.ok(first <= Date.now() + 200, "capped");
+      await new Promise((r) => setTimeout(r, 150));
+      applier.sweep(Date.now());
+      await settle();
+      assert.ok(kernel.held.get("203.0.113.1")! > first, "renewed");
+      assert.ok(lines.includes("renewed the capped kernel timeout of 1 address(es)"), lines.join("\n"));
+      assert.deepEqual(rows.filter((r) => r.ip === "203.0.113.1").map((r) => r.action), ["BLOCK", "SCHEDULE_UNBLOCK"], "a renewal writes no row");
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("an IPv6 /64 from one node and a /128 inside it from another: the /64 is held, lasting as long as the /128, which comes back when the /64's claim ends", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(1e6, 1e9);
+    const { applier, rows } = start(kernel);
+    try {
+      applier.take([ev("ban", "2001:db8:1::5", now, now + 600_000, "web1"), ev("ban", "203.0.113.9", now, null, "web1")]);
+      await settle();
+      applier.take([ev("ban", "2001:db8:1::/64", now, now + 300, "web2")]);
+      await settle();
+      assert.deepEqual([...kernel.held].sort(), [["2001:db8:1::/64", now + 600_000], ["203.0.113.9", null]]);
+      assert.equal(rows.filter((r) => r.action === "UNBLOCK").length, 0, "the /128 is still blocked (by the /64): no UNBLOCK row");
+      assert.equal(rows.filter((r) => r.action === "REJECT").length, 0);
+      await new Promise((r) => setTimeout(r, 350));
+      applier.sweep(Date.now());
+      await settle();
+      assert.deepEqual([...kernel.held].sort(), [["2001:db8:1::5", now + 600_000], ["203.0.113.9", null]], "the /64's claim ended: the /128 is back with its own end");
+      // A full sync with both gives the same.
+      applier.sync([ev("ban", "2001:db8:1::5", now, now + 600_000, "web1"), ev("ban", "2001:db8:1::/64", now, now + 60_000, "web2")], true);
+      await settle();
+      assert.deepEqual([...kernel.held], [["2001:db8:1::/64", now + 600_000]]);
+    } finally {
+      await applier.close();
+    }
+  });
+});
+
 describe("StateFile: the --state file reads back what was saved, and a file that is not one loads as nothing", () => {
   test("save() writes what load() reads back; a file that is not a state file loads as nothing, with a warning", async () => {
     const dir = await mkdtemp(join(tmpdir(), "banshare-state-"));
@@ -678,6 +907,161 @@ describe("HubLink: a Session per connection, thrown away on close", () => {
       link.close();
       await applier.close();
       await new Promise((r) => wss.close(r));
+    }
+  });
+});
+
+/** A scripted hub on a real WebSocket: `script(send, n)` plays connection n (1-based) after its hello. */
+async function scriptedHub(script: (send: (f: object) => void, n: number, sock: ServerSocket) => void) {
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  await new Promise((r) => wss.once("listening", r));
+  let conns = 0;
+  wss.on("connection", (sock: ServerSocket) => {
+    const n = ++conns;
+    sock.on("error", () => {});
+    sock.once("message", () => {
+      const send = (f: object) => sock.readyState === sock.OPEN && sock.send(JSON.stringify(f));
+      send({ type: "welcome", v: 1, hub: "h1", node: "web9", role: "node", seq: "1" });
+      script(send, n, sock);
+    });
+  });
+  return { url: `ws://127.0.0.1:${(wss.address() as { port: number }).port}`, conns: () => conns, close: () => new Promise((r) => wss.close(r)) };
+}
+
+/** A HubLink with a dry-run applier and a real CSV file, against `url`. */
+async function linkTo(url: string, dir: string, extra: Partial<ConstructorParameters<typeof HubLink>[0]> = {}) {
+  const lines: string[] = [];
+  const log = (l: string) => lines.push(l);
+  const csv = await CsvLog.open(join(dir, "agent.csv"), "agent", log);
+  const applier = new Applier({ backend: makeBackend("dry-run", cfg, log), backendName: "dry-run", allow: new Allowlist([]), record: (r) => csv.record(r), log });
+  const link: HubLink = new HubLink({ hubs: [url], heartbeatMs: 60_000, token: "t".repeat(16), log, applier, csv, state: new StateFile(undefined, log, () => ({ cursor: link.cursor, claims: applier.claims })), ...extra });
+  return {
+    link, applier, lines,
+    rows: async () => {
+      await new Promise((r) => setTimeout(r, 20));
+      const text = await readFile(join(dir, "agent.csv"), "utf8");
+      return text.trim().split("\n").slice(1);
+    },
+    close: async () => {
+      link.close();
+      await applier.close();
+      await csv.close();
+    },
+  };
+}
+
+async function until(pred: () => boolean, what: string, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+describe("Session: what the hub sends is checked as strictly as the hub checks nodes", () => {
+  const HOSTILE = ["127.0.0.53", "224.0.0.251", "255.255.255.255", "0.1.2.3", "240.0.0.1", "128.0.0.0/1", "ff02::1", "64:ff9b::/96", "100.64.0.0/10", "2001:db8::/32"];
+
+  test("a sync and live events with refused addresses apply everything else; each refused ban is a REJECT row and a log line", async () => {
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-admit-"));
+    const hub = await scriptedHub((send) => {
+      const bad = HOSTILE.map((ip, i) => ev("ban", ip, now, null, "evil", String(i + 1)));
+      send({ type: "sync", full: true, seq: "20", more: true, events: [bad[0], ev("ban", "203.0.113.1", now, null), ...bad.slice(1, 5), { kind: "nonsense" }] });
+      send({ type: "sync", full: true, seq: "20", events: [...bad.slice(5), ev("ban", "2001:db8:1::/64", now, null)] });
+      setTimeout(() => {
+        send({ type: "event", ...ev("ban", "127.0.0.1", now, null, "evil", "21") });
+        send({ type: "event", ...ev("ban", "203.0.113.2", now, null, "web2", "22") });
+        send({ type: "sync", full: false, seq: "24", events: [ev("ban", "ff05::1", now, null, "evil", "23"), ev("ban", "203.0.113.3", now, null, "web2", "24")] });
+      }, 50);
+    });
+    const agent = await linkTo(hub.url, dir);
+    try {
+      agent.link.connect();
+      await until(() => agent.link.cursor?.seq === "24", "the cursor to reach seq 24");
+      assert.deepEqual([...agent.applier.claims.keys()].sort(), ["2001:db8:1::/64", "203.0.113.1", "203.0.113.2", "203.0.113.3"]);
+      const rejects = (await agent.rows()).filter((r) => r.includes(",REJECT,"));
+      for (const ip of [...HOSTILE, "127.0.0.1", "ff05::1"]) assert.ok(rejects.some((r) => r.includes(`,${ip},`) && r.includes("from the hub: Refusing to ban")), `REJECT row for ${ip}`);
+      assert.ok(rejects.some((r) => /1 malformed event\(s\) in a sync frame from the hub: event kind ""nonsense""/.test(r)), rejects.join("\n"));
+      assert.ok(agent.lines.some((l) => l.startsWith("warning: ignoring the hub's ban of 64:ff9b::/96 from evil: Refusing to ban 64:ff9b::/96")), agent.lines.join("\n"));
+      assert.ok(agent.lines.some((l) => /^full sync: 2 event\(s\) at seq 20$/.test(l)), agent.lines.join("\n"));
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("--max-prefix-v4/-v6 set the agent's limits; broader networks from the hub are refused", async () => {
+    const r = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--max-prefix-v4", "24", "--max-prefix-v6", "48"]);
+    assert.ok(r.command === "run");
+    if (r.command !== "run") return;
+    assert.deepEqual(r.options.maxPrefix, { v4: 24, v6: 48 });
+    assert.deepEqual((parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t"]) as { options: { maxPrefix: unknown } }).options.maxPrefix, { v4: 32, v6: 64 });
+    assert.throws(() => parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--max-prefix-v4", "33"]), /Expected --max-prefix-v4 to be a prefix length 0-32, got 33/);
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-admit-"));
+    const hub = await scriptedHub((send) => send({ type: "sync", full: true, seq: "3", events: [ev("ban", "198.51.100.0/24", now, null), ev("ban", "198.51.0.0/16", now, null, "web2"), ev("ban", "2001:db8::/48", now, null, "web3")] }));
+    const agent = await linkTo(hub.url, dir, { maxPrefix: { v4: 24, v6: 48 } });
+    try {
+      agent.link.connect();
+      await until(() => agent.link.cursor?.seq === "3", "the sync");
+      assert.deepEqual([...agent.applier.claims.keys()].sort(), ["198.51.100.0/24", "2001:db8::/48"]);
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a sync of 200,000 events in one frame (about 40 MB) is taken whole: no spread push to overflow the stack", async () => {
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-bigsync-"));
+    const N = 200_000;
+    const hub = await scriptedHub((send) => {
+      const events = Array.from({ length: N }, (_, i) => ev("ban", i % 2 ? `127.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}` : `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`, now, null, "web1", String(i + 1)));
+      send({ type: "sync", full: true, seq: String(N), events });
+    });
+    const agent = await linkTo(hub.url, dir);
+    try {
+      agent.link.connect();
+      await until(() => agent.link.cursor?.seq === String(N), "the big sync", 60_000);
+      assert.equal(agent.applier.claims.size, N / 2, "the loopback half refused, the rest taken");
+      assert.ok(agent.lines.some((l) => l === "warning: ignored 99990 more event(s) of that frame from the hub (REJECT rows in the CSV)"), agent.lines.slice(0, 20).join("\n"));
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a sync past its bound (events, or bytes of endless more: true chunks) drops the connection, keeps the claims, and backs off more each time", async () => {
+    const now = Date.now();
+    const dir = await mkdtemp(join(tmpdir(), "banshare-endless-"));
+    const at: number[] = [];
+    const hub = await scriptedHub((send, n, sock) => {
+      at.push(Date.now());
+      if (n <= 2) setTimeout(() => sock.terminate(), 50);
+      if (n === 1) return send({ type: "sync", full: true, seq: "1", events: [ev("ban", "203.0.113.1", now, null)] });
+      if (n === 2) return;
+      if (n === 3) return send({ type: "sync", full: true, seq: "9", events: Array.from({ length: 101 }, (_, i) => ev("ban", `198.51.100.${i}`, now, null)) });
+      // Endless chunks of nothing new.
+      const timer = setInterval(() => send({ type: "sync", full: true, seq: "9", more: true, events: [] }), 1);
+      sock.on("close", () => clearInterval(timer));
+    });
+    const agent = await linkTo(hub.url, dir, { syncLimits: { events: 100, bytes: 100_000 } });
+    try {
+      agent.link.connect();
+      await until(() => at.length >= 6, "three oversized syncs", 30_000).catch((e) => assert.fail(`${e.message}: ${agent.lines.join("\n")}`));
+      assert.deepEqual([...agent.applier.claims.keys()], ["203.0.113.1"], "what the first sync brought stays; nothing of the oversized ones");
+      assert.equal(agent.link.cursor?.seq, "1");
+      assert.ok(agent.lines.some((l) => /^error: the sync from ws:\S+ exceeds 100 events or 100000 bytes \(101 events/.test(l)), agent.lines.join("\n"));
+      assert.ok(agent.lines.some((l) => /^error: the sync from ws:\S+ exceeds 100 events or 100000 bytes \(0 events, 1\d{5} bytes so far\)/.test(l)), agent.lines.join("\n"));
+      const gaps = at.slice(3).map((t, i) => t - at[i + 2]);
+      assert.ok(gaps[2] > gaps[0], `the backoff grows across oversized syncs: ${gaps.join(", ")} ms`);
+    } finally {
+      await agent.close();
+      await hub.close();
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });

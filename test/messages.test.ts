@@ -3,7 +3,9 @@ import { describe, test } from "node:test";
 import {
   ALL_ORIGINS,
   CSV_HEADER,
+  DEFAULT_MAX_PREFIX,
   MAX_APPLIED_BATCH,
+  MAX_DROPPED_REASONS,
   blockedUntil,
   checkBannable,
   contains,
@@ -176,9 +178,71 @@ describe("parseHubFrame(): an agent accepts only well-formed frames from the hub
     assert.equal(parseHubFrame(JSON.stringify({ type: "ack", id: "x", seq: "4" })).ok, true);
     assert.equal(parseHubFrame(JSON.stringify({ type: "event", ...e, ip: "-F" })).ok, false);
     assert.equal(parseHubFrame(JSON.stringify({ type: "event", ...e, ip: "203.0.113.07" })).ok, false);
-    assert.equal(parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: "4", events: [{ ...e, kind: "drop" }] })).ok, false);
+    assert.equal(parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: "4".repeat(65), events: [e] })).ok, false, "a seq the hub would refuse in our hello");
     assert.equal(parseHubFrame("{").ok, false);
     assert.equal(parseHubFrame(JSON.stringify({ type: "surprise" })).ok, false);
+  });
+});
+
+describe("parseHubFrame(): a damaged sync entry costs only itself", () => {
+  test("a sync frame keeps its valid events and says how many it dropped, and why", () => {
+    const good = [ev({ origin: "web1", detectedAt: NOW }), ev({ origin: "web2", detectedAt: NOW, ip: "2001:db8::7" })];
+    const bad = [{ ...good[0], kind: "drop" }, { ...good[0], ip: "-F" }, null, [1], { ...good[0], seq: 7 }, { ...good[0], until: "never" }];
+    const r = parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: "4", more: true, events: [bad[0], good[0], ...bad.slice(1), good[1]] }));
+    assert.equal(r.ok, true);
+    if (!r.ok || r.value.type !== "sync") return;
+    assert.deepEqual(r.value.events, good);
+    assert.equal(r.value.more, true);
+    assert.equal(r.value.dropped?.count, bad.length);
+    assert.match(r.value.dropped!.reasons.join("; "), /event kind "drop"; event ip "-F"; an event is not an object/);
+    const clean = parseHubFrame(JSON.stringify({ type: "sync", full: false, seq: "4", events: good }));
+    assert.ok(clean.ok && clean.value.type === "sync" && clean.value.dropped === undefined);
+  });
+
+  test("keeps at most MAX_DROPPED_REASONS reasons however many entries are dropped", () => {
+    const r = parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: "4", events: Array.from({ length: 1000 }, () => ({ kind: "x" })) }));
+    assert.ok(r.ok && r.value.type === "sync");
+    if (!r.ok || r.value.type !== "sync") return;
+    assert.equal(r.value.events.length, 0);
+    assert.equal(r.value.dropped?.count, 1000);
+    assert.equal(r.value.dropped?.reasons.length, MAX_DROPPED_REASONS);
+  });
+});
+
+describe("checkBannable(): the address rules the hub and the agent both run", () => {
+  test("refuses the reserved 240.0.0.0/4 and every network around the special ranges, e.g. 128.0.0.0/1", () => {
+    for (const s of ["240.0.0.1", "250.1.2.3", "240.0.0.0/4", "255.255.255.254", "128.0.0.0/1", "0.0.0.0/1", "0.1.2.3", "127.0.0.53", "ff00::/8", "ff05::2", "::/0", "fe80::/64"]) {
+      assert.equal(checkBannable(s).ok, false, s);
+    }
+    assert.match((checkBannable("240.0.0.1") as { message: string }).message, /reserved range 240\.0\.0\.0\/4/);
+    assert.match((checkBannable("255.255.255.255") as { message: string }).message, /broadcast/);
+    assert.match((checkBannable("128.0.0.0/1", DEFAULT_MAX_PREFIX) as { message: string }).message, /overlaps the link-local range/);
+    assert.match((checkBannable("100.0.0.0/8", DEFAULT_MAX_PREFIX) as { message: string }).message, /broader than \/32/);
+  });
+
+  test("NAT64 64:ff9b::/96: never the prefix or a network around it; inside, only what the embedded IPv4 ban would be", () => {
+    for (const s of ["64:ff9b::/96", "64:ff9b::/64", "64:ff9b::/32", "::/1"]) {
+      const r = checkBannable(s);
+      assert.equal(r.ok, false, s);
+    }
+    assert.match((checkBannable("64:ff9b::/96") as { message: string }).message, /NAT64 prefix 64:ff9b::\/96, all of IPv4/);
+    // 127.0.0.53, 224.0.0.1, 255.255.255.255 and 240.0.0.1 through the gateway.
+    for (const s of ["64:ff9b::7f00:35", "64:ff9b::e000:1", "64:ff9b::ffff:ffff", "64:ff9b::f000:1"]) {
+      const r = checkBannable(s, DEFAULT_MAX_PREFIX);
+      assert.equal(r.ok, false, s);
+      assert.match((r as { message: string }).message, /as the NAT64 form of/);
+    }
+    assert.equal(checkBannable("64:ff9b::cb00:7107", DEFAULT_MAX_PREFIX).ok, true, "203.0.113.7 through the gateway");
+    assert.equal(checkBannable("64:ff9b::cb00:7100/120", DEFAULT_MAX_PREFIX).ok, false, "a /24 of IPv4 where IPv4 allows /32 only");
+    assert.equal(checkBannable("64:ff9b::cb00:7100/120", { v4: 24, v6: 64 }).ok, true);
+  });
+
+  test("the hub refuses the same addresses in a node's ban frame", () => {
+    for (const ip of ["240.0.0.1", "64:ff9b::/96", "64:ff9b::7f00:1", "128.0.0.0/1"]) {
+      const r = parseNodeFrame(JSON.stringify({ type: "ban", id: "b1", ip, jail: "sshd", bantime: 60, detectedAt: NOW }), NOW, DEFAULT_MAX_PREFIX);
+      assert.equal(r.ok, false, ip);
+      assert.equal((r as { code: string }).code, "bad_ip");
+    }
   });
 });
 
