@@ -358,10 +358,9 @@ export interface WhoAmI {
   hub: string;
   seq: string;
   now: number;
-  /** Addresses the fleet blocks, live ban claims, and addresses blocked by claims not this node's own. */
+  /** Addresses the fleet blocks (what every agent holds, its own node's bans included) and live ban claims. */
   blocked: number;
   claims: number;
-  blockedByOthers: number;
 }
 
 /** `ms` as a short duration: `42s`, `9m58s`, `3h05m`, `2d03h`. */
@@ -563,7 +562,7 @@ async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<
     }
     out("hub", `${url} reachable, ${ms} ms round trip; hub id ${who.hub}, seq ${who.seq}`);
     out("node", `${who.node} (role ${who.role})`);
-    out("fleet", `${who.blocked} address(es) blocked by ${who.claims} claim(s); ${who.blockedByOthers} by other nodes (what this node's agent holds)`);
+    out("fleet", `${who.blocked} address(es) blocked by ${who.claims} claim(s) (what this node's agent holds)`);
     break;
   }
   if (!o.statePath) out("agent", "cursor unknown: give the agent's --state FILE (or BANSHARE_STATE)");
@@ -580,9 +579,9 @@ async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<
     const k = await kernelCount(o.backend, o.prefix);
     if ("error" in k) out("kernel", `cannot count: ${k.error}`);
     else {
-      const diff = who ? k.count - who.blockedByOthers : undefined;
+      const diff = who ? k.count - who.blocked : undefined;
       const verdict = diff === undefined ? "" : diff === 0 ? ": in step" : `: ${Math.abs(diff)} ${diff > 0 ? "more" : "fewer"} (allowlisted addresses are never blocked; a change may be on its way, or the agent is behind)`;
-      out("kernel", `${k.count} entr${k.count === 1 ? "y" : "ies"} in ${k.where}${who ? ` (hub: ${who.blockedByOthers} blocked by other nodes)${verdict}` : ""}`);
+      out("kernel", `${k.count} entr${k.count === 1 ? "y" : "ies"} in ${k.where}${who ? ` (hub: ${who.blocked} blocked)${verdict}` : ""}`);
     }
   }
   if (!who) process.exitCode = 1;

@@ -338,15 +338,17 @@ export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | 
 }
 
 /**
- * The events a connecting agent needs: every live claim not its own, or, when resuming from
- * `afterSeq`, only those accepted after it. Claims are last-writer-wins, so the newest event
- * per (ip, origin) is all a resuming agent lacks; superseded and expired ones need no resend.
+ * The events a connecting agent needs: every live claim, its own node's included (the agent
+ * holds what the fleet decided, so a Fail2Ban restart on the origin, which flushes Fail2Ban's
+ * own rules, leaves no gap), or, when resuming from `afterSeq`, only those accepted after it.
+ * Claims are last-writer-wins, so the newest event per (ip, origin) is all a resuming agent
+ * lacks; superseded and expired ones need no resend.
  */
-export function syncEvents(claims: Claims, node: string, afterSeq: string | undefined, now: number): FleetEvent[] {
+export function syncEvents(claims: Claims, afterSeq: string | undefined, now: number): FleetEvent[] {
   const out: FleetEvent[] = [];
   for (const byOrigin of claims.values()) {
     for (const e of byOrigin.values()) {
-      if (e.origin === node || e.held || (e.until !== null && e.until <= now)) continue;
+      if (e.held || (e.until !== null && e.until <= now)) continue;
       if (afterSeq !== undefined && comparePositions(e.seq, afterSeq) <= 0) continue;
       out.push(e);
     }
@@ -392,22 +394,20 @@ export function liveClaims(byOrigin: Map<string, FleetEvent>, now: number): List
 }
 
 /**
- * Counts for `GET /v1/whoami`: addresses the fleet blocks now, live ban claims, and addresses
- * blocked by a claim that is not `node`'s own: what `node`'s agent holds in its kernel set (the
- * hub never sends a node its own bans; its Fail2Ban blocks them).
+ * Counts for `GET /v1/whoami`: addresses the fleet blocks now (what every agent holds in its
+ * kernel set, its own node's bans included) and the live ban claims, neither counting what
+ * `--quorum` holds back.
  */
-export function countBlocked(claims: Claims, node: string, now: number): { blocked: number; claims: number; blockedByOthers: number } {
+export function countBlocked(claims: Claims, now: number): { blocked: number; claims: number } {
   let blocked = 0;
   let live = 0;
-  let byOthers = 0;
   for (const byOrigin of claims.values()) {
     const relayed = liveClaims(byOrigin, now).filter((c) => !c.held);
     if (!relayed.length) continue;
     blocked++;
     live += relayed.length;
-    if (relayed.some((c) => c.origin !== node)) byOthers++;
   }
-  return { blocked, claims: live, blockedByOthers: byOthers };
+  return { blocked, claims: live };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1693,7 +1693,10 @@ export class StatusFeed {
   }
 }
 
-/** Sends durable events on to every agent but their origin's, one frame per agent, and tells the observers. */
+/**
+ * Sends durable events on to every agent, their origin's included (it holds its own node's
+ * bans in its kernel too), one frame serialised once for all, and tells the observers.
+ */
 export class Relay {
   constructor(
     private readonly conns: Connections,
@@ -1711,18 +1714,13 @@ export class Relay {
     const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
     if (!events.length) return;
     const sent = { ban: 0, unban: 0 };
-    // Most agents get every event: serialise that frame once, not once per agent (1,000 agents).
-    let everything: Buffer | undefined;
-    for (const c of receiving) {
-      const theirs = events.filter((e) => e.origin !== c.entry.name);
-      if (!theirs.length) continue;
-      for (const e of theirs) sent[e.kind]++;
-      if (theirs.length === events.length) c.send((everything ??= Buffer.from(JSON.stringify(eventsFrame(events)))));
-      else c.send(eventsFrame(theirs));
-    }
+    for (const e of events) sent[e.kind] += receiving.length;
+    // One frame for every agent: serialised once, not once per agent (1,000 agents).
+    let frame: Buffer | undefined;
+    for (const c of receiving) c.send((frame ??= Buffer.from(JSON.stringify(eventsFrame(events)))));
     const now = Date.now();
     this.metrics.relayed(events, sent, now);
-    for (const e of events) this.recorder.row({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.filter((c) => c.entry.name !== e.origin).length} agent(s)` });
+    for (const e of events) this.recorder.row({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.length} agent(s)` });
   }
 }
 
@@ -1960,7 +1958,7 @@ export class Sessions {
     if (c.ws.readyState !== c.ws.OPEN) return;
     const resumeFrom = resumes ? cursor.seq : undefined;
     const upTo = this.fleet.durable;
-    const events = syncEvents(this.fleet.claims, c.entry.name, resumeFrom, Date.now());
+    const events = syncEvents(this.fleet.claims, resumeFrom, Date.now());
     const full = resumeFrom === undefined;
     const chunk = this.opts.syncChunk;
     for (let i = 0; i === 0 || i < events.length; i += chunk) {
@@ -2049,7 +2047,7 @@ export class HttpApi {
 
   private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
-    json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, entry.name, now) });
+    json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, now) });
   }
 
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {

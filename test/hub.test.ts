@@ -143,7 +143,7 @@ describe("claims: events, sync, listings", () => {
     assert.equal(all.until, NOW + 7_200_000, "an admin unban lives as long as the longest claim it lifts");
   });
 
-  test("syncEvents() sends live claims not the agent's own, in seq order, and after a cursor only newer ones", () => {
+  test("syncEvents() sends every live claim, the agent's own node's included, in seq order, and after a cursor only newer ones", () => {
     const claims = claimsOf(
       claim({ ip: "192.0.2.1", origin: "web1", seq: "3" }),
       claim({ ip: "192.0.2.1", origin: "web2", seq: "10" }),
@@ -151,8 +151,8 @@ describe("claims: events, sync, listings", () => {
       claim({ ip: "192.0.2.3", origin: "web2", seq: "4", until: NOW - 1 }),
       claim({ ip: "192.0.2.4", origin: "web2", seq: "5", held: true }),
     );
-    assert.deepEqual(syncEvents(claims, "web1", undefined, NOW).map((e) => e.seq), ["2", "10"]);
-    assert.deepEqual(syncEvents(claims, "web3", "3", NOW).map((e) => e.seq), ["10"], "9 < 10 as positions, not as text");
+    assert.deepEqual(syncEvents(claims, undefined, NOW).map((e) => e.seq), ["2", "3", "10"], "web1's own claim (seq 3) too");
+    assert.deepEqual(syncEvents(claims, "3", NOW).map((e) => e.seq), ["10"], "9 < 10 as positions, not as text");
   });
 
   test("liveClaims() leaves out ended claims, unbans and claims lifted by a newer admin unban", () => {
@@ -166,7 +166,7 @@ describe("claims: events, sync, listings", () => {
     assert.deepEqual(liveClaims(byOrigin, NOW), [{ origin: "web2", jail: "sshd", until: NOW + 60_000, detectedAt: NOW - 500, seq: "1", held: true }]);
   });
 
-  test("countBlocked() counts relayed live claims, and the addresses blocked by another node's claim", () => {
+  test("countBlocked() counts the addresses relayed live claims block, and the claims", () => {
     const claims = claimsOf(
       claim({ ip: "192.0.2.1", origin: "web1" }),
       claim({ ip: "192.0.2.1", origin: "web2" }),
@@ -174,7 +174,7 @@ describe("claims: events, sync, listings", () => {
       claim({ ip: "192.0.2.3", origin: "web2", held: true }),
       claim({ ip: "192.0.2.4", origin: "web2", kind: "unban" }),
     );
-    assert.deepEqual(countBlocked(claims, "web1", NOW), { blocked: 2, claims: 3, blockedByOthers: 1 });
+    assert.deepEqual(countBlocked(claims, NOW), { blocked: 2, claims: 3 });
   });
 
   test("statusBans() shows the newest blocked addresses first with their claim counts, held claims not counted", () => {
@@ -540,7 +540,7 @@ describe("the hub relays, acks and resumes by cursor", () => {
   before(async () => (f = await fleet()));
   after(() => f.stop());
 
-  test("an accepted ban is acked with its seq and relayed to other agents, not back to its origin", async () => {
+  test("an accepted ban is acked with its seq and relayed to every agent, its origin's included", async () => {
     const { c: a2 } = await f.agent("web2");
     const { c: a1 } = await f.agent("web1");
     const sender = await f.connect("web1");
@@ -552,7 +552,9 @@ describe("the hub relays, acks and resumes by cursor", () => {
     assert.deepEqual([ev.ip, ev.origin, ev.seq], [b.ip, "web1", ack.seq]);
     sender.send(banFrame("192.0.2.31"));
     await a2.next((x) => x.type === "event" && x.ip === "192.0.2.31", "second event");
-    assert.equal(a1.frames.filter((x) => x.type === "event").length, 0, "web1's agent got its own ban back");
+    const own = await a1.next((x) => x.type === "event" && x.ip === "192.0.2.31", "web1's agent gets its own node's ban");
+    assert.equal(own.origin, "web1");
+    assert.ok(a1.frames.some((x) => x.type === "event" && x.ip === b.ip), "web1's agent holds its node's first ban too");
   });
 
   test("a replayed ban is acked again with the seq it first got, and changes nothing", async () => {
@@ -584,7 +586,8 @@ describe("the hub relays, acks and resumes by cursor", () => {
     const who = (await (await f.get("/v1/whoami", "web1")).json()) as Record<string, any>;
     assert.equal(who.node, "web1");
     assert.equal(who.seq, health.seq);
-    assert.deepEqual([who.blocked, who.blockedByOthers], [4, 1], "web1's three own bans are not blocked by others");
+    assert.equal(who.blocked, 4, "every blocked address, web1's own three included");
+    assert.equal(who.blockedByOthers, undefined);
   });
 });
 
