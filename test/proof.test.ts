@@ -1,0 +1,96 @@
+/**
+ * The operator's proof, on real kernels in network namespaces: what the fleet decided is what
+ * the kernel holds.
+ *
+ * - A Fail2Ban restart on the origin (its jail restarted, or the whole server stopped and
+ *   started: both flush Fail2Ban's own rules before they put the bans back) leaves no moment
+ *   the banned address gets in, because the origin's agent holds its own node's ban as well.
+ */
+import assert from "node:assert/strict";
+import { appendFile, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { describeTimeline, gaps, startProbe } from "./lib/enforce.ts";
+import { failureLines, startFail2ban, REPO_DIR, type Fail2ban, type StartFail2banOptions } from "./lib/fail2ban.ts";
+import { enrol, rows, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import { createTopology, startTcpListener, type Topology } from "./lib/netns.ts";
+import type { Proc } from "./lib/proc.ts";
+import { needs } from "./lib/skip.ts";
+
+const PORT = 2222;
+
+describe("a Fail2Ban restart on the origin", needs(["root", "netns", "ipset", "iptables", "ip6tables", "fail2ban-server", "fail2ban-client"], "fail2ban"), () => {
+  let topo: Topology;
+  let dir: string;
+  let hub: HubProc;
+  let agent: Proc;
+  let f2b: Fail2ban;
+  let f2bOpts: StartFail2banOptions;
+  const csv = () => join(dir, "client1.csv");
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "banshare-proof-"));
+    topo = await createTopology(["hub", "client1", "attacker"], { prefix: "bprf" });
+    const tokens = await enrol(dir, [["client1", "node"]]);
+    hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
+    await startTcpListener(topo, "client1", PORT);
+    agent = await startAgentProc("client1", ["--hub", hub.url, "--token-file", tokens.client1, "--backend", "ipset", "--csv", csv()], { netns: topo.ns("client1") });
+    const config = join(dir, "ban.json");
+    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.client1, timeout: 5, spool: join(dir, "spool") }));
+    // Fail2Ban blocks locally with its stock iptables action (which it flushes on every restart)
+    // and tells the fleet; its database puts the ban back after a restart, as on a real server.
+    f2bOpts = {
+      dir: join(dir, "f2b"),
+      netns: topo.ns("client1"),
+      logFile: join(dir, "sshd.log"),
+      maxretry: 3,
+      bantime: 600,
+      db: "file",
+      extraActionDirs: ["/etc/fail2ban"],
+      actions: `iptables-allports[name=sshd]\nbanshare[banshare_dir=${REPO_DIR}, node=${process.execPath}, config=${config}]`,
+    };
+    f2b = await startFail2ban(f2bOpts);
+  });
+
+  after(async () => {
+    await f2b?.stop();
+    await agent?.stop("SIGTERM", 5000);
+    await hub?.proc.stop("SIGTERM", 5000);
+    await topo?.destroy();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  test("the origin's agent holds its own ban (BLOCK and SCHEDULE_UNBLOCK rows), and neither a jail restart nor a stop and start of Fail2Ban lets the attacker in", async (t) => {
+    const attacker = topo.ip("attacker");
+    const probe = await startProbe(topo, "attacker", "client1", PORT, { intervalMs: 50, timeoutMs: 40 });
+    try {
+      await probe.waitFor("open", 5000);
+      await appendFile(f2bOpts.logFile, failureLines(attacker, 3));
+      await waitFor(async () => (await f2b.banned()).includes(attacker), "Fail2Ban to ban the attacker", 20_000);
+      const block = await waitFor(() => rows(csv(), "BLOCK", attacker)[0], "the origin's agent to block its own node's ban (a BLOCK row in client1's CSV)", 20_000);
+      assert.equal(block.origin, "client1");
+      assert.equal(rows(csv(), "SCHEDULE_UNBLOCK", attacker).length, 1);
+      const held = (await topo.exec("client1", "ipset", ["test", "banshare-v4", attacker], { reject: false })).exitCode;
+      assert.equal(held, 0, "the attacker is in the agent's set");
+      const from = Date.now();
+      await probe.waitFor("blocked", 5000, { since: from, consecutive: 3 });
+
+      // The jail restarts: Fail2Ban's chain goes, then comes back with the ban from its database.
+      await f2b.client(["restart", f2b.jail]);
+      await waitFor(async () => (await f2b.banned()).includes(attacker), "the restarted jail to restore the ban", 20_000);
+      // The whole server stops (its actions' rules flushed) and starts again from the same database.
+      await f2b.stop();
+      await new Promise((r) => setTimeout(r, 1000));
+      f2b = await startFail2ban(f2bOpts);
+      await waitFor(async () => (await f2b.banned()).includes(attacker), "the restarted server to restore the ban", 20_000);
+      await new Promise((r) => setTimeout(r, 500));
+      const timeline = await probe.stop();
+      t.diagnostic(describeTimeline(timeline.filter((s) => s.at >= from - 500), from));
+      assert.deepEqual(gaps(timeline, from), [], "the attacker got in while Fail2Ban restarted on the origin");
+      assert.ok(timeline.filter((s) => s.at >= from).length > 20, "the probe kept probing through the restarts");
+    } finally {
+      await probe.stop();
+    }
+  });
+});
