@@ -28,6 +28,8 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
+import { once } from "node:events";
+import { createServer, type Server } from "node:http";
 import { createWriteStream, existsSync, readFileSync, realpathSync, statSync, type WriteStream } from "node:fs";
 import { appendFile, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
@@ -39,6 +41,8 @@ import yargs from "yargs";
 import {
   CSV_HEADER,
   MAX_APPLIED_BATCH,
+  MAX_ENFORCEMENT_HOOKS,
+  MAX_ENFORCEMENT_TEXT,
   MAX_APPLIED_RT_MS,
   MAX_CLOCK_SKEW_MS,
   MAX_HUB_FRAME_BYTES,
@@ -58,6 +62,7 @@ import {
   type Claims,
   type CsvRecord,
   type Cursor,
+  type EnforcementFrame,
   type ErrorFrame,
   type FleetEvent,
   type SyncFrame,
@@ -81,6 +86,8 @@ export interface AgentOptions {
   heartbeatMs: number;
   /** Name of the sets, chain and table the agent owns. */
   prefix: string;
+  /** `HOST:PORT` to serve the agent's own Prometheus metrics on (`--metrics`); off when absent. */
+  metrics?: string;
   log: (line: string) => void;
 }
 
@@ -126,7 +133,11 @@ const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
 /** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
 const SESSION_MAX_BYTES = 256 * 1024;
-const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup"];
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "cleanup", "metrics"];
+/** Enforcement reports (`enforcement`): the snapshot is compared this often, and sent when it changed. */
+const ENFORCEMENT_REPORT_MS = 1000;
+/** How often the stand-in `KernelLook` counts the kernel's entries and checks the hooks. */
+const KERNEL_LOOK_MS = 2000;
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers and the backends' plans
@@ -871,6 +882,11 @@ export class Applier {
     this.take(events);
   }
 
+  /** Addresses the agent applied to the kernel: what it should hold. */
+  appliedCount(): number {
+    return this.applied.size;
+  }
+
   /** Forgets the live events not yet applied (their connection closed: nobody to report to). */
   forgetLive(): void {
     this.arrived.clear();
@@ -1067,6 +1083,181 @@ export class Spool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Enforcement: what the agent reports to the hub, and serves on --metrics
+
+/**
+ * How the agent enforces now, as a snapshot: the hooks its DROP rules are reached from, the
+ * entries its kernel sets hold against what it applied, and its repairs. The shape of the
+ * Guard's `snapshot()`, so the Guard can stand in for `KernelLook` behind `enforcementSnapshot`.
+ */
+export interface EnforcementState {
+  backend: string;
+  hooks: Array<{ hook: string; state: "present" | "missing" | "absent"; since: number }>;
+  /** What the last look found missing or wrong; empty while enforcing. */
+  missing: string[];
+  missingSince?: number;
+  /** Entries in the kernel's sets (or rules) at the last count; undefined where not counted. */
+  entries?: number;
+  /** Addresses the agent applied. */
+  expected: number;
+  repairs: number;
+  lastRepair?: { at: number; what: string };
+}
+
+/** The `enforcement` frame of a snapshot, cut to what messages.ts accepts (pure). */
+export function enforcementFrame(s: EnforcementState): EnforcementFrame {
+  const text = (t: string) => t.replace(/[^\x20-\x7e]/g, "?").slice(0, MAX_ENFORCEMENT_TEXT) || "?";
+  const frame: EnforcementFrame = {
+    type: "enforcement",
+    backend: s.backend,
+    hooks: s.hooks.slice(0, MAX_ENFORCEMENT_HOOKS).map((h) => ({ name: h.hook.slice(0, 64), state: h.state, since: h.since })),
+    claims: s.expected,
+    drift: s.entries === undefined ? 0 : Math.abs(s.entries - s.expected),
+    missing: s.missing.slice(0, MAX_ENFORCEMENT_HOOKS).map(text),
+    repairs: s.repairs,
+  };
+  if (s.entries !== undefined) frame.entries = s.entries;
+  if (s.missingSince !== undefined) frame.missingSince = s.missingSince;
+  if (s.lastRepair) frame.lastRepair = { at: s.lastRepair.at, what: text(s.lastRepair.what) };
+  return frame;
+}
+
+/** The commands that tell whether each hook is in place: name -> check command (exit 0: present). */
+function hookChecks(backend: BackendName, prefix: string): Array<[string, string[]]> {
+  if (backend === "nftables") return [["nft input", ["nft", "list", "chain", "inet", prefix, "input"]]];
+  if (backend === "dry-run") return [];
+  return jumpSteps(prefix).map((s): [string, string[]] => [`${s.unless![0]} INPUT`, s.unless!]);
+}
+
+/** The entries one `count` command's output shows, for `backend`. */
+function countedEntries(backend: BackendName, output: string): number {
+  if (backend === "ipset") return Number(/^Number of entries: (\d+)/m.exec(output)?.[1] ?? 0);
+  if (backend === "iptables") return iptablesListed(output).length;
+  if (backend === "nftables") {
+    const set = (JSON.parse(output) as { nftables?: Array<{ set?: { elem?: unknown[] } }> }).nftables?.find((o) => o.set)?.set;
+    return set?.elem?.length ?? 0;
+  }
+  return 0;
+}
+
+/**
+ * A stand-in for the Guard: every KERNEL_LOOK_MS it checks the hooks (`iptables -C`, `nft list
+ * chain`) and counts the entries (the backend's `count` commands, set headers only for ipset),
+ * and never repairs. `snapshot()` answers from the last look, without touching the kernel.
+ */
+export class KernelLook {
+  private readonly hooks = new Map<string, { state: "present" | "missing" | "absent"; since: number }>();
+  private missing: string[] = [];
+  private missingSince: number | undefined;
+  private entries: number | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private running: Promise<void> | undefined;
+
+  constructor(
+    private readonly backend: BackendName,
+    private readonly prefix: string,
+    private readonly applier: Applier,
+  ) {}
+
+  start(): void {
+    if (this.backend === "dry-run") return;
+    void this.look();
+    this.timer = setInterval(() => void this.look(), KERNEL_LOOK_MS);
+    this.timer.unref();
+  }
+
+  snapshot(): EnforcementState {
+    return { backend: this.backend, hooks: [...this.hooks].map(([hook, h]) => ({ hook, ...h })), missing: [...this.missing], missingSince: this.missingSince, entries: this.entries, expected: this.applier.appliedCount(), repairs: 0 };
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.timer);
+    await this.running;
+  }
+
+  private look(): Promise<void> {
+    this.running ??= this.check().catch(() => {}).finally(() => (this.running = undefined));
+    return this.running;
+  }
+
+  private async check(): Promise<void> {
+    const quiet = { timeout: CMD_TIMEOUT_MS, reject: false } as const;
+    const [hooks, counts] = await Promise.all([
+      Promise.all(hookChecks(this.backend, this.prefix).map(async ([name, argv]) => [name, (await execa(argv[0], argv.slice(1), quiet)).exitCode === 0] as const)),
+      Promise.all(countCommands(this.backend, this.prefix).map((argv) => execa(argv[0], argv.slice(1), quiet))),
+    ]);
+    const now = Date.now();
+    const missing: string[] = [];
+    for (const [name, present] of hooks) {
+      const state = present ? "present" : "missing";
+      if (this.hooks.get(name)?.state !== state) this.hooks.set(name, { state, since: now });
+      if (!present) missing.push(`${name} hook`);
+    }
+    let entries = 0;
+    for (const [i, r] of counts.entries()) {
+      if (r.exitCode === 0) entries += countedEntries(this.backend, r.stdout);
+      else missing.push(`${countCommands(this.backend, this.prefix)[i].slice(-1)[0]} set`);
+    }
+    this.entries = entries;
+    this.missing = missing;
+    this.missingSince = missing.length ? (this.missingSince ?? now) : undefined;
+  }
+}
+
+/** The agent's DROP rules' packet and byte counters (`iptables -L -v -x`, `nft list chain` with counters), read on request. */
+async function dropCounters(backend: BackendName, prefix: string): Promise<{ packets: number; bytes: number } | undefined> {
+  if (backend !== "ipset" && backend !== "iptables") return undefined;
+  let packets = 0;
+  let bytes = 0;
+  for (const bin of ["iptables", "ip6tables"]) {
+    const r = await execa(bin, ["-w", "-L", prefix, "-v", "-x", "-n"], { timeout: CMD_TIMEOUT_MS, reject: false });
+    if (r.exitCode !== 0) continue;
+    for (const m of r.stdout.matchAll(/^\s*(\d+)\s+(\d+)\s+DROP\b/gm)) {
+      packets += Number(m[1]);
+      bytes += Number(m[2]);
+    }
+  }
+  return { packets, bytes };
+}
+
+/** The agent's own metrics in the Prometheus text format, from a snapshot and the DROP counters. */
+export function agentMetricsText(s: EnforcementState, drops: { packets: number; bytes: number } | undefined): string {
+  const f = enforcementFrame(s);
+  const line = (name: string, type: string, help: string, v: number | undefined) => (v === undefined ? [] : [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, `${name} ${v}`]);
+  return [
+    ...line("banshare_agent_entries", "gauge", "Entries in the agent's kernel sets (or rules) at its last count.", f.entries),
+    ...line("banshare_agent_claims", "gauge", "Addresses the agent applied: what the kernel should hold.", f.claims),
+    ...line("banshare_agent_drift", "gauge", "Entries the kernel lacks or has too many.", f.drift),
+    ...line("banshare_agent_hooks_missing", "gauge", "Hooks (jumps, chains, nftables hooks) missing.", f.hooks.filter((h) => h.state === "missing").length),
+    ...line("banshare_agent_repairs_total", "counter", "Repairs since the agent started.", f.repairs),
+    ...line("banshare_agent_dropped_packets_total", "counter", "Packets the agent's DROP rules dropped (their kernel counters).", drops?.packets),
+    ...line("banshare_agent_dropped_bytes_total", "counter", "Bytes the agent's DROP rules dropped (their kernel counters).", drops?.bytes),
+  ].join("\n") + "\n";
+}
+
+/** Serves `GET /metrics` on `listen` (`HOST:PORT`); the DROP counters are read from the kernel on each request only. */
+export async function serveMetrics(listen: string, backend: BackendName, prefix: string, snapshot: () => EnforcementState, log: (line: string) => void): Promise<Server> {
+  const m = /^(.*):(\d{1,5})$/.exec(listen)!;
+  const server = createServer((req, res) => {
+    if ((req.url ?? "").split("?")[0] !== "/metrics") {
+      res.writeHead(404, { "content-type": "text/plain" });
+      return res.end("banshare agent: see /metrics\n");
+    }
+    dropCounters(backend, prefix)
+      .catch(() => undefined)
+      .then((drops) => {
+        res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
+        res.end(agentMetricsText(snapshot(), drops));
+      });
+  });
+  server.on("error", (e) => log(`warning: --metrics ${listen}: ${e.message}`));
+  server.listen(Number(m[2]), m[1].replace(/^\[|\]$/g, ""));
+  await once(server, "listening");
+  log(`metrics on http://${listen}/metrics`);
+  return server;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The hub link: one connection at a time, each a Session
 
 /** What a `HubLink` is given. */
@@ -1075,6 +1266,8 @@ export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "sp
   applier: Applier;
   state: StateFile;
   csv: CsvLog;
+  /** How the agent enforces now, for the hub's `enforcement` reports (`enforcementSnapshot` in startAgent). */
+  enforcement?: () => EnforcementState;
 }
 
 /** What a `Session` is given by its `HubLink`. */
@@ -1099,6 +1292,9 @@ export class Session {
   private awaitingSync = false;
   private syncBuffer: FleetEvent[] = [];
   private hubTakesApplied = false;
+  private hubTakesEnforcement = false;
+  private reportTimer: NodeJS.Timeout | undefined;
+  private lastReport = "";
   private appliedQueue: AppliedRecord[] = [];
   private appliedTimer: NodeJS.Timeout | undefined;
   private pingTimer: NodeJS.Timeout | undefined;
@@ -1161,6 +1357,7 @@ export class Session {
   /** Stops the session's timers; what it had not sent is dropped. */
   close(): void {
     clearInterval(this.pingTimer);
+    clearInterval(this.reportTimer);
     clearTimeout(this.appliedTimer);
     this.spool?.stop();
   }
@@ -1174,6 +1371,7 @@ export class Session {
     this.host.welcomed();
     this.host.opts.csv.node = f.node;
     this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
+    this.hubTakesEnforcement = Array.isArray(f.accepts) && f.accepts.includes("enforcement");
     this.host.opts.log(`connected to ${this.url} as ${f.node} (${f.role}), hub ${f.hub} at seq ${f.seq}`);
     this.hubId = f.hub;
     this.awaitingSync = true;
@@ -1197,6 +1395,25 @@ export class Session {
     this.host.opts.applier.sync(events, f.full);
     this.host.cursor = { hub: this.hubId, seq: f.seq };
     this.host.opts.state.schedule();
+    this.startReports();
+  }
+
+  /**
+   * Once synced (the hub takes reports only from an agent that receives events): the enforcement
+   * report now, then again each time it changed, at most once every ENFORCEMENT_REPORT_MS.
+   */
+  private startReports(): void {
+    const snapshot = this.host.opts.enforcement;
+    if (!snapshot || !this.hubTakesEnforcement || this.reportTimer) return;
+    const report = () => {
+      const frame = JSON.stringify(enforcementFrame(snapshot()));
+      if (frame === this.lastReport || this.sock.readyState !== WebSocket.OPEN || this.sock.bufferedAmount > 1 << 20) return;
+      this.lastReport = frame;
+      this.sock.send(frame);
+    };
+    report();
+    this.reportTimer = setInterval(report, ENFORCEMENT_REPORT_MS);
+    this.reportTimer.unref();
   }
 
   /** Events relayed live: applied, remembered for the response-time report, and the cursor moves on (once there is one). */
@@ -1377,13 +1594,18 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     onApplied: (changes, live) => link.reportApplied(changes, live),
   });
   const state: StateFile = new StateFile(opts.statePath, log, () => ({ cursor: link.cursor, claims: applier.claims }));
-  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv });
+  // The seam of the enforcement reports (the hub's `enforcement` frames and --metrics).
+  const look = new KernelLook(opts.backend, opts.prefix, applier);
+  const enforcementSnapshot = (): EnforcementState => look.snapshot();
+  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot });
   const saved = await state.load();
   if (saved) {
     applier.restore(saved.claims, Date.now());
     link.cursor = saved.cursor;
     log(`loaded ${applier.claims.size} address(es) and cursor ${saved.cursor.hub}:${saved.cursor.seq} from ${opts.statePath}`);
   }
+  look.start();
+  const metrics = opts.metrics ? await serveMetrics(opts.metrics, opts.backend, opts.prefix, enforcementSnapshot, log) : undefined;
   link.connect();
 
   let closed: Promise<void> | undefined;
@@ -1393,6 +1615,8 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     close() {
       closed ??= (async () => {
         link.close();
+        metrics?.close();
+        await look.close();
         await applier.close();
         await state.close();
         await csv.close();
@@ -1451,6 +1675,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })
       .option("prefix", { type: "string", default: "banshare", describe: "Name of the sets, chain and nftables table the agent owns" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
+      .option("metrics", { type: "string", describe: "Serve the agent's own Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9101 (GET /metrics: entries, claims, drift, hooks missing, repairs, packets dropped by its DROP rules)" })
       .strict()
       .fail((msg, err) => {
         // One line: yargs spreads some messages over several.
@@ -1479,6 +1704,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
   for (const p of ports) if (!Number.isInteger(p) || p < 1 || p > 65535) throw new UsageError(`Expected --ports to be TCP ports 1-65535 separated by commas, got ${JSON.stringify(a.ports)}`);
   if (!(a.heartbeat >= 1 && a.heartbeat <= 86400)) throw new UsageError(`Expected --heartbeat to be 1-86400 seconds, got ${a.heartbeat}`);
   if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
+  const mp = a.metrics === undefined ? undefined : /^(.+):(\d{1,5})$/.exec(a.metrics);
+  if (a.metrics !== undefined && (!mp || Number(mp[2]) < 1 || Number(mp[2]) > 65535)) throw new UsageError(`Expected --metrics to be HOST:PORT, e.g. 127.0.0.1:9101, got ${JSON.stringify(a.metrics)}`);
   return {
     command: "run",
     options: {
@@ -1494,6 +1721,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       ca: a.ca,
       heartbeatMs: a.heartbeat * 1000,
       prefix: a.prefix,
+      metrics: a.metrics,
     },
   };
 }
