@@ -5,16 +5,19 @@
  * - A Fail2Ban restart on the origin (its jail restarted, or the whole server stopped and
  *   started: both flush Fail2Ban's own rules before they put the bans back) leaves no moment
  *   the banned address gets in, because the origin's agent holds its own node's ban as well.
+ * - Each agent reports how it enforces: `ban.ts status --fleet` (admin) shows every node's state
+ *   and exits 1 once a node's set was tampered with; the agent's own --metrics serve its counts
+ *   and the packets its DROP rule dropped.
  */
 import assert from "node:assert/strict";
 import { appendFile, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { describeTimeline, gaps, startProbe } from "./lib/enforce.ts";
+import { describeTimeline, gaps, startProbe, TAMPERS } from "./lib/enforce.ts";
 import { failureLines, startFail2ban, REPO_DIR, type Fail2ban, type StartFail2banOptions } from "./lib/fail2ban.ts";
-import { enrol, rows, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
-import { createTopology, startTcpListener, type Topology } from "./lib/netns.ts";
+import { enrol, rows, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import { createTopology, startTcpListener, tcpProbe, type Topology } from "./lib/netns.ts";
 import type { Proc } from "./lib/proc.ts";
 import { needs } from "./lib/skip.ts";
 
@@ -92,5 +95,69 @@ describe("a Fail2Ban restart on the origin", needs(["root", "netns", "ipset", "i
     } finally {
       await probe.stop();
     }
+  });
+});
+
+describe("the operator's proof: enforcement reports", needs(["root", "netns", "ipset", "iptables", "ip6tables"], "kernel"), () => {
+  let topo: Topology;
+  let dir: string;
+  let hub: HubProc;
+  const agents: Proc[] = [];
+  let tokens: Record<string, string>;
+  const status = (...args: string[]) => runBan(["status", "--fleet", "--hub", hub.url, "--token-file", tokens.ops, "--timeout", "5", ...args], { netns: topo.ns("hub") });
+  /** The agent's own /metrics, fetched inside its namespace. */
+  const agentMetrics = async (n: string): Promise<string> => String((await topo.exec(n, process.execPath, ["-e", "fetch('http://127.0.0.1:9101/metrics').then((r) => r.text()).then((t) => process.stdout.write(t))"])).stdout);
+  const sample = (text: string, name: string) => Number(new RegExp(`^${name} (\\d+)$`, "m").exec(text)?.[1] ?? NaN);
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "banshare-proof-fleet-"));
+    topo = await createTopology(["hub", "web1", "web2", "attacker"], { prefix: "bprq" });
+    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["src", "node"], ["ops", "admin"]]);
+    hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
+    for (const n of ["web1", "web2"]) {
+      await startTcpListener(topo, n, PORT);
+      agents.push(await startAgentProc(n, ["--hub", hub.url, "--token-file", tokens[n], "--backend", "ipset", "--metrics", "127.0.0.1:9101"], { netns: topo.ns(n) }));
+    }
+  });
+
+  after(async () => {
+    for (const a of agents) await a.stop("SIGTERM", 5000);
+    await hub?.proc.stop("SIGTERM", 5000);
+    await topo?.destroy();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  test("status --fleet lists every node enforcing (exit 0); after an ipset flush on web1 it reports web1's drift and exits 1; the agent's /metrics counts entries and drops", async () => {
+    const attacker = topo.ip("attacker");
+    for (const ip of [attacker, "198.51.100.1", "198.51.100.2"]) {
+      const r = await runBan(["ban", ip, "--jail", "sshd", "--bantime", "600", "--hub", hub.url, "--token-file", tokens.src, "--spool", join(dir, "spool")], { netns: topo.ns("hub") });
+      assert.equal(r.code, 0, r.output);
+    }
+    for (const n of ["web1", "web2"]) await waitFor(async () => !(await tcpProbe(topo, "attacker", n, PORT, 400)), `${n} to drop the attacker`, 20_000);
+    const enforcing = await waitFor(async () => {
+      const r = await status();
+      return r.code === 0 && /^2 of 2 node\(s\) enforcing/m.test(r.output) ? r : undefined;
+    }, "status --fleet to report both nodes enforcing", 20_000);
+    assert.match(enforcing.output, /^web1  enforcing  \(ipset, 3 entries \/ 3 claim\(s\), 0 repair\(s\); /m);
+    assert.match(enforcing.output, /^web2  enforcing  /m);
+
+    const before = await agentMetrics("web1");
+    assert.equal(sample(before, "banshare_agent_entries"), 3);
+    assert.equal(sample(before, "banshare_agent_claims"), 3);
+    assert.equal(sample(before, "banshare_agent_drift"), 0);
+    assert.equal(sample(before, "banshare_agent_hooks_missing"), 0);
+    assert.ok(sample(before, "banshare_agent_dropped_packets_total") >= 1, `the attacker's dropped SYNs are counted:\n${before}`);
+
+    await TAMPERS["ipset flush"](topo.ns("web1"));
+    const drift = await waitFor(async () => {
+      const r = await status();
+      return r.code === 1 && /^web1  drift 3  /m.test(r.output) ? r : undefined;
+    }, "status --fleet to report web1's drift", 20_000);
+    assert.match(drift.output, /^web2  enforcing  /m);
+    assert.match(drift.output, /^1 of 2 node\(s\) enforcing/m);
+    assert.equal(sample(await agentMetrics("web1"), "banshare_agent_drift"), 3);
+
+    const help = await runBan(["--help"]);
+    assert.match(help.output, /--fleet\s+status: every connected node's enforcement/);
   });
 });
