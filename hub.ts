@@ -152,6 +152,15 @@ const STATUS_INTERVAL_MS = 1000;
 const RT_RING = 200;
 const STATUS_RT_WINDOW_MS = 15 * 60 * 1000;
 const MAX_STATUS_EVENTS = 200;
+/** The subprotocol the status page speaks; the hub selects it, never the token's. */
+export const STATUS_PROTOCOL = "banshare.v1";
+/** A browser offers its token as the subprotocol `banshare.token.TOKEN`. */
+const TOKEN_PROTOCOL_PREFIX = "banshare.token.";
+/** A token as the hub reads it, from a bearer header or a subprotocol: 1-512 printable ASCII characters, no spaces. */
+const TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
+/** Where `requestToken` finds a token: a bearer header, or a subprotocol (the prefix escaped, its dots literal). */
+const BEARER_RE = new RegExp(`^Bearer (${TOKEN_PATTERN})$`);
+const TOKEN_PROTOCOL_RE = new RegExp(`^${TOKEN_PROTOCOL_PREFIX.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}(${TOKEN_PATTERN})$`);
 
 const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
@@ -217,13 +226,9 @@ export function findToken(entries: TokenEntry[], token: string): TokenEntry | un
 
 /** Reads the bearer token of an upgrade request, or undefined. */
 export function bearerToken(req: Pick<IncomingMessage, "headers">): string | undefined {
-  const m = /^Bearer ([\x21-\x7e]{1,512})$/.exec(req.headers.authorization ?? "");
+  const m = BEARER_RE.exec(req.headers.authorization ?? "");
   return m?.[1];
 }
-
-/** The subprotocol the status page speaks; the hub selects it, never the token's. */
-export const STATUS_PROTOCOL = "banshare.v1";
-const TOKEN_PROTOCOL_PREFIX = "banshare.token.";
 
 /**
  * Reads the token of a request: its bearer token or, on a WebSocket upgrade only, a
@@ -234,7 +239,7 @@ export function requestToken(req: Pick<IncomingMessage, "headers">): string | un
   const bearer = bearerToken(req);
   if (bearer !== undefined || req.headers.upgrade === undefined) return bearer;
   for (const p of (req.headers["sec-websocket-protocol"] ?? "").split(",")) {
-    const m = /^banshare\.token\.([\x21-\x7e]{1,512})$/.exec(p.trim());
+    const m = TOKEN_PROTOCOL_RE.exec(p.trim());
     if (m) return m[1];
   }
   return undefined;
@@ -2515,9 +2520,6 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
 // Every protocol value in the script (subprotocols, version, limits, the token pattern) comes
 // from the TypeScript constants by interpolation; test/copies.test.ts checks the served script.
 
-/** A token as `requestToken` reads it from a subprotocol or bearer header: 1-512 printable ASCII characters. */
-const STATUS_TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
-
 /** Content-Security-Policy of the status page: its own script, style and socket, nothing else. */
 const STATUS_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
@@ -2833,7 +2835,7 @@ const STATUS_JS = String.raw`"use strict";
     ev.preventDefault();
     var token = $("token").value.trim();
     $("token").value = "";
-    if (!/^${STATUS_TOKEN_PATTERN}$/.test(token)) return showLogin("Expected a token of 1 to 512 printable ASCII characters without spaces (as hub.ts add-node prints it).");
+    if (!/^${TOKEN_PATTERN}$/.test(token)) return showLogin("Expected a token of 1 to 512 printable ASCII characters without spaces (as hub.ts add-node prints it).");
     sessionStorage.setItem(KEY, token);
     connect();
   });

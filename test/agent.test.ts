@@ -46,7 +46,7 @@ import { mergeClaim, parseAddress, parseNodeFrame, type BanFrame, type Claims, t
 const NOW = 1_800_000_000_000;
 const cfg = { prefix: "banshare", ports: [] as number[], allow: [parseAddress("192.0.2.0/24")!, parseAddress("2001:db8::/32")!] };
 
-describe("nextDelay()", () => {
+describe("nextDelay(): reconnect delays grow exponentially to a cap, with jitter", () => {
   test("grows exponentially, is capped, and jitters within [50%, 100%] of the step", () => {
     assert.equal(nextDelay(0, 500, 30_000, () => 1), 500);
     assert.equal(nextDelay(0, 500, 30_000, () => 0), 250);
@@ -59,7 +59,7 @@ describe("nextDelay()", () => {
   });
 });
 
-describe("remainingSeconds()", () => {
+describe("remainingSeconds(): a ban's kernel timeout rounds up, 0 when permanent", () => {
   test("rounds up, 0 for permanent, negative once over", () => {
     assert.equal(remainingSeconds(NOW + 1, NOW), 1);
     assert.equal(remainingSeconds(NOW + 600_000, NOW), 600);
@@ -68,7 +68,7 @@ describe("remainingSeconds()", () => {
   });
 });
 
-describe("ipset backend plans", () => {
+describe("ipset plans: sets survive a restart, a batch is one restore script, reconcile never leaves the kernel without bans", () => {
   test("setup creates sets with -exist (no flush) sized for a million bans, and rewrites only its own chain", () => {
     const cmds = ipsetSetupCommands({ ...cfg, ports: [22, 2222] });
     assert.deepEqual(cmds[0].argv, ["ipset", "-exist", "restore"]);
@@ -117,7 +117,7 @@ describe("ipset backend plans", () => {
   });
 });
 
-describe("ipset session", () => {
+describe("ipset session: a batch goes to the long-lived ipset restore and is acknowledged by a list of the set", () => {
   test("a batch goes to the long-lived ipset restore as it is, then list -n of the set acknowledges it", () => {
     const kind = ipsetSession("banshare-v4");
     assert.deepEqual(kind.argv, ["stdbuf", "-oL", "ipset", "-exist", "restore"]);
@@ -172,7 +172,7 @@ describe("KernelSession: batches to one long-lived process, acknowledged on stdo
   });
 });
 
-describe("nftables backend plans", () => {
+describe("nftables plans: sets survive a restart, each change replaces the element's timeout, reconcile is one atomic transaction", () => {
   test("setup adds table and sets without flushing them, and rewrites its chain's rules", () => {
     const s = nftSetupScript({ ...cfg, ports: [22] });
     assert.match(s, /^add set inet banshare v4 \{ type ipv4_addr; flags interval, timeout; size 2097152; \}$/m);
@@ -210,7 +210,7 @@ describe("nftables backend plans", () => {
   });
 });
 
-describe("iptables backend plans", () => {
+describe("iptables plans: rules change only where the chain differs, and reconcile rewrites it atomically, allowlist first", () => {
   test("one rule per address, added or deleted only when the chain's content differs", () => {
     const present = new Set(["203.0.113.1"]);
     const cmds = iptablesChangeCommands(cfg, [{ ip: "203.0.113.1", until: NOW + 1 }, { ip: "203.0.113.2", until: null }, { ip: "203.0.113.3", until: undefined }, { ip: "2001:db8::1", until: undefined }], present);
@@ -226,7 +226,7 @@ describe("iptables backend plans", () => {
   });
 });
 
-describe("cleanupCommands()", () => {
+describe("cleanupCommands(): --cleanup removes only the agent's own objects", () => {
   test("removes only the agent's own objects", () => {
     assert.deepEqual(cleanupCommands("nftables", "banshare"), [["nft", "delete", "table", "inet", "banshare"]]);
     const ipset = cleanupCommands("ipset", "banshare").map((c) => c.join(" "));
@@ -237,7 +237,7 @@ describe("cleanupCommands()", () => {
   });
 });
 
-describe("agent parseArgs()", () => {
+describe("agent parseArgs(): flags become options, bad flags are one sentence, --cleanup needs no hub", () => {
   test("turns flags into options", () => {
     const r = parseArgs(["--hub", "ws://10.0.0.1:7700,wss://hub2:7700", "--token-file", "/t", "--backend", "nftables", "--allow", "192.0.2.0/24", "--allow", "2001:db8::1", "--ports", "22,2222", "--heartbeat", "5"]);
     assert.equal(r.command, "run");
@@ -453,7 +453,7 @@ describe("Applier: claims in, kernel changes and CSV rows out (dry-run backend)"
   });
 });
 
-describe("StateFile: the --state file", () => {
+describe("StateFile: the --state file reads back what was saved, and a file that is not one loads as nothing", () => {
   test("save() writes what load() reads back; a file that is not a state file loads as nothing, with a warning", async () => {
     const dir = await mkdtemp(join(tmpdir(), "banshare-state-"));
     try {
@@ -556,7 +556,7 @@ describe("HubLink: a Session per connection, thrown away on close", () => {
   });
 });
 
-describe("agent errors by type", () => {
+describe("agent errors by type: a UsageError makes main() print one line and exit 2", () => {
   test("parseArgs() refuses bad usage with a UsageError; main() prints its one line and exits 2", async () => {
     assert.throws(() => parseArgs(["--bogus"]), UsageError);
     assert.throws(() => parseArgs(["--hub", "http://x", "--token-file", "/t"]), UsageError);

@@ -156,6 +156,9 @@ describe("copies: the status page script carries the hub's protocol constants", 
     for (let c = 0; c < 128; c++) candidates.push(String.fromCharCode(c), `ab${String.fromCharCode(c)}cd`);
     const disagree = candidates.filter((t) => page.test(t) !== (requestToken({ headers: { authorization: `Bearer ${t}` } }) === t));
     assert.deepEqual(disagree.map((t) => JSON.stringify(t)), [], "the status page and the hub's requestToken() disagree on these tokens");
-    assert.match(m[2], /1 to 512 printable ASCII characters without spaces/, "the error message does not say what the check accepts");
+    const said = /(\d+) to (\d+) printable ASCII characters without spaces/.exec(m[2]);
+    assert.ok(said, "the error message does not say what the check accepts");
+    const lengths = [Number(said[1]) - 1, Number(said[1]), Number(said[2]), Number(said[2]) + 1].map((n) => page.test("a".repeat(n)));
+    assert.deepEqual(lengths, [false, true, true, false], `the error message says ${said[1]} to ${said[2]} characters; the check accepts other lengths`);
   });
 });

@@ -16,7 +16,7 @@ import { listNamespaces, sweepStaleNamespaces } from "./lib/netns.ts";
 import { tsx, type Proc } from "./lib/proc.ts";
 import { needs } from "./lib/skip.ts";
 
-describe("experiment.ts pure parts", () => {
+describe("experiment.ts pure parts: flags, Fail2Ban log lines, statistics and the timeline figure, without a kernel", () => {
   test("parseArgs() takes the documented flags and refuses others", () => {
     assert.deepEqual({ ...parseArgs([]), out: "" }, { rounds: 1, backend: "ipset", keep: false, out: "" });
     assert.equal(parseArgs(["--rounds", "5", "--backend", "nftables"]).rounds, 5);
@@ -64,7 +64,7 @@ describe("experiment.ts pure parts", () => {
   });
 });
 
-describe("npm run experiment, one round", needs(["root", "netns", "ipset", "iptables", "fail2ban-server", "fail2ban-client", "sshd", "hydra"], "experiment"), () => {
+describe("npm run experiment, one round: hydra's attacker is blocked on every client, and unbanip opens them all again", needs(["root", "netns", "ipset", "iptables", "fail2ban-server", "fail2ban-client", "sshd", "hydra"], "experiment"), () => {
   let p: Proc | undefined;
   after(async () => {
     // On a timeout: SIGTERM makes the experiment remove what it made; a run killed harder leaves

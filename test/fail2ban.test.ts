@@ -17,7 +17,7 @@ import { needs } from "./lib/skip.ts";
 
 const PORT = 2222;
 
-describe("Fail2Ban's banshare action on the real kernel", needs(["root", "netns", "ipset", "iptables", "ip6tables", "fail2ban-server", "fail2ban-client"], "fail2ban"), () => {
+describe("Fail2Ban's banshare action on the real kernel: sshd failures on one client drop the attacker on the others, and unbanip lifts it", needs(["root", "netns", "ipset", "iptables", "ip6tables", "fail2ban-server", "fail2ban-client"], "fail2ban"), () => {
   let topo: Topology;
   let dir: string;
   let hub: HubProc;

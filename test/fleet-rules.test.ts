@@ -23,7 +23,7 @@ async function metric(hub: HubProc, name: string): Promise<number> {
   return Number(line.split(" ")[1]);
 }
 
-describe("escalation arithmetic and the hub's merge of released claims", () => {
+describe("escalation is capped and never shortens a ban, and a released copy replaces its held claim", () => {
   test("each earlier ban multiplies the ban, capped, never shortened", () => {
     assert.equal(escalatedSeconds(600, 0, 2, 604800), 600);
     assert.equal(escalatedSeconds(600, 1, 2, 604800), 1200);

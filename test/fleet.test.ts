@@ -9,7 +9,7 @@ import { connectNode, upgradeStatus } from "./lib/client.ts";
 import { rows, runBan, startAgentProc, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
 import type { Proc } from "./lib/proc.ts";
 
-describe("a hub, three agents and ban.ts over real sockets", () => {
+describe("fleet: over real sockets a ban reaches every other agent, bad input and tokens are refused, and bans survive a hub restart and wait in the spool while the hub is down", () => {
   let fleet: Fleet;
   let dir: string;
   let tokens: Record<string, string>;

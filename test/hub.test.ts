@@ -8,7 +8,6 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { WebSocket } from "ws";
 import { ALL_ORIGINS, DEFAULT_MAX_PREFIX, ESCALATION_ORIGIN, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 import {
   FleetState,
@@ -41,6 +40,7 @@ import {
   type Hub,
   type HubOptions,
 } from "../hub.ts";
+import { connectNode, type HubClient } from "./lib/client.ts";
 import { enrol, waitFor } from "./lib/fleet.ts";
 import { startRedis } from "./lib/redis.ts";
 
@@ -57,7 +57,7 @@ function claimsOf(...events: FleetEvent[]): Claims {
   return claims;
 }
 
-describe("token file and request authentication", () => {
+describe("tokens: the token file is read strictly, and a request's token comes only from a well-formed header or subprotocol", () => {
   test("parseTokens() reads names, hashes and roles, skipping comments and blank lines", () => {
     const text = `# fleet\nweb1 ${HASH}\n\n  web2 ${"b".repeat(64)} reader # the dashboard\nops ${"c".repeat(64)} admin\n`;
     assert.deepEqual(parseTokens(text), [
@@ -107,7 +107,7 @@ describe("token file and request authentication", () => {
   });
 });
 
-describe("positions and listen addresses", () => {
+describe("positions and listen addresses: --listen takes the documented forms, and positions order numerically", () => {
   test("parseListen() takes HOST:PORT, [V6]:PORT and PORT, and refuses the rest in one sentence", () => {
     assert.deepEqual(parseListen("0.0.0.0:7700"), { host: "0.0.0.0", port: 7700 });
     assert.deepEqual(parseListen("[::1]:80"), { host: "::1", port: 80 });
@@ -127,7 +127,7 @@ describe("positions and listen addresses", () => {
   });
 });
 
-describe("claims: events, sync, listings", () => {
+describe("claims: events, syncs and listings say what the fleet blocks, leaving out ended, lifted and own claims", () => {
   const ban: BanFrame = { type: "ban", id: "b1", ip: "192.0.2.1", jail: "sshd", bantime: 600, detectedAt: NOW - 1000 };
 
   test("toEvent() turns a ban into a claim by its sender, ending bantime after detection", () => {
@@ -198,7 +198,7 @@ describe("claims: events, sync, listings", () => {
   });
 });
 
-describe("parseArgs() rules", () => {
+describe("hub parseArgs(): the documented defaults, and unsafe or contradictory flags refused", () => {
   const serve = (...a: string[]) => {
     const r = parseArgs(["--tokens", "/t", ...a]);
     assert.equal(r.command, "serve");
@@ -332,7 +332,7 @@ describe("FleetState: the claims, pending until durable", () => {
   });
 });
 
-describe("the hub's small parts", () => {
+describe("the hub's small parts: the rate limit holds, a refusal is counted, logged and answered in one place, a journal reads as the hub reads it, usage errors are typed", () => {
   test("RateLimiter.take() allows the burst at once, then the rate", () => {
     const limit = new RateLimiter(2, 3);
     assert.deepEqual([1, 2, 3, 4].map(() => limit.take("web1", NOW)), [true, true, true, false]);
@@ -385,43 +385,6 @@ describe("the hub's small parts", () => {
 // ---------------------------------------------------------------------------------------------
 // The hub in this process
 
-/** A WebSocket client that keeps every frame it got, for `next` to wait on. */
-class Client {
-  readonly frames: Array<Record<string, any>> = [];
-  private seen = 0;
-  private constructor(readonly ws: WebSocket) {
-    ws.on("message", (d) => this.frames.push(JSON.parse(String(d))));
-  }
-
-  static async open(port: number, token: string): Promise<Client> {
-    const ws = new WebSocket(`ws://127.0.0.1:${port}/`, { headers: { authorization: `Bearer ${token}` } });
-    const c = new Client(ws);
-    await new Promise((resolve, reject) => {
-      ws.once("open", resolve);
-      ws.once("error", reject);
-    });
-    return c;
-  }
-
-  send(f: object): void {
-    this.ws.send(JSON.stringify(f));
-  }
-
-  /** The next frame (after those already taken) that `match` accepts. */
-  async next(match: (f: Record<string, any>) => boolean, what: string): Promise<Record<string, any>> {
-    return waitFor(() => {
-      const i = this.frames.findIndex((f, n) => n >= this.seen && match(f));
-      if (i < 0) return undefined;
-      this.seen = i + 1;
-      return this.frames[i];
-    }, what, 5000);
-  }
-
-  close(): void {
-    this.ws.close();
-  }
-}
-
 let frameNo = 0;
 function banFrame(ip: string, detectedAt = Date.now(), bantime = 600): BanFrame {
   return { type: "ban", id: `t${++frameNo}`, ip, jail: "sshd", bantime, detectedAt };
@@ -439,19 +402,24 @@ async function fleet(extra: Partial<HubOptions> = {}) {
   const token = async (n: string) => (await readFile(files[n], "utf8")).trim();
   const hub: Hub = await startHub(hubOptions(dir, extra));
   const http = `http://127.0.0.1:${hub.port}`;
-  const clients: Client[] = [];
+  const url = `ws://127.0.0.1:${hub.port}/`;
+  const clients: HubClient[] = [];
   return {
     dir,
     hub,
     /** A connected client of node `n` that said hello (an agent when `want` is "events"). */
-    async connect(n: string, hello: object = {}): Promise<Client> {
-      const c = await Client.open(hub.port, await token(n));
-      clients.push(c);
-      c.send({ type: "hello", v: 1, ...hello });
-      await c.next((f) => f.type === "welcome", "welcome");
+    async connect(n: string, hello: Record<string, unknown> = {}): Promise<HubClient> {
+      const c = await this.open(n);
+      await c.hello(hello);
       return c;
     },
-    async agent(n: string, cursor?: { hub: string; seq: string }): Promise<{ c: Client; sync: Record<string, any> }> {
+    /** A connected client of node `n` that has not said hello yet. */
+    async open(n: string): Promise<HubClient> {
+      const c = await connectNode(url, await token(n), { timeoutMs: 5000 });
+      clients.push(c);
+      return c;
+    },
+    async agent(n: string, cursor?: { hub: string; seq: string }): Promise<{ c: HubClient; sync: Record<string, any> }> {
       const c = await this.connect(n, { want: "events", cursor });
       return { c, sync: await c.next((f) => f.type === "sync", "sync") };
     },
@@ -509,7 +477,7 @@ describe("the hub refuses what a node may not do, over WebSocket and POST alike"
   });
 
   test("a frame before hello is refused, and a node over its rate gets rate_limited", async () => {
-    const c = await Client.open(f.hub.port, (await readFile(join(f.dir, "web2.token"), "utf8")).trim());
+    const c = await f.open("web2");
     c.send(banFrame("192.0.2.12"));
     assert.equal((await c.next((x) => x.type === "error", "not_hello")).code, "not_hello");
     c.close();
@@ -713,7 +681,7 @@ describe("--escalate lengthens a repeat offender's ban on every node", () => {
   });
 });
 
-describe("/metrics", () => {
+describe("/metrics: banshare_claims counts addresses with a live relayed ban claim", () => {
   let f: Fleet;
   before(async () => (f = await fleet({ quorum: 2 })));
   after(() => f.stop());
@@ -733,7 +701,7 @@ describe("/metrics", () => {
   });
 });
 
-describe("/metrics with a shared store (Redis)", () => {
+describe("/metrics with a shared store (Redis): banshare_seq counts the stream entries read", () => {
   test("banshare_seq counts the stream entries this hub read, not a stream ID's milliseconds", async (t) => {
     const redis = await startRedis(t);
     const f = await fleet({ store: redis.url });
@@ -748,7 +716,7 @@ describe("/metrics with a shared store (Redis)", () => {
   });
 });
 
-describe("startHub() failures", () => {
+describe("startHub() fails fast on a port in use and on a file that is not a journal, leaving it untouched", () => {
   test("startHub() rejects with EADDRINUSE on a port in use, and a journal that is not one with a UsageError", async (t) => {
     const f = await fleet();
     t.after(() => f.stop());

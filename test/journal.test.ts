@@ -3,8 +3,8 @@
  * event before the tear; a hub killed with SIGKILL right after acking a burst has every acked
  * ban after its restart; compaction shrinks the journal without losing the hub's id or any
  * live claim, and is not redone on every write when many nodes claim the same addresses.
- * Publishers are raw WebSocket clients that pipeline their frames; what survived
- * is read from /healthz, from a full sync, and from a real dry-run agent's log.
+ * Publishers are raw WebSocket clients (test/lib/client.ts) that pipeline their frames; what
+ * survived is read from /healthz, from a full sync, and from a real dry-run agent's log.
  */
 import assert from "node:assert/strict";
 import { readFileSync, statSync, truncateSync } from "node:fs";
@@ -12,90 +12,31 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, test } from "node:test";
-import WebSocket from "ws";
 import type { FleetEvent } from "../messages.ts";
+import { connectNode, type HubClient } from "./lib/client.ts";
 import { enrol, readCsv, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
 import { stopAll, type Proc } from "./lib/proc.ts";
 
 type Frame = Record<string, unknown>;
 
-/** A raw, authenticated client that has said hello and counts the hub's acks and errors. */
-interface Publisher {
-  ws: WebSocket;
-  acked: Map<string, string>;
-  errors: Frame[];
-  /** Called after each ack with the number of acks so far. */
-  onAck?: (count: number) => void;
-  /** Sends every frame at once, without waiting for any ack. */
-  send(frames: Frame[]): void;
-  /** Resolves when `n` frames in all have been acked; rejects on the first error frame. */
-  acks(n: number, timeoutMs?: number): Promise<void>;
-  closed: Promise<void>;
-}
-
-async function publisher(url: string, tokenFile: string): Promise<Publisher> {
-  const ws = new WebSocket(url, { headers: { authorization: `Bearer ${readFileSync(tokenFile, "utf8").trim()}` }, perMessageDeflate: false });
-  const p: Publisher = {
-    ws,
-    acked: new Map(),
-    errors: [],
-    send: (frames) => {
-      for (const f of frames) ws.send(JSON.stringify(f));
-    },
-    acks: (n, timeoutMs = 30_000) =>
-      waitFor(
-        () => {
-          if (p.errors.length) throw new Error(`the hub refused a frame: ${JSON.stringify(p.errors[0])}`);
-          return p.acked.size >= n;
-        },
-        `${n} acks (got ${p.acked.size})`,
-        timeoutMs,
-      ).then(() => undefined),
-    closed: new Promise((resolve) => ws.once("close", () => resolve())),
-  };
-  let welcomed: () => void;
-  const welcome = new Promise<void>((resolve) => (welcomed = resolve));
-  ws.on("message", (data) => {
-    const f = JSON.parse(String(data));
-    if (f.type === "welcome") welcomed();
-    else if (f.type === "ack") {
-      p.acked.set(f.id, f.seq);
-      p.onAck?.(p.acked.size);
-    } else if (f.type === "error") p.errors.push(f);
-  });
-  ws.on("error", () => {});
-  await new Promise((resolve, reject) => {
-    ws.once("open", resolve);
-    ws.once("error", reject);
-  });
-  ws.send(JSON.stringify({ type: "hello", v: 1 }));
-  await welcome;
-  return p;
-}
+/** A node's client that has said hello, for frames sent all at once, without waiting for any ack. */
+const publisher = (url: string, tokenFile: string) => connectNode(url, { file: tokenFile }, { hello: true });
+const sendAll = (pub: HubClient, frames: Frame[]) => frames.forEach((f) => pub.send(f));
 
 /** The events of the full sync a fresh agent of node `tokenFile` gets (all chunks). */
 async function fullSync(url: string, tokenFile: string): Promise<FleetEvent[]> {
-  const ws = new WebSocket(url, { headers: { authorization: `Bearer ${readFileSync(tokenFile, "utf8").trim()}` }, perMessageDeflate: false });
-  const events: FleetEvent[] = [];
-  const done = new Promise<void>((resolve, reject) => {
-    ws.on("message", (data) => {
-      const f = JSON.parse(String(data));
-      if (f.type !== "sync") return;
-      assert.equal(f.full, true, "a client without a cursor got a partial sync");
-      events.push(...f.events);
-      if (!f.more) resolve();
-    });
-    ws.once("error", reject);
-    ws.once("close", () => reject(new Error("the hub closed the connection before the sync ended")));
-  });
-  await new Promise((resolve, reject) => {
-    ws.once("open", resolve);
-    ws.once("error", reject);
-  });
-  ws.send(JSON.stringify({ type: "hello", v: 1, want: "events" }));
-  await done;
-  ws.close();
-  return events;
+  const c = await connectNode(url, { file: tokenFile }, { hello: { want: "events" } });
+  let closed = false;
+  void c.closed.then(() => (closed = true));
+  await waitFor(() => {
+    if (c.frames.some((f) => f.type === "sync" && !f.more)) return true;
+    if (closed) throw new Error("the hub closed the connection before the sync ended");
+    return false;
+  }, "the end of the full sync");
+  c.close();
+  const chunks = c.frames.filter((f) => f.type === "sync");
+  for (const f of chunks) assert.equal(f.full, true, "a client without a cursor got a partial sync");
+  return chunks.flatMap((f) => f.events as FleetEvent[]);
 }
 
 async function healthz(hub: HubProc): Promise<{ hub: string; seq: string; claims: number }> {
@@ -120,7 +61,7 @@ async function agentSynced(agent: Proc, csv: string): Promise<Set<string>> {
   return syncedBlocks(csv);
 }
 
-describe("the hub's journal", () => {
+describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or compaction, which keeps the hub id and every live claim", () => {
   const dirs: string[] = [];
 
   /** A fresh folder with a publisher node `pub`, an agent node `agent1` and `extra` more publishers `pub1`... */
@@ -147,7 +88,7 @@ describe("the hub's journal", () => {
     const pub = await publisher(hub.url, s.tokens.pub);
     const ips = Array.from({ length: 50 }, (_, i) => `198.51.100.${i + 1}`);
     const now = Date.now();
-    pub.send(ips.map((ip, i) => ban(`torn-${i}`, ip, now + i)));
+    sendAll(pub, ips.map((ip, i) => ban(`torn-${i}`, ip, now + i)));
     await pub.acks(ips.length);
     const before = await healthz(hub);
     assert.equal(before.claims, 50);
@@ -173,7 +114,7 @@ describe("the hub's journal", () => {
 
     // The torn line is gone for good: the next event and the next restart are clean.
     const again = await publisher(hub.url, s.tokens.pub);
-    again.send([ban("torn-again", torn.ip, Date.now())]);
+    sendAll(again, [ban("torn-again", torn.ip, Date.now())]);
     await again.acks(1);
     again.ws.close();
     await hub.proc.stop();
@@ -192,12 +133,12 @@ describe("the hub's journal", () => {
     const killAt = 1500;
     const now = Date.now();
     // SIGKILL the moment the killAt-th ack arrives; the acks already on their way still count.
-    pub.onAck = (n) => {
-      if (n === killAt) void hub.proc.kill9();
+    pub.onFrame = (f) => {
+      if (f.type === "ack" && pub.acked.size === killAt) void hub.proc.kill9();
     };
-    pub.send(Array.from({ length: sent }, (_, i) => ban(`burst-${i}`, addr(i), now + i)));
+    sendAll(pub, Array.from({ length: sent }, (_, i) => ban(`burst-${i}`, addr(i), now + i)));
     await pub.closed;
-    assert.deepEqual(pub.errors, []);
+    assert.deepEqual(pub.frames.filter((f) => f.type === "error"), []);
     const acked = [...pub.acked.keys()].map((id) => addr(Number(id.slice("burst-".length))));
     t.diagnostic(`${acked.length} of ${sent} bans acked before the hub died`);
     assert.ok(acked.length >= killAt);
@@ -226,7 +167,7 @@ describe("the hub's journal", () => {
 
     // 8000 events: below the compaction threshold, max(10000, 4 x live claims).
     const phase1 = [...all(0), ...all(1), ...all(2), ...all(3)];
-    pub.send(phase1);
+    sendAll(pub, phase1);
     await pub.acks(phase1.length);
     const linesBefore = lineCount(s.journal);
     const sizeBefore = statSync(s.journal).size;
@@ -234,7 +175,7 @@ describe("the hub's journal", () => {
 
     // 3000 more: past the threshold. Every address ends banned, the even ones then unbanned.
     const phase2 = [...all(4), ...all(5, (i) => i % 2 === 0)];
-    pub.send(phase2);
+    sendAll(pub, phase2);
     await pub.acks(phase1.length + phase2.length);
     const health = await healthz(hub);
     assert.equal(health.seq, String(phase1.length + phase2.length));
@@ -274,7 +215,7 @@ describe("the hub's journal", () => {
     const pubs = await Promise.all(nodes.map((n) => publisher(hub.url, s.tokens[n])));
     const n = 2100;
     const now = Date.now();
-    for (const [k, p] of pubs.entries()) p.send(Array.from({ length: n }, (_, i) => ban(`m${k}-${i}`, addr(i), now + i)));
+    for (const [k, p] of pubs.entries()) sendAll(p, Array.from({ length: n }, (_, i) => ban(`m${k}-${i}`, addr(i), now + i)));
     await Promise.all(pubs.map((p) => p.acks(n)));
     const health = await healthz(hub);
     assert.equal(health.claims, n);
@@ -284,7 +225,7 @@ describe("the hub's journal", () => {
 
     // One more event is one more line, not another rewrite of every claim.
     const { ino } = statSync(s.journal);
-    pubs[0].send([ban("one-more", addr(n), Date.now())]);
+    sendAll(pubs[0], [ban("one-more", addr(n), Date.now())]);
     await pubs[0].acks(n + 1);
     assert.equal(lineCount(s.journal), 2 + nodes.length * n);
     assert.equal(statSync(s.journal).ino, ino, "one more event made the hub rewrite (compact) the whole journal");

@@ -31,7 +31,7 @@ async function kernelState(topo: Topology, node: string, backend: string): Promi
 }
 
 for (const { backend, reqs } of BACKENDS) {
-  describe(`${backend} backend on the real kernel`, needs(reqs, `${backend} backend`), () => {
+  describe(`${backend} backend on the real kernel: a ban drops the attacker on every host and ends on time, allowlisted addresses are never blocked, bans outlive an agent restart, --cleanup removes them`, needs(reqs, `${backend} backend`), () => {
     let topo: Topology;
     let dir: string;
     let hub: HubProc;

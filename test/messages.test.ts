@@ -25,7 +25,7 @@ function ev(p: Partial<FleetEvent> & Pick<FleetEvent, "origin" | "detectedAt">):
   return { seq: "1", kind: "ban", ip: "203.0.113.7", jail: "sshd", until: p.detectedAt + 600_000, id: `id${p.detectedAt}`, relayedAt: p.detectedAt, ...p };
 }
 
-describe("parseAddress()", () => {
+describe("parseAddress(): only addresses and networks pass, canonicalised", () => {
   test("canonicalises IPv4, IPv6, CIDR and IPv4-mapped forms", () => {
     assert.equal(parseAddress("192.0.2.1")?.text, "192.0.2.1");
     assert.equal(parseAddress("2001:DB8:0:0:0:0:0:1")?.text, "2001:db8::1");
@@ -51,7 +51,7 @@ describe("parseAddress()", () => {
   });
 });
 
-describe("checkBannable()", () => {
+describe("checkBannable(): special-purpose and too-broad ranges are never banned", () => {
   test("refuses loopback, unspecified, link-local, multicast and broadcast, keeps private ranges", () => {
     for (const s of ["127.0.0.1", "0.0.0.0", "0.0.0.0/0", "169.254.1.1", "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "ff02::1"]) {
       const r = checkBannable(s);
@@ -71,7 +71,7 @@ describe("checkBannable()", () => {
   });
 });
 
-describe("parseNodeFrame()", () => {
+describe("parseNodeFrame(): a node's frame is accepted only well-formed, and refused with a code and a sentence", () => {
   const ok = (o: unknown) => parseNodeFrame(JSON.stringify(o), NOW);
   const ban = { type: "ban", id: "a1", ip: "203.0.113.7", jail: "sshd", bantime: 600, detectedAt: NOW - 5 };
 
@@ -169,7 +169,7 @@ describe("parseNodeFrame()", () => {
   });
 });
 
-describe("parseHubFrame()", () => {
+describe("parseHubFrame(): an agent accepts only well-formed frames from the hub", () => {
   test("accepts the hub's frames and refuses malformed events", () => {
     const e = ev({ origin: "web1", detectedAt: NOW });
     assert.equal(parseHubFrame(JSON.stringify({ type: "event", ...e })).ok, true);
@@ -183,7 +183,7 @@ describe("parseHubFrame()", () => {
   });
 });
 
-describe("mergeClaim() and blockedUntil()", () => {
+describe("mergeClaim() and blockedUntil(): claims converge whatever the delivery order, and the latest live claim decides", () => {
   test("newest event per (ip, origin) wins whatever the delivery order; replays change nothing", () => {
     const events = [
       ev({ origin: "a", detectedAt: NOW }),
@@ -252,7 +252,7 @@ describe("mergeClaim() and blockedUntil()", () => {
   });
 });
 
-describe("csvRow()", () => {
+describe("csvRow(): log rows have the documented columns, quoted where needed", () => {
   test("writes the documented columns with ISO times and quotes what needs it", () => {
     assert.equal(CSV_HEADER.split(",").length, 9);
     const row = csvRow({ time: NOW, node: "web2", action: "BLOCK", ip: "203.0.113.7", origin: "web1", jail: "sshd", until: null, rtMs: 12, detail: 'said "hi", twice' });

@@ -141,7 +141,7 @@ async function spooled(dir: string): Promise<string[]> {
   return existsSync(dir) ? (await readdir(dir)).filter((f) => f.endsWith(".json")) : [];
 }
 
-describe("positions and store URLs", () => {
+describe("positions and store URLs: stream IDs order by time then sequence, and a store URL's password is hidden", () => {
   test("comparePositions() orders journal seqs and stream IDs by milliseconds, then sequence", () => {
     assert.ok(comparePositions("999-5", "1000-0") < 0, "not a string comparison");
     assert.ok(comparePositions("1000-10", "1000-9") > 0);
@@ -164,7 +164,7 @@ describe("positions and store URLs", () => {
   });
 });
 
-describe("several hubs on one Redis", needs(["redis-server", "redis-cli"], "redis-server (Debian's redis-server package: the Redis tests start their own on a free loopback port)"), () => {
+describe("several hubs on one Redis serve one fleet: bans cross hubs, agents fail over by cursor, no acked ban is lost when Redis restarts, an agent behind the trimmed stream gets a full sync", needs(["redis-server", "redis-cli"], "redis-server (Debian's redis-server package: the Redis tests start their own on a free loopback port)"), () => {
   test("three hubs: a ban sent to hub 1 reaches the agents of hubs 2 and 3, an unban too; the origin's agent gets both", async (t) => {
     const w = await world(t, ["s1", "a1", "a2", "a3"]);
     const hubs = [await startHub(w, "hub1"), await startHub(w, "hub2"), await startHub(w, "hub3")];
@@ -317,7 +317,7 @@ describe("several hubs on one Redis", needs(["redis-server", "redis-cli"], "redi
   });
 });
 
-describe("a hub on Redis through Sentinel", needs(["redis-server", "redis-cli"], "redis-server (Debian's redis-server package runs a Sentinel too: `redis-server FILE --sentinel`)"), () => {
+describe("a hub on Redis through Sentinel finds the master, and bans flow again after a failover", needs(["redis-server", "redis-cli"], "redis-server (Debian's redis-server package runs a Sentinel too: `redis-server FILE --sentinel`)"), () => {
   test("the hub finds the master through a Sentinel, and after a failover to the replica bans flow again", async (t) => {
     const w = await world(t, ["s1", "a1"]);
     const replica = await startRedis(t, ["--replicaof", "127.0.0.1", String(w.redis.port)]);

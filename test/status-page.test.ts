@@ -38,7 +38,7 @@ async function startWorld(): Promise<World> {
 /** A raw status-page socket: token as a subprotocol, frames collected. */
 const watcher = (url: string, token: string) => connectNode(url, token, { subprotocol: true, timeoutMs: 5000 });
 
-describe("the status socket", () => {
+describe("status socket: a reader token as a subprotocol watches the fleet live; bad frames, node tokens and wrong tokens are refused, and no token is logged", () => {
   let w: World;
   before(async () => {
     w = await startWorld();
@@ -158,7 +158,7 @@ describe("the status socket", () => {
   });
 });
 
-describe("the status page in Chromium", needs(["chromium"]), () => {
+describe("status page: in Chromium a reader sees nodes, bans, events and response times live, and a node or wrong token gets a visible error", needs(["chromium"]), () => {
   let w: World;
   let profile: string;
   let browser: BrowserContext;

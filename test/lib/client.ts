@@ -1,7 +1,8 @@
 /**
  * One raw hub client for the tests: a real WebSocket to a real hub, with the token as a bearer
  * header (as agents and senders send it) or as a subprotocol (as the status page does), the
- * frames the hub sends collected in order, and `next()` to wait for one.
+ * frames the hub sends collected in order, `next()` to wait for one and `acks()` to wait for
+ * the hub to ack what was sent.
  */
 
 import { readFileSync } from "node:fs";
@@ -17,10 +18,16 @@ export interface HubClient {
   frames: any[];
   /** Resolves with the close code and reason once the socket is closed, by either side. */
   closed: Promise<{ code: number; reason: string }>;
+  /** Every ack so far: the acked frame's id -> the seq the hub gave it. */
+  acked: Map<string, string>;
+  /** Called with each frame as it arrives, after it is stored (e.g. to act on the n-th ack at once). */
+  onFrame?: (frame: any) => void;
   /** Sends a string or bytes as they are, anything else as JSON. */
   send(frame: unknown, opts?: { binary?: boolean }): void;
   /** The first frame so far that `pred` accepts, waiting up to the client's timeout for one. */
   next(pred: (f: any) => boolean, what?: string, timeoutMs?: number): Promise<any>;
+  /** Resolves once `n` frames in all have been acked; rejects on the first error frame (30 s by default). */
+  acks(n: number, timeoutMs?: number): Promise<void>;
   /** Says hello (with `fields`, e.g. `want`) and waits for the welcome. */
   hello(fields?: Record<string, unknown>): Promise<any>;
   close(): void;
@@ -51,11 +58,18 @@ function tokenOf(t: TokenSource): string {
  */
 export async function connectNode(url: string, token: TokenSource, opts: ConnectOptions = {}): Promise<HubClient> {
   const t = tokenOf(token);
+  let self: HubClient | undefined; // for the message listener, which is attached before the client exists
   const ws = opts.subprotocol
     ? new WebSocket(url, [STATUS_PROTOCOL, `banshare.token.${t}`], { perMessageDeflate: false, ca: opts.ca })
     : new WebSocket(url, { headers: { authorization: `Bearer ${t}` }, perMessageDeflate: false, ca: opts.ca });
   const frames: any[] = [];
-  ws.on("message", (d) => frames.push(JSON.parse(String(d))));
+  const acked = new Map<string, string>();
+  ws.on("message", (d) => {
+    const f = JSON.parse(String(d));
+    frames.push(f);
+    if (f.type === "ack") acked.set(f.id, f.seq);
+    self?.onFrame?.(f);
+  });
   const closed = new Promise<{ code: number; reason: string }>((resolve) => ws.on("close", (code, reason) => resolve({ code, reason: String(reason) })));
   await new Promise((resolve, reject) => {
     ws.once("open", resolve);
@@ -72,8 +86,20 @@ export async function connectNode(url: string, token: TokenSource, opts: Connect
     ws,
     frames,
     closed,
+    acked,
     send: (frame, o = {}) => ws.send(typeof frame === "string" || Buffer.isBuffer(frame) ? frame : JSON.stringify(frame), { binary: o.binary ?? false }),
     next: (pred, what = "a frame from the hub", ms = timeoutMs) => waitFor(() => frames.find(pred), what, ms),
+    acks: async (n, ms = 30_000) => {
+      await waitFor(
+        () => {
+          const refused = frames.find((f) => f.type === "error");
+          if (refused) throw new Error(`the hub refused a frame: ${JSON.stringify(refused)}`);
+          return acked.size >= n;
+        },
+        `${n} acks (got ${acked.size})`,
+        ms,
+      );
+    },
     hello: async (fields = {}) => {
       const from = frames.length;
       client.send({ type: "hello", v: PROTOCOL_VERSION, ...fields });
@@ -83,6 +109,7 @@ export async function connectNode(url: string, token: TokenSource, opts: Connect
     },
     close: () => ws.close(),
   };
+  self = client;
   if (opts.hello) await client.hello(opts.hello === true ? {} : opts.hello);
   return client;
 }
