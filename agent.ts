@@ -38,6 +38,8 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
+import { once } from "node:events";
+import { createServer, type Server } from "node:http";
 import { createWriteStream, existsSync, readFileSync, realpathSync, statSync, type WriteStream } from "node:fs";
 import { appendFile, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
@@ -49,6 +51,8 @@ import yargs from "yargs";
 import {
   CSV_HEADER,
   MAX_APPLIED_BATCH,
+  MAX_ENFORCEMENT_HOOKS,
+  MAX_ENFORCEMENT_TEXT,
   MAX_APPLIED_RT_MS,
   MAX_CLOCK_SKEW_MS,
   DEFAULT_MAX_PREFIX,
@@ -71,6 +75,7 @@ import {
   type Claims,
   type CsvRecord,
   type Cursor,
+  type EnforcementFrame,
   type ErrorFrame,
   type FleetEvent,
   type PrefixLimits,
@@ -101,6 +106,8 @@ export interface AgentOptions {
   checkMs?: number;
   /** Broadest networks the agent takes from the hub (as the hub's --max-prefix-v4/-v6): anything broader is refused. Default: `DEFAULT_MAX_PREFIX`. */
   maxPrefix?: PrefixLimits;
+  /** `HOST:PORT` to serve the agent's own Prometheus metrics on (`--metrics`); off when absent. */
+  metrics?: string;
   log: (line: string) => void;
 }
 
@@ -177,7 +184,7 @@ const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
 /** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
 const SESSION_MAX_BYTES = 256 * 1024;
-const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "max-prefix-v4", "max-prefix-v6", "cleanup"];
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "max-prefix-v4", "max-prefix-v6", "cleanup", "metrics"];
 /**
  * Most events one sync may bring (all chunks together): as many as one kernel set holds. The
  * agent keeps every claim in memory (about 0.5 KB each), so this bounds it near 1 GB, within
@@ -188,6 +195,8 @@ export const MAX_SYNC_EVENTS = MAX_ELEMENTS;
 export const MAX_SYNC_BYTES = MAX_SYNC_EVENTS * 512;
 /** Refused events of one frame logged one line each; the rest are counted in one more line (each has its REJECT row). */
 const MAX_REFUSAL_LINES = 10;
+/** Enforcement reports (`enforcement`): the snapshot is compared this often, and sent when it changed. */
+const ENFORCEMENT_REPORT_MS = 1000;
 
 // ---------------------------------------------------------------------------------------------
 // Pure helpers and the backends' plans
@@ -1722,6 +1731,8 @@ export interface Enforcement {
   entries?: number;
   /** Addresses the agent applied to the kernel. */
   expected: number;
+  /** Entries the kernel lacks or has too many at the last count that compared (beyond entries ending within a few seconds); 0: none. */
+  drift?: number;
   /** Repairs since start, and the last one. */
   repairs: number;
   lastRepair?: { at: number; what: string };
@@ -1856,6 +1867,7 @@ export class Guard {
   private readonly hooks = new Map<string, { state: "present" | "missing" | "absent"; since: number }>();
   private missing: string[] = [];
   private missingSince: number | undefined;
+  private drift = 0;
   private entries: number | undefined;
   private repairs = 0;
   private lastRepair: { at: number; what: string } | undefined;
@@ -1899,6 +1911,7 @@ export class Guard {
       missingSince: this.missingSince,
       entries: this.entries,
       expected: this.opts.applier.held().size,
+      drift: this.drift,
       repairs: this.repairs,
       lastRepair: this.lastRepair && { ...this.lastRepair },
       lastCheck: this.lastCheck,
@@ -1963,6 +1976,7 @@ export class Guard {
       if (this.counted.due && settled) {
         this.counted = { last: found.entries, comparedAt: now, due: false };
         const drift = countDrift(found.entries, applier.held(), now, BACKENDS[this.opts.backendName].expires === true);
+        this.drift = drift ? Math.max(1, Math.abs(this.entries - applier.held().size)) : 0;
         if (drift) problems.push(drift);
       }
     }
@@ -1971,6 +1985,7 @@ export class Guard {
         this.streak = 0;
         this.missing = [];
         this.missingSince = undefined;
+        this.drift = 0;
       }
       return;
     }
@@ -2074,6 +2089,83 @@ export class Spool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Enforcement: what the agent reports to the hub, and serves on --metrics
+
+/** How the agent enforces now (the Guard's `snapshot()`): what the reports and --metrics show. */
+export type EnforcementState = Enforcement;
+
+/** The `enforcement` frame of a snapshot, cut to what messages.ts accepts (pure). */
+export function enforcementFrame(s: EnforcementState): EnforcementFrame {
+  const text = (t: string) => t.replace(/[^\x20-\x7e]/g, "?").slice(0, MAX_ENFORCEMENT_TEXT) || "?";
+  const frame: EnforcementFrame = {
+    type: "enforcement",
+    backend: s.backend,
+    hooks: s.hooks.slice(0, MAX_ENFORCEMENT_HOOKS).map((h) => ({ name: h.hook.slice(0, 64), state: h.state, since: h.since })),
+    claims: s.expected,
+    drift: s.drift ?? 0,
+    missing: s.missing.slice(0, MAX_ENFORCEMENT_HOOKS).map(text),
+    repairs: s.repairs,
+  };
+  if (s.entries !== undefined) frame.entries = s.entries;
+  if (s.missingSince !== undefined) frame.missingSince = s.missingSince;
+  if (s.lastRepair) frame.lastRepair = { at: s.lastRepair.at, what: text(s.lastRepair.what) };
+  return frame;
+}
+
+/** The agent's DROP rules' packet and byte counters (`iptables -L -v -x`, `nft list chain` with counters), read on request. */
+async function dropCounters(backend: BackendName, prefix: string): Promise<{ packets: number; bytes: number } | undefined> {
+  if (backend !== "ipset" && backend !== "iptables") return undefined;
+  let packets = 0;
+  let bytes = 0;
+  for (const bin of ["iptables", "ip6tables"]) {
+    const r = await execa(bin, ["-w", "-L", prefix, "-v", "-x", "-n"], { timeout: CMD_TIMEOUT_MS, reject: false });
+    if (r.exitCode !== 0) continue;
+    for (const m of r.stdout.matchAll(/^\s*(\d+)\s+(\d+)\s+DROP\b/gm)) {
+      packets += Number(m[1]);
+      bytes += Number(m[2]);
+    }
+  }
+  return { packets, bytes };
+}
+
+/** The agent's own metrics in the Prometheus text format, from a snapshot and the DROP counters. */
+export function agentMetricsText(s: EnforcementState, drops: { packets: number; bytes: number } | undefined): string {
+  const f = enforcementFrame(s);
+  const line = (name: string, type: string, help: string, v: number | undefined) => (v === undefined ? [] : [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, `${name} ${v}`]);
+  return [
+    ...line("banshare_agent_entries", "gauge", "Entries in the agent's kernel sets (or rules) at its last count.", f.entries),
+    ...line("banshare_agent_claims", "gauge", "Addresses the agent applied: what the kernel should hold.", f.claims),
+    ...line("banshare_agent_drift", "gauge", "Entries the kernel lacks or has too many.", f.drift),
+    ...line("banshare_agent_hooks_missing", "gauge", "Hooks (jumps, chains, nftables hooks) missing.", f.hooks.filter((h) => h.state === "missing").length),
+    ...line("banshare_agent_repairs_total", "counter", "Repairs since the agent started.", f.repairs),
+    ...line("banshare_agent_dropped_packets_total", "counter", "Packets the agent's DROP rules dropped (their kernel counters).", drops?.packets),
+    ...line("banshare_agent_dropped_bytes_total", "counter", "Bytes the agent's DROP rules dropped (their kernel counters).", drops?.bytes),
+  ].join("\n") + "\n";
+}
+
+/** Serves `GET /metrics` on `listen` (`HOST:PORT`); the DROP counters are read from the kernel on each request only. */
+export async function serveMetrics(listen: string, backend: BackendName, prefix: string, snapshot: () => EnforcementState, log: (line: string) => void): Promise<Server> {
+  const m = /^(.*):(\d{1,5})$/.exec(listen)!;
+  const server = createServer((req, res) => {
+    if ((req.url ?? "").split("?")[0] !== "/metrics") {
+      res.writeHead(404, { "content-type": "text/plain" });
+      return res.end("banshare agent: see /metrics\n");
+    }
+    dropCounters(backend, prefix)
+      .catch(() => undefined)
+      .then((drops) => {
+        res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
+        res.end(agentMetricsText(snapshot(), drops));
+      });
+  });
+  server.on("error", (e) => log(`warning: --metrics ${listen}: ${e.message}`));
+  server.listen(Number(m[2]), m[1].replace(/^\[|\]$/g, ""));
+  await once(server, "listening");
+  log(`metrics on http://${listen}/metrics`);
+  return server;
+}
+
+// ---------------------------------------------------------------------------------------------
 // The hub link: one connection at a time, each a Session
 
 /** What a `HubLink` is given. */
@@ -2084,6 +2176,8 @@ export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "sp
   applier: Applier;
   state: StateFile;
   csv: CsvLog;
+  /** How the agent enforces now, for the hub's `enforcement` reports (`enforcementSnapshot` in startAgent). */
+  enforcement?: () => EnforcementState;
 }
 
 /** What a `Session` is given by its `HubLink`. */
@@ -2116,6 +2210,9 @@ export class Session {
   /** The hub's sync outgrew MAX_SYNC_EVENTS or MAX_SYNC_BYTES and this session dropped the connection. */
   overflowed = false;
   private hubTakesApplied = false;
+  private hubTakesEnforcement = false;
+  private reportTimer: NodeJS.Timeout | undefined;
+  private lastReport = "";
   private appliedQueue: AppliedRecord[] = [];
   private appliedTimer: NodeJS.Timeout | undefined;
   private pingTimer: NodeJS.Timeout | undefined;
@@ -2180,6 +2277,7 @@ export class Session {
   /** Stops the session's timers; what it had not sent is dropped. */
   close(): void {
     clearInterval(this.pingTimer);
+    clearInterval(this.reportTimer);
     clearTimeout(this.appliedTimer);
     this.spool?.stop();
   }
@@ -2193,6 +2291,7 @@ export class Session {
     this.host.welcomed();
     this.host.opts.csv.node = f.node;
     this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
+    this.hubTakesEnforcement = Array.isArray(f.accepts) && f.accepts.includes("enforcement");
     this.host.opts.log(`connected to ${this.url} as ${f.node} (${f.role}), hub ${f.hub} at seq ${f.seq}`);
     this.hubId = f.hub;
     this.awaitingSync = true;
@@ -2231,6 +2330,25 @@ export class Session {
     this.host.cursor = { hub: this.hubId, seq: f.seq };
     this.host.synced();
     this.host.opts.state.schedule();
+    this.startReports();
+  }
+
+  /**
+   * Once synced (the hub takes reports only from an agent that receives events): the enforcement
+   * report now, then again each time it changed, at most once every ENFORCEMENT_REPORT_MS.
+   */
+  private startReports(): void {
+    const snapshot = this.host.opts.enforcement;
+    if (!snapshot || !this.hubTakesEnforcement || this.reportTimer) return;
+    const report = () => {
+      const frame = JSON.stringify(enforcementFrame(snapshot()));
+      if (frame === this.lastReport || this.sock.readyState !== WebSocket.OPEN || this.sock.bufferedAmount > 1 << 20) return;
+      this.lastReport = frame;
+      this.sock.send(frame);
+    };
+    report();
+    this.reportTimer = setInterval(report, ENFORCEMENT_REPORT_MS);
+    this.reportTimer.unref();
   }
 
   /**
@@ -2448,7 +2566,9 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     onApplied: (changes, live) => link.reportApplied(changes, live),
   });
   const state: StateFile = new StateFile(opts.statePath, log, () => ({ cursor: link.cursor, claims: applier.claims }));
-  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv });
+  // What the hub's `enforcement` reports and --metrics show: the Guard's view of the kernel.
+  const enforcementSnapshot = (): EnforcementState => guard.snapshot();
+  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot });
   const saved = await state.load();
   if (saved) {
     link.cursor = saved.cursor;
@@ -2459,16 +2579,18 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   }
   const guard = new Guard({ backend, backendName: opts.backend, applier, prefix: opts.prefix, record: (r) => csv.record(r), log, checkMs: opts.checkMs ?? 10_000 });
   guard.start();
+  const metrics = opts.metrics ? await serveMetrics(opts.metrics, opts.backend, opts.prefix, enforcementSnapshot, log) : undefined;
   link.connect();
 
   let closed: Promise<void> | undefined;
   return {
     claims: applier.claims,
     cursor: () => link.cursor,
-    enforcement: () => guard.snapshot(),
+    enforcement: enforcementSnapshot,
     close() {
       closed ??= (async () => {
         link.close();
+        metrics?.close();
         await guard.close();
         await applier.close();
         await state.close();
@@ -2553,6 +2675,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
+      .option("metrics", { type: "string", describe: "Serve the agent's own Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9101 (GET /metrics: entries, claims, drift, hooks missing, repairs, packets dropped by its DROP rules)" })
       .strict()
       .fail((msg, err) => {
         // One line: yargs spreads some messages over several.
@@ -2586,6 +2709,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
   }
   if (!(a.heartbeat >= 1 && a.heartbeat <= 86400)) throw new UsageError(`Expected --heartbeat to be 1-86400 seconds, got ${a.heartbeat}`);
   if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
+  const mp = a.metrics === undefined ? undefined : /^(.+):(\d{1,5})$/.exec(a.metrics);
+  if (a.metrics !== undefined && (!mp || Number(mp[2]) < 1 || Number(mp[2]) > 65535)) throw new UsageError(`Expected --metrics to be HOST:PORT, e.g. 127.0.0.1:9101, got ${JSON.stringify(a.metrics)}`);
   return {
     command: "run",
     options: {
@@ -2604,6 +2729,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       hooks,
       checkMs: Math.round(a.checkInterval * 1000),
       maxPrefix: { v4: a.maxPrefixV4, v6: a.maxPrefixV6 },
+      metrics: a.metrics,
     },
   };
 }

@@ -29,7 +29,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
 import type { Agent, IncomingMessage } from "node:http";
-import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type BanList, type ListedBan, type UnbanFrame } from "./messages.ts";
+import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isName, parseHubFrame, type BanFrame, type BanList, type ListedBan, type NodeList, type NodeState, type UnbanFrame } from "./messages.ts";
 
 /** Default spool directory: the agent's --spool must name the same one to deliver what waits there. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
@@ -70,6 +70,8 @@ export interface StatusOptions extends HubAccess {
   statePath?: string;
   backend: Backend;
   prefix: string;
+  /** `--fleet` (admin): every connected node's enforcement, from `GET /v1/nodes`, instead of this server's. */
+  fleet?: boolean;
 }
 
 /** `ban.ts import`: publishes bans Fail2Ban already holds. */
@@ -94,11 +96,13 @@ const USAGE = `Usage: node --import tsx ban.ts ban|unban IP [options]
        node --import tsx ban.ts unban IP --all-nodes [options]
        node --import tsx ban.ts list [--json] [options]
        node --import tsx ban.ts status [--state FILE] [--backend B] [options]
+       node --import tsx ban.ts status --fleet [options]
        node --import tsx ban.ts import [FILE|-] [--jail J] [--bantime S] [options]
 
 ban, unban: send one ban or unban to the banshare hub; Fail2Ban's banshare action calls them.
 list: the fleet's live bans, newest first (admin token). status: is the hub reachable, who
-this token is, where this server's agent is, and what its kernel set holds. import: publish
+this token is, where this server's agent is, and what its kernel set holds; with --fleet
+(admin token), one line per connected node: enforcing, drift N or hook missing since. import: publish
 the bans Fail2Ban already holds: \`fail2ban-client banned\`, \`fail2ban-client get JAIL banip
 --with-time\`, or addresses one per line (# comments), with their original times when given.
 
@@ -112,6 +116,7 @@ Options (each also from the environment, e.g. BANSHARE_HUB, or a JSON --config f
   --state FILE         status: the agent's --state file, for its cursor
   --backend B          status: the agent's backend, ipset, nftables, iptables or dry-run (default: ipset)
   --prefix NAME        status: the agent's --prefix (default: banshare)
+  --fleet              status: every connected node's enforcement instead (admin)
   --concurrency N      import: requests in flight at once (default: 8)
   --hub URL[,URL]      hub URL(s), ws:// or wss://, tried in order
   --token-file FILE    file holding this node's token
@@ -121,8 +126,10 @@ Options (each also from the environment, e.g. BANSHARE_HUB, or a JSON --config f
   --config FILE        JSON file with any of the options above
   --help               show this text
 
-Exit status: 0 acked or spooled (ban, unban), listed, hub reachable (status), all imported;
-1 refused by the hub or not sent, hub unreachable, or a bad import line; 2 invalid input.`;
+Exit status: 0 acked or spooled (ban, unban), listed, hub reachable (status), every node
+enforcing (status --fleet), all imported; 1 refused by the hub or not sent, hub unreachable,
+a node that drifts, misses a hook or has not reported (status --fleet), no agent connected, or
+a bad import line; 2 invalid input.`;
 
 const OPTIONS = {
   jail: { type: "string" },
@@ -136,6 +143,7 @@ const OPTIONS = {
   config: { type: "string" },
   "all-nodes": { type: "boolean" },
   json: { type: "boolean" },
+  fleet: { type: "boolean" },
   restored: { type: "string" },
   state: { type: "string" },
   backend: { type: "string" },
@@ -154,7 +162,7 @@ const COMMAND_FLAGS: Record<Command, Flag[]> = {
   ban: ["jail", "bantime", "time", "restored", "spool"],
   unban: ["jail", "time", "spool", "all-nodes"],
   list: ["json"],
-  status: ["state", "backend", "prefix"],
+  status: ["state", "backend", "prefix", "fleet"],
   import: ["jail", "bantime", "concurrency"],
 };
 const BACKENDS: Backend[] = ["ipset", "nftables", "iptables", "dry-run"];
@@ -225,7 +233,7 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
     if (!BACKENDS.includes(backend as Backend)) throw new UsageError(`Expected --backend to be ${BACKENDS.join(", ")}, got ${JSON.stringify(backend)}`);
     const prefix = get("prefix") ?? "banshare";
     if (!/^[a-z][a-z0-9_-]{0,20}$/.test(prefix)) throw new UsageError(`Expected --prefix to be 1-21 of a-z 0-9 _ - starting with a letter, got ${JSON.stringify(prefix)}`);
-    return { command: cmd, statePath: get("state"), backend: backend as Backend, prefix, ...access };
+    return { command: cmd, statePath: get("state"), backend: backend as Backend, prefix, ...(parsed.values.fleet === true ? { fleet: true } : {}), ...access };
   }
   if (cmd === "import") {
     if (operands.length > 1) throw new UsageError(`Expected one FILE (or - for stdin) after import, got ${JSON.stringify(operands.join(" "))}`);
@@ -358,10 +366,9 @@ export interface WhoAmI {
   hub: string;
   seq: string;
   now: number;
-  /** Addresses the fleet blocks, live ban claims, and addresses blocked by claims not this node's own. */
+  /** Addresses the fleet blocks (what every agent holds, its own node's bans included) and live ban claims. */
   blocked: number;
   claims: number;
-  blockedByOthers: number;
 }
 
 /** `ms` as a short duration: `42s`, `9m58s`, `3h05m`, `2d03h`. */
@@ -563,7 +570,7 @@ async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<
     }
     out("hub", `${url} reachable, ${ms} ms round trip; hub id ${who.hub}, seq ${who.seq}`);
     out("node", `${who.node} (role ${who.role})`);
-    out("fleet", `${who.blocked} address(es) blocked by ${who.claims} claim(s); ${who.blockedByOthers} by other nodes (what this node's agent holds)`);
+    out("fleet", `${who.blocked} address(es) blocked by ${who.claims} claim(s) (what this node's agent holds)`);
     break;
   }
   if (!o.statePath) out("agent", "cursor unknown: give the agent's --state FILE (or BANSHARE_STATE)");
@@ -580,12 +587,44 @@ async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<
     const k = await kernelCount(o.backend, o.prefix);
     if ("error" in k) out("kernel", `cannot count: ${k.error}`);
     else {
-      const diff = who ? k.count - who.blockedByOthers : undefined;
+      const diff = who ? k.count - who.blocked : undefined;
       const verdict = diff === undefined ? "" : diff === 0 ? ": in step" : `: ${Math.abs(diff)} ${diff > 0 ? "more" : "fewer"} (allowlisted addresses are never blocked; a change may be on its way, or the agent is behind)`;
-      out("kernel", `${k.count} entr${k.count === 1 ? "y" : "ies"} in ${k.where}${who ? ` (hub: ${who.blockedByOthers} blocked by other nodes)${verdict}` : ""}`);
+      out("kernel", `${k.count} entr${k.count === 1 ? "y" : "ies"} in ${k.where}${who ? ` (hub: ${who.blocked} blocked)${verdict}` : ""}`);
     }
   }
   if (!who) process.exitCode = 1;
+}
+
+/** One line of `ban.ts status --fleet` for one node: name, verdict, and the counts behind it. */
+export function formatNodeLine(n: NodeState, now: number): string {
+  const e = n.enforcement;
+  if (!e || !n.verdict) return `${n.node}  no report  (${n.remote}, connected ${formatDuration(now - n.since)} ago: an agent older than the enforcement reports, or not synced yet)`;
+  const counts = `${e.entries === undefined ? "entries not counted" : `${e.entries} entr${e.entries === 1 ? "y" : "ies"}`} / ${e.claims} claim(s)`;
+  const repairs = `${e.repairs} repair(s)${e.lastRepair ? `, last ${formatDuration(now - e.lastRepair.at)} ago: ${e.lastRepair.what}` : ""}`;
+  return `${n.node}  ${n.verdict.text}  (${e.backend}, ${counts}, ${repairs}; ${n.remote}, reported ${formatDuration(now - e.at)} ago)`;
+}
+
+/** `status --fleet`: one line per connected agent from `GET /v1/nodes`; exit 1 unless every one enforces. */
+async function runFleet(o: StatusOptions, token: string, ca?: string): Promise<void> {
+  let answer;
+  try {
+    answer = await firstAnswer(o, "/v1/nodes", token, ca);
+  } catch (e) {
+    return fail(1, (e as Error).message);
+  }
+  const { url, res } = answer;
+  if (res.statusCode !== 200) return fail(1, await refusal(url, "/v1/nodes", res));
+  let list: NodeList;
+  try {
+    list = JSON.parse(await readText(res, 1 << 26)) as NodeList;
+  } catch (e) {
+    return fail(1, `${url} answered /v1/nodes with something that is not JSON: ${(e as Error).message}`);
+  }
+  for (const n of list.nodes) process.stdout.write(formatNodeLine(n, list.now) + "\n");
+  const bad = list.nodes.filter((n) => !n.verdict?.ok).length;
+  if (!list.nodes.length) return fail(1, `no agent is connected to ${url}`);
+  process.stdout.write(`${list.nodes.length - bad} of ${list.nodes.length} node(s) enforcing (hub ${list.hub})\n`);
+  if (bad) process.exitCode = 1;
 }
 
 /** One ban to import, from line `line` of the input. */
@@ -826,7 +865,7 @@ async function runOperator(o: ListOptions | StatusOptions | ImportOptions): Prom
     return fail(2, `Expected ${err.path ?? "the input"} to be a readable file, got ${err.code ?? err.message}`);
   }
   if (o.command === "list") return runList(o, token, ca);
-  if (o.command === "status") return runStatus(o, token, ca);
+  if (o.command === "status") return o.fleet ? runFleet(o, token, ca) : runStatus(o, token, ca);
   return runImport(o, token, input, ca);
 }
 

@@ -59,13 +59,16 @@ import {
   type Address,
   type AddressClaims,
   type BanFrame,
+  enforcementVerdict,
   type Claims,
   type CsvRecord,
   type Cursor,
   type AppliedFrame,
   type AppliedRecord,
+  type EnforcementReport,
   type ErrorCode,
   type FleetEvent,
+  type NodeList,
   type HelloFrame,
   type ListedClaim,
   type HubFrame,
@@ -343,15 +346,17 @@ export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | 
 }
 
 /**
- * The events a connecting agent needs: every live claim not its own, or, when resuming from
- * `afterSeq`, only those accepted after it. Claims are last-writer-wins, so the newest event
- * per (ip, origin) is all a resuming agent lacks; superseded and expired ones need no resend.
+ * The events a connecting agent needs: every live claim, its own node's included (the agent
+ * holds what the fleet decided, so a Fail2Ban restart on the origin, which flushes Fail2Ban's
+ * own rules, leaves no gap), or, when resuming from `afterSeq`, only those accepted after it.
+ * Claims are last-writer-wins, so the newest event per (ip, origin) is all a resuming agent
+ * lacks; superseded and expired ones need no resend.
  */
-export function syncEvents(claims: Claims, node: string, afterSeq: string | undefined, now: number): FleetEvent[] {
+export function syncEvents(claims: Claims, afterSeq: string | undefined, now: number): FleetEvent[] {
   const out: FleetEvent[] = [];
   for (const byOrigin of claims.values()) {
     for (const e of byOrigin.values()) {
-      if (e.origin === node || e.held || (e.until !== null && e.until <= now)) continue;
+      if (e.held || (e.until !== null && e.until <= now)) continue;
       if (afterSeq !== undefined && comparePositions(e.seq, afterSeq) <= 0) continue;
       out.push(e);
     }
@@ -397,22 +402,20 @@ export function liveClaims(byOrigin: Map<string, FleetEvent>, now: number): List
 }
 
 /**
- * Counts for `GET /v1/whoami`: addresses the fleet blocks now, live ban claims, and addresses
- * blocked by a claim that is not `node`'s own: what `node`'s agent holds in its kernel set (the
- * hub never sends a node its own bans; its Fail2Ban blocks them).
+ * Counts for `GET /v1/whoami`: addresses the fleet blocks now (what every agent holds in its
+ * kernel set, its own node's bans included) and the live ban claims, neither counting what
+ * `--quorum` holds back.
  */
-export function countBlocked(claims: Claims, node: string, now: number): { blocked: number; claims: number; blockedByOthers: number } {
+export function countBlocked(claims: Claims, now: number): { blocked: number; claims: number } {
   let blocked = 0;
   let live = 0;
-  let byOthers = 0;
   for (const byOrigin of claims.values()) {
     const relayed = liveClaims(byOrigin, now).filter((c) => !c.held);
     if (!relayed.length) continue;
     blocked++;
     live += relayed.length;
-    if (relayed.some((c) => c.origin !== node)) byOthers++;
   }
-  return { blocked, claims: live, blockedByOthers: byOthers };
+  return { blocked, claims: live };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1356,6 +1359,21 @@ function metric(name: string, type: "counter" | "gauge" | "histogram", help: str
   return [`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, ...samples.map(([suffix, v]) => `${name}${suffix} ${v}`)];
 }
 
+/** The per-node enforcement gauges of /metrics, from each node's newest `enforcement` report. */
+function nodeMetrics(reports: Map<string, EnforcementReport>): string[] {
+  const rows = [...reports].sort(([a], [b]) => (a < b ? -1 : 1));
+  const per = (f: (r: EnforcementReport) => number | undefined): Array<[string, number]> => rows.flatMap(([node, r]): Array<[string, number]> => (f(r) === undefined ? [] : [[`{node="${node}"}`, f(r)!]]));
+  return [
+    ...metric("banshare_node_enforcing", "gauge", "1 while the node's agent reports its hooks present, no drift and nothing missing, else 0.", per((r) => (enforcementVerdict(r).ok ? 1 : 0))),
+    ...metric("banshare_node_entries", "gauge", "Entries in the node's kernel sets at the agent's last count (absent where it does not count).", per((r) => r.entries)),
+    ...metric("banshare_node_claims", "gauge", "Addresses the node's agent applied: what its kernel should hold.", per((r) => r.claims)),
+    ...metric("banshare_node_drift", "gauge", "Entries the node's kernel lacks or has too many, as its agent counted.", per((r) => r.drift)),
+    ...metric("banshare_node_hooks_missing", "gauge", "Hooks (chains, jumps, nftables hooks) missing on the node.", per((r) => r.hooks.filter((h) => h.state === "missing").length)),
+    ...metric("banshare_node_repairs_total", "counter", "Repairs the node's agent made since it started.", per((r) => r.repairs)),
+    ...metric("banshare_node_report_timestamp_seconds", "gauge", "When the node's agent last reported its enforcement.", per((r) => Math.floor(r.at / 1000))),
+  ];
+}
+
 /** Gauges /metrics reads from the other parts when it is asked. */
 interface Gauges {
   roles: Record<Role, number>;
@@ -1364,6 +1382,8 @@ interface Gauges {
   blocked: number;
   seq: number;
   store: string[];
+  /** Each node's newest `enforcement` report. */
+  enforcement: Map<string, EnforcementReport>;
 }
 
 /** The hub's counters, one writer each, and the Prometheus text they make with the gauges. */
@@ -1418,6 +1438,7 @@ export class Metrics {
       ...metric("banshare_claims", "gauge", "Addresses with at least one live ban claim relayed to the fleet (not held by --quorum, not lifted).", [["", g.blocked]]),
       ...metric("banshare_seq", "gauge", "Sequence number of the last accepted event; with --store, stream entries this hub has read since it started (the stream position is /healthz's seq).", [["", g.seq]]),
       ...g.store,
+      ...nodeMetrics(g.enforcement),
     ];
     return lines.join("\n") + "\n";
   }
@@ -1508,6 +1529,8 @@ export class Conn {
   sentSeq?: string;
   /** The newest seq this agent reported applied (`applied` frames). */
   appliedSeq?: string;
+  /** This agent's latest `enforcement` report. */
+  enforcement?: EnforcementReport;
 
   constructor(
     readonly ws: WebSocket,
@@ -1579,6 +1602,17 @@ export class Connections implements Iterable<Conn> {
 
   receiving(): Conn[] {
     return [...this.all].filter((c) => c.receiving);
+  }
+
+  /** Each node's newest `enforcement` report, among its agents' connections. */
+  enforcementByNode(): Map<string, EnforcementReport> {
+    const out = new Map<string, EnforcementReport>();
+    for (const c of this.all) {
+      const r = c.enforcement;
+      const seen = out.get(c.entry.name);
+      if (c.receiving && r && (!seen || r.at > seen.at)) out.set(c.entry.name, r);
+    }
+    return out;
   }
 
   /** Heartbeat: a node that missed the last ping's pong is gone (cable pulled, host frozen). */
@@ -1678,7 +1712,7 @@ export class StatusFeed {
       hub,
       seq,
       at: now,
-      conns: conns.map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: c.kind, since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : lagOf(c.sentSeq), appliedSeq: c.appliedSeq })),
+      conns: conns.map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: c.kind, since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : lagOf(c.sentSeq), appliedSeq: c.appliedSeq, enforcement: c.enforcement, verdict: c.enforcement && enforcementVerdict(c.enforcement) })),
       bans,
       bansTotal: total,
       rt: rt.slice(-MAX_STATUS_RT),
@@ -1698,7 +1732,10 @@ export class StatusFeed {
   }
 }
 
-/** Sends durable events on to every agent but their origin's, one frame per agent, and tells the observers. */
+/**
+ * Sends durable events on to every agent, their origin's included (it holds its own node's
+ * bans in its kernel too), one frame serialised once for all, and tells the observers.
+ */
 export class Relay {
   constructor(
     private readonly conns: Connections,
@@ -1716,18 +1753,13 @@ export class Relay {
     const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
     if (!events.length) return;
     const sent = { ban: 0, unban: 0 };
-    // Most agents get every event: serialise that frame once, not once per agent (1,000 agents).
-    let everything: Buffer | undefined;
-    for (const c of receiving) {
-      const theirs = events.filter((e) => e.origin !== c.entry.name);
-      if (!theirs.length) continue;
-      for (const e of theirs) sent[e.kind]++;
-      if (theirs.length === events.length) c.send((everything ??= Buffer.from(JSON.stringify(eventsFrame(events)))));
-      else c.send(eventsFrame(theirs));
-    }
+    for (const e of events) sent[e.kind] += receiving.length;
+    // One frame for every agent: serialised once, not once per agent (1,000 agents).
+    let frame: Buffer | undefined;
+    for (const c of receiving) c.send((frame ??= Buffer.from(JSON.stringify(eventsFrame(events)))));
     const now = Date.now();
     this.metrics.relayed(events, sent, now);
-    for (const e of events) this.recorder.row({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.filter((c) => c.entry.name !== e.origin).length} agent(s)` });
+    for (const e of events) this.recorder.row({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.length} agent(s)` });
   }
 }
 
@@ -1929,6 +1961,13 @@ export class Sessions {
       if (!c.receiving) return this.refuse(c, "forbidden", `Expected applied only from an agent that receives events, got it from a ${c.watching ? "status page" : "sender"}`);
       return this.feed.applied(c, f);
     }
+    if (f.type === "enforcement") {
+      if (!c.hello) return this.refuse(c, "not_hello", "Expected hello as the first frame, got enforcement");
+      if (!c.receiving) return this.refuse(c, "forbidden", `Expected enforcement only from an agent that receives events, got it from a ${c.watching ? "status page" : "sender"}`);
+      const { type: _type, ...report } = f;
+      c.enforcement = { ...report, at: Date.now() };
+      return;
+    }
     if (!c.hello) return this.refuse(c, "not_hello", `Expected hello as the first frame, got ${f.type}`, f.id, f.ip);
     this.publisher.publish(c.entry, c.remote, f, answer);
   }
@@ -1946,7 +1985,7 @@ export class Sessions {
       return;
     }
     c.hello = true;
-    c.send({ type: "welcome", v: PROTOCOL_VERSION, hub: this.store.hubId, node: c.entry.name, role: c.entry.role, seq: this.store.position(), accepts: ["applied"] });
+    c.send({ type: "welcome", v: PROTOCOL_VERSION, hub: this.store.hubId, node: c.entry.name, role: c.entry.role, seq: this.store.position(), accepts: ["applied", "enforcement"] });
     if (f.want === "events") {
       void this.sync(c, f.cursor).catch((e: Error) => {
         this.log(`error: sync for ${c.who} failed, closing its connection for a retry: ${e.message}`);
@@ -1965,7 +2004,7 @@ export class Sessions {
     if (c.ws.readyState !== c.ws.OPEN) return;
     const resumeFrom = resumes ? cursor.seq : undefined;
     const upTo = this.fleet.durable;
-    const events = syncEvents(this.fleet.claims, c.entry.name, resumeFrom, Date.now());
+    const events = syncEvents(this.fleet.claims, resumeFrom, Date.now());
     const full = resumeFrom === undefined;
     const chunk = this.opts.syncChunk;
     for (let i = 0; i === 0 || i < events.length; i += chunk) {
@@ -2007,6 +2046,8 @@ export class HttpApi {
     // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list` show.
     this.routes.set("/v1/whoami", { methods: ["GET"], handle: this.authed((_req, res, entry) => this.whoami(res, entry)) });
     this.routes.set("/v1/bans", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.bans(res, entry, remote)) });
+    // GET /v1/nodes (admin only): every connected agent and its enforcement report, for `ban.ts status --fleet`.
+    this.routes.set("/v1/nodes", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.nodes(res, entry, remote)) });
     // The status page is static (no data, no token in it): its script fetches everything over the socket.
     for (const path of STATUS_PAGE.keys()) this.routes.set(path, { methods: ["GET", "HEAD"], handle: (req, res) => this.statusPage(req, res, path) });
     this.routes.set("/healthz", { handle: (_req, res) => this.healthz(res) });
@@ -2047,14 +2088,14 @@ export class HttpApi {
       const parsed = parseNodeFrame(Buffer.concat(chunks).toString("utf8"), Date.now(), this.maxPrefix);
       if (!parsed.ok) return refuse(parsed.code, parsed.message, parsed.id);
       const f = parsed.value;
-      if (f.type === "hello" || f.type === "applied") return refuse("bad_frame", `Expected a ban or unban frame in a POST, got ${f.type}`);
+      if (f.type === "hello" || f.type === "applied" || f.type === "enforcement") return refuse("bad_frame", `Expected a ban or unban frame in a POST, got ${f.type}`);
       this.publisher.publish(entry, remote, f, answer);
     });
   }
 
   private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
-    json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, entry.name, now) });
+    json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, now) });
   }
 
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
@@ -2063,6 +2104,17 @@ export class HttpApi {
       return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote }, (status, f) => json(res, status, f));
     }
     void this.streamBans(res, Date.now());
+  }
+
+  private nodes(res: ServerResponse, entry: TokenEntry, remote: string): void {
+    if (entry.role !== "admin") {
+      const message = `Only an admin can list the fleet's nodes; ${entry.name} is a ${entry.role}`;
+      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote }, (status, f) => json(res, status, f));
+    }
+    const nodes = this.conns.receiving().map((c) => ({ node: c.entry.name, remote: c.remote, since: c.since, lastSeen: c.lastSeen, enforcement: c.enforcement ?? null, verdict: c.enforcement ? enforcementVerdict(c.enforcement) : null }));
+    nodes.sort((a, b) => (a.node < b.node ? -1 : a.node > b.node ? 1 : a.since - b.since));
+    const body: NodeList = { hub: this.store.hubId, now: Date.now(), nodes };
+    json(res, 200, body);
   }
 
   /**
@@ -2112,7 +2164,7 @@ export class HttpApi {
 
   private metricsText(res: ServerResponse): void {
     const h = this.store.health();
-    const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: this.fleet.heldCount(), blocked: this.fleet.blockedCount(Date.now()), seq: h.count, store: h.metrics };
+    const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: this.fleet.heldCount(), blocked: this.fleet.blockedCount(Date.now()), seq: h.count, store: h.metrics, enforcement: this.conns.enforcementByNode() };
     res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
     res.end(this.metrics.text(gauges));
   }
@@ -2504,7 +2556,7 @@ const STATUS_HTML = `<!doctype html>
   </section>
   <section class="wide">
     <h2>Nodes</h2>
-    <div class="scroll"><table id="nodes"><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>Address</th><th>Connected</th><th>Last seen</th><th>Lag</th><th>Response</th></tr></thead><tbody></tbody></table></div>
+    <div class="scroll"><table id="nodes"><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>Address</th><th>Connected</th><th>Last seen</th><th>Lag</th><th>Response</th><th>Enforcement</th></tr></thead><tbody></tbody></table></div>
   </section>
   <section>
     <h2>Response times</h2>
@@ -2718,6 +2770,10 @@ const STATUS_JS = String.raw`"use strict";
         c.lag === undefined ? "-" : String(c.lag), rts ? rts[rts.length - 1] + " ms (median " + median(rts) + ")" : "-"].forEach(function (v, i) {
         tr.appendChild(el("td", v, i === 7 ? "rt" : i === 6 ? "lag" : ""));
       });
+      // The hub's verdict on the agent's report: enforcing, drift N, or hook missing since.
+      var enf = el("td", c.verdict ? c.verdict.text : c.kind === "events" ? "no report" : "-", "enforcement " + (c.verdict ? (c.verdict.ok ? "unban" : "ban") : "muted"));
+      if (c.enforcement) enf.title = c.enforcement.backend + ": " + (c.enforcement.entries === undefined ? "entries not counted" : c.enforcement.entries + " entries") + " / " + c.enforcement.claims + " claims, " + c.enforcement.repairs + " repairs";
+      tr.appendChild(enf);
       tbody.appendChild(tr);
     });
 

@@ -105,7 +105,46 @@ export const MAX_APPLIED_BATCH = 100;
 /** Largest response time an `applied` record may report, ms (a day; a sync's old bans are not response times). */
 export const MAX_APPLIED_RT_MS = 24 * 3600 * 1000;
 
-export type NodeFrame = HelloFrame | BanFrame | UnbanFrame | AppliedFrame;
+/** One place the agent's DROP rule must be reached from (`iptables INPUT`, `nft forward`, ...) and whether it is. */
+export interface EnforcementHook {
+  /** 1-64 of `A-Z a-z 0-9 _ . : / -` and spaces, e.g. `iptables INPUT`. */
+  name: string;
+  /** `absent`: nothing to hook (Docker's chain does not exist); not a problem. */
+  state: "present" | "missing" | "absent";
+  /** In this state since, ms. */
+  since?: number;
+}
+
+/**
+ * Agent -> hub: how the agent enforces now, sent when it is welcomed and whenever it changes (at
+ * most once a second). Sent only to a hub whose `welcome` lists `enforcement` in `accepts`.
+ */
+export interface EnforcementFrame {
+  type: "enforcement";
+  /** The agent's --backend. */
+  backend: string;
+  hooks: EnforcementHook[];
+  /** Entries in the kernel's sets (or rules) at the last count; absent where not counted. */
+  entries?: number;
+  /** Addresses the agent applied, what the kernel should hold. */
+  claims: number;
+  /** How many entries the kernel lacks or has too many (0 when not counted). */
+  drift: number;
+  /** What the last check found missing or wrong, each in a few words; empty while enforcing. */
+  missing: string[];
+  missingSince?: number;
+  /** Repairs since the agent started, and the last one. */
+  repairs: number;
+  lastRepair?: { at: number; what: string };
+}
+
+/** Most hooks, and most `missing` lines, one `enforcement` frame may carry. */
+export const MAX_ENFORCEMENT_HOOKS = 16;
+
+/** Longest `missing` line or `lastRepair.what` in an `enforcement` frame. */
+export const MAX_ENFORCEMENT_TEXT = 200;
+
+export type NodeFrame = HelloFrame | BanFrame | UnbanFrame | AppliedFrame | EnforcementFrame;
 
 /**
  * One accepted event: a claim by `origin` on `ip`. For a ban, `until` is when it ends
@@ -186,6 +225,32 @@ export interface StatusConn {
   lag?: number;
   /** The newest seq the agent reported applied. */
   appliedSeq?: string;
+  /** The agent's latest `enforcement` report (without its type) and when it came, ms. */
+  enforcement?: EnforcementReport;
+  /** `enforcementVerdict` of that report: what the status page shows. */
+  verdict?: { ok: boolean; text: string };
+}
+
+/** An agent's `enforcement` report as the hub keeps and shows it: the frame's fields and when it came (ms). */
+export type EnforcementReport = Omit<EnforcementFrame, "type"> & { at: number };
+
+/** One agent connection, as the admin's `GET /v1/nodes` lists it. */
+export interface NodeState {
+  node: string;
+  remote: string;
+  since: number;
+  lastSeen: number;
+  /** The latest report; null when the agent sent none (an older agent, or none yet). */
+  enforcement: EnforcementReport | null;
+  /** `enforcementVerdict` of the report; null without one. */
+  verdict: { ok: boolean; text: string } | null;
+}
+
+/** The document `GET /v1/nodes` answers; `now` is the hub's clock. */
+export interface NodeList {
+  hub: string;
+  now: number;
+  nodes: NodeState[];
 }
 
 /** One blocked address in a `status` frame: its newest active ban claim, and how many nodes claim it. */
@@ -540,10 +605,12 @@ export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits)
     }
     case "applied":
       return checkApplied(o.events, now);
+    case "enforcement":
+      return checkEnforcement(o, now);
     case undefined:
       return bad(`Expected a "type" field, got none`, id);
     default:
-      return bad(`Expected "type" to be hello, ban, unban or applied, got ${quote(o.type)}`, id);
+      return bad(`Expected "type" to be hello, ban, unban, applied or enforcement, got ${quote(o.type)}`, id);
   }
 }
 
@@ -569,6 +636,60 @@ function checkApplied(events: unknown, now: number): Checked<AppliedFrame> {
 /** A position in the hub's stream as the agent stores it and says it back in `hello` (which the hub bounds to 64 characters). */
 function isSeq(v: unknown): v is string {
   return typeof v === "string" && v.length >= 1 && v.length <= 64;
+}
+
+const HOOK_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9 _.:\/-]{0,63}$/;
+const TEXT_RE = new RegExp(`^[\\x20-\\x7e]{1,${MAX_ENFORCEMENT_TEXT}}$`);
+/** Largest count an `enforcement` frame may report (entries, claims, drift, repairs). */
+const MAX_ENFORCEMENT_COUNT = 1e9;
+
+/** Validates an `enforcement` frame; returns one holding only the known fields. */
+function checkEnforcement(o: Record<string, unknown>, now: number): Checked<EnforcementFrame> {
+  const isCount = (v: unknown): v is number => isInt(v) && v >= 0 && v <= MAX_ENFORCEMENT_COUNT;
+  const isTime = (v: unknown): v is number => isInt(v) && v > 0 && v <= now + MAX_CLOCK_SKEW_MS;
+  if (!isName(o.backend)) return bad(`Expected "backend" to be a backend name, got ${quote(o.backend)}`);
+  if (!Array.isArray(o.hooks) || o.hooks.length > MAX_ENFORCEMENT_HOOKS) return bad(`Expected "hooks" to be an array of at most ${MAX_ENFORCEMENT_HOOKS} hooks, got ${Array.isArray(o.hooks) ? `${o.hooks.length} hooks` : quote(o.hooks)}`);
+  const hooks: EnforcementHook[] = [];
+  for (const [i, h] of (o.hooks as unknown[]).entries()) {
+    const r = h as Record<string, unknown> | null;
+    if (typeof r !== "object" || r === null || Array.isArray(r)) return bad(`Expected "hooks"[${i}] to be an object, got ${Array.isArray(r) ? "an array" : quote(r)}`);
+    if (typeof r.name !== "string" || !HOOK_NAME_RE.test(r.name)) return bad(`Expected "hooks"[${i}].name to be 1-64 of A-Z a-z 0-9 _ . : / - and spaces, got ${quote(r.name)}`);
+    if (r.state !== "present" && r.state !== "missing" && r.state !== "absent") return bad(`Expected "hooks"[${i}].state to be present, missing or absent, got ${quote(r.state)}`);
+    if (r.since !== undefined && !isTime(r.since)) return bad(`Expected "hooks"[${i}].since to be a time in ms not in the future, got ${quote(r.since)}`);
+    hooks.push({ name: r.name, state: r.state, ...(r.since !== undefined ? { since: r.since } : {}) });
+  }
+  for (const k of ["claims", "drift", "repairs"] as const) if (!isCount(o[k])) return bad(`Expected "${k}" to be an integer from 0 to ${MAX_ENFORCEMENT_COUNT}, got ${quote(o[k])}`);
+  if (o.entries !== undefined && !isCount(o.entries)) return bad(`Expected "entries" to be an integer from 0 to ${MAX_ENFORCEMENT_COUNT} or absent, got ${quote(o.entries)}`);
+  if (!Array.isArray(o.missing) || o.missing.length > MAX_ENFORCEMENT_HOOKS || !o.missing.every((m) => typeof m === "string" && TEXT_RE.test(m))) {
+    return bad(`Expected "missing" to be at most ${MAX_ENFORCEMENT_HOOKS} lines of 1-${MAX_ENFORCEMENT_TEXT} printable characters, got ${quote(JSON.stringify(o.missing))}`);
+  }
+  if (o.missingSince !== undefined && !isTime(o.missingSince)) return bad(`Expected "missingSince" to be a time in ms not in the future, got ${quote(o.missingSince)}`);
+  let lastRepair: EnforcementFrame["lastRepair"];
+  if (o.lastRepair !== undefined) {
+    const r = o.lastRepair as Record<string, unknown> | null;
+    if (typeof r !== "object" || r === null || !isTime(r.at) || typeof r.what !== "string" || !TEXT_RE.test(r.what)) return bad(`Expected "lastRepair" to be {at, what} (a time in ms, 1-${MAX_ENFORCEMENT_TEXT} printable characters), got ${quote(JSON.stringify(o.lastRepair))}`);
+    lastRepair = { at: r.at, what: r.what };
+  }
+  const value: EnforcementFrame = { type: "enforcement", backend: o.backend, hooks, claims: o.claims as number, drift: o.drift as number, missing: o.missing as string[], repairs: o.repairs as number };
+  if (o.entries !== undefined) value.entries = o.entries as number;
+  if (o.missingSince !== undefined) value.missingSince = o.missingSince as number;
+  if (lastRepair) value.lastRepair = lastRepair;
+  return { ok: true, value };
+}
+
+/**
+ * What an `enforcement` report says in a few words, as the status page, `/metrics` and `ban.ts
+ * status --fleet` show it: `enforcing`, `hook missing since <ISO time> (hook)`, `drift N`, `<what>
+ * missing since <ISO time>` or, for the dry-run backend, `dry-run: not enforcing`; `ok` only while
+ * enforcing.
+ */
+export function enforcementVerdict(f: Omit<EnforcementFrame, "type">): { ok: boolean; text: string } {
+  if (f.backend === "dry-run") return { ok: false, text: "dry-run: not enforcing" };
+  const hook = f.hooks.filter((h) => h.state === "missing").sort((a, b) => (a.since ?? 0) - (b.since ?? 0))[0];
+  if (hook) return { ok: false, text: `hook missing since ${hook.since ? new Date(hook.since).toISOString() : "?"} (${hook.name})` };
+  if (f.drift > 0) return { ok: false, text: `drift ${f.drift}` };
+  if (f.missing.length) return { ok: false, text: `${f.missing[0]} missing since ${f.missingSince ? new Date(f.missingSince).toISOString() : "?"}` };
+  return { ok: true, text: "enforcing" };
 }
 
 function checkEvent(e: unknown): string | undefined {

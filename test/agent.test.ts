@@ -52,9 +52,11 @@ import {
   parseArgs,
   remainingSeconds,
   type Row,
+  agentMetricsText,
+  enforcementFrame,
 } from "../agent.ts";
 import { countKernelEntries, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
-import { contains, mergeClaim, parseAddress, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
+import { contains, mergeClaim, parseAddress, parseNodeFrame, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
 const NOW = 1_800_000_000_000;
 const cfg = { prefix: "banshare", ports: [] as number[], allow: [parseAddress("192.0.2.0/24")!, parseAddress("2001:db8::/32")!] };
@@ -368,6 +370,8 @@ describe("agent parseArgs(): flags become options, bad flags are one sentence, -
       [["--hub", "ws://x", "--token-file", "/t", "--backend", "pf"], /backend|Invalid values/],
       [["--hub", "ws://x", "--token-file", "/t", "--bogus"], /Unknown argument/],
       [["--cleanup", "--prefix=Bad;name"], /--prefix/],
+      [["--hub", "ws://x", "--token-file", "/t", "--metrics", "9101"], /--metrics/],
+      [["--hub", "ws://x", "--token-file", "/t", "--metrics", "127.0.0.1:70000"], /--metrics/],
     ];
     for (const [argv, re] of cases) assert.throws(() => parseArgs(argv), re, argv.join(" "));
   });
@@ -1082,5 +1086,26 @@ describe("agent errors by type: a UsageError makes main() print one line and exi
       process.stderr.write = write;
       process.exitCode = undefined;
     }
+  });
+});
+
+describe("enforcement reports", () => {
+  const NOW = 1_800_000_000_000;
+  const state = { backend: "ipset", hooks: [{ hook: "iptables INPUT", state: "present" as const, since: NOW - 1000 }, { hook: "ip6tables INPUT", state: "missing" as const, since: NOW }], missing: ["ip6tables INPUT hook\u0000"], missingSince: NOW, entries: 7, expected: 10, repairs: 2, lastRepair: { at: NOW, what: "x".repeat(300) } };
+
+  test("enforcementFrame() makes a frame messages.ts accepts: drift from the counts, text cut to printable and bounded", () => {
+    const f = enforcementFrame(state);
+    assert.deepEqual([f.type, f.claims, f.entries, f.drift, f.repairs], ["enforcement", 10, 7, 3, 2]);
+    assert.deepEqual(f.hooks.map((h) => [h.name, h.state]), [["iptables INPUT", "present"], ["ip6tables INPUT", "missing"]]);
+    assert.equal(f.missing[0], "ip6tables INPUT hook?");
+    const parsed = parseNodeFrame(JSON.stringify(f), NOW);
+    assert.ok(parsed.ok, parsed.ok ? "" : parsed.message);
+    assert.equal(enforcementFrame({ ...state, entries: undefined }).drift, 0, "no count, no drift claimed");
+  });
+
+  test("agentMetricsText() has the counts, the hooks missing and the DROP counters when read", () => {
+    const text = agentMetricsText(state, { packets: 12, bytes: 720 });
+    for (const line of ["banshare_agent_entries 7", "banshare_agent_claims 10", "banshare_agent_drift 3", "banshare_agent_hooks_missing 1", "banshare_agent_repairs_total 2", "banshare_agent_dropped_packets_total 12", "banshare_agent_dropped_bytes_total 720"]) assert.match(text, new RegExp(`^${line}$`, "m"));
+    assert.doesNotMatch(agentMetricsText({ ...state, entries: undefined }, undefined), /banshare_agent_(entries|dropped)/);
   });
 });

@@ -143,7 +143,7 @@ describe("claims: events, syncs and listings say what the fleet blocks, leaving 
     assert.equal(all.until, NOW + 7_200_000, "an admin unban lives as long as the longest claim it lifts");
   });
 
-  test("syncEvents() sends live claims not the agent's own, in seq order, and after a cursor only newer ones", () => {
+  test("syncEvents() sends every live claim, the agent's own node's included, in seq order, and after a cursor only newer ones", () => {
     const claims = claimsOf(
       claim({ ip: "192.0.2.1", origin: "web1", seq: "3" }),
       claim({ ip: "192.0.2.1", origin: "web2", seq: "10" }),
@@ -151,8 +151,8 @@ describe("claims: events, syncs and listings say what the fleet blocks, leaving 
       claim({ ip: "192.0.2.3", origin: "web2", seq: "4", until: NOW - 1 }),
       claim({ ip: "192.0.2.4", origin: "web2", seq: "5", held: true }),
     );
-    assert.deepEqual(syncEvents(claims, "web1", undefined, NOW).map((e) => e.seq), ["2", "10"]);
-    assert.deepEqual(syncEvents(claims, "web3", "3", NOW).map((e) => e.seq), ["10"], "9 < 10 as positions, not as text");
+    assert.deepEqual(syncEvents(claims, undefined, NOW).map((e) => e.seq), ["2", "3", "10"], "web1's own claim (seq 3) too");
+    assert.deepEqual(syncEvents(claims, "3", NOW).map((e) => e.seq), ["10"], "9 < 10 as positions, not as text");
   });
 
   test("liveClaims() leaves out ended claims, unbans and claims lifted by a newer admin unban", () => {
@@ -166,7 +166,7 @@ describe("claims: events, syncs and listings say what the fleet blocks, leaving 
     assert.deepEqual(liveClaims(byOrigin, NOW), [{ origin: "web2", jail: "sshd", until: NOW + 60_000, detectedAt: NOW - 500, seq: "1", held: true }]);
   });
 
-  test("countBlocked() counts relayed live claims, and the addresses blocked by another node's claim", () => {
+  test("countBlocked() counts the addresses relayed live claims block, and the claims", () => {
     const claims = claimsOf(
       claim({ ip: "192.0.2.1", origin: "web1" }),
       claim({ ip: "192.0.2.1", origin: "web2" }),
@@ -174,7 +174,7 @@ describe("claims: events, syncs and listings say what the fleet blocks, leaving 
       claim({ ip: "192.0.2.3", origin: "web2", held: true }),
       claim({ ip: "192.0.2.4", origin: "web2", kind: "unban" }),
     );
-    assert.deepEqual(countBlocked(claims, "web1", NOW), { blocked: 2, claims: 3, blockedByOthers: 1 });
+    assert.deepEqual(countBlocked(claims, NOW), { blocked: 2, claims: 3 });
   });
 
   test("statusBans() shows the newest blocked addresses first with their claim counts, held claims not counted", () => {
@@ -358,7 +358,7 @@ describe("the hub's small parts: the rate limit holds, a refusal is counted, log
     assert.equal(csv.length, 3);
     assert.match(csv[1], /,REJECT,192\.0\.2\.9,web1,.*rate_limited: slow down/);
     assert.match(csv[2], /,REJECT,,,.*unauthorized: unknown token from 192\.0\.2\.2:6/);
-    const text = metrics.text({ roles: { node: 0, reader: 0, admin: 0 }, agents: 0, held: 0, blocked: 0, seq: 0, store: [] });
+    const text = metrics.text({ roles: { node: 0, reader: 0, admin: 0 }, agents: 0, held: 0, blocked: 0, seq: 0, store: [], enforcement: new Map() });
     assert.match(text, /^banshare_refused_total\{reason="rate_limited"\} 1$/m);
     assert.match(text, /^banshare_refused_total\{reason="unauthorized"\} 1$/m);
   });
@@ -508,7 +508,7 @@ describe("the hub relays, acks and resumes by cursor", () => {
   before(async () => (f = await fleet()));
   after(() => f.stop());
 
-  test("an accepted ban is acked with its seq and relayed to other agents, not back to its origin", async () => {
+  test("an accepted ban is acked with its seq and relayed to every agent, its origin's included", async () => {
     const { c: a2 } = await f.agent("web2");
     const { c: a1 } = await f.agent("web1");
     const sender = await f.connect("web1");
@@ -520,7 +520,9 @@ describe("the hub relays, acks and resumes by cursor", () => {
     assert.deepEqual([ev.ip, ev.origin, ev.seq], [b.ip, "web1", ack.seq]);
     sender.send(banFrame("192.0.2.31"));
     await a2.next((x) => x.type === "event" && x.ip === "192.0.2.31", "second event");
-    assert.equal(a1.frames.filter((x) => x.type === "event").length, 0, "web1's agent got its own ban back");
+    const own = await a1.next((x) => x.type === "event" && x.ip === "192.0.2.31", "web1's agent gets its own node's ban");
+    assert.equal(own.origin, "web1");
+    assert.ok(a1.frames.some((x) => x.type === "event" && x.ip === b.ip), "web1's agent holds its node's first ban too");
   });
 
   test("a replayed ban is acked again with the seq it first got, and changes nothing", async () => {
@@ -552,7 +554,73 @@ describe("the hub relays, acks and resumes by cursor", () => {
     const who = (await (await f.get("/v1/whoami", "web1")).json()) as Record<string, any>;
     assert.equal(who.node, "web1");
     assert.equal(who.seq, health.seq);
-    assert.deepEqual([who.blocked, who.blockedByOthers], [4, 1], "web1's three own bans are not blocked by others");
+    assert.equal(who.blocked, 4, "every blocked address, web1's own three included");
+    assert.equal(who.blockedByOthers, undefined);
+  });
+});
+
+describe("enforcement reports: the hub keeps each agent's latest and shows it", () => {
+  let f: Fleet;
+  before(async () => (f = await fleet()));
+  after(() => f.stop());
+  const report = (over: object = {}) => ({ type: "enforcement", backend: "ipset", hooks: [{ name: "iptables INPUT", state: "present", since: Date.now() - 60_000 }, { name: "ip6tables INPUT", state: "present", since: Date.now() - 60_000 }], entries: 5, claims: 5, drift: 0, missing: [], repairs: 0, ...over });
+
+  test("the welcome lists enforcement; an agent's report is in /v1/nodes (admin), the status frame and /metrics; a newer one replaces it", async () => {
+    const { c: agent } = await f.agent("web1");
+    const welcome = agent.frames.find((x) => x.type === "welcome")!;
+    assert.deepEqual(welcome.accepts, ["applied", "enforcement"]);
+    agent.send(report());
+    const nodes = async () => (await (await f.get("/v1/nodes", "ops")).json()) as Record<string, any>;
+    const one = await waitFor(async () => (await nodes()).nodes.find((n: any) => n.node === "web1" && n.enforcement), "web1's report in /v1/nodes");
+    assert.deepEqual(one.verdict, { ok: true, text: "enforcing" });
+    assert.deepEqual([one.enforcement.entries, one.enforcement.claims, one.enforcement.backend], [5, 5, "ipset"]);
+    assert.equal(await f.metric('banshare_node_enforcing{node="web1"}'), 1);
+    assert.equal(await f.metric('banshare_node_entries{node="web1"}'), 5);
+
+    const since = Date.now() - 3000;
+    agent.send(report({ hooks: [{ name: "iptables INPUT", state: "missing", since }], entries: 2, drift: 3, missing: ["iptables INPUT hook"], missingSince: since, repairs: 2, lastRepair: { at: since, what: "ipset flush" } }));
+    const two = await waitFor(async () => (await nodes()).nodes.find((n: any) => n.node === "web1" && n.enforcement?.repairs === 2), "web1's newer report");
+    assert.deepEqual(two.verdict, { ok: false, text: `hook missing since ${new Date(since).toISOString()} (iptables INPUT)` });
+    assert.equal(await f.metric('banshare_node_enforcing{node="web1"}'), 0);
+    assert.equal(await f.metric('banshare_node_drift{node="web1"}'), 3);
+    assert.equal(await f.metric('banshare_node_hooks_missing{node="web1"}'), 1);
+    assert.equal(await f.metric('banshare_node_repairs_total{node="web1"}'), 2);
+    agent.send(report({ entries: 2, drift: 3 }));
+    const three = await waitFor(async () => (await nodes()).nodes.find((n: any) => n.node === "web1" && n.enforcement?.drift === 3 && !n.enforcement.missing.length), "web1's drift report");
+    assert.deepEqual(three.verdict, { ok: false, text: "drift 3" });
+
+    const watch = await f.connect("dash", { want: "status" });
+    const status = await watch.next((x) => x.type === "status" && x.conns.some((c: any) => c.name === "web1" && c.verdict), "a status frame with web1's verdict");
+    assert.deepEqual(status.conns.find((c: any) => c.name === "web1").verdict, { ok: false, text: "drift 3" });
+    watch.close();
+    agent.close();
+    await waitFor(async () => !(await nodes()).nodes.some((n: any) => n.node === "web1"), "web1 gone from /v1/nodes once disconnected");
+  });
+
+  test("a report is refused from a sender or status page, when malformed or too big, and /v1/nodes is for admins only", async () => {
+    const sender = await f.connect("web2");
+    sender.send(report());
+    assert.equal((await sender.next((x) => x.type === "error", "error")).code, "forbidden");
+    const { c: agent } = await f.agent("web3");
+    const bad: object[] = [
+      report({ hooks: Array.from({ length: 17 }, (_, i) => ({ name: `h${i}`, state: "present" })) }),
+      report({ hooks: [{ name: "INPUT; rm -rf /", state: "present" }] }),
+      report({ hooks: [{ name: "INPUT", state: "gone" }] }),
+      report({ drift: -1 }),
+      report({ entries: 1.5 }),
+      report({ missing: ["x\ny"] }),
+      report({ lastRepair: { at: Date.now() + 3_600_000, what: "later" } }),
+      report({ backend: "" }),
+    ];
+    for (const b of bad) agent.send(b);
+    await waitFor(() => agent.frames.filter((x) => x.type === "error").length >= bad.length, "an error for each bad report");
+    assert.ok(agent.frames.filter((x) => x.type === "error").every((x) => x.code === "bad_frame"));
+    const nodes = (await (await f.get("/v1/nodes", "ops")).json()) as Record<string, any>;
+    assert.equal(nodes.nodes.find((n: any) => n.node === "web3").enforcement, null, "a refused report was kept");
+    assert.equal((await f.get("/v1/nodes", "web3")).status, 403);
+    assert.equal((await f.get("/v1/nodes", "dash")).status, 403);
+    assert.equal((await f.get("/v1/nodes")).status, 401);
+    assert.equal((await f.post("web3", report())).status, 400, "a report in a POST");
   });
 });
 

@@ -84,10 +84,10 @@ for (const { backend, reqs } of BACKENDS) {
         assert.match(await kernelState(topo, n, backend), new RegExp(topo.ip("attacker").replace(/\./g, "\\.")));
         assert.equal(rows(csv(n), "BLOCK", topo.ip("attacker")).length, 1);
       }
-      // The operator's view on that server: its kernel holds what the hub says other nodes block.
+      // The operator's view on that server: its kernel holds what the hub says the fleet blocks.
       const status = tsx("ban.ts", ["status", "--backend", backend, "--hub", hub.url, "--token-file", tokens.a1], { netns: topo.ns("a1"), name: "status a1" });
       assert.equal((await status.closed).code, 0, status.output());
-      assert.match(status.output(), /kernel:\s+2 entries in .*\(hub: 2 blocked by other nodes\): in step/, status.output());
+      assert.match(status.output(), /kernel:\s+2 entries in .*\(hub: 2 blocked\): in step/, status.output());
       await send("unban", topo.ip("attacker"));
       await send("unban", topo.ip6("attacker"));
       for (const n of AGENTS) {

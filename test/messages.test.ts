@@ -10,6 +10,7 @@ import {
   checkBannable,
   contains,
   csvRow,
+  enforcementVerdict,
   eventUntil,
   mergeClaim,
   parseAddress,
@@ -91,7 +92,7 @@ describe("parseNodeFrame(): a node's frame is accepted only well-formed, and ref
       [{ type: "hello", v: 2 }, "version", /version 1/],
       [{ type: "hello", v: 1, want: "everything" }, "bad_frame", /want/],
       [{ type: "hello", v: 1, cursor: "x" }, "bad_frame", /cursor/],
-      [{ type: "nope", id: "x" }, "bad_frame", /hello, ban, unban or applied/],
+      [{ type: "nope", id: "x" }, "bad_frame", /hello, ban, unban, applied or enforcement/],
       [{ id: "x" }, "bad_frame", /type/],
       [{ ...ban, id: undefined }, "bad_frame", /"id"/],
       [{ ...ban, id: "has space" }, "bad_frame", /"id"/],
@@ -320,5 +321,53 @@ describe("csvRow(): log rows have the documented columns, quoted where needed", 
     assert.equal(CSV_HEADER.split(",").length, 9);
     const row = csvRow({ time: NOW, node: "web2", action: "BLOCK", ip: "203.0.113.7", origin: "web1", jail: "sshd", until: null, rtMs: 12, detail: 'said "hi", twice' });
     assert.equal(row, `${new Date(NOW).toISOString()},web2,BLOCK,203.0.113.7,web1,sshd,never,12,"said ""hi"", twice"\n`);
+  });
+});
+
+describe("enforcement frames", () => {
+  const frame = { type: "enforcement", backend: "ipset", hooks: [{ name: "iptables INPUT", state: "present", since: NOW - 1000 }], entries: 3, claims: 3, drift: 0, missing: [], repairs: 1, lastRepair: { at: NOW - 500, what: "ipset flush" }, extra: "dropped" };
+
+  test("parseNodeFrame() keeps only the known fields of a valid report", () => {
+    const r = parseNodeFrame(JSON.stringify(frame), NOW);
+    assert.ok(r.ok);
+    const { extra: _extra, ...known } = frame;
+    assert.deepEqual(r.value, known);
+  });
+
+  test("parseNodeFrame() refuses a report with unbounded or mistyped fields, in one sentence each", () => {
+    const cases: Array<[object, RegExp]> = [
+      [{ hooks: "INPUT" }, /"hooks"/],
+      [{ hooks: Array.from({ length: 17 }, () => frame.hooks[0]) }, /at most 16 hooks/],
+      [{ hooks: [{ name: "$(reboot)", state: "present" }] }, /name/],
+      [{ hooks: [{ name: "INPUT", state: "on" }] }, /present, missing or absent/],
+      [{ hooks: [{ name: "INPUT", state: "present", since: NOW + 3_600_000 }] }, /since/],
+      [{ claims: -1 }, /"claims"/],
+      [{ drift: 2e9 }, /"drift"/],
+      [{ repairs: "1" }, /"repairs"/],
+      [{ entries: null }, /"entries"/],
+      [{ missing: ["x".repeat(201)] }, /"missing"/],
+      [{ missing: "hook" }, /"missing"/],
+      [{ lastRepair: { at: NOW, what: "" } }, /"lastRepair"/],
+      [{ backend: "ip set" }, /"backend"/],
+    ];
+    for (const [over, re] of cases) {
+      const r = parseNodeFrame(JSON.stringify({ ...frame, ...over }), NOW);
+      assert.equal(r.ok, false, JSON.stringify(over));
+      if (r.ok) continue;
+      assert.equal(r.code, "bad_frame");
+      assert.match(r.message, re);
+      assert.doesNotMatch(r.message, /\n/);
+    }
+  });
+
+  test("enforcementVerdict() says enforcing, hook missing since (the oldest), drift N, what is missing, or dry-run", () => {
+    const base = { backend: "ipset", hooks: [], claims: 3, drift: 0, missing: [], repairs: 0 };
+    assert.deepEqual(enforcementVerdict(base), { ok: true, text: "enforcing" });
+    const hooks = [{ name: "ip6tables INPUT", state: "missing" as const, since: NOW }, { name: "iptables INPUT", state: "missing" as const, since: NOW - 1000 }, { name: "DOCKER-USER", state: "absent" as const }];
+    assert.deepEqual(enforcementVerdict({ ...base, hooks, drift: 3 }), { ok: false, text: `hook missing since ${new Date(NOW - 1000).toISOString()} (iptables INPUT)` });
+    assert.deepEqual(enforcementVerdict({ ...base, drift: 3 }), { ok: false, text: "drift 3" });
+    assert.deepEqual(enforcementVerdict({ ...base, missing: ["banshare-v4 set"], missingSince: NOW }), { ok: false, text: `banshare-v4 set missing since ${new Date(NOW).toISOString()}` });
+    assert.deepEqual(enforcementVerdict({ ...base, hooks: [hooks[2]] }), { ok: true, text: "enforcing" }, "an absent hook (no Docker) is no problem");
+    assert.equal(enforcementVerdict({ ...base, backend: "dry-run" }).ok, false);
   });
 });

@@ -240,6 +240,33 @@ describe("status page: in Chromium a reader sees nodes, bans, events and respons
     await page.close();
   });
 
+  test("each agent's enforcement shows in the Nodes table: enforcing, drift N, hook missing since, as text only", async () => {
+    const page = await open();
+    await logIn(page, w.tokens.viewer);
+    // web1 runs the dry-run backend: it reports, and enforces nothing.
+    const web1 = page.locator('#nodes tr[data-name="web1"] td.enforcement');
+    await web1.filter({ hasText: "dry-run: not enforcing" }).waitFor({ timeout: 10_000 });
+    // web2 as an agent over a real socket, reporting what a tampered server would.
+    const agent = await connectNode(w.hub.url, w.tokens.web2, { timeoutMs: 5000 });
+    agent.ws.send(JSON.stringify({ type: "hello", v: 1, want: "events" }));
+    await agent.next((f) => f.type === "sync");
+    const report = (over: object) => agent.ws.send(JSON.stringify({ type: "enforcement", backend: "ipset", hooks: [{ name: "iptables INPUT", state: "present", since: Date.now() }], entries: 4, claims: 4, drift: 0, missing: [], repairs: 0, ...over }));
+    const web2 = page.locator('#nodes tr[data-name="web2"] td.enforcement');
+    report({});
+    await web2.filter({ hasText: /^enforcing$/ }).waitFor({ timeout: 10_000 });
+    report({ entries: 0, drift: 4 });
+    await web2.filter({ hasText: /^drift 4$/ }).waitFor({ timeout: 10_000 });
+    const since = Date.now() - 5000;
+    report({ hooks: [{ name: "iptables INPUT", state: "missing", since }], missing: ["iptables INPUT hook"], missingSince: since });
+    await web2.filter({ hasText: `hook missing since ${new Date(since).toISOString()} (iptables INPUT)` }).waitFor({ timeout: 10_000 });
+    assert.match((await web2.first().getAttribute("class")) ?? "", /\bban\b/, "a missing hook is shown as a problem");
+    // A report's text goes in as text: markup in it stays text (the frame's names allow none, the page adds none).
+    assert.equal(await page.locator("#nodes td.enforcement *").count(), 0);
+    assert.deepEqual(problems, [], "console errors or CSP violations");
+    agent.ws.close();
+    await page.close();
+  });
+
   test("a repeat offender's longer ban shows in the bans list and the event stream", async () => {
     const page = await open();
     await logIn(page, w.tokens.viewer);
