@@ -568,7 +568,7 @@ describe("Applier: claims in, kernel changes and CSV rows out (dry-run backend)"
     try {
       guard.start();
       await guard.check();
-      assert.deepEqual(guard.snapshot(), { backend: "dry-run", hooks: [], missing: [], missingSince: undefined, entries: undefined, expected: 0, repairs: 0, lastRepair: undefined, lastCheck: undefined });
+      assert.deepEqual(guard.snapshot(), { backend: "dry-run", hooks: [], missing: [], missingSince: undefined, entries: undefined, expected: 0, drift: 0, repairs: 0, lastRepair: undefined, lastCheck: undefined });
     } finally {
       await guard.close();
       await applier.close();
@@ -1091,16 +1091,16 @@ describe("agent errors by type: a UsageError makes main() print one line and exi
 
 describe("enforcement reports", () => {
   const NOW = 1_800_000_000_000;
-  const state = { backend: "ipset", hooks: [{ hook: "iptables INPUT", state: "present" as const, since: NOW - 1000 }, { hook: "ip6tables INPUT", state: "missing" as const, since: NOW }], missing: ["ip6tables INPUT hook\u0000"], missingSince: NOW, entries: 7, expected: 10, repairs: 2, lastRepair: { at: NOW, what: "x".repeat(300) } };
+  const state = { backend: "ipset", hooks: [{ hook: "iptables INPUT", state: "present" as const, since: NOW - 1000 }, { hook: "ip6tables INPUT", state: "missing" as const, since: NOW }], missing: ["ip6tables INPUT hook\u0000"], missingSince: NOW, entries: 7, expected: 10, drift: 3, repairs: 2, lastRepair: { at: NOW, what: "x".repeat(300) } };
 
-  test("enforcementFrame() makes a frame messages.ts accepts: drift from the counts, text cut to printable and bounded", () => {
+  test("enforcementFrame() makes a frame messages.ts accepts: the Guard's drift, text cut to printable and bounded", () => {
     const f = enforcementFrame(state);
     assert.deepEqual([f.type, f.claims, f.entries, f.drift, f.repairs], ["enforcement", 10, 7, 3, 2]);
     assert.deepEqual(f.hooks.map((h) => [h.name, h.state]), [["iptables INPUT", "present"], ["ip6tables INPUT", "missing"]]);
     assert.equal(f.missing[0], "ip6tables INPUT hook?");
     const parsed = parseNodeFrame(JSON.stringify(f), NOW);
     assert.ok(parsed.ok, parsed.ok ? "" : parsed.message);
-    assert.equal(enforcementFrame({ ...state, entries: undefined }).drift, 0, "no count, no drift claimed");
+    assert.equal(enforcementFrame({ ...state, entries: undefined, drift: undefined }).drift, 0, "no count compared, no drift claimed");
   });
 
   test("agentMetricsText() has the counts, the hooks missing and the DROP counters when read", () => {
