@@ -4,7 +4,6 @@
  * DROP` process per address) measured in the same run.
  */
 
-import { execa } from "execa";
 import { createTopology } from "../lib/netns.ts";
 import { benchIp, fmt, nowMs, stats, statsHeader, statsRow } from "./lib.ts";
 import { runSender, startFleet, until } from "./fleet.ts";

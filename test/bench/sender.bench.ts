@@ -19,7 +19,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import WebSocket from "ws";
 import { failureLines, startFail2ban, REPO_DIR, type Fail2ban } from "../lib/fail2ban.ts";
-import { enrol, readCsv, startAgentProc, startHubProc, waitFor, type HubProc } from "../lib/fleet.ts";
+import { enrol, readCsv, startAgentProc, startHubProc, type HubProc } from "../lib/fleet.ts";
 import { createTopology, type Topology } from "../lib/netns.ts";
 import type { Proc } from "../lib/proc.ts";
 import { fmtMs, machineLine, pollSet, shuffled, sleep, summarize, summaryHeader, summaryRow, timeProcess } from "./stats-sender.ts";
