@@ -24,7 +24,7 @@
 
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
-import { createReadStream, createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
+import { createReadStream, createWriteStream, existsSync, readFileSync, realpathSync, type WriteStream } from "node:fs";
 import { appendFile, chmod, mkdir, open, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { STATUS_CODES, createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
@@ -104,8 +104,11 @@ export interface HubOptions {
   /** Per-node event rate limit: sustained events per second, and the burst allowed above it. */
   rate: number;
   burst: number;
-  /** Most simultaneous connections one node may hold. */
+  /** Most simultaneous connections one node may hold: WebSockets and HTTP requests being served. */
   maxConnsPerNode: number;
+  /** Most sockets not yet authenticated, in all (default: a quarter of the open-file limit, at most 1024) and per source address (32). */
+  maxPending?: number;
+  maxPendingPerAddress?: number;
   /** Networks no ban may touch (the operator's own ranges); the hub's own addresses are added. */
   protect: string[];
   /** Serve plain ws:// on a non-loopback address (tokens cross the network in clear). */
@@ -146,6 +149,20 @@ const ROLES: Role[] = ["node", "reader", "admin"];
 const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
 const HELLO_TIMEOUT_MS = 10_000;
+/** A socket gets this long to make an authenticated request (or upgrade); an HTTP request this long to arrive whole. */
+const PENDING_TIMEOUT_MS = 10_000;
+const REQUEST_TIMEOUT_MS = 30_000;
+const DEFAULT_MAX_PENDING_PER_ADDRESS = 32;
+/** A revoked connection gets this long for the close handshake before it is cut. */
+const REVOKE_GRACE_MS = 1000;
+/** A sync sends its next chunk only while less than this is queued (or --max-buffered, if less), and gives up on a reader that takes longer than SYNC_STALL_MS to take it. */
+const SYNC_WINDOW_BYTES = 2 << 20;
+const SYNC_STALL_MS = 20_000;
+/** Refusals before a token was accepted: per source address and reason, the first FLOOD_FIRST per FLOOD_WINDOW_MS are logged one by one (FLOOD_BUDGET in all), the rest summed up in one line per window. */
+const FLOOD_FIRST = 5;
+const FLOOD_BUDGET = 100;
+const FLOOD_SOURCES = 256;
+const FLOOD_WINDOW_MS = 10_000;
 const MAX_REFUSED_PER_CONN = 1000;
 /** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
 const STATUS_INTERVAL_MS = 1000;
@@ -162,7 +179,7 @@ const TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
 const BEARER_RE = new RegExp(`^Bearer (${TOKEN_PATTERN})$`);
 const TOKEN_PROTOCOL_RE = new RegExp(`^${TOKEN_PROTOCOL_PREFIX.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}(${TOKEN_PATTERN})$`);
 
-const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "max-pending", "max-pending-per-address", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
 /** A week of a busy fleet (one event a second on average, bursts included) fits in it. */
 const DEFAULT_STREAM_MAX_LEN = 1_000_000;
@@ -483,6 +500,120 @@ export function decideRules(rules: FleetRules, sender: string, e: FleetEvent, by
 }
 
 /**
+ * The counts /metrics, /v1/whoami and /healthz report, kept up to date as claims change and end
+ * instead of walked per request: per address, the origins whose ban claim is live, relayed and
+ * lifted by no newer admin unban; per origin, how many such claims it holds; the addresses they
+ * block; the claims `--quorum` holds back. An address is recounted when its claims change and
+ * when its next claim ends (a heap of end times), so a read costs the claims that ended since
+ * the last read plus one entry per origin: O(nodes), not O(claims).
+ */
+export class ClaimCounts {
+  private readonly byAddress = new Map<string, { live: string[]; held: number }>();
+  private readonly byOrigin = new Map<string, number>();
+  private blocked = 0;
+  private held = 0;
+  /** Min-heap of (end time, address): when an address must be recounted; `next` is each address's earliest entry. */
+  private readonly heap: Array<[number, string]> = [];
+  private readonly next = new Map<string, number>();
+  /** Addresses whose claims changed since the last read: recounted then, at the reader's time. */
+  private readonly dirty = new Set<string>();
+
+  /** The claims of address `ip` changed. */
+  touch(ip: string): void {
+    this.dirty.add(ip);
+  }
+
+  /** Counts address `ip` again from its claims (`undefined`: it has none) as they stand at `now`. */
+  private recount(ip: string, byOrigin: AddressClaims | undefined, now: number): void {
+    const old = this.byAddress.get(ip);
+    if (old) {
+      for (const o of old.live) this.addOrigin(o, -1);
+      if (old.live.length) this.blocked--;
+      this.held -= old.held;
+      this.byAddress.delete(ip);
+    }
+    if (!byOrigin) return;
+    const admin = byOrigin.get(ALL_ORIGINS);
+    const live: string[] = [];
+    let held = 0;
+    let ends = Infinity;
+    for (const c of byOrigin.values()) {
+      if (c.kind !== "ban" || isExpired(c, now) || (admin && !isNewer(c, admin))) continue;
+      if (c.held) held++;
+      else live.push(c.origin);
+      if (c.until !== null) ends = Math.min(ends, c.until);
+    }
+    if (!live.length && !held) return;
+    this.byAddress.set(ip, { live, held });
+    for (const o of live) this.addOrigin(o, 1);
+    if (live.length) this.blocked++;
+    this.held += held;
+    const scheduled = this.next.get(ip);
+    if (ends !== Infinity && (scheduled === undefined || ends < scheduled)) {
+      this.next.set(ip, ends);
+      this.push([ends, ip]);
+    }
+  }
+
+  /** Recounts, from `claims`, every address touched since the last call and every one whose earliest claim ended by `now`. */
+  expire(claims: Claims, now: number): void {
+    for (const ip of this.dirty) this.recount(ip, claims.get(ip), now);
+    this.dirty.clear();
+    while (this.heap.length && this.heap[0][0] <= now) {
+      const [at, ip] = this.pop();
+      // An entry superseded by an earlier one for the same address was recounted then.
+      if (this.next.get(ip) !== at) continue;
+      this.next.delete(ip);
+      this.recount(ip, claims.get(ip), now);
+    }
+  }
+
+  /** Addresses blocked, live relayed claims in all, per origin, and claims held, as of the last `expire`. */
+  totals(): { blocked: number; claims: number; held: number; byOrigin: ReadonlyMap<string, number> } {
+    let claims = 0;
+    for (const n of this.byOrigin.values()) claims += n;
+    return { blocked: this.blocked, claims, held: this.held, byOrigin: this.byOrigin };
+  }
+
+  private addOrigin(origin: string, d: number): void {
+    const n = (this.byOrigin.get(origin) ?? 0) + d;
+    if (n) this.byOrigin.set(origin, n);
+    else this.byOrigin.delete(origin);
+  }
+
+  private push(item: [number, string]): void {
+    const h = this.heap;
+    h.push(item);
+    for (let i = h.length - 1; i > 0; ) {
+      const up = (i - 1) >> 1;
+      if (h[up][0] <= h[i][0]) break;
+      [h[up], h[i]] = [h[i], h[up]];
+      i = up;
+    }
+  }
+
+  private pop(): [number, string] {
+    const h = this.heap;
+    const top = h[0];
+    const last = h.pop()!;
+    if (h.length) {
+      h[0] = last;
+      for (let i = 0; ; ) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < h.length && h[l][0] < h[m][0]) m = l;
+        if (r < h.length && h[r][0] < h[m][0]) m = r;
+        if (m === i) break;
+        [h[m], h[i]] = [h[i], h[m]];
+        i = m;
+      }
+    }
+    return top;
+  }
+}
+
+/**
  * The fleet's claims as this hub knows them, and what it decides with them. `claims` hold what
  * is durable (what syncs, listings and the status page show); `pending` what was accepted and is
  * on its way to the store, newest per (ip, origin): decisions see both, so a burst is decided
@@ -490,6 +621,8 @@ export function decideRules(rules: FleetRules, sender: string, e: FleetEvent, by
  */
 export class FleetState {
   readonly claims: Claims = new Map();
+  /** What /metrics and /v1/whoami report of the claims, kept up to date as they change and end. */
+  private readonly counts = new ClaimCounts();
   private readonly pending: Claims = new Map();
   /** `--escalate`: detection times of the bans each address got, within the last maxSeconds. */
   private readonly offenses = new Map<string, number[]>();
@@ -500,7 +633,7 @@ export class FleetState {
 
   /** Takes one event the store held when the hub started. */
   load(e: FleetEvent): void {
-    mergeHubClaim(this.claims, e);
+    if (mergeHubClaim(this.claims, e)) this.counts.touch(e.ip);
     this.noteOffense(e);
   }
 
@@ -532,7 +665,7 @@ export class FleetState {
   /** Events now durable (the journal flushed them, or they were read from the shared stream), in order: they join the claims. */
   commit(events: FleetEvent[]): FleetEvent[] {
     for (const e of events) {
-      mergeHubClaim(this.claims, e);
+      if (mergeHubClaim(this.claims, e)) this.counts.touch(e.ip);
       this.dropPending(e);
     }
     this.durable = events[events.length - 1].seq;
@@ -541,12 +674,14 @@ export class FleetState {
 
   /** Claims a reload of the store gave (the shared stream was trimmed past this hub): the newer ones join the claims and are returned in order. */
   repair(events: FleetEvent[]): FleetEvent[] {
-    return events.filter((e) => mergeHubClaim(this.claims, e)).sort((a, b) => comparePositions(a.seq, b.seq));
+    const newer = events.filter((e) => mergeHubClaim(this.claims, e));
+    for (const e of newer) this.counts.touch(e.ip);
+    return newer.sort((a, b) => comparePositions(a.seq, b.seq));
   }
 
   /** Forgets ended claims and offenses older than `--escalate-max`. */
   prune(now: number): void {
-    pruneClaims(this.claims, now);
+    for (const ip of pruneClaims(this.claims, now)) this.counts.touch(ip);
     if (!this.rules.escalate) return;
     const horizon = now - this.rules.escalate.maxSeconds * 1000;
     for (const [ip, list] of this.offenses) {
@@ -568,29 +703,19 @@ export class FleetState {
     for (const byOrigin of this.claims.values()) for (const e of byOrigin.values()) if (!isExpired(e, now)) yield e;
   }
 
-  /** Claims held back by `--quorum`. */
-  heldCount(): number {
-    let n = 0;
-    for (const byOrigin of this.claims.values()) for (const c of byOrigin.values()) if (c.held) n++;
-    return n;
+  /**
+   * The fleet's counts now: addresses with at least one live relayed ban claim lifted by no
+   * newer admin unban (the fleet's blocked addresses), those claims in all and per origin, and
+   * the claims `--quorum` holds. Kept up to date, not walked: O(origins) per call.
+   */
+  tally(now: number): ReturnType<ClaimCounts["totals"]> {
+    this.counts.expire(this.claims, now);
+    return this.counts.totals();
   }
 
-  /**
-   * Addresses with at least one live ban claim that was relayed (not held), lifted by no newer
-   * admin unban: the fleet's blocked addresses. One pass without allocation, for /metrics.
-   */
+  /** Addresses the fleet blocks now (see `tally`). */
   blockedCount(now: number): number {
-    let n = 0;
-    for (const byOrigin of this.claims.values()) {
-      const admin = byOrigin.get(ALL_ORIGINS);
-      for (const c of byOrigin.values()) {
-        if (c.kind === "ban" && !c.held && !isExpired(c, now) && !(admin && !isNewer(c, admin))) {
-          n++;
-          break;
-        }
-      }
-    }
-    return n;
+    return this.tally(now).blocked;
   }
 
   private dropPending(e: FleetEvent): void {
@@ -1352,7 +1477,7 @@ export class Recorder {
 const RELAY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5];
 
 /** Reasons a refusal may have beyond the protocol's error codes: before any frame, or on the TLS layer. */
-type RefusalCode = ErrorCode | "unauthorized" | "too_many_connections" | "tls";
+type RefusalCode = ErrorCode | "unauthorized" | "too_many_connections" | "too_many_pending" | "timeout" | "tls";
 
 /** One metric in the Prometheus text format: HELP, TYPE, then each sample as (name suffix with labels, value). */
 function metric(name: string, type: "counter" | "gauge" | "histogram", help: string, samples: Array<[string, number | string]>): string[] {
@@ -1380,6 +1505,10 @@ interface Gauges {
   agents: number;
   held: number;
   blocked: number;
+  /** Live relayed ban claims per origin. */
+  byOrigin: ReadonlyMap<string, number>;
+  /** Sockets not yet authenticated. */
+  pending: number;
   seq: number;
   store: string[];
   /** Each node's newest `enforcement` report. */
@@ -1436,6 +1565,8 @@ export class Metrics {
       ...metric("banshare_held_claims", "gauge", "Ban claims held back until --quorum nodes claim the address.", [["", g.held]]),
       ...metric("banshare_refused_total", "counter", "Frames refused, by reason.", [...Object.entries(this.refusedBy).map(([k, v]): [string, number] => [`{reason="${k}"}`, v]), ['{reason="unauthorized"}', this.unauthorized]]),
       ...metric("banshare_claims", "gauge", "Addresses with at least one live ban claim relayed to the fleet (not held by --quorum, not lifted).", [["", g.blocked]]),
+      ...metric("banshare_origin_claims", "gauge", "Live ban claims relayed to the fleet, by the node that made them.", [...g.byOrigin].sort(([a], [b]) => (a < b ? -1 : 1)).map(([o, n]): [string, number] => [`{origin="${o}"}`, n])),
+      ...metric("banshare_pending_sockets", "gauge", "Sockets connected but not yet authenticated (--max-pending).", [["", g.pending]]),
       ...metric("banshare_seq", "gauge", "Sequence number of the last accepted event; with --store, stream entries this hub has read since it started (the stream position is /healthz's seq).", [["", g.seq]]),
       ...g.store,
       ...nodeMetrics(g.enforcement),
@@ -1463,8 +1594,59 @@ type Answer = (status: number, frame?: HubFrame) => void;
 /** HTTP status of each refusal; 400 for the rest. */
 const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, protected: 403, rate_limited: 429, too_big: 413, internal: 503, unauthorized: 401, too_many_connections: 429 };
 
-/** The one refusal path: count, log line, CSV row and the answer (error frame, JSON error or bare status). */
+/**
+ * Refusals that came before any token was accepted, from strangers who can cause them as fast
+ * as they can connect: per source address and reason, the first FLOOD_FIRST of each
+ * FLOOD_WINDOW_MS are told one by one (FLOOD_BUDGET in all per window), the rest only counted and
+ * told as one line per source and reason when the window ends. Past FLOOD_SOURCES sources in a
+ * window the others are summed as one. Pure bookkeeping: `Refusals` logs what it says.
+ */
+export class FloodSummary {
+  private readonly sources = new Map<string, { host: string; code: RefusalCode; told: number; more: number }>();
+  private told = 0;
+
+  /** True when this refusal is to be told on its own; false when it is only counted. */
+  note(host: string, code: RefusalCode): boolean {
+    let key = `${host} ${code}`;
+    if (!this.sources.has(key) && this.sources.size >= FLOOD_SOURCES) key = `* ${code}`;
+    let s = this.sources.get(key);
+    if (!s) this.sources.set(key, (s = { host: key.startsWith("* ") ? "other addresses" : host, code, told: 0, more: 0 }));
+    if (s.told < FLOOD_FIRST && this.told < FLOOD_BUDGET) {
+      s.told++;
+      this.told++;
+      return true;
+    }
+    s.more++;
+    return false;
+  }
+
+  /** Ends the window: what was only counted in it, per source and reason. */
+  flush(): Array<{ host: string; code: RefusalCode; more: number }> {
+    const out = [...this.sources.values()].filter((s) => s.more > 0).map(({ host, code, more }) => ({ host, code, more }));
+    this.sources.clear();
+    this.told = 0;
+    return out;
+  }
+
+  get empty(): boolean {
+    return this.sources.size === 0;
+  }
+}
+
+/** The host part of `HOST:PORT` (IPv6 hosts hold colons too). */
+function hostOf(remote: string): string {
+  return remote.replace(/:\d+$/, "");
+}
+
+/**
+ * The one refusal path: count, log line, CSV row and the answer (error frame, JSON error or bare
+ * status). Refusals before a token was accepted are summarised per source (`FloodSummary`), so
+ * a flood costs a bounded number of lines; every one is counted in /metrics all the same.
+ */
 export class Refusals {
+  private readonly flood = new FloodSummary();
+  private timer?: NodeJS.Timeout;
+
   constructor(
     private readonly metrics: Metrics,
     private readonly recorder: Recorder,
@@ -1475,14 +1657,36 @@ export class Refusals {
     this.metrics.refused(r.code);
     const who = r.node ? `${r.node} (${r.remote})` : r.remote;
     if (r.connection) {
-      this.log(`refused connection from ${who}: ${r.message}`);
-      this.recorder.row({ action: "REJECT", origin: r.node, detail: `${r.code}: ${r.csv ?? r.message} from ${r.remote}` });
+      if (this.tell(r)) {
+        this.log(`refused connection from ${who}: ${r.message}`);
+        this.recorder.row({ action: "REJECT", origin: r.node, detail: `${r.code}: ${r.csv ?? r.message} from ${r.remote}` });
+      }
       answer?.(status);
       return;
     }
     this.log(`refused from ${who}: ${r.message}`);
     this.recorder.row({ action: "REJECT", ip: r.ip, origin: r.node, detail: `${r.code}: ${r.message}` });
     answer?.(status, { type: "error", code: r.code as ErrorCode, message: r.message, id: r.id });
+  }
+
+  /** Tells what the flood summary only counted (the window ended, or the hub stops). */
+  flush(): void {
+    for (const { host, code, more } of this.flood.flush()) {
+      this.log(`${more} more refusal(s) (${code}) from ${host} in the last ${FLOOD_WINDOW_MS / 1000} s`);
+      this.recorder.row({ action: "REJECT", detail: `${code}: ${more} more from ${host} in the last ${FLOOD_WINDOW_MS / 1000} s` });
+    }
+    if (this.flood.empty) this.stop();
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  /** Whether connection refusal `r` is told on its own; starts the window's timer. */
+  private tell(r: Refusal): boolean {
+    this.timer ??= every(FLOOD_WINDOW_MS, () => this.flush());
+    return this.flood.note(hostOf(r.remote), r.code);
   }
 }
 
@@ -1520,7 +1724,10 @@ export class Conn {
   alive = true;
   /** Frames refused on this connection. */
   refused = 0;
-  /** Bytes of the sync sent to it: a large state is queued at once, on top of --max-buffered. */
+  /** Its token was revoked: every further frame is dropped unread, and the socket cut after REVOKE_GRACE_MS. */
+  revoked = false;
+  dropped = 0;
+  /** The largest sync chunk sent to it: a relay may queue behind one on top of --max-buffered. */
   syncBytes = 0;
   /** Connected at, and the last pong or frame from it, ms. */
   readonly since = Date.now();
@@ -1565,18 +1772,63 @@ export class Conn {
     this.alive = true;
     this.lastSeen = Date.now();
   }
+
+  /**
+   * Resolves true once less than `window` bytes are queued to it (at once when that is so
+   * already), false when it is closed or `stallMs` passed first: a reader that does not take
+   * its sync is dropped instead of holding the state in the hub's memory.
+   */
+  drained(window: number, stallMs: number): Promise<boolean> {
+    if (this.ws.readyState !== this.ws.OPEN) return Promise.resolve(false);
+    if (this.ws.bufferedAmount < window) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const end = Date.now() + stallMs;
+      const check = () => {
+        if (this.ws.readyState !== this.ws.OPEN) return resolve(false);
+        if (this.ws.bufferedAmount < window) return resolve(true);
+        if (Date.now() < end) return void setTimeout(check, 10).unref();
+        this.log(`dropping ${this.who}: its sync stalled, ${this.ws.bufferedAmount} bytes queued for ${stallMs / 1000} s; it is not reading`);
+        this.ws.terminate();
+        resolve(false);
+      };
+      check();
+    });
+  }
+}
+
+/** An HTTP request being served to an authenticated node: counted with its connections, refused once its token is revoked. */
+export interface ServedRequest {
+  entry: TokenEntry;
+  token: string;
+  res: ServerResponse;
+  revoked: boolean;
 }
 
 /** The open connections. */
 export class Connections implements Iterable<Conn> {
   private readonly all = new Set<Conn>();
+  private readonly requests = new Set<ServedRequest>();
+  /** WebSockets and HTTP requests being served, per node. */
+  private readonly perNode = new Map<string, number>();
 
   add(c: Conn): void {
     this.all.add(c);
+    this.count(c.entry.name, 1);
   }
 
   delete(c: Conn): void {
-    this.all.delete(c);
+    if (this.all.delete(c)) this.count(c.entry.name, -1);
+  }
+
+  /** An authenticated HTTP request of `entry` is being served until its response closes. */
+  request(entry: TokenEntry, token: string, res: ServerResponse): ServedRequest {
+    const r: ServedRequest = { entry, token, res, revoked: false };
+    this.requests.add(r);
+    this.count(entry.name, 1);
+    res.once("close", () => {
+      if (this.requests.delete(r)) this.count(entry.name, -1);
+    });
+    return r;
   }
 
   get size(): number {
@@ -1587,11 +1839,15 @@ export class Connections implements Iterable<Conn> {
     return this.all.values();
   }
 
-  /** Connections of node `name`. */
+  /** Connections of node `name`, its HTTP requests being served included. */
   countOf(name: string): number {
-    let n = 0;
-    for (const c of this.all) if (c.entry.name === name) n++;
-    return n;
+    return this.perNode.get(name) ?? 0;
+  }
+
+  private count(name: string, d: number): void {
+    const n = (this.perNode.get(name) ?? 0) + d;
+    if (n > 0) this.perNode.set(name, n);
+    else this.perNode.delete(name);
   }
 
   roles(): Record<Role, number> {
@@ -1628,14 +1884,28 @@ export class Connections implements Iterable<Conn> {
     }
   }
 
-  /** Closes every connection whose token is gone from `tokens` or now names another node or role. */
+  /**
+   * Cuts off every connection and request whose token is gone from `tokens` or now names another
+   * node or role, at once: a connection takes no further frame (they are dropped unread), is sent
+   * close 1008 and is terminated after REVOKE_GRACE_MS whether or not the peer answers; a request
+   * still being received is refused with 401, a response being streamed is cut.
+   */
   revoke(tokens: TokenEntry[], log: (line: string) => void): void {
+    const gone = (entry: TokenEntry, token: string) => {
+      const now = findToken(tokens, token);
+      return !now || now.name !== entry.name || now.role !== entry.role;
+    };
     for (const c of this.all) {
-      const now = findToken(tokens, c.token);
-      if (!now || now.name !== c.entry.name || now.role !== c.entry.role) {
-        log(`${c.who}: token revoked or changed; disconnecting`);
-        c.ws.close(1008, "token revoked");
-      }
+      if (c.revoked || !gone(c.entry, c.token)) continue;
+      log(`${c.who}: token revoked or changed; disconnecting, no further frame taken`);
+      c.revoked = true;
+      c.ws.close(1008, "token revoked");
+      setTimeout(() => c.ws.terminate(), REVOKE_GRACE_MS).unref();
+    }
+    for (const r of this.requests) {
+      if (r.revoked || !gone(r.entry, r.token)) continue;
+      r.revoked = true;
+      if (r.res.headersSent) r.res.destroy();
     }
   }
 
@@ -1838,6 +2108,112 @@ function remoteOf(req: IncomingMessage): string {
   return `${req.socket.remoteAddress}:${req.socket.remotePort}`;
 }
 
+/** A socket as the HTTP server saw it connect: under TLS, the plain socket below the TLS one. */
+type RawSocket = Duplex & { remoteAddress?: string; remotePort?: number; destroyed: boolean; _parent?: RawSocket };
+
+/** The socket `s` is, or lies on (TLS). */
+function rawOf(s: RawSocket): RawSocket {
+  return s._parent ?? s;
+}
+
+/** The open-file limit of this process (soft), from /proc/self/limits; undefined where it cannot be read. */
+function openFileLimit(): number | undefined {
+  try {
+    const m = /^Max open files\s+(\d+)/m.exec(readFileSync("/proc/self/limits", "utf8"));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** `--max-pending`'s default: a quarter of the open-file limit (the rest is for nodes, the journal, logs), 16 to 1024. */
+export function defaultMaxPending(fileLimit = openFileLimit()): number {
+  return fileLimit === undefined ? 256 : Math.max(16, Math.min(1024, Math.floor(fileLimit / 4)));
+}
+
+/**
+ * Every socket's admission, the one path for HTTP, WebSocket and TLS alike: a socket is pending
+ * from its connection until a request on it is authenticated (`Gate.admit`), and again while a
+ * kept-alive socket waits between requests. Pending sockets are capped per source address (the
+ * next is closed at once) and in all (the one waiting longest is closed for the new one), and
+ * each gets PENDING_TIMEOUT_MS: silent, trickling and idle sockets cannot hold the hub's file
+ * descriptors. Every socket closed here is a refusal.
+ */
+export class Admission {
+  /** Pending sockets, oldest first, with their source address. */
+  private readonly pending = new Map<RawSocket, { host: string; remote: string; since: number }>();
+  private readonly perHost = new Map<string, number>();
+  private readonly timer = every(1000, () => this.sweep(Date.now()));
+
+  constructor(
+    private readonly maxPending: number,
+    private readonly maxPerAddress: number,
+    private readonly refusals: Refusals,
+  ) {}
+
+  /** A new socket: pending, unless its address already holds its share (closed at once). */
+  connected(s: RawSocket): void {
+    s.once("close", () => this.leave(s));
+    const host = s.remoteAddress ?? "unknown";
+    const remote = `${host}:${s.remotePort}`;
+    const held = this.perHost.get(host) ?? 0;
+    if (held >= this.maxPerAddress) return this.drop(s, remote, "too_many_pending", `already ${held} sockets from ${host} not authenticated, the limit is ${this.maxPerAddress}`);
+    if (this.pending.size >= this.maxPending) {
+      const [oldest, p] = this.pending.entries().next().value!;
+      this.drop(oldest, p.remote, "too_many_pending", `${this.pending.size} sockets not authenticated, the limit is ${this.maxPending}: closing the one waiting longest`);
+    }
+    this.enter(s, host, remote);
+  }
+
+  /** A request on `s` was authenticated, or `s` became a WebSocket: no longer pending. */
+  admitted(s: RawSocket): void {
+    this.leave(rawOf(s));
+  }
+
+  /** The authenticated request on `s` was answered and the socket kept alive: pending again. */
+  idle(s: RawSocket): void {
+    const raw = rawOf(s);
+    if (!raw.destroyed && !this.pending.has(raw)) this.enter(raw, raw.remoteAddress ?? "unknown", `${raw.remoteAddress}:${raw.remotePort}`);
+  }
+
+  /** Sockets pending now, for /metrics. */
+  get size(): number {
+    return this.pending.size;
+  }
+
+  /** Closes the sockets pending longer than PENDING_TIMEOUT_MS. */
+  sweep(now: number): void {
+    for (const [s, p] of this.pending) {
+      if (now - p.since < PENDING_TIMEOUT_MS) break;
+      this.drop(s, p.remote, "timeout", `no authenticated request within ${PENDING_TIMEOUT_MS / 1000} s of connecting`);
+    }
+  }
+
+  close(): void {
+    clearInterval(this.timer);
+  }
+
+  private enter(s: RawSocket, host: string, remote: string): void {
+    this.pending.set(s, { host, remote, since: Date.now() });
+    this.perHost.set(host, (this.perHost.get(host) ?? 0) + 1);
+  }
+
+  private leave(s: RawSocket): void {
+    const p = this.pending.get(s);
+    if (!p) return;
+    this.pending.delete(s);
+    const n = this.perHost.get(p.host)! - 1;
+    if (n > 0) this.perHost.set(p.host, n);
+    else this.perHost.delete(p.host);
+  }
+
+  private drop(s: RawSocket, remote: string, code: RefusalCode, message: string): void {
+    this.leave(s);
+    this.refusals.refuse({ code, message, remote, connection: true });
+    s.destroy();
+  }
+}
+
 /** Authentication: the token list, the per-node connection limit, and no one in while the hub stops. */
 export class Gate {
   closing = false;
@@ -1847,12 +2223,13 @@ export class Gate {
     private tokens: TokenEntry[],
     private readonly conns: Connections,
     private readonly maxConnsPerNode: number,
+    private readonly admission: Admission,
     private readonly refusals: Refusals,
     private readonly log: (line: string) => void,
   ) {}
 
-  static async open(file: string, conns: Connections, maxConnsPerNode: number, refusals: Refusals, log: (line: string) => void): Promise<Gate> {
-    return new Gate(file, parseTokens(await readFile(file, "utf8"), file), conns, maxConnsPerNode, refusals, log);
+  static async open(file: string, conns: Connections, maxConnsPerNode: number, admission: Admission, refusals: Refusals, log: (line: string) => void): Promise<Gate> {
+    return new Gate(file, parseTokens(await readFile(file, "utf8"), file), conns, maxConnsPerNode, admission, refusals, log);
   }
 
   /** Reads the token file again (SIGHUP); connections whose token went or changed are closed. */
@@ -1862,7 +2239,10 @@ export class Gate {
     this.log(`loaded ${this.tokens.length} node(s) from ${this.file}`);
   }
 
-  /** The node a request's token names, or undefined once the refusal (401, 503, 429) is answered. */
+  /**
+   * The node a request's token names, or undefined once the refusal (401, 503, 429) is answered.
+   * Its socket is admitted then: no longer pending (`Admission`), counted with the node's.
+   */
   admit(req: IncomingMessage, remote: string, answer: Answer): TokenEntry | undefined {
     const token = requestToken(req);
     const entry = token === undefined ? undefined : findToken(this.tokens, token);
@@ -1876,6 +2256,7 @@ export class Gate {
       this.refusals.refuse({ code: "too_many_connections", message: `already ${open} open, the limit is ${this.maxConnsPerNode}`, csv: `${open} open`, node: entry.name, remote, connection: true }, answer);
       return undefined;
     }
+    this.admission.admitted(req.socket as RawSocket);
     return entry;
   }
 }
@@ -1929,6 +2310,7 @@ export class Sessions {
     c.ws.on("close", () => {
       clearTimeout(helloTimer);
       this.conns.delete(c);
+      if (c.dropped) this.log(`${c.who}: ${c.dropped} frame(s) after its token was revoked dropped unread`);
     });
   }
 
@@ -1949,6 +2331,8 @@ export class Sessions {
 
   /** One frame from `c`, answered through `answer` (made once per connection: this is the hot path). */
   private frame(c: Conn, data: Buffer, isBinary: boolean, answer: Answer): void {
+    // A revoked token's connection takes nothing more, whatever it sends before the socket is cut.
+    if (c.revoked) return void c.dropped++;
     c.seen();
     if (isBinary) return this.refuse(c, "bad_frame", "Expected a JSON text frame, got a binary frame");
     if (data.length > MAX_NODE_FRAME_BYTES) return this.refuse(c, "too_big", `Expected a frame of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${data.length}`);
@@ -2007,13 +2391,22 @@ export class Sessions {
     const events = syncEvents(this.fleet.claims, resumeFrom, Date.now());
     const full = resumeFrom === undefined;
     const chunk = this.opts.syncChunk;
+    // Each chunk waits until the socket has taken the last ones: memory per syncing socket is a
+    // window, not the state; one that stalls is dropped (Conn.drained).
+    const window = Math.min(SYNC_WINDOW_BYTES, this.opts.maxBufferedBytes);
     for (let i = 0; i === 0 || i < events.length; i += chunk) {
+      if (!(await c.drained(window, SYNC_STALL_MS))) return;
       const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: events.slice(i, i + chunk), seq: upTo, more: i + chunk < events.length || undefined }));
-      c.syncBytes += frame.length;
+      c.syncBytes = Math.max(c.syncBytes, frame.length);
       c.send(frame);
     }
+    // What became durable while the chunks waited went to the receiving agents only: this one gets it now.
+    if (this.fleet.durable !== upTo) {
+      const later = syncEvents(this.fleet.claims, upTo, Date.now());
+      if (later.length) c.send({ type: "sync", full: false, events: later, seq: this.fleet.durable });
+    }
     c.receiving = true;
-    c.sentSeq = upTo;
+    c.sentSeq = this.fleet.durable;
     this.log(`${c.who} ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
   }
 }
@@ -2039,10 +2432,11 @@ export class HttpApi {
     private readonly publisher: Publisher,
     private readonly refusals: Refusals,
     private readonly metrics: Metrics,
+    private readonly admission: Admission,
   ) {
     // POST /v1/events: one ban or unban per request, answered with its ack or error frame. This is
     // how ban.ts sends: one round trip and no WebSocket library to load, for the fleet's reaction time.
-    this.routes.set("/v1/events", { methods: ["POST"], handle: this.authed((req, res, entry, remote) => this.postEvent(req, res, entry, remote)) });
+    this.routes.set("/v1/events", { methods: ["POST"], handle: this.authed((req, res, entry, remote, served) => this.postEvent(req, res, entry, remote, served)) });
     // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list` show.
     this.routes.set("/v1/whoami", { methods: ["GET"], handle: this.authed((_req, res, entry) => this.whoami(res, entry)) });
     this.routes.set("/v1/bans", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.bans(res, entry, remote)) });
@@ -2050,8 +2444,11 @@ export class HttpApi {
     this.routes.set("/v1/nodes", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.nodes(res, entry, remote)) });
     // The status page is static (no data, no token in it): its script fetches everything over the socket.
     for (const path of STATUS_PAGE.keys()) this.routes.set(path, { methods: ["GET", "HEAD"], handle: (req, res) => this.statusPage(req, res, path) });
-    this.routes.set("/healthz", { handle: (_req, res) => this.healthz(res) });
-    this.routes.set("/metrics", { handle: (_req, res) => this.metricsText(res) });
+    // /healthz: up or down for anyone (a load balancer); the fleet's size only with a token.
+    const fullHealth = this.authed((_req, res) => this.healthz(res, true));
+    this.routes.set("/healthz", { handle: (req, res) => (requestToken(req) === undefined ? this.healthz(res, false) : fullHealth(req, res)) });
+    // /metrics: a reader's or an admin's token (Prometheus: `authorization: {credentials_file: ...}`).
+    this.routes.set("/metrics", { handle: this.authed((_req, res, entry, remote) => this.metricsText(res, entry, remote)) });
   }
 
   handle(req: IncomingMessage, res: ServerResponse): void {
@@ -2061,19 +2458,26 @@ export class HttpApi {
     res.end("banshare hub: WebSocket endpoint; see /healthz and /metrics\n");
   }
 
-  /** Authenticates a request by its bearer token before `handle`; a refusal is answered as a bare status. */
-  private authed(handle: (req: IncomingMessage, res: ServerResponse, entry: TokenEntry, remote: string) => void): Handler {
+  /**
+   * Authenticates a request by its bearer token before `handle`; a refusal is answered as a bare
+   * status. An admitted request counts with its node's connections until answered, and its
+   * kept-alive socket is pending again afterwards (`Admission`).
+   */
+  private authed(handle: (req: IncomingMessage, res: ServerResponse, entry: TokenEntry, remote: string, served: ServedRequest) => void): Handler {
     return (req, res) => {
       const remote = remoteOf(req);
       const entry = this.gate.admit(req, remote, (status) => {
         res.writeHead(status, { "www-authenticate": "Bearer", connection: "close" });
         res.end();
       });
-      if (entry) handle(req, res, entry, remote);
+      if (!entry) return;
+      const served = this.conns.request(entry, requestToken(req)!, res);
+      res.once("finish", () => this.admission.idle(req.socket as RawSocket));
+      handle(req, res, entry, remote, served);
     };
   }
 
-  private postEvent(req: IncomingMessage, res: ServerResponse, entry: TokenEntry, remote: string): void {
+  private postEvent(req: IncomingMessage, res: ServerResponse, entry: TokenEntry, remote: string, served: ServedRequest): void {
     const answer: Answer = (status, f) => json(res, status, f);
     const refuse = (code: ErrorCode, message: string, id?: string) => this.refusals.refuse({ code, message, node: entry.name, remote, id }, answer);
     const chunks: Buffer[] = [];
@@ -2084,6 +2488,12 @@ export class HttpApi {
     });
     req.on("error", () => res.destroy());
     req.on("end", () => {
+      if (served.revoked) {
+        return this.refusals.refuse({ code: "unauthorized", message: "token revoked while the request was sent", node: entry.name, remote, connection: true }, (status) => {
+          res.writeHead(status, { "www-authenticate": "Bearer", connection: "close" });
+          res.end();
+        });
+      }
       if (size > MAX_NODE_FRAME_BYTES) return refuse("too_big", `Expected a body of at most ${MAX_NODE_FRAME_BYTES} bytes, got ${size}`);
       const parsed = parseNodeFrame(Buffer.concat(chunks).toString("utf8"), Date.now(), this.maxPrefix);
       if (!parsed.ok) return refuse(parsed.code, parsed.message, parsed.id);
@@ -2095,7 +2505,8 @@ export class HttpApi {
 
   private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
-    json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, now) });
+    const { blocked, claims } = this.fleet.tally(now);
+    json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, blocked, claims });
   }
 
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
@@ -2156,15 +2567,25 @@ export class HttpApi {
     res.end(req.method === "HEAD" ? undefined : body);
   }
 
-  /** The store's state decides: a load balancer should not send ban.ts to a hub that cannot store. */
-  private healthz(res: ServerResponse): void {
+  /**
+   * The store's state decides: a load balancer should not send ban.ts to a hub that cannot store.
+   * Without a token, only that (and the store's own fields); with one, the hub id, seq and the fleet's size.
+   */
+  private healthz(res: ServerResponse, full: boolean): void {
     const h = this.store.health();
-    json(res, h.ok ? 200 : 503, { ok: h.ok, hub: this.store.hubId, seq: this.store.position(), nodes: this.conns.size, claims: this.fleet.claims.size, ...h.fields });
+    const fleet = full ? { hub: this.store.hubId, seq: this.store.position(), nodes: this.conns.size, claims: this.fleet.claims.size } : {};
+    json(res, h.ok ? 200 : 503, { ok: h.ok, ...fleet, ...h.fields });
   }
 
-  private metricsText(res: ServerResponse): void {
+  /** Prometheus text for a reader or admin: counters and gauges kept up to date, nothing walked per claim. */
+  private metricsText(res: ServerResponse, entry: TokenEntry, remote: string): void {
+    if (entry.role === "node") {
+      const message = `Metrics need a reader or admin token; ${entry.name} is a node`;
+      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote }, (status, f) => json(res, status, f));
+    }
     const h = this.store.health();
-    const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: this.fleet.heldCount(), blocked: this.fleet.blockedCount(Date.now()), seq: h.count, store: h.metrics, enforcement: this.conns.enforcementByNode() };
+    const t = this.fleet.tally(Date.now());
+    const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: t.held, blocked: t.blocked, byOrigin: t.byOrigin, pending: this.admission.size, seq: h.count, store: h.metrics, enforcement: this.conns.enforcementByNode() };
     res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
     res.end(this.metrics.text(gauges));
   }
@@ -2176,13 +2597,18 @@ export class HttpApi {
  * HTTP, the only thing it can read, on the socket under the TLS layer (`_parent`: Node's, not
  * public; without it the socket just closes).
  */
-async function listen(opts: HubOptions, http: HttpApi, sessions: Sessions, refusals: Refusals): Promise<Server> {
+async function listen(opts: HubOptions, http: HttpApi, sessions: Sessions, refusals: Refusals, admission: Admission): Promise<Server> {
   const onRequest = (req: IncomingMessage, res: ServerResponse) => http.handle(req, res);
-  const server: Server = opts.tlsCert && opts.tlsKey ? createHttpsServer({ cert: await readFile(opts.tlsCert), key: await readFile(opts.tlsKey) }, onRequest) : createHttpServer(onRequest);
+  // Headers within PENDING_TIMEOUT_MS, a whole request within REQUEST_TIMEOUT_MS, a TLS handshake too: no socket waits for ever.
+  const limits = { headersTimeout: PENDING_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS, connectionsCheckingInterval: 1000 };
+  const server: Server = opts.tlsCert && opts.tlsKey ? createHttpsServer({ cert: await readFile(opts.tlsCert), key: await readFile(opts.tlsKey), handshakeTimeout: PENDING_TIMEOUT_MS, ...limits }, onRequest) : createHttpServer(limits, onRequest);
   server.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => sessions.upgrade(req, socket, head));
   // The peer's address, taken while the socket is open: a failed handshake is reported after it closed.
   const peers = new WeakMap<object, string>();
-  server.on("connection", (s: Duplex & { remoteAddress?: string; remotePort?: number }) => peers.set(s, `${s.remoteAddress}:${s.remotePort}`));
+  server.on("connection", (s: RawSocket) => {
+    peers.set(s, `${s.remoteAddress}:${s.remotePort}`);
+    admission.connected(s);
+  });
   server.on("tlsClientError", (e: Error & { code?: string; reason?: string }, tls: Duplex & { _parent?: Duplex }) => {
     const plain = e.code === "ERR_SSL_HTTP_REQUEST";
     // A Node client that does not trust the certificate sends no alert: it just drops the connection.
@@ -2228,17 +2654,20 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const metrics = new Metrics();
   const refusals = new Refusals(metrics, recorder, log);
   const conns = new Connections();
-  const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, refusals, log);
+  const admission = new Admission(opts.maxPending ?? defaultMaxPending(), opts.maxPendingPerAddress ?? DEFAULT_MAX_PENDING_PER_ADDRESS, refusals);
+  const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, admission, refusals, log);
   const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate });
   const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
   const relay = new Relay(conns, metrics, recorder, feed);
   const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
   fleet.durable = store.position();
+  fleet.tally(Date.now());
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
   const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
   const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, log);
-  const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics);
-  const server = await listen(opts, http, sessions, refusals).catch(async (e: Error) => {
+  const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics, admission);
+  const server = await listen(opts, http, sessions, refusals, admission).catch(async (e: Error) => {
+    admission.close();
     await Promise.all([store.close(), recorder.close()]);
     throw e;
   });
@@ -2258,8 +2687,12 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         await store.barrier().catch(() => {});
         conns.terminateAll();
         sessions.close();
+        admission.close();
+        server.closeAllConnections();
         await new Promise<void>((resolve) => server.close(() => resolve()));
         await store.close();
+        refusals.flush();
+        refusals.stop();
         await recorder.close();
       })()),
   };
@@ -2359,6 +2792,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
             .option("rate", { type: "number", default: 50, describe: "Events per second one node may publish, sustained" })
             .option("burst", { type: "number", default: 5000, describe: "Events one node may publish at once above --rate (a Fail2Ban restart restores many bans)" })
             .option("max-conns-per-node", { type: "number", default: 32, describe: "Simultaneous connections one node may hold (agent plus ban.ts calls)" })
+            .option("max-pending", { type: "number", describe: "Sockets not yet authenticated the hub holds at most; past that the one waiting longest is dropped (default: a quarter of the open-file limit, at most 1024)" })
+            .option("max-pending-per-address", { type: "number", default: DEFAULT_MAX_PENDING_PER_ADDRESS, describe: "Sockets not yet authenticated one source address may hold; more are closed at once" })
             .option("protect", { type: "string", array: true, default: [] as string[], describe: "Network no ban may touch, e.g. your admin range (repeatable); the hub's own addresses are always protected" })
             .option("insecure", { type: "boolean", default: false, describe: "Serve plain ws:// on a non-loopback address: tokens and bans cross the network unencrypted" })
             .option("escalate", { type: "number", describe: "Repeat offenders: multiply a ban by this factor for each earlier ban of the address (by any node, within --escalate-max), on every node; off by default" })
@@ -2385,6 +2820,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
           if (!Number.isInteger(a.quorum) || a.quorum < 1 || a.quorum > 1000) throw new UsageError(`Expected --quorum to be a whole number from 1 to 1000, got ${a.quorum}`);
           for (const n of a.trust) if (!isName(n)) throw new UsageError(`Expected --trust to be a node name, got ${JSON.stringify(n)}`);
           if (!(a.rate > 0) || !(a.burst >= 1) || !Number.isInteger(a.maxConnsPerNode) || a.maxConnsPerNode < 1) throw new UsageError(`Expected --rate > 0, --burst >= 1 and --max-conns-per-node >= 1, got ${a.rate}, ${a.burst}, ${a.maxConnsPerNode}`);
+          for (const [flag, v] of [["--max-pending", a.maxPending ?? 1], ["--max-pending-per-address", a.maxPendingPerAddress]] as const) {
+            if (!Number.isInteger(v) || v < 1 || v > 1_000_000) throw new UsageError(`Expected ${flag} to be a whole number from 1 to 1000000, got ${v}`);
+          }
           result = {
             command: "serve",
             options: {
@@ -2402,6 +2840,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
               rate: a.rate,
               burst: a.burst,
               maxConnsPerNode: a.maxConnsPerNode,
+              maxPending: a.maxPending,
+              maxPendingPerAddress: a.maxPendingPerAddress,
               protect: a.protect,
               insecure: a.insecure,
               escalate: a.escalate === undefined ? undefined : { factor: a.escalate, maxSeconds: a.escalateMax },

@@ -5,6 +5,7 @@
  * dry-run agents, real ban.ts processes on loopback.
  */
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -16,8 +17,13 @@ import { stopAll, type Proc } from "./lib/proc.ts";
 
 const untilMs = (row: { until: string }) => Date.parse(row.until);
 
-async function metric(hub: HubProc, name: string): Promise<number> {
-  const text = await (await fetch(`${hub.url.replace(/^ws/, "http")}/metrics`)).text();
+/** /metrics as a reader reads it (`viewer`: its token file). */
+async function metricsText(hub: HubProc, viewer: string): Promise<string> {
+  return (await fetch(`${hub.url.replace(/^ws/, "http")}/metrics`, { headers: { authorization: `Bearer ${readFileSync(viewer, "utf8").trim()}` } })).text();
+}
+
+async function metric(hub: HubProc, viewer: string, name: string): Promise<number> {
+  const text = await metricsText(hub, viewer);
   const line = text.split("\n").find((l) => l.startsWith(`${name} `));
   assert.ok(line, `${name} missing from /metrics:\n${text}`);
   return Number(line.split(" ")[1]);
@@ -54,7 +60,7 @@ describe("--quorum: a ban reaches the fleet once enough nodes claim the address"
 
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), "banshare-quorum-"));
-    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["web3", "node"], ["ids", "node"]]);
+    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["web3", "node"], ["ids", "node"], ["viewer", "reader"]]);
     hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--csv", csv("hub"), "--listen", "127.0.0.1:0", "--heartbeat", "2", "--quorum", "2", "--trust", "ids"]);
     for (const n of ["web1", "web2", "web3"]) agents[n] = await startAgent(n);
   });
@@ -69,7 +75,7 @@ describe("--quorum: a ban reaches the fleet once enough nodes claim the address"
     const r1 = await ban("web1", ip, 6000);
     assert.equal(r1.code, 0, r1.output);
     assert.equal(rows(csv("hub"), "HOLD", ip).length, 1, "no HOLD row for the first claim");
-    assert.equal(await metric(hub, "banshare_held_claims"), 1);
+    assert.equal(await metric(hub, tokens.viewer, "banshare_held_claims"), 1);
     // A trusted node's ban goes out at once; relays keep their order, so once it has arrived
     // everywhere, a relay of the held ban would have arrived before it.
     const marker = "198.51.100.21";
@@ -86,7 +92,7 @@ describe("--quorum: a ban reaches the fleet once enough nodes claim the address"
     const holdsWeb1 = (n: string) => rows(csv(n), "SCHEDULE_UNBLOCK", ip).some((r) => untilMs(r) - Date.now() > 3000_000);
     for (const n of ["web1", "web2"]) await waitFor(() => holdsWeb1(n), `${n}'s agent to get web1's released claim`);
     assert.equal(rows(csv("web2"), "BLOCK", ip).length, 1);
-    assert.equal(await metric(hub, "banshare_held_claims"), 0);
+    assert.equal(await metric(hub, tokens.viewer, "banshare_held_claims"), 0);
 
     agents.web3 = await startAgent("web3");
     assert.match(agents.web3.output(), /resumed after seq/, "web3 did a full sync instead of resuming");
@@ -109,7 +115,7 @@ describe("--escalate: repeat offenders get longer bans on every node", () => {
 
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), "banshare-escalate-"));
-    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["web3", "node"]]);
+    tokens = await enrol(dir, [["web1", "node"], ["web2", "node"], ["web3", "node"], ["viewer", "reader"]]);
     hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--csv", csv("hub"), "--listen", "127.0.0.1:0", "--heartbeat", "2", "--escalate", "2", "--escalate-max", "3600"]);
     for (const n of ["web1", "web2", "web3"]) await startAgentProc(n, ["--hub", hub.url, "--token-file", tokens[n], "--backend", "dry-run", "--csv", csv(n), "--heartbeat", "2"]);
   });
@@ -154,13 +160,13 @@ describe("--escalate: repeat offenders get longer bans on every node", () => {
     assert.equal((await send("web3", "ban", ip)).code, 0);
     await waitFor(() => rows(csv("hub"), "ESCALATE", ip).length === 3, "a third ESCALATE row");
     assert.match(rows(csv("hub"), "ESCALATE", ip)[2].detail, /= 3600 s/);
-    assert.equal(await metric(hub, "banshare_escalations_total"), 3);
+    assert.equal(await metric(hub, tokens.viewer, "banshare_escalations_total"), 3);
   });
 
   test("/metrics counts relays in a histogram and events out by kind", async () => {
-    const count = await metric(hub, "banshare_relay_seconds_count");
+    const count = await metric(hub, tokens.viewer, "banshare_relay_seconds_count");
     assert.ok(count > 0);
-    const text = await (await fetch(`${hub.url.replace(/^ws/, "http")}/metrics`)).text();
+    const text = await metricsText(hub, tokens.viewer);
     const inf = Number(/banshare_relay_seconds_bucket\{le="\+Inf"\} (\d+)/.exec(text)![1]);
     assert.equal(inf, count);
     const buckets = [...text.matchAll(/banshare_relay_seconds_bucket\{le="([\d.]+)"\} (\d+)/g)].map((m) => Number(m[2]));

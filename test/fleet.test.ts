@@ -104,13 +104,14 @@ describe("fleet: over real sockets a ban reaches every other agent, bad input an
       [JSON.stringify({ type: "ban", id: "t8", ip: "203.0.113.63", jail: "x".repeat(20_000), bantime: 60, detectedAt: Date.now() }), "too_big"],
       [Buffer.from([1, 2, 3]), "bad_frame"],
     ];
-    const before = await (await fetch(hub.url.replace("ws", "http") + "/healthz")).json();
+    const health = async () => (await fetch(hub.url.replace("ws", "http") + "/healthz", { headers: { authorization: `Bearer ${fleet.token("watcher")}` } })).json();
+    const before = await health();
     for (const [frame, _code] of hostile) ws.send(frame, { binary: Buffer.isBuffer(frame) });
     await waitFor(() => frames.filter((f) => f.type === "error").length >= hostile.length + 1, "an error frame for each hostile frame");
     const codes = frames.filter((f) => f.type === "error").slice(1).map((f) => f.code);
     assert.deepEqual(codes, hostile.map(([, c]) => c));
     for (const f of frames.filter((x) => x.type === "error")) assert.doesNotMatch(f.message, /\n/);
-    const afterStorm = await (await fetch(hub.url.replace("ws", "http") + "/healthz")).json();
+    const afterStorm = await health();
     assert.equal(afterStorm.seq, before.seq, "refused frames changed the hub's state");
 
     // A reader cannot publish.
@@ -135,7 +136,7 @@ describe("fleet: over real sockets a ban reaches every other agent, bad input an
   test("the hub restarts from its journal with the same id and state, and a new agent gets it in a full sync", async () => {
     const ip = "192.0.2.200";
     assert.equal((await ban("web1", "ban", ip, "--bantime", "-1")).code, 0);
-    const healthz = async () => (await fetch(hub.url.replace("ws", "http") + "/healthz")).json();
+    const healthz = async () => (await fetch(hub.url.replace("ws", "http") + "/healthz", { headers: { authorization: `Bearer ${fleet.token("watcher")}` } })).json();
     const before = await healthz();
     await hub.proc.stop("SIGTERM", 5000);
     hub = await startHubProc(hubArgs());

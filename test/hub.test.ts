@@ -358,7 +358,7 @@ describe("the hub's small parts: the rate limit holds, a refusal is counted, log
     assert.equal(csv.length, 3);
     assert.match(csv[1], /,REJECT,192\.0\.2\.9,web1,.*rate_limited: slow down/);
     assert.match(csv[2], /,REJECT,,,.*unauthorized: unknown token from 192\.0\.2\.2:6/);
-    const text = metrics.text({ roles: { node: 0, reader: 0, admin: 0 }, agents: 0, held: 0, blocked: 0, seq: 0, store: [], enforcement: new Map() });
+    const text = metrics.text({ roles: { node: 0, reader: 0, admin: 0 }, agents: 0, held: 0, blocked: 0, byOrigin: new Map(), pending: 0, seq: 0, store: [], enforcement: new Map() });
     assert.match(text, /^banshare_refused_total\{reason="rate_limited"\} 1$/m);
     assert.match(text, /^banshare_refused_total\{reason="unauthorized"\} 1$/m);
   });
@@ -432,7 +432,7 @@ async function fleet(extra: Partial<HubOptions> = {}) {
       return fetch(`${http}${path}`, { headers: n ? { authorization: `Bearer ${await token(n)}` } : {} });
     },
     async metric(name: string): Promise<number> {
-      const text = await (await fetch(`${http}/metrics`)).text();
+      const text = await (await fetch(`${http}/metrics`, { headers: { authorization: `Bearer ${await token("dash")}` } })).text();
       const line = text.split("\n").find((l) => l.startsWith(`${name} `));
       assert.ok(line, `${name} missing from /metrics:\n${text}`);
       return Number(line.split(" ")[1]);
@@ -547,7 +547,8 @@ describe("the hub relays, acks and resumes by cursor", () => {
   });
 
   test("/healthz and /v1/whoami tell the hub id and its seq", async () => {
-    const health = (await (await f.get("/healthz")).json()) as Record<string, any>;
+    assert.deepEqual(await (await f.get("/healthz")).json(), { ok: true }, "a stranger is told only that the hub is up");
+    const health = (await (await f.get("/healthz", "dash")).json()) as Record<string, any>;
     assert.equal(health.ok, true);
     assert.equal(health.hub, f.hub.hubId);
     assert.equal(health.seq, String(f.hub.seq()));
@@ -710,7 +711,7 @@ describe("/metrics with a shared store (Redis): banshare_seq counts the stream e
     for (const ip of ["192.0.2.70", "192.0.2.71", "192.0.2.72"]) assert.equal((await f.post("web1", banFrame(ip))).status, 200);
     await waitFor(async () => (await f.metric("banshare_seq")) === 3, "banshare_seq 3");
     assert.equal(f.hub.seq(), 3);
-    const health = (await (await f.get("/healthz")).json()) as Record<string, any>;
+    const health = (await (await f.get("/healthz", "dash")).json()) as Record<string, any>;
     assert.match(health.seq, /^\d+-\d+$/, "/healthz still tells the stream position");
     assert.equal(await f.metric("banshare_claims"), 3);
   });

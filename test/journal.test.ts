@@ -39,8 +39,9 @@ async function fullSync(url: string, tokenFile: string): Promise<FleetEvent[]> {
   return chunks.flatMap((f) => f.events as FleetEvent[]);
 }
 
-async function healthz(hub: HubProc): Promise<{ hub: string; seq: string; claims: number }> {
-  return (await fetch(`http://127.0.0.1:${hub.port}/healthz`)).json();
+/** The hub's /healthz as an enrolled node sees it (a stranger is told only whether it is up). */
+async function healthz(hub: HubProc, tokenFile: string): Promise<{ hub: string; seq: string; claims: number }> {
+  return (await fetch(`http://127.0.0.1:${hub.port}/healthz`, { headers: { authorization: `Bearer ${readFileSync(tokenFile, "utf8").trim()}` } })).json();
 }
 
 /** The i-th address of 10.200.0.0/16. */
@@ -90,7 +91,7 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
     const now = Date.now();
     sendAll(pub, ips.map((ip, i) => ban(`torn-${i}`, ip, now + i)));
     await pub.acks(ips.length);
-    const before = await healthz(hub);
+    const before = await healthz(hub, s.tokens.pub);
     assert.equal(before.claims, 50);
     pub.ws.close();
     await hub.proc.stop();
@@ -105,7 +106,7 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
 
     hub = await s.start();
     assert.match(hub.proc.output(), /warning: skipped 1 torn or corrupt line/);
-    const afterTear = await healthz(hub);
+    const afterTear = await healthz(hub, s.tokens.pub);
     assert.equal(afterTear.hub, before.hub, "the hub id changed");
     assert.equal(afterTear.claims, 49);
     assert.equal(afterTear.seq, String(Number(before.seq) - 1));
@@ -120,14 +121,14 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
     await hub.proc.stop();
     hub = await s.start();
     assert.doesNotMatch(hub.proc.output(), /skipped/);
-    assert.equal((await healthz(hub)).claims, 50);
+    assert.equal((await healthz(hub, s.tokens.pub)).claims, 50);
     await hub.proc.stop();
   });
 
   test("kill -9 right after a burst: every acked ban is in the state after the restart", async (t) => {
     const s = await setup();
     let hub = await s.start();
-    const { hub: hubId } = await healthz(hub);
+    const { hub: hubId } = await healthz(hub, s.tokens.pub);
     const pub = await publisher(hub.url, s.tokens.pub);
     const sent = 3000;
     const killAt = 1500;
@@ -144,7 +145,7 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
     assert.ok(acked.length >= killAt);
 
     hub = await s.start();
-    const health = await healthz(hub);
+    const health = await healthz(hub, s.tokens.pub);
     assert.equal(health.hub, hubId, "the hub id changed");
     assert.ok(health.claims >= acked.length && health.claims <= sent, `${health.claims} claims after the restart, ${acked.length} acked, ${sent} sent`);
     const synced = await agentSynced(await s.agent(hub), s.csv);
@@ -157,7 +158,7 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
   test("compaction shrinks the journal, and the hub id, seq and every live claim survive a restart", async () => {
     const s = await setup();
     let hub = await s.start();
-    const { hub: hubId } = await healthz(hub);
+    const { hub: hubId } = await healthz(hub, s.tokens.pub);
     const pub = await publisher(hub.url, s.tokens.pub);
     const n = 2000;
     const base = Date.now() - 60_000;
@@ -177,7 +178,7 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
     const phase2 = [...all(4), ...all(5, (i) => i % 2 === 0)];
     sendAll(pub, phase2);
     await pub.acks(phase1.length + phase2.length);
-    const health = await healthz(hub);
+    const health = await healthz(hub, s.tokens.pub);
     assert.equal(health.seq, String(phase1.length + phase2.length));
     assert.equal(health.claims, n);
     await waitFor(() => statSync(s.journal).size < sizeBefore, "the journal to shrink");
@@ -187,8 +188,8 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
     await hub.proc.stop();
     hub = await s.start();
     assert.doesNotMatch(hub.proc.output(), /skipped/);
-    assert.deepEqual(await healthz(hub), { ...health, nodes: 0 });
-    assert.equal((await healthz(hub)).hub, hubId);
+    assert.deepEqual(await healthz(hub, s.tokens.pub), { ...health, nodes: 0 });
+    assert.equal((await healthz(hub, s.tokens.pub)).hub, hubId);
 
     // The newest event of every address, exactly: odd addresses banned, even ones unbanned.
     const events = await fullSync(hub.url, s.tokens.agent1);
@@ -217,7 +218,7 @@ describe("the hub's journal loses no acked ban: not to a torn line, a kill -9 or
     const now = Date.now();
     for (const [k, p] of pubs.entries()) sendAll(p, Array.from({ length: n }, (_, i) => ban(`m${k}-${i}`, addr(i), now + i)));
     await Promise.all(pubs.map((p) => p.acks(n)));
-    const health = await healthz(hub);
+    const health = await healthz(hub, s.tokens.pub);
     assert.equal(health.claims, n);
     assert.equal(health.seq, String(nodes.length * n));
     // Past the 10,000-line threshold once, the journal was compacted to the 10,500 live claims.

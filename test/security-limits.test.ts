@@ -29,7 +29,7 @@ describe("security: a node is held to its rate, role, connection and frame-size 
   let agents: Record<string, Proc>;
   const csv = (n: string) => fleet.csv(n);
   const token = (n: string) => fleet.token(n);
-  const metrics = async () => refusedByReason(await (await fetch(`http://127.0.0.1:${hub.port}/metrics`)).text());
+  const metrics = async () => refusedByReason(await (await fetch(`http://127.0.0.1:${hub.port}/metrics`, { headers: { authorization: `Bearer ${token("peek")}` } })).text());
   const ban = (node: string, ...args: string[]) => fleet.ban(node, ...args);
   const blocked = (n: string, ip: string) => waitFor(() => rows(csv(n), "BLOCK", ip).length, `${n} to block ${ip}`);
 

@@ -16,9 +16,10 @@ import { needs } from "./lib/skip.ts";
 // TLS
 
 /** GET over https with a private CA. */
-function httpsGet(url: string, ca: string): Promise<string> {
+function httpsGet(url: string, ca: string, tokenFile?: string): Promise<string> {
   return new Promise((resolve, reject) => {
-    const req = httpsRequest(url, { ca }, (res) => {
+    const headers: Record<string, string> = tokenFile ? { authorization: `Bearer ${readFileSync(tokenFile, "utf8").trim()}` } : {};
+    const req = httpsRequest(url, { ca, headers }, (res) => {
       let body = "";
       res.on("data", (d) => (body += d));
       res.on("end", () => resolve(body));
@@ -35,8 +36,8 @@ describe("security: over TLS only a hub certified by the given CA is trusted, an
   let tokens: Record<string, string>;
   let ca: string;
   const csv = (n: string) => fleet.csv(n);
-  const metrics = async () => refusedByReason(await httpsGet(`https://127.0.0.1:${hub.port}/metrics`, ca));
-  const healthz = async () => JSON.parse(await httpsGet(`https://127.0.0.1:${hub.port}/healthz`, ca));
+  const metrics = async () => refusedByReason(await httpsGet(`https://127.0.0.1:${hub.port}/metrics`, ca, tokens.viewer));
+  const healthz = async () => JSON.parse(await httpsGet(`https://127.0.0.1:${hub.port}/healthz`, ca, tokens.viewer));
   const ban = (args: string[], spool: string) => runBan([...args, "--token-file", tokens.web, "--spool", join(dir, spool), "--timeout", "5"]);
 
   before(async () => {
@@ -47,7 +48,7 @@ describe("security: over TLS only a hub certified by the given CA is trusted, an
       }
     };
     fleet = await startFleet({
-      nodes: [["web", "node"], ["good", "node"], ["wrongca", "node"], ["plain", "node"]],
+      nodes: [["web", "node"], ["good", "node"], ["wrongca", "node"], ["plain", "node"], ["viewer", "reader"]],
       prepare: genCerts,
       hubArgs: (at) => ["--tls-cert", join(at, "tls", "hub.pem"), "--tls-key", join(at, "tls", "hub.key"), "--heartbeat", "5"],
     });
