@@ -1,14 +1,17 @@
 /**
  * Security, part 2 of 3 (with security-fuzz and security-tls), on a loopback hub: the per-node
- * rate limit, the reader role, token revocation on SIGHUP, the per-node connection limit and
- * oversized frames.
+ * rate limit, the reader role, token revocation on SIGHUP (a raw client that ignores the close
+ * frame gets no further frame in), the per-node connection limit (HTTP requests in flight
+ * included) and oversized frames. security-load.test.ts has the socket-level attacks.
  */
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { readdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { request } from "node:http";
 import { connectNode, upgradeStatus } from "./lib/client.ts";
+import { rawWs } from "./lib/rawws.ts";
 import { delta, readCsv, refusedByReason, rows, startFleet, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
 import type { Proc } from "./lib/proc.ts";
 
@@ -35,7 +38,7 @@ describe("security: a node is held to its rate, role, connection and frame-size 
 
   before(async () => {
     fleet = await startFleet({
-      nodes: [["flood", "node"], ["calm", "node"], ["watch", "node"], ["peek", "reader"], ["gone", "node"], ["many", "node"], ["big", "node"]],
+      nodes: [["flood", "node"], ["calm", "node"], ["watch", "node"], ["peek", "reader"], ["gone", "node"], ["many", "node"], ["big", "node"], ["rogue", "node"], ["posty", "node"]],
       agents: ["watch", "gone"],
       heartbeat: 5,
       hubArgs: ["--rate", "5", "--burst", "10", "--max-conns-per-node", "3"],
@@ -133,6 +136,61 @@ describe("security: a node is held to its rate, role, connection and frame-size 
     open[0].ws.close();
     await waitFor(async () => (await upgradeStatus(hub.url, token("many"))) === 101, "a connection once one closed");
     for (const c of open) c.ws.close();
+  });
+
+  test("a revoked token's connection takes no further frame, even from a client that ignores the close frame, and is cut within seconds", async () => {
+    const rogue = await rawWs(hub.port, token("rogue"));
+    rogue.sendText(JSON.stringify({ type: "hello", v: 1 }));
+    await waitFor(() => rogue.frames.some((f) => f.op === 1 && /"type":"welcome"/.test(f.data.toString())), "rogue's welcome");
+    rogue.sendText(banFrame("before", "203.0.113.150"));
+    await waitFor(() => rogue.frames.some((f) => f.op === 1 && /"id":"before"/.test(f.data.toString())), "the ack before the revocation");
+    const tokensFile = join(dir, "tokens");
+    await writeFile(tokensFile, readFileSync(tokensFile, "utf8").split("\n").filter((l) => !l.startsWith("rogue ")).join("\n"));
+    hub.proc.signal("SIGHUP");
+    await waitFor(() => rogue.frames.some((f) => f.op === 8), "the hub's close frame");
+    // The client answers nothing and keeps publishing, as a compromised node would.
+    let n = 0;
+    let ended = false;
+    void rogue.ended.then(() => (ended = true));
+    const cutAt = Date.now();
+    while (!ended && Date.now() - cutAt < 35_000) {
+      rogue.sendText(banFrame(`after-${n}`, `203.0.113.${160 + (n % 40)}`));
+      n++;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const cutMs = Date.now() - cutAt;
+    assert.ok(ended, "the hub never closed the revoked connection");
+    assert.ok(cutMs < 10_000, `the revoked connection stayed open ${cutMs} ms after the close frame (ws's close timeout is 30 s)`);
+    assert.ok(n > 0);
+    assert.equal(rogue.frames.filter((f) => f.op === 1 && /"id":"after-/.test(f.data.toString())).length, 0, "a frame sent after the revocation was answered");
+    await waitFor(() => hub.proc.lines().some((l) => /rogue .*frame\(s\) after its token was revoked dropped unread/.test(l)), "the hub to say it dropped the frames");
+    assert.equal(readCsv(csv("hub")).filter((r) => r.action === "RECEIVE" && r.origin === "rogue" && /^203\.0\.113\.(1[6-9]\d)$/.test(r.ip)).length, 0, "a ban sent after the revocation was accepted");
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(rows(csv("watch"), "BLOCK", "203.0.113.160").length, 0, "a ban sent after the revocation was relayed");
+  });
+
+  test("HTTP requests in flight count towards --max-conns-per-node: the next POST gets 429, and once they end it is acked", async () => {
+    // Three POSTs whose bodies never finish arriving hold the node's three slots.
+    const held = await Promise.all(
+      [0, 1, 2].map(
+        (i) =>
+          new Promise<ReturnType<typeof request>>((resolve) => {
+            const req = request({ host: "127.0.0.1", port: hub.port, method: "POST", path: "/v1/events", headers: { authorization: `Bearer ${token("posty")}`, "content-length": "300" } });
+            req.on("error", () => {});
+            req.write(`{"type":"ban","id":"held${i}",`);
+            req.flushHeaders();
+            setTimeout(() => resolve(req), 300);
+          }),
+      ),
+    );
+    const post = async (id: string, ip: string) => {
+      const r = await fetch(`http://127.0.0.1:${hub.port}/v1/events`, { method: "POST", headers: { authorization: `Bearer ${token("posty")}` }, body: banFrame(id, ip) });
+      await r.arrayBuffer();
+      return r.status;
+    };
+    assert.equal(await post("fourth", "198.51.100.40"), 429);
+    for (const r of held) r.destroy();
+    await waitFor(async () => (await post("later", "198.51.100.41")) === 200, "a POST to be acked once the held ones ended");
   });
 
   test("frames over 16 KiB are refused with too_big; the connection keeps serving; over 1 MiB it is closed", async () => {
