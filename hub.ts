@@ -1584,6 +1584,8 @@ interface Refusal {
   id?: string;
   ip?: string;
   connection?: boolean;
+  /** It answers an HTTP request (one per connection, so as fast as one can connect): summarised in a flood, as `connection` ones are. */
+  http?: boolean;
   /** The CSV row's shorter reason, when the log line says more. */
   csv?: string;
 }
@@ -1602,15 +1604,15 @@ const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, prot
  * window the others are summed as one. Pure bookkeeping: `Refusals` logs what it says.
  */
 export class FloodSummary {
-  private readonly sources = new Map<string, { host: string; code: RefusalCode; told: number; more: number }>();
+  private readonly sources = new Map<string, { from: string; code: RefusalCode; told: number; more: number }>();
   private told = 0;
 
-  /** True when this refusal is to be told on its own; false when it is only counted. */
-  note(host: string, code: RefusalCode): boolean {
-    let key = `${host} ${code}`;
+  /** True when this refusal (from `host`, with `node`'s token if any) is to be told on its own; false when it is only counted. */
+  note(host: string, node: string | undefined, code: RefusalCode): boolean {
+    let key = `${host} ${node ?? ""} ${code}`;
     if (!this.sources.has(key) && this.sources.size >= FLOOD_SOURCES) key = `* ${code}`;
     let s = this.sources.get(key);
-    if (!s) this.sources.set(key, (s = { host: key.startsWith("* ") ? "other addresses" : host, code, told: 0, more: 0 }));
+    if (!s) this.sources.set(key, (s = { from: key.startsWith("* ") ? "other addresses" : node ? `${host} (${node})` : host, code, told: 0, more: 0 }));
     if (s.told < FLOOD_FIRST && this.told < FLOOD_BUDGET) {
       s.told++;
       this.told++;
@@ -1621,8 +1623,8 @@ export class FloodSummary {
   }
 
   /** Ends the window: what was only counted in it, per source and reason. */
-  flush(): Array<{ host: string; code: RefusalCode; more: number }> {
-    const out = [...this.sources.values()].filter((s) => s.more > 0).map(({ host, code, more }) => ({ host, code, more }));
+  flush(): Array<{ from: string; code: RefusalCode; more: number }> {
+    const out = [...this.sources.values()].filter((s) => s.more > 0).map(({ from, code, more }) => ({ from, code, more }));
     this.sources.clear();
     this.told = 0;
     return out;
@@ -1656,24 +1658,27 @@ export class Refusals {
   refuse(r: Refusal, answer?: Answer, status = HTTP_STATUS[r.code] ?? 400): void {
     this.metrics.refused(r.code);
     const who = r.node ? `${r.node} (${r.remote})` : r.remote;
+    const told = !(r.connection || r.http) || this.tell(r);
     if (r.connection) {
-      if (this.tell(r)) {
+      if (told) {
         this.log(`refused connection from ${who}: ${r.message}`);
         this.recorder.row({ action: "REJECT", origin: r.node, detail: `${r.code}: ${r.csv ?? r.message} from ${r.remote}` });
       }
       answer?.(status);
       return;
     }
-    this.log(`refused from ${who}: ${r.message}`);
-    this.recorder.row({ action: "REJECT", ip: r.ip, origin: r.node, detail: `${r.code}: ${r.message}` });
+    if (told) {
+      this.log(`refused from ${who}: ${r.message}`);
+      this.recorder.row({ action: "REJECT", ip: r.ip, origin: r.node, detail: `${r.code}: ${r.message}` });
+    }
     answer?.(status, { type: "error", code: r.code as ErrorCode, message: r.message, id: r.id });
   }
 
   /** Tells what the flood summary only counted (the window ended, or the hub stops). */
   flush(): void {
-    for (const { host, code, more } of this.flood.flush()) {
-      this.log(`${more} more refusal(s) (${code}) from ${host} in the last ${FLOOD_WINDOW_MS / 1000} s`);
-      this.recorder.row({ action: "REJECT", detail: `${code}: ${more} more from ${host} in the last ${FLOOD_WINDOW_MS / 1000} s` });
+    for (const { from, code, more } of this.flood.flush()) {
+      this.log(`${more} more refusal(s) (${code}) from ${from} in the last ${FLOOD_WINDOW_MS / 1000} s`);
+      this.recorder.row({ action: "REJECT", detail: `${code}: ${more} more from ${from} in the last ${FLOOD_WINDOW_MS / 1000} s` });
     }
     if (this.flood.empty) this.stop();
   }
@@ -1683,10 +1688,10 @@ export class Refusals {
     this.timer = undefined;
   }
 
-  /** Whether connection refusal `r` is told on its own; starts the window's timer. */
+  /** Whether refusal `r` (of a connection or an HTTP request) is told on its own; starts the window's timer. */
   private tell(r: Refusal): boolean {
     this.timer ??= every(FLOOD_WINDOW_MS, () => this.flush());
-    return this.flood.note(hostOf(r.remote), r.code);
+    return this.flood.note(hostOf(r.remote), r.node, r.code);
   }
 }
 
@@ -2050,12 +2055,12 @@ export class Publisher {
   ) {}
 
   /** Publishes `f` from `entry`: answers its ack once durable, or its refusal. */
-  publish(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame, answer: Answer): void {
+  publish(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame, answer: Answer, http = false): void {
     const no = this.refusal(entry, f);
-    if (no) return this.refusals.refuse({ ...no, node: entry.name, remote, id: f.id, ip: f.ip }, answer);
+    if (no) return this.refusals.refuse({ ...no, node: entry.name, remote, id: f.id, ip: f.ip, http }, answer);
     this.accept(entry, remote, f).then(
       (seq) => answer(200, { type: "ack", id: f.id, seq }),
-      (e: Error) => this.refusals.refuse({ code: "internal", message: `Could not store the event: ${e.message}`, node: entry.name, remote, id: f.id, ip: f.ip }, answer),
+      (e: Error) => this.refusals.refuse({ code: "internal", message: `Could not store the event: ${e.message}`, node: entry.name, remote, id: f.id, ip: f.ip, http }, answer),
     );
   }
 
@@ -2479,7 +2484,7 @@ export class HttpApi {
 
   private postEvent(req: IncomingMessage, res: ServerResponse, entry: TokenEntry, remote: string, served: ServedRequest): void {
     const answer: Answer = (status, f) => json(res, status, f);
-    const refuse = (code: ErrorCode, message: string, id?: string) => this.refusals.refuse({ code, message, node: entry.name, remote, id }, answer);
+    const refuse = (code: ErrorCode, message: string, id?: string) => this.refusals.refuse({ code, message, node: entry.name, remote, id, http: true }, answer);
     const chunks: Buffer[] = [];
     let size = 0;
     req.on("data", (chunk: Buffer) => {
@@ -2499,7 +2504,7 @@ export class HttpApi {
       if (!parsed.ok) return refuse(parsed.code, parsed.message, parsed.id);
       const f = parsed.value;
       if (f.type === "hello" || f.type === "applied" || f.type === "enforcement") return refuse("bad_frame", `Expected a ban or unban frame in a POST, got ${f.type}`);
-      this.publisher.publish(entry, remote, f, answer);
+      this.publisher.publish(entry, remote, f, answer, true);
     });
   }
 
@@ -2512,7 +2517,7 @@ export class HttpApi {
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
     if (entry.role !== "admin") {
       const message = `Only an admin can list the fleet's bans; ${entry.name} is a ${entry.role}`;
-      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote }, (status, f) => json(res, status, f));
+      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote, http: true }, (status, f) => json(res, status, f));
     }
     void this.streamBans(res, Date.now());
   }
@@ -2520,7 +2525,7 @@ export class HttpApi {
   private nodes(res: ServerResponse, entry: TokenEntry, remote: string): void {
     if (entry.role !== "admin") {
       const message = `Only an admin can list the fleet's nodes; ${entry.name} is a ${entry.role}`;
-      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote }, (status, f) => json(res, status, f));
+      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote, http: true }, (status, f) => json(res, status, f));
     }
     const nodes = this.conns.receiving().map((c) => ({ node: c.entry.name, remote: c.remote, since: c.since, lastSeen: c.lastSeen, enforcement: c.enforcement ?? null, verdict: c.enforcement ? enforcementVerdict(c.enforcement) : null }));
     nodes.sort((a, b) => (a.node < b.node ? -1 : a.node > b.node ? 1 : a.since - b.since));
@@ -2581,7 +2586,7 @@ export class HttpApi {
   private metricsText(res: ServerResponse, entry: TokenEntry, remote: string): void {
     if (entry.role === "node") {
       const message = `Metrics need a reader or admin token; ${entry.name} is a node`;
-      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote }, (status, f) => json(res, status, f));
+      return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote, http: true }, (status, f) => json(res, status, f));
     }
     const h = this.store.health();
     const t = this.fleet.tally(Date.now());

@@ -11,7 +11,9 @@ import { after, before, describe, test } from "node:test";
 import { ALL_ORIGINS, DEFAULT_MAX_PREFIX, ESCALATION_ORIGIN, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 import {
   FleetState,
+  FloodSummary,
   Metrics,
+  defaultMaxPending,
   RateLimiter,
   Recorder,
   Refusals,
@@ -310,6 +312,55 @@ describe("FleetState: the claims, pending until durable", () => {
     assert.equal(fleet.durable, "1");
     assert.equal(fleet.claims.get("192.0.2.80")?.get("web1"), d.event);
     assert.equal(fleet.blockedCount(NOW), 1);
+  });
+
+  test("tally() keeps the counts countBlocked() walks for: as claims change, end, are lifted by an admin and pruned", () => {
+    const fleet = new FleetState({ quorum: 1, trusted: [] });
+    let seq = 0;
+    const ev = (ip: string, origin: string, kind: "ban" | "unban", detectedAt: number, until: number | null, held?: boolean): FleetEvent => ({ seq: String(++seq), kind, ip, origin, jail: "sshd", until, detectedAt, id: `e${seq}`, relayedAt: detectedAt, ...(held ? { held } : {}) });
+    const same = (at: number, what: string) => {
+      const t = fleet.tally(at);
+      assert.deepEqual({ blocked: t.blocked, claims: t.claims }, countBlocked(fleet.claims, at), what);
+      let sum = 0;
+      for (const n of t.byOrigin.values()) sum += n;
+      assert.equal(sum, t.claims, `${what}: the per-origin counts add up`);
+      return t;
+    };
+    const events: FleetEvent[] = [];
+    for (let i = 0; i < 300; i++) {
+      const ip = `192.0.2.${i % 60}`;
+      const origin = `web${i % 4}`;
+      const until = i % 7 === 0 ? null : NOW + (i % 13) * 60_000 + 1000;
+      events.push(i % 11 === 5 ? ev(ip, origin, "unban", NOW - 500 + i, until) : ev(ip, origin, "ban", NOW - 1000 + i, until, i % 17 === 3));
+    }
+    fleet.commit(events);
+    const first = same(NOW, "after a commit");
+    assert.ok(first.blocked > 0 && first.held > 0);
+    assert.equal(first.byOrigin.get("web1") !== undefined, true);
+    for (const later of [2 * 60_000, 5 * 60_000, 9 * 60_000, 13 * 60_000]) same(NOW + later, `${later / 60_000} min later, as claims end`);
+    fleet.commit([ev("192.0.2.7", ALL_ORIGINS, "unban", NOW + 14 * 60_000, NOW + 20 * 60_000)]);
+    same(NOW + 14 * 60_000 + 1, "after an admin unban");
+    fleet.prune(NOW + 30 * 60_000);
+    const end = same(NOW + 30 * 60_000, "after a prune");
+    assert.equal(end.held, 0);
+  });
+
+  test("FloodSummary tells the first refusals of a source one by one and counts the rest for one line per window", () => {
+    const f = new FloodSummary();
+    const told = Array.from({ length: 8 }, () => f.note("192.0.2.1", undefined, "unauthorized"));
+    assert.deepEqual(told, [true, true, true, true, true, false, false, false]);
+    assert.equal(f.note("192.0.2.2", undefined, "unauthorized"), true, "another source has its own share");
+    assert.equal(f.note("192.0.2.1", "web1", "forbidden"), true, "another node or reason too");
+    assert.deepEqual(f.flush(), [{ from: "192.0.2.1", code: "unauthorized", more: 3 }]);
+    assert.equal(f.note("192.0.2.1", undefined, "unauthorized"), true, "a new window starts afresh");
+    for (let i = 0; i < 300; i++) f.note(`198.51.100.${i % 250}`, `n${i}`, "unauthorized");
+    const told2 = Array.from({ length: 1000 }, (_, i) => f.note(`203.0.113.${i % 250}`, `m${i}`, "unauthorized")).filter(Boolean).length;
+    assert.equal(told2, 0, "past the budget of a window nothing more is told one by one");
+    assert.ok(f.flush().some((x) => x.from === "other addresses"), "sources past the limit are summed as one");
+  });
+
+  test("defaultMaxPending() is a quarter of the open-file limit, 16 to 1024", () => {
+    assert.deepEqual([defaultMaxPending(200), defaultMaxPending(1024), defaultMaxPending(1 << 20), defaultMaxPending(20)], [50, 256, 1024, 16]);
   });
 
   test("unstage() forgets an event the store did not take", () => {
