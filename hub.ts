@@ -163,6 +163,10 @@ const FLOOD_FIRST = 5;
 const FLOOD_BUDGET = 100;
 const FLOOD_SOURCES = 256;
 const FLOOD_WINDOW_MS = 10_000;
+/** HTTP requests of one source address other than publishing: this many a second, this many at once; one that would wait longer than HTTP_MAX_WAIT_MS is refused. */
+const HTTP_RATE = 20;
+const HTTP_BURST = 100;
+const HTTP_MAX_WAIT_MS = 5000;
 const MAX_REFUSED_PER_CONN = 1000;
 /** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
 const STATUS_INTERVAL_MS = 1000;
@@ -1716,6 +1720,34 @@ export class RateLimiter {
   }
 }
 
+/**
+ * Paces the HTTP requests of each source address (all but `POST /v1/events`, which the node's
+ * own rate limit governs): `rate` a second and `burst` at once, past which each request waits
+ * its turn before it is handled. A client that hammers gets its answers later, instead of taking
+ * the hub's time from everyone else; one that would wait more than `maxWaitMs` is refused.
+ */
+export class Pacer {
+  /** Per address, when its next request may go without waiting on the ones before (GCRA's theoretical arrival time). */
+  private readonly next = new Map<string, number>();
+
+  constructor(
+    readonly rate: number,
+    readonly burst: number,
+    readonly maxWaitMs: number,
+  ) {}
+
+  /** Ms the request from `host` arriving at `now` waits (0: none), or undefined when it would wait too long (it takes no turn then). */
+  wait(host: string, now: number): number | undefined {
+    const interval = 1000 / this.rate;
+    const due = Math.max(this.next.get(host) ?? now, now);
+    const wait = Math.max(0, due - now - (this.burst - 1) * interval);
+    if (wait > this.maxWaitMs) return undefined;
+    this.next.set(host, due + interval);
+    if (this.next.size > 4096) for (const [h, t] of this.next) if (t <= now) this.next.delete(h);
+    return wait;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Connections
 
@@ -2427,6 +2459,7 @@ type Handler = (req: IncomingMessage, res: ServerResponse) => void;
 /** The HTTP side: a route table, and one wrapper that authenticates the routes that need it. */
 export class HttpApi {
   private readonly routes = new Map<string, { methods?: string[]; handle: Handler }>();
+  private readonly pacer = new Pacer(HTTP_RATE, HTTP_BURST, HTTP_MAX_WAIT_MS);
 
   constructor(
     private readonly maxPrefix: PrefixLimits,
@@ -2456,8 +2489,27 @@ export class HttpApi {
     this.routes.set("/metrics", { handle: this.authed((_req, res, entry, remote) => this.metricsText(res, entry, remote)) });
   }
 
+  /** Routes a request; all but publishing wait their turn per source address first (`Pacer`). */
   handle(req: IncomingMessage, res: ServerResponse): void {
-    const route = this.routes.get((req.url ?? "/").split("?")[0]);
+    const path = (req.url ?? "/").split("?")[0];
+    if (path === "/v1/events" && req.method === "POST") return this.route(path, req, res);
+    const remote = remoteOf(req);
+    const wait = this.pacer.wait(hostOf(remote), Date.now());
+    if (wait === undefined) {
+      const message = `Too many requests from ${hostOf(remote)}: more than ${this.pacer.rate}/s (${this.pacer.burst} at once); slow down`;
+      return this.refusals.refuse({ code: "rate_limited", message, remote, http: true }, (status, f) => {
+        res.shouldKeepAlive = false;
+        json(res, status, f);
+      });
+    }
+    if (!wait) return this.route(path, req, res);
+    setTimeout(() => {
+      if (!res.destroyed && !req.socket.destroyed) this.route(path, req, res);
+    }, wait);
+  }
+
+  private route(path: string, req: IncomingMessage, res: ServerResponse): void {
+    const route = this.routes.get(path);
     if (route && (!route.methods || route.methods.includes(req.method ?? ""))) return route.handle(req, res);
     res.writeHead(404, { "content-type": "text/plain" });
     res.end("banshare hub: WebSocket endpoint; see /healthz and /metrics\n");

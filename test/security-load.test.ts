@@ -56,7 +56,7 @@ async function timedBan(http: string, token: string, id: string, ip: string): Pr
 
 /** Starts the hammer worker: `conns` clients cycling through `paths` until stopped. */
 async function hammer(http: string, token: string, conns: number, paths: string[]): Promise<Proc> {
-  const p = tsx("test/bench/hammer-worker.ts", [String(conns), http, token, "127.0.0.2", ...paths], { name: "hammer" });
+  const p = tsx("test/bench/hammer-worker.ts", [String(conns), http, token, "127.0.1.1+32", ...paths], { name: "hammer" });
   await p.waitForLine(/hammering/, 20_000);
   return p;
 }
@@ -188,8 +188,12 @@ describe("security: silent, trickling and flooding strangers cannot take a hub u
     assert.ok(s.closedAt - opened < 20_000, `the trickling socket stayed open ${s.closedAt - opened} ms`);
   });
 
-  test("2,000 unauthenticated requests cost a handful of log lines and CSV rows and one summary, and are all counted", async () => {
-    const before = (await metrics()).unauthorized ?? 0;
+  test("2,000 unauthenticated requests cost a handful of log lines and CSV rows and a summary, are paced, and are all counted", async () => {
+    const refusedNow = async () => {
+      const r = await metrics();
+      return (r.unauthorized ?? 0) + (r.rate_limited ?? 0);
+    };
+    const before = await refusedNow();
     const agent = new Agent({ keepAlive: false, maxSockets: 16, localAddress: "127.0.0.40" });
     const one = () =>
       new Promise<void>((resolve) => {
@@ -202,8 +206,9 @@ describe("security: silent, trickling and flooding strangers cannot take a hub u
       });
     const N = 2000;
     for (let i = 0; i < N; i += 16) await Promise.all(Array.from({ length: Math.min(16, N - i) }, one));
-    assert.equal(((await metrics()).unauthorized ?? 0) - before, N, "every refusal is counted in /metrics");
-    const summary = await waitFor(() => hub.proc.lines().find((l) => /\d+ more refusal\(s\) \(unauthorized\) from 127\.0\.0\.40 in the last 10 s/.test(l)), "the flood's summary line", 30_000);
+    // Past 200 at once and 50 a second, the address's requests wait their turn, and past 5 s of waiting they are refused at once.
+    assert.equal((await refusedNow()) - before, N, "every refusal (unauthorized, or rate_limited once the flood outran its pace) is counted in /metrics");
+    const summary = await waitFor(() => hub.proc.lines().find((l) => /\d+ more refusal\(s\) \((unauthorized|rate_limited)\) from 127\.0\.0\.40 in the last 10 s/.test(l)), "the flood's summary line", 30_000);
     const logged = hub.proc.lines().filter((l) => /refused connection from 127\.0\.0\.40:/.test(l)).length;
     // The rows one by one and the summaries (one per 10 s window the flood spanned) add up to every refusal.
     const floodRows = () => readCsv(join(dir, "hub.csv")).filter((r) => r.action === "REJECT" && /127\.0\.0\.40/.test(r.detail));
@@ -211,8 +216,8 @@ describe("security: silent, trickling and flooding strangers cannot take a hub u
     await waitFor(() => told() === N, `the CSV rows to account for all ${N} refusals`, 30_000).catch(() => assert.fail(`the CSV rows account for ${told()} refusals, not ${N}`));
     const rows = floodRows();
     console.log(`2000 refusals: ${logged} log line(s) one by one, ${rows.length} CSV row(s); ${summary}`);
-    assert.ok(logged <= 20, `${logged} log lines for one flood`);
-    assert.ok(rows.length <= 40, `${rows.length} CSV rows for one flood`);
+    assert.ok(logged <= 40, `${logged} log lines for one flood`);
+    assert.ok(rows.length <= 60, `${rows.length} CSV rows for one flood`);
     assert.ok((await timedBan(http(), token("web1"), "honest-2", "203.0.113.2")) < SPOOL_TIMEOUT_MS);
   });
 });

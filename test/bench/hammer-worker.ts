@@ -7,16 +7,20 @@
  *
  * A path ending in `@auth` is sent with `Authorization: Bearer TOKEN`; the others without.
  * FROM is the local address to connect from (another loopback address than the honest
- * client's, as an attacker's is another host), or `-` for the system's choice.
+ * client's, as an attacker's is another host), `A.B.C.D+N` for N clients each from its own
+ * address counting up from A.B.C.D, or `-` for the system's choice.
  */
 import { request, Agent } from "node:http";
 
 const [conns, base, token, from, ...paths] = process.argv.slice(2);
-const agent = new Agent({ keepAlive: true, maxSockets: Number(conns), ...(from === "-" ? {} : { localAddress: from }) });
+/** Client i's agent: one for all, or one per address. */
+const spread = /^(\d+\.\d+\.\d+)\.(\d+)\+\d+$/.exec(from);
+const shared = new Agent({ keepAlive: true, maxSockets: Number(conns), ...(from === "-" || spread ? {} : { localAddress: from }) });
+const agents = Array.from({ length: Number(conns) }, (_, i) => (spread ? new Agent({ keepAlive: true, maxSockets: 1, localAddress: `${spread[1]}.${Number(spread[2]) + i}` }) : shared));
 const targets = paths.map((p) => (p.endsWith("@auth") ? { path: p.slice(0, -5), headers: { authorization: `Bearer ${token}` } } : { path: p, headers: {} as Record<string, string> }));
 let answered = 0;
 
-function get(path: string, headers: Record<string, string>): Promise<void> {
+function get(agent: Agent, path: string, headers: Record<string, string>): Promise<void> {
   return new Promise((resolve) => {
     const req = request(`${base}${path}`, { agent, headers }, (res) => {
       res.resume();
@@ -34,7 +38,7 @@ function get(path: string, headers: Record<string, string>): Promise<void> {
 async function loop(i: number): Promise<void> {
   for (let k = i; ; k++) {
     const t = targets[k % targets.length];
-    await get(t.path, t.headers);
+    await get(agents[i], t.path, t.headers);
   }
 }
 
