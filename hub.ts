@@ -1608,15 +1608,20 @@ const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, prot
  * window the others are summed as one. Pure bookkeeping: `Refusals` logs what it says.
  */
 export class FloodSummary {
-  private readonly sources = new Map<string, { from: string; code: RefusalCode; told: number; more: number }>();
+  private readonly sources = new Map<string, { from: string; why: string; told: number; more: number }>();
   private told = 0;
 
-  /** True when this refusal (from `host`, with `node`'s token if any) is to be told on its own; false when it is only counted. */
-  note(host: string, node: string | undefined, code: RefusalCode): boolean {
-    let key = `${host} ${node ?? ""} ${code}`;
-    if (!this.sources.has(key) && this.sources.size >= FLOOD_SOURCES) key = `* ${code}`;
+  /**
+   * True when this refusal (from `host`, with `node`'s token if any, for `code` and `message`) is
+   * to be told on its own; false when it is only counted. Refusals of one kind (the message up
+   * to its first `:`, `;` or `(`, numbers blanked: "unknown token", "plain HTTP") share a count.
+   */
+  note(host: string, node: string | undefined, code: RefusalCode, message: string): boolean {
+    const why = `${code}: ${message.split(/[:;(]/)[0].replace(/\d+/g, "N").trim().slice(0, 48)}`;
+    let key = `${host} ${node ?? ""} ${why}`;
+    if (!this.sources.has(key) && this.sources.size >= FLOOD_SOURCES) key = `* ${why}`;
     let s = this.sources.get(key);
-    if (!s) this.sources.set(key, (s = { from: key.startsWith("* ") ? "other addresses" : node ? `${host} (${node})` : host, code, told: 0, more: 0 }));
+    if (!s) this.sources.set(key, (s = { from: key.startsWith("* ") ? "other addresses" : node ? `${host} (${node})` : host, why, told: 0, more: 0 }));
     if (s.told < FLOOD_FIRST && this.told < FLOOD_BUDGET) {
       s.told++;
       this.told++;
@@ -1627,8 +1632,8 @@ export class FloodSummary {
   }
 
   /** Ends the window: what was only counted in it, per source and reason. */
-  flush(): Array<{ from: string; code: RefusalCode; more: number }> {
-    const out = [...this.sources.values()].filter((s) => s.more > 0).map(({ from, code, more }) => ({ from, code, more }));
+  flush(): Array<{ from: string; why: string; more: number }> {
+    const out = [...this.sources.values()].filter((s) => s.more > 0).map(({ from, why, more }) => ({ from, why, more }));
     this.sources.clear();
     this.told = 0;
     return out;
@@ -1680,9 +1685,9 @@ export class Refusals {
 
   /** Tells what the flood summary only counted (the window ended, or the hub stops). */
   flush(): void {
-    for (const { from, code, more } of this.flood.flush()) {
-      this.log(`${more} more refusal(s) (${code}) from ${from} in the last ${FLOOD_WINDOW_MS / 1000} s`);
-      this.recorder.row({ action: "REJECT", detail: `${code}: ${more} more from ${from} in the last ${FLOOD_WINDOW_MS / 1000} s` });
+    for (const { from, why, more } of this.flood.flush()) {
+      this.log(`${more} more refusal(s) (${why}) from ${from} in the last ${FLOOD_WINDOW_MS / 1000} s`);
+      this.recorder.row({ action: "REJECT", detail: `${why}: ${more} more from ${from} in the last ${FLOOD_WINDOW_MS / 1000} s` });
     }
     if (this.flood.empty) this.stop();
   }
@@ -1695,7 +1700,7 @@ export class Refusals {
   /** Whether refusal `r` (of a connection or an HTTP request) is told on its own; starts the window's timer. */
   private tell(r: Refusal): boolean {
     this.timer ??= every(FLOOD_WINDOW_MS, () => this.flush());
-    return this.flood.note(hostOf(r.remote), r.node, r.code);
+    return this.flood.note(hostOf(r.remote), r.node, r.code, r.message);
   }
 }
 
@@ -2194,10 +2199,10 @@ export class Admission {
     const host = s.remoteAddress ?? "unknown";
     const remote = `${host}:${s.remotePort}`;
     const held = this.perHost.get(host) ?? 0;
-    if (held >= this.maxPerAddress) return this.drop(s, remote, "too_many_pending", `already ${held} sockets from ${host} not authenticated, the limit is ${this.maxPerAddress}`);
+    if (held >= this.maxPerAddress) return this.drop(s, remote, "too_many_pending", `sockets not yet authenticated: ${held} from ${host}, the limit is ${this.maxPerAddress} per address`);
     if (this.pending.size >= this.maxPending) {
       const [oldest, p] = this.pending.entries().next().value!;
-      this.drop(oldest, p.remote, "too_many_pending", `${this.pending.size} sockets not authenticated, the limit is ${this.maxPending}: closing the one waiting longest`);
+      this.drop(oldest, p.remote, "too_many_pending", `sockets not yet authenticated: ${this.pending.size} in all, the limit is ${this.maxPending}; closing the one waiting longest`);
     }
     this.enter(s, host, remote);
   }
@@ -2496,7 +2501,7 @@ export class HttpApi {
     const remote = remoteOf(req);
     const wait = this.pacer.wait(hostOf(remote), Date.now());
     if (wait === undefined) {
-      const message = `Too many requests from ${hostOf(remote)}: more than ${this.pacer.rate}/s (${this.pacer.burst} at once); slow down`;
+      const message = `Too many requests: more than ${this.pacer.rate}/s (${this.pacer.burst} at once) from ${hostOf(remote)}; slow down`;
       return this.refusals.refuse({ code: "rate_limited", message, remote, http: true }, (status, f) => {
         res.shouldKeepAlive = false;
         json(res, status, f);

@@ -347,16 +347,20 @@ describe("FleetState: the claims, pending until durable", () => {
 
   test("FloodSummary tells the first refusals of a source one by one and counts the rest for one line per window", () => {
     const f = new FloodSummary();
-    const told = Array.from({ length: 8 }, () => f.note("192.0.2.1", undefined, "unauthorized"));
+    const told = Array.from({ length: 8 }, (_, i) => f.note("192.0.2.1", undefined, "unauthorized", i % 2 ? "unknown token" : "unknown token"));
     assert.deepEqual(told, [true, true, true, true, true, false, false, false]);
-    assert.equal(f.note("192.0.2.2", undefined, "unauthorized"), true, "another source has its own share");
-    assert.equal(f.note("192.0.2.1", "web1", "forbidden"), true, "another node or reason too");
-    assert.deepEqual(f.flush(), [{ from: "192.0.2.1", code: "unauthorized", more: 3 }]);
-    assert.equal(f.note("192.0.2.1", undefined, "unauthorized"), true, "a new window starts afresh");
-    for (let i = 0; i < 300; i++) f.note(`198.51.100.${i % 250}`, `n${i}`, "unauthorized");
-    const told2 = Array.from({ length: 1000 }, (_, i) => f.note(`203.0.113.${i % 250}`, `m${i}`, "unauthorized")).filter(Boolean).length;
+    assert.equal(f.note("192.0.2.2", undefined, "unauthorized", "unknown token"), true, "another source has its own share");
+    assert.equal(f.note("192.0.2.1", "web1", "forbidden", "Only an admin can list the fleet's bans; web1 is a node"), true, "another node or reason too");
+    assert.equal(f.note("192.0.2.1", undefined, "unauthorized", "no bearer token"), true, "and another kind of refusal");
+    assert.deepEqual(f.flush(), [{ from: "192.0.2.1", why: "unauthorized: unknown token", more: 3 }]);
+    assert.equal(f.note("192.0.2.1", undefined, "unauthorized", "unknown token"), true, "a new window starts afresh");
+    for (let i = 0; i < 300; i++) f.note(`198.51.100.${i % 250}`, `n${i}`, "unauthorized", "unknown token");
+    const told2 = Array.from({ length: 1000 }, (_, i) => f.note(`203.0.113.${i % 250}`, `m${i}`, "unauthorized", "unknown token")).filter(Boolean).length;
     assert.equal(told2, 0, "past the budget of a window nothing more is told one by one");
     assert.ok(f.flush().some((x) => x.from === "other addresses"), "sources past the limit are summed as one");
+    f.note("192.0.2.3", undefined, "too_many_pending", "sockets not yet authenticated: 40 from 192.0.2.3, the limit is 32 per address");
+    for (let i = 0; i < 9; i++) f.note("192.0.2.3", undefined, "too_many_pending", `sockets not yet authenticated: ${i} in all, the limit is 50; closing the one waiting longest`);
+    assert.deepEqual(f.flush(), [{ from: "192.0.2.3", why: "too_many_pending: sockets not yet authenticated", more: 5 }], "numbers and details after the first colon do not make another kind");
   });
 
   test("defaultMaxPending() is a quarter of the open-file limit, 16 to 1024", () => {

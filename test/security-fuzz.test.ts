@@ -610,7 +610,7 @@ describe("security: hostile frames, crafted WebSocket frames and bans of protect
     assert.deepEqual(grew, expected, "banshare_refused_total does not match the refusals the clients saw");
     const refusedTotal = Object.values(grew).reduce((a, b) => a + b, 0);
     // Refusals before a token was accepted are summarised per source: a row "N more from ADDRESS" stands for N.
-    const rejects = () => readCsv(csv("hub")).filter((r) => r.action === "REJECT").reduce((n, r) => n + (Number(/^\w+: (\d+) more from /.exec(r.detail)?.[1]) || 1), 0) - rejectsBefore;
+    const rejects = () => readCsv(csv("hub")).filter((r) => r.action === "REJECT").reduce((n, r) => n + (Number(/: (\d+) more from /.exec(r.detail)?.[1]) || 1), 0) - rejectsBefore;
     await waitFor(() => rejects() === refusedTotal, `a REJECT row in the hub's CSV per refusal, or a summary row counting it (${refusedTotal})`, 30_000).catch((e: Error) => assert.fail(`${e.message}: ${rejects()} rows`));
 
     const summary = {

@@ -188,7 +188,7 @@ describe("security: silent, trickling and flooding strangers cannot take a hub u
     assert.ok(s.closedAt - opened < 20_000, `the trickling socket stayed open ${s.closedAt - opened} ms`);
   });
 
-  test("2,000 unauthenticated requests cost a handful of log lines and CSV rows and a summary, are paced, and are all counted", async () => {
+  test("600 unauthenticated requests cost a handful of log lines and CSV rows and a summary per 10 s, are paced, and are all counted", async () => {
     const refusedNow = async () => {
       const r = await metrics();
       return (r.unauthorized ?? 0) + (r.rate_limited ?? 0);
@@ -204,20 +204,20 @@ describe("security: silent, trickling and flooding strangers cannot take a hub u
         req.on("error", () => resolve());
         req.end();
       });
-    const N = 2000;
+    const N = 600;
     for (let i = 0; i < N; i += 16) await Promise.all(Array.from({ length: Math.min(16, N - i) }, one));
-    // Past 200 at once and 50 a second, the address's requests wait their turn, and past 5 s of waiting they are refused at once.
+    // Past 100 at once and 20 a second, the address's requests wait their turn (past 5 s of waiting they would be refused at once).
     assert.equal((await refusedNow()) - before, N, "every refusal (unauthorized, or rate_limited once the flood outran its pace) is counted in /metrics");
-    const summary = await waitFor(() => hub.proc.lines().find((l) => /\d+ more refusal\(s\) \((unauthorized|rate_limited)\) from 127\.0\.0\.40 in the last 10 s/.test(l)), "the flood's summary line", 30_000);
+    const summary = await waitFor(() => hub.proc.lines().find((l) => /\d+ more refusal\(s\) \((unauthorized|rate_limited): [^)]*\) from 127\.0\.0\.40 in the last 10 s/.test(l)), "the flood's summary line", 30_000);
     const logged = hub.proc.lines().filter((l) => /refused connection from 127\.0\.0\.40:/.test(l)).length;
     // The rows one by one and the summaries (one per 10 s window the flood spanned) add up to every refusal.
     const floodRows = () => readCsv(join(dir, "hub.csv")).filter((r) => r.action === "REJECT" && /127\.0\.0\.40/.test(r.detail));
     const told = () => floodRows().reduce((n, r) => n + (Number(/: (\d+) more from /.exec(r.detail)?.[1]) || 1), 0);
     await waitFor(() => told() === N, `the CSV rows to account for all ${N} refusals`, 30_000).catch(() => assert.fail(`the CSV rows account for ${told()} refusals, not ${N}`));
     const rows = floodRows();
-    console.log(`2000 refusals: ${logged} log line(s) one by one, ${rows.length} CSV row(s); ${summary}`);
-    assert.ok(logged <= 40, `${logged} log lines for one flood`);
-    assert.ok(rows.length <= 60, `${rows.length} CSV rows for one flood`);
+    console.log(`${N} refusals: ${logged} log line(s) one by one, ${rows.length} CSV row(s); ${summary}`);
+    assert.ok(logged <= 25, `${logged} log lines for one flood`);
+    assert.ok(rows.length <= 35, `${rows.length} CSV rows for one flood`);
     assert.ok((await timedBan(http(), token("web1"), "honest-2", "203.0.113.2")) < SPOOL_TIMEOUT_MS);
   });
 });
