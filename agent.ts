@@ -294,17 +294,31 @@ export function ipsetSetupCommands(cfg: FirewallConfig): Command[] {
   return cmds;
 }
 
+/**
+ * nftables backend: the set an entry goes to. Single addresses go to plain hash sets (`v4`, `v6`):
+ * nft 1.0 reads every element of an interval set back from the kernel before each transaction
+ * that touches it (about 0.7 s at 100,000 entries), while a hash set costs the same at any size.
+ * Networks go to the interval sets `v4net`, `v6net`, which hold only the few networks.
+ */
+export function nftSetName(ip: string): string {
+  return `v${family(ip)}${ip.includes("/") ? "net" : ""}`;
+}
+
+/** nftables backend: the four sets, in order: v4, v6 (addresses), v4net, v6net (networks). */
+export const NFT_SETS = ["v4", "v6", "v4net", "v6net"] as const;
+
+function nftSetDef(name: string): string {
+  const type = name.startsWith("v4") || name.startsWith("test4") ? "ipv4_addr" : "ipv6_addr";
+  return `{ type ${type}; flags ${name.endsWith("net") ? "interval, timeout" : "timeout"}; size ${MAX_ELEMENTS}; }`;
+}
+
 /** nftables backend: the table's definition, sets created if missing, each hook's chain rules rewritten atomically (the chain of a hook not wanted is removed). */
 export function nftSetupScript(cfg: FirewallConfig): string {
   const t = `inet ${cfg.prefix}`;
   const ports = cfg.ports.length ? `tcp dport { ${cfg.ports.join(", ")} } ` : "";
   const allow4 = cfg.allow.filter((a) => a.family === 4).map((a) => a.text);
   const allow6 = cfg.allow.filter((a) => a.family === 6).map((a) => a.text);
-  const lines = [
-    `add table ${t}`,
-    `add set ${t} v4 { type ipv4_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`,
-    `add set ${t} v6 { type ipv6_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`,
-  ];
+  const lines = [`add table ${t}`, ...NFT_SETS.map((set) => `add set ${t} ${set} ${nftSetDef(set)}`)];
   for (const hook of NFT_HOOKS) {
     // Priority just before the usual filter chains (and iptables-nft's, Docker's FORWARD among
     // them), so a ban wins over their ACCEPT rules.
@@ -315,9 +329,24 @@ export function nftSetupScript(cfg: FirewallConfig): string {
     }
     if (allow4.length) lines.push(`add rule ${t} ${hook} ip saddr { ${allow4.join(", ")} } return`);
     if (allow6.length) lines.push(`add rule ${t} ${hook} ip6 saddr { ${allow6.join(", ")} } return`);
-    lines.push(`add rule ${t} ${hook} ${ports}ip saddr @v4 drop`, `add rule ${t} ${hook} ${ports}ip6 saddr @v6 drop`);
+    // The counters are the agent's --metrics drop figures.
+    for (const set of NFT_SETS) lines.push(`add rule ${t} ${hook} ${ports}${set.startsWith("v4") ? "ip" : "ip6"} saddr @${set} counter drop`);
   }
   return lines.join("\n") + "\n";
+}
+
+/**
+ * nftables backend's set-up plan. A table made by banshare before 0.2 has interval sets named
+ * `v4`, `v6` that the hash sets cannot replace in place: such a table (no `v4net`) is deleted and
+ * made anew in the same transaction, so its hooks never go missing; the entries come back from
+ * the agent's claims right after (at start from its state file, then the sync; at a repair, the refill).
+ */
+export function nftSetupSteps(cfg: FirewallConfig): Step[] {
+  const t = ["inet", cfg.prefix];
+  return [
+    { when: ["nft", "-t", "list", "table", ...t], unless: ["nft", "-t", "list", "set", ...t, "v4net"], argv: ["nft", "-f", "-"], input: `delete table inet ${cfg.prefix}\n${nftSetupScript(cfg)}` },
+    { argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) },
+  ];
 }
 
 /** The nftables hooks the agent can own a chain in (named after them). */
@@ -335,6 +364,19 @@ function nftElements(prefix: string, set: string, els: string[]): string[] {
   return lines;
 }
 
+/** The elements of `entries` still to hold (`nftElement`), grouped by the set (`nftSetName`) each goes to. */
+function nftElementsBySet(entries: Iterable<[string, number | null]>, now: number): Map<string, string[]> {
+  const els = new Map<string, string[]>();
+  for (const [ip, until] of entries) {
+    const el = nftElement(ip, until, now);
+    if (!el) continue;
+    const set = nftSetName(ip);
+    if (!els.has(set)) els.set(set, []);
+    els.get(set)!.push(el);
+  }
+  return els;
+}
+
 /**
  * nftables backend: one transaction for a batch of changes. An element's timeout cannot be
  * changed in place, and deleting a missing element fails the transaction, so each address
@@ -343,7 +385,7 @@ function nftElements(prefix: string, set: string, els: string[]): string[] {
 export function nftChangeScript(prefix: string, changes: Change[], now: number): string {
   const lines: string[] = [];
   for (const c of changes) {
-    const set = `inet ${prefix} ${family(c.ip) === 4 ? "v4" : "v6"}`;
+    const set = `inet ${prefix} ${nftSetName(c.ip)}`;
     lines.push(`add element ${set} { ${c.ip} }`, `delete element ${set} { ${c.ip} }`);
     const el = c.until === undefined ? undefined : nftElement(c.ip, c.until, now);
     if (el) lines.push(`add element ${set} { ${el} }`);
@@ -351,16 +393,16 @@ export function nftChangeScript(prefix: string, changes: Change[], now: number):
   return lines.join("\n") + "\n";
 }
 
+/** nftables backend: the additions that put `desired` into the sets (an element already there stays as it is). */
+export function nftFillScript(prefix: string, desired: Map<string, number | null>, now: number): string {
+  const lines: string[] = [];
+  for (const [set, els] of nftElementsBySet(desired, now)) lines.push(...nftElements(prefix, set, els));
+  return lines.join("\n") + "\n";
+}
+
 /** nftables backend: one atomic transaction that makes the sets hold exactly `desired`. */
 export function nftReconcileScript(prefix: string, desired: Map<string, number | null>, now: number): string {
-  const lines = [`flush set inet ${prefix} v4`, `flush set inet ${prefix} v6`];
-  const els: Record<4 | 6, string[]> = { 4: [], 6: [] };
-  for (const [ip, until] of desired) {
-    const el = nftElement(ip, until, now);
-    if (el) els[family(ip)].push(el);
-  }
-  for (const fam of [4, 6] as const) for (const l of nftElements(prefix, `v${fam}`, els[fam])) lines.push(l);
-  return lines.join("\n") + "\n";
+  return NFT_SETS.map((set) => `flush set inet ${prefix} ${set}\n`).join("") + nftFillScript(prefix, desired, now);
 }
 
 /**
@@ -370,16 +412,11 @@ export function nftReconcileScript(prefix: string, desired: Map<string, number |
  */
 export function nftTestScript(prefix: string, entries: Change[], now: number): string {
   const lines: string[] = [];
-  const els: Record<4 | 6, string[]> = { 4: [], 6: [] };
-  for (const c of entries) {
-    const el = c.until === undefined ? undefined : nftElement(c.ip, c.until, now);
-    if (el) els[family(c.ip)].push(el);
-  }
-  for (const fam of [4, 6] as const) {
-    if (!els[fam].length) continue;
-    lines.push(`add set inet ${prefix} test${fam} { type ipv${fam}_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`);
-    for (const l of nftElements(prefix, `test${fam}`, els[fam])) lines.push(l);
-    lines.push(`delete set inet ${prefix} test${fam}`);
+  const els = nftElementsBySet(entries.flatMap((c): Array<[string, number | null]> => (c.until === undefined ? [] : [[c.ip, c.until]])), now);
+  for (const set of NFT_SETS) {
+    if (!els.has(set)) continue;
+    const scratch = `test${set.slice(1)}`;
+    lines.push(`add set inet ${prefix} ${scratch} ${nftSetDef(scratch)}`, ...nftElements(prefix, scratch, els.get(set)!), `delete set inet ${prefix} ${scratch}`);
   }
   return lines.join("\n") + "\n";
 }
@@ -653,12 +690,12 @@ function nftRead(cfg: FirewallConfig, out: Record<string, string | undefined>): 
   }
   const end = lines.indexOf("}", start);
   const body = lines.slice(start + 1, end < 0 ? undefined : end);
-  for (const set of ["v4", "v6"]) if (!body.includes(`\tset ${set} {`)) r.missing.push(`set inet ${cfg.prefix} ${set}`);
+  for (const set of NFT_SETS) if (!body.includes(`\tset ${set} {`)) r.missing.push(`set inet ${cfg.prefix} ${set}`);
   for (const hook of NFT_HOOKS) {
     if (!hooksOf(cfg).includes(hook)) continue;
     const at = body.indexOf(`\tchain ${hook} {`);
     const chain = at < 0 ? [] : body.slice(at + 1, body.indexOf("\t}", at));
-    const ok = chain.some((l) => l.includes(`type filter hook ${hook} `)) && chain.some((l) => l.endsWith("ip saddr @v4 drop")) && chain.some((l) => l.endsWith("ip6 saddr @v6 drop"));
+    const ok = chain.some((l) => l.includes(`type filter hook ${hook} `)) && NFT_SETS.every((set) => chain.some((l) => new RegExp(` saddr @${set} counter packets \\d+ bytes \\d+ drop$`).test(l)));
     r.hooks.set(`nft ${hook}`, ok ? "present" : "missing");
     if (!ok) r.missing.push(`nft ${hook} chain`);
   }
@@ -686,16 +723,15 @@ const BACKEND_TABLE = {
   },
   nftables: {
     describe: "an nftables table",
-    setup: (cfg) => [{ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) }],
+    setup: nftSetupSteps,
     change: (cfg, changes, now) => [{ argv: ["nft", "-f", "-"], input: nftChangeScript(cfg.prefix, changes, now) }],
     reconcile: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }],
     test: (cfg, entries, now) => [{ argv: ["nft", "-f", "-"], input: nftTestScript(cfg.prefix, entries, now) }],
     maxTimeoutS: NFT_MAX_TIMEOUT_S,
     session: nftSession,
     cleanup: (prefix) => [["nft", "delete", "table", "inet", prefix]],
-    count: (prefix) => ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
-    // The reconcile's additions without its flushes: an element already there stays as it is.
-    fill: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now).split("\n").filter((l) => !l.startsWith("flush set")).join("\n") }],
+    count: (prefix) => NFT_SETS.map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
+    fill: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftFillScript(cfg.prefix, desired, now) }],
     inspect: () => ({ ruleset: ["nft", "-t", "list", "ruleset"] }),
     read: nftRead,
     expires: true,
@@ -2112,18 +2148,33 @@ export function enforcementFrame(s: EnforcementState): EnforcementFrame {
   return frame;
 }
 
-/** The agent's DROP rules' packet and byte counters (`iptables -L -v -x`, `nft list chain` with counters), read on request. */
+/** The agent's DROP rules' packet and byte counters (`iptables -L -v -x`, `nft -t list table`), read on request. */
 async function dropCounters(backend: BackendName, prefix: string): Promise<{ packets: number; bytes: number } | undefined> {
+  if (backend === "nftables") {
+    // -t: the table without its sets' elements (cheap at any size), the rules' counters included.
+    const r = await execa("nft", ["-t", "list", "table", "inet", prefix], { timeout: CMD_TIMEOUT_MS, reject: false });
+    return r.exitCode === 0 ? sumCounters(r.stdout, /\bcounter packets (\d+) bytes (\d+) drop$/gm) : undefined;
+  }
   if (backend !== "ipset" && backend !== "iptables") return undefined;
   let packets = 0;
   let bytes = 0;
   for (const bin of ["iptables", "ip6tables"]) {
     const r = await execa(bin, ["-w", "-L", prefix, "-v", "-x", "-n"], { timeout: CMD_TIMEOUT_MS, reject: false });
     if (r.exitCode !== 0) continue;
-    for (const m of r.stdout.matchAll(/^\s*(\d+)\s+(\d+)\s+DROP\b/gm)) {
-      packets += Number(m[1]);
-      bytes += Number(m[2]);
-    }
+    const sum = sumCounters(r.stdout, /^\s*(\d+)\s+(\d+)\s+DROP\b/gm);
+    packets += sum.packets;
+    bytes += sum.bytes;
+  }
+  return { packets, bytes };
+}
+
+/** The packets and bytes of every counter `re` (groups 1, 2) finds in `text`. */
+function sumCounters(text: string, re: RegExp): { packets: number; bytes: number } {
+  let packets = 0;
+  let bytes = 0;
+  for (const m of text.matchAll(re)) {
+    packets += Number(m[1]);
+    bytes += Number(m[2]);
   }
   return { packets, bytes };
 }

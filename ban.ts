@@ -166,6 +166,8 @@ const COMMAND_FLAGS: Record<Command, Flag[]> = {
   import: ["jail", "bantime", "concurrency"],
 };
 const BACKENDS: Backend[] = ["ipset", "nftables", "iptables", "dry-run"];
+/** The agent's nftables sets (a copy of agent.ts's, kept in step by test/copies.test.ts): addresses, then networks. */
+const NFT_SETS = ["v4", "v6", "v4net", "v6net"];
 
 function camel(flag: string): string {
   return flag.replace(/-(\w)/g, (_, c: string) => c.toUpperCase());
@@ -489,7 +491,7 @@ async function runList(o: ListOptions, token: string, ca?: string): Promise<void
 /** The commands whose output `countKernelEntries` reads, for the agent's backend and prefix. */
 export function kernelCountCommands(backend: Backend, prefix: string): string[][] {
   if (backend === "ipset") return [`${prefix}-v4`, `${prefix}-v6`].map((set) => ["ipset", "list", "-terse", set]);
-  if (backend === "nftables") return ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]);
+  if (backend === "nftables") return NFT_SETS.map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]);
   if (backend === "iptables") return ["iptables", "ip6tables"].map((bin) => [bin, "-w", "-S", prefix]);
   return [];
 }
@@ -528,7 +530,7 @@ async function kernelCount(backend: Backend, prefix: string): Promise<{ count: n
       return { error: (e as Error).message };
     }
   }
-  const where = backend === "ipset" ? `ipset ${prefix}-v4, ${prefix}-v6` : backend === "nftables" ? `nft set inet ${prefix} v4, v6` : `iptables/ip6tables chain ${prefix}`;
+  const where = backend === "ipset" ? `ipset ${prefix}-v4, ${prefix}-v6` : backend === "nftables" ? `nft set inet ${prefix} ${NFT_SETS.join(", ")}` : `iptables/ip6tables chain ${prefix}`;
   return { count, where };
 }
 

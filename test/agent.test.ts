@@ -40,6 +40,10 @@ import {
   nftReconcileScript,
   nftSession,
   nftSetupScript,
+  nftSetupSteps,
+  nftSetName,
+  NFT_SETS,
+  type Command,
   nftTestScript,
   ipsetTestScript,
   IPSET_MAX_TIMEOUT_S,
@@ -190,12 +194,28 @@ describe("KernelSession: batches to one long-lived process, acknowledged on stdo
 describe("nftables plans: sets survive a restart, each change replaces the element's timeout, reconcile is one atomic transaction", () => {
   test("setup adds table and sets without flushing them, and rewrites its chain's rules", () => {
     const s = nftSetupScript({ ...cfg, ports: [22] });
-    assert.match(s, /^add set inet banshare v4 \{ type ipv4_addr; flags interval, timeout; size 2097152; \}$/m);
+    // Addresses in hash sets (no interval flag: nft 1.0 reads an interval set back before every change), networks in interval sets.
+    assert.match(s, /^add set inet banshare v4 \{ type ipv4_addr; flags timeout; size 2097152; \}$/m);
+    assert.match(s, /^add set inet banshare v6 \{ type ipv6_addr; flags timeout; size 2097152; \}$/m);
+    assert.match(s, /^add set inet banshare v4net \{ type ipv4_addr; flags interval, timeout; size 2097152; \}$/m);
+    assert.match(s, /^add set inet banshare v6net \{ type ipv6_addr; flags interval, timeout; size 2097152; \}$/m);
     assert.doesNotMatch(s, /flush set/);
     assert.match(s, /^flush chain inet banshare input$/m);
     assert.match(s, /^add rule inet banshare input ip saddr \{ 192\.0\.2\.0\/24 \} return$/m);
-    assert.match(s, /^add rule inet banshare input tcp dport \{ 22 \} ip saddr @v4 drop$/m);
-    assert.match(s, /^add rule inet banshare input tcp dport \{ 22 \} ip6 saddr @v6 drop$/m);
+    for (const [ip, set] of [["ip", "v4"], ["ip6", "v6"], ["ip", "v4net"], ["ip6", "v6net"]]) assert.match(s, new RegExp(`^add rule inet banshare input tcp dport \\{ 22 \\} ${ip} saddr @${set} counter drop$`, "m"));
+  });
+
+  test("setup replaces a table of the old layout (interval sets v4, v6, no v4net) in the same transaction, and leaves a current one alone", () => {
+    const [migrate, setup] = nftSetupSteps(cfg) as Command[];
+    assert.deepEqual(migrate.when, ["nft", "-t", "list", "table", "inet", "banshare"]);
+    assert.deepEqual(migrate.unless, ["nft", "-t", "list", "set", "inet", "banshare", "v4net"]);
+    assert.equal(migrate.input, `delete table inet banshare\n${nftSetupScript(cfg)}`);
+    assert.deepEqual(setup, { argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) });
+  });
+
+  test("addresses go to the hash sets, networks to the interval sets", () => {
+    assert.deepEqual(["203.0.113.7", "2001:db8::1", "203.0.113.0/24", "2001:db8::/64"].map(nftSetName), ["v4", "v6", "v4net", "v6net"]);
+    assert.deepEqual([...NFT_SETS], ["v4", "v6", "v4net", "v6net"]);
   });
 
   test("changes re-add each element so its timeout is replaced, in one transaction", () => {
@@ -222,7 +242,11 @@ describe("nftables plans: sets survive a restart, each change replaces the eleme
 
   test("reconcile flushes and refills both sets in one atomic transaction", () => {
     const s = nftReconcileScript("banshare", new Map<string, number | null>([["203.0.113.7", null], ["203.0.113.8", NOW + 2000]]), NOW);
-    assert.equal(s, "flush set inet banshare v4\nflush set inet banshare v6\nadd element inet banshare v4 { 203.0.113.7, 203.0.113.8 timeout 2s }\n");
+    assert.equal(s, "flush set inet banshare v4\nflush set inet banshare v6\nflush set inet banshare v4net\nflush set inet banshare v6net\nadd element inet banshare v4 { 203.0.113.7, 203.0.113.8 timeout 2s }\n");
+    const nets = nftReconcileScript("banshare", new Map<string, number | null>([["203.0.113.0/24", null], ["2001:db8::1", null]]), NOW);
+    assert.match(nets, /^add element inet banshare v4net \{ 203\.0\.113\.0\/24 \}$/m);
+    assert.match(nets, /^add element inet banshare v6 \{ 2001:db8::1 \}$/m);
+    assert.equal((BACKENDS.nftables.fill!(cfg, new Map([["203.0.113.7", null]]), NOW, new Set())[0] as Command).input, "add element inet banshare v4 { 203.0.113.7 }\n", "fill adds without flushing");
   });
 });
 
@@ -267,13 +291,13 @@ describe("where the DROP is hooked in (--hook) and the enforcement check's reade
     assert.match(nft, /^add set inet banshare v4 /m);
     assert.match(nft, /^delete chain inet banshare input$/m);
     assert.match(nft, /^delete chain inet banshare forward$/m);
-    assert.doesNotMatch(nft, /saddr @v4 drop/);
+    assert.doesNotMatch(nft, /saddr @v4/);
   });
 
   test("nftables hooks its chains input and forward, each dropping both families", () => {
     const nft = nftSetupScript({ ...cfg, hooks: ["forward"] });
     assert.match(nft, /^add chain inet banshare forward \{ type filter hook forward priority filter - 10; policy accept; \}$/m);
-    assert.match(nft, /^add rule inet banshare forward ip6 saddr @v6 drop$/m);
+    for (const set of ["v6", "v6net"]) assert.match(nft, new RegExp(`^add rule inet banshare forward ip6 saddr @${set} counter drop$`, "m"));
     assert.match(nft, /^delete chain inet banshare input$/m);
   });
 
@@ -319,10 +343,15 @@ describe("where the DROP is hooked in (--hook) and the enforcement check's reade
   });
 
   test("the nftables check reads `nft -t list ruleset`: the table, its sets, and each hook's chain with both drops", () => {
-    const table = "table ip filter {\n}\ntable inet banshare {\n\tset v4 {\n\t\ttype ipv4_addr\n\t}\n\tset v6 {\n\t}\n\tchain input {\n\t\ttype filter hook input priority filter - 10; policy accept;\n\t\tip saddr @v4 drop\n\t\tip6 saddr @v6 drop\n\t}\n}\n";
+    const drops = ["ip saddr @v4", "ip6 saddr @v6", "ip saddr @v4net", "ip6 saddr @v6net"].map((m) => `\t\t${m} counter packets 3 bytes 180 drop\n`).join("");
+    const sets = NFT_SETS.map((set) => `\tset ${set} {\n\t\ttype ipv4_addr\n\t}\n`).join("");
+    const table = `table ip filter {\n}\ntable inet banshare {\n${sets}\tchain input {\n\t\ttype filter hook input priority filter - 10; policy accept;\n${drops}\t}\n}\n`;
     const r = BACKENDS.nftables.read!({ ...cfg, hooks: ["input", "forward"] }, { ruleset: table });
     assert.deepEqual(r.missing, ["nft forward chain"]);
     assert.equal(r.hooks.get("nft input"), "present");
+    const oldLayout = table.replace(/\tset v4net \{[^}]*\}\n/, "").replace(/\t\tip saddr @v4net.*\n/, "");
+    const old = BACKENDS.nftables.read!({ ...cfg, hooks: ["input"] }, { ruleset: oldLayout });
+    assert.deepEqual(old.missing, ["set inet banshare v4net", "nft input chain"], "a table without the network sets, or a chain without their drops, is repaired");
     assert.deepEqual(BACKENDS.nftables.read!(cfg, { ruleset: "table ip filter {\n}\n" }).missing, ["table inet banshare"]);
     assert.equal(BACKENDS.nftables.read!(cfg, { ruleset: table }).entries, undefined, "nft sets are not counted: a listing costs seconds at 100k");
   });
@@ -597,7 +626,7 @@ describe("timeouts are capped to each kernel's limit", () => {
     assert.equal(NFT_MAX_TIMEOUT_S, 99_999_999);
     const tenYears = NOW + 10 * 365 * 86_400_000;
     assert.match(nftChangeScript("banshare", [{ ip: "203.0.113.7", until: tenYears }], NOW), /\{ 203\.0\.113\.7 timeout 99999999s \}/);
-    assert.equal(nftReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), "flush set inet banshare v4\nflush set inet banshare v6\nadd element inet banshare v4 { 203.0.113.7 timeout 99999999s }\n");
+    assert.match(nftReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), /^add element inet banshare v4 \{ 203\.0\.113\.7 timeout 99999999s \}\n$/m);
     assert.match(ipsetReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), new RegExp(`add banshare-v4-tmp 203\\.0\\.113\\.7 timeout ${IPSET_MAX_TIMEOUT_S}\n`));
     assert.equal(BACKENDS.nftables.maxTimeoutS, NFT_MAX_TIMEOUT_S);
     assert.equal(BACKENDS.ipset.maxTimeoutS, IPSET_MAX_TIMEOUT_S);
@@ -607,12 +636,12 @@ describe("timeouts are capped to each kernel's limit", () => {
   test("the test scripts try entries in scratch sets only, made and removed again", () => {
     const entries: Change[] = [{ ip: "203.0.113.7", until: NOW + 30_000 }, { ip: "2001:db8::/64", until: null }];
     assert.equal(nftTestScript("banshare", entries, NOW), [
-      "add set inet banshare test4 { type ipv4_addr; flags interval, timeout; size 2097152; }",
+      "add set inet banshare test4 { type ipv4_addr; flags timeout; size 2097152; }",
       "add element inet banshare test4 { 203.0.113.7 timeout 30s }",
       "delete set inet banshare test4",
-      "add set inet banshare test6 { type ipv6_addr; flags interval, timeout; size 2097152; }",
-      "add element inet banshare test6 { 2001:db8::/64 }",
-      "delete set inet banshare test6",
+      "add set inet banshare test6net { type ipv6_addr; flags interval, timeout; size 2097152; }",
+      "add element inet banshare test6net { 2001:db8::/64 }",
+      "delete set inet banshare test6net",
       "",
     ].join("\n"));
     const ipset = ipsetTestScript("banshare", entries.slice(0, 1), NOW);

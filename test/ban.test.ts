@@ -172,7 +172,7 @@ describe("ban.ts pure helpers: import, list and status turn text into frames and
   });
 
   test("kernelCountCommands() asks each backend for the agent's objects; dry-run has none", () => {
-    assert.deepEqual(kernelCountCommands("nftables", "bs"), [["nft", "-j", "list", "set", "inet", "bs", "v4"], ["nft", "-j", "list", "set", "inet", "bs", "v6"]]);
+    assert.deepEqual(kernelCountCommands("nftables", "bs"), ["v4", "v6", "v4net", "v6net"].map((set) => ["nft", "-j", "list", "set", "inet", "bs", set]));
     assert.deepEqual(kernelCountCommands("iptables", "bs"), [["iptables", "-w", "-S", "bs"], ["ip6tables", "-w", "-S", "bs"]]);
     assert.deepEqual(kernelCountCommands("dry-run", "bs"), []);
   });
