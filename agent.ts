@@ -1078,8 +1078,11 @@ export interface Backend {
   reconcile(desired: Map<string, number | null>, now: number): Promise<Refusal[]>;
   /** Longest kernel timeout, seconds: longer bans are capped and must be renewed (undefined: no limit). */
   readonly maxTimeoutS?: number;
-  /** Adds what the kernel lacks of `desired`, removing nothing, in one batch. */
-  fill(desired: Map<string, number | null>, now: number): Promise<void>;
+  /**
+   * Adds what the kernel lacks of `desired`, removing nothing, in one batch; when the kernel
+   * refuses it, each half is tried, down to the entries refused alone, which are returned.
+   */
+  fill(desired: Map<string, number | null>, now: number): Promise<Refusal[]>;
   /** Runs the plan's enforcement check (undefined: this backend has none); `quick`: only what the session answers. */
   inspect?(quick: boolean): Promise<Inspection | undefined>;
   close(): void;
@@ -1178,8 +1181,13 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
     },
     maxTimeoutS: plan.maxTimeoutS,
     async fill(desired, now) {
-      await runBatch(plan.fill(cfg, desired, now, present));
-      if (plan.listed) for (const ip of desired.keys()) present.add(ip);
+      const attempt = async (part: Array<[string, number | null]>) => {
+        await runBatch(plan.fill(cfg, new Map(part), now, present));
+        if (plan.listed) for (const [ip] of part) present.add(ip);
+      };
+      const refused = (await splitRefused([...desired], attempt)).map((r) => ({ change: { ip: r.item[0], until: r.item[1] }, message: r.message }));
+      if (refused.length && refused.length === desired.size) await available(refused[0].message);
+      return refused;
     },
     inspect:
       inspect && read
@@ -1431,7 +1439,10 @@ export class Applier {
       if (this.renewAt.has(ip)) this.renewAt.set(ip, (this.nextRenewal = now));
     }
     return this.exclusive(() => this.opts.backend.fill(new Map(this.applied), now)).then(
-      () => this.applied.size,
+      (refused) => {
+        this.refuse(refused);
+        return this.applied.size - refused.length;
+      },
       (e: Error) => {
         this.opts.log(`error: cannot restore the state file's bans into the kernel: ${e.message}`);
         return 0;

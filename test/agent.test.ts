@@ -4,6 +4,8 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
+import { execa } from "execa";
+import { needs } from "./lib/skip.ts";
 import { WebSocketServer, type WebSocket as ServerSocket } from "ws";
 import {
   Allowlist,
@@ -734,7 +736,7 @@ class MemoryKernel implements Backend {
   }
   async fill(desired: Map<string, number | null>, now: number) {
     this.calls.push(`fill ${desired.size}`);
-    await this.apply([...desired].filter(([ip]) => !this.held.has(ip)).map(([ip, until]) => ({ ip, until })), now);
+    return this.apply([...desired].filter(([ip]) => !this.held.has(ip)).map(([ip, until]) => ({ ip, until })), now);
   }
 }
 
@@ -776,6 +778,49 @@ describe("Applier: refused entries, capped timeouts and overlapping networks", (
       assert.equal(applier.refused.has("203.0.113.2"), false);
     } finally {
       await applier.close();
+    }
+  });
+
+  test("restore() from the state file: an entry the kernel refuses costs only itself, with one REJECT row; the rest is enforced", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(1000, 5000);
+    const { applier, rows } = start(kernel);
+    try {
+      const n = await applier.restore([ev("ban", "203.0.113.1", now - 1000, null), ev("ban", "203.0.113.2", now - 1000, now + 9_000_000), ev("ban", "203.0.113.3", now - 1000, now + 60_000)], now);
+      assert.equal(n, 2);
+      assert.deepEqual([...kernel.held.keys()].sort(), ["203.0.113.1", "203.0.113.3"]);
+      assert.deepEqual(rows.filter((r) => r.action === "REJECT").map((r) => [r.ip, r.detail]), [["203.0.113.2", "kernel refused: Error: value too large"]]);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("makeBackend(): a fill the kernel refuses is split, and only the refused entries are returned (nftables, in a namespace)", needs(["root", "netns", "nft"], "kernel"), async () => {
+    const ns = `bsfill-${process.pid}`;
+    await execa("ip", ["netns", "add", ns]);
+    try {
+      const script = join(tmpdir(), `bsfill-${process.pid}.mts`);
+      await writeFile(script, [
+        `import { makeBackend } from ${JSON.stringify(join(process.cwd(), "agent.ts"))};`,
+        `const b = makeBackend("nftables", { prefix: "banshare", ports: [], allow: [] }, () => {});`,
+        `await b.setup();`,
+        `const now = Date.now();`,
+        `const refused = await b.fill(new Map([["203.0.113.1", null], ["203.0.113.0/28", null], ["203.0.113.8/29", now + 60000], ["2001:db8::1", null]]), now);`,
+        `console.log(JSON.stringify(refused.map((r) => r.change.ip)));`,
+        `b.close();`,
+      ].join("\n"));
+      try {
+        // The /29 lies inside the /28: an interval set refuses it; the rest lands.
+        const r = await execa("ip", ["netns", "exec", ns, process.execPath, "--import", "tsx", script], { cwd: process.cwd(), reject: false, timeout: 30_000 });
+        assert.equal(r.exitCode, 0, r.stderr);
+        assert.deepEqual(JSON.parse(r.stdout.trim().split("\n").at(-1)!), ["203.0.113.8/29"]);
+        const listed = (await execa("ip", ["netns", "exec", ns, "nft", "list", "table", "inet", "banshare"])).stdout;
+        for (const want of ["203.0.113.1", "203.0.113.0/28", "2001:db8::1"]) assert.ok(listed.includes(want), `${want} in the kernel:\n${listed}`);
+      } finally {
+        await rm(script, { force: true });
+      }
+    } finally {
+      await execa("ip", ["netns", "del", ns], { reject: false });
     }
   });
 
