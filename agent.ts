@@ -195,6 +195,12 @@ export const MAX_SYNC_EVENTS = MAX_ELEMENTS;
 export const MAX_SYNC_BYTES = MAX_SYNC_EVENTS * 512;
 /** Refused events of one frame logged one line each; the rest are counted in one more line (each has its REJECT row). */
 const MAX_REFUSAL_LINES = 10;
+/**
+ * The ipset backend's quick check (its sets' headers) this often, ms: `ipset flush` and `ipset
+ * destroy` make no nftables event, so this bounds how long they go unseen. At 1000 ms it cost
+ * ~0.25% of a core (BENCHMARKS.md section 8); twice as often stays well under 1%.
+ */
+const QUICK_CHECK_MS = 500;
 /** Enforcement reports (`enforcement`): the snapshot is compared this often, and sent when it changed. */
 const ENFORCEMENT_REPORT_MS = 1000;
 
@@ -584,7 +590,7 @@ export interface BackendPlan {
   inspect?(cfg: FirewallConfig): Record<string, string[]>;
   /** Reads `inspect`'s outputs (undefined where a command failed): pure. */
   read?(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection;
-  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for every second. */
+  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for twice a second. */
   quick?(prefix: string): { session: SessionKind; queries: Record<string, string> };
   /** The kernel ends entries by their timeout itself: counts are compared with a margin around each entry's end. */
   expires?: boolean;
@@ -1877,7 +1883,7 @@ export interface GuardOptions {
   log: (line: string) => void;
   /** A full check this often (ms): the safety net for changes no event tells of. */
   checkMs: number;
-  /** The quick check (the set headers, through a long-lived `ipset restore`) this often (ms; default 1000: ~0.25% of a core at 100,000 entries). */
+  /** The quick check (the set headers, through a long-lived `ipset restore`) this often (ms; default `QUICK_CHECK_MS`). */
   quickMs?: number;
   /** Watch `nft monitor` for changes by other programs (default true). */
   monitor?: boolean;
@@ -1888,7 +1894,7 @@ export interface GuardOptions {
  * jumps and that the sets hold what it applied, and restores whatever is missing without a
  * restart: the hooks (the backend's setup, idempotent) and the full set contents in one batch.
  * When to look: on each change another program makes to the ruleset (`NftMonitor`), at every
- * quick tick (each second; ipset: the set headers through a long-lived `ipset restore`, since
+ * quick tick (every half second; ipset: the set headers through a long-lived `ipset restore`, since
  * `ipset flush` and `ipset destroy` make no nftables event), and at every full tick (10 s). Each repair is
  * one log line, one REPAIR row and one more in `repairs`. A repair that does not hold (something
  * undoes it at once) is retried ever more slowly, up to every 30 s.
@@ -1929,7 +1935,7 @@ export class Guard {
     const { opts } = this;
     if (!opts.backend.inspect || opts.checkMs <= 0) return;
     this.timers.push(setInterval(() => this.run(true), opts.checkMs));
-    if (BACKENDS[opts.backendName].quick) this.timers.push(setInterval(() => this.run(false), opts.quickMs ?? 1000));
+    if (BACKENDS[opts.backendName].quick) this.timers.push(setInterval(() => this.run(false), opts.quickMs ?? QUICK_CHECK_MS));
     for (const t of this.timers) t.unref();
     if (opts.monitor !== false) {
       this.monitor = new NftMonitor((by, lines) => this.changed(by, lines), opts.log);
