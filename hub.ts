@@ -2035,9 +2035,15 @@ export class Gate {
     return new Gate(file, parseTokens(await readFile(file, "utf8"), file), conns, maxConnsPerNode, refusals, log);
   }
 
-  /** Reads the token file again (SIGHUP); connections whose token went or changed are closed. */
+  /**
+   * Reads the token file again (SIGHUP); connections whose token went or changed are closed. A
+   * file that does not parse, or lists no node (empty: an editor or tool rewriting it in place),
+   * throws and the old list stays: a reload never locks out every node.
+   */
   async reload(): Promise<void> {
-    this.tokens = parseTokens(await readFile(this.file, "utf8"), this.file);
+    const tokens = parseTokens(await readFile(this.file, "utf8"), this.file);
+    if (!tokens.length) throw new UsageError(`${this.file} lists no node (empty, or being rewritten?); reloading it would lock out all ${this.tokens.length}`);
+    this.tokens = tokens;
     this.conns.revoke(this.tokens, this.log);
     this.log(`loaded ${this.tokens.length} node(s) from ${this.file}`);
   }
