@@ -2650,6 +2650,18 @@ function withOwnEnv<T>(flags: string[], parse: () => T): T {
   }
 }
 
+/**
+ * Throws a UsageError for an option given more than once that takes one value: yargs would hand
+ * on an array of the values (`--backend ipset --backend nftables`), which nothing after it expects.
+ */
+function onlyOnce(argv: Record<string, unknown>, repeatable: readonly string[]): true {
+  for (const [key, value] of Object.entries(argv)) {
+    if (key === "_" || /[A-Z]/.test(key) || repeatable.includes(key) || !Array.isArray(value)) continue;
+    throw new UsageError(`Expected --${key} once, got it ${value.length} times: ${value.map((v) => JSON.stringify(v)).join(", ")}`);
+  }
+  return true;
+}
+
 /** Turns the command line (without `node agent.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
   const a = withOwnEnv(AGENT_FLAGS, () =>
@@ -2676,6 +2688,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .option("metrics", { type: "string", describe: "Serve the agent's own Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9101 (GET /metrics: entries, claims, drift, hooks missing, repairs, packets dropped by its DROP rules)" })
+      .check((a) => onlyOnce(a, ["allow", "hook"]))
       .strict()
       .fail((msg, err) => {
         // One line: yargs spreads some messages over several.

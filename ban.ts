@@ -192,10 +192,14 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
   const args = argv.map((a, i) => (/^-\d/.test(a) && /^--\w/.test(argv[i - 1] ?? "") && !argv[i - 1].includes("=") ? `\0${a}` : a));
   const joined = args.flatMap((a, i) => (a.startsWith("\0") ? [] : args[i + 1]?.startsWith("\0") ? [`${a}=${args[i + 1].slice(1)}`] : [a]));
   try {
-    parsed = parseCli({ args: joined, options: OPTIONS, allowPositionals: true, strict: true });
+    parsed = parseCli({ args: joined, options: OPTIONS, allowPositionals: true, strict: true, tokens: true });
   } catch (e) {
     throw new UsageError((e as Error).message.split("\n")[0].replace(/\. To specify.*$/, ""));
   }
+  // A flag given twice would silently take its last value: say so instead.
+  const given = parsed.tokens.flatMap((t) => (t.kind === "option" ? [t.name] : []));
+  const twice = given.find((name, i) => given.indexOf(name) !== i);
+  if (twice) throw new UsageError(`Expected --${twice} once, got it ${given.filter((n) => n === twice).length} times`);
   if (parsed.values.help) return "help";
   const get = (flag: Flag): string | undefined => {
     const v = parsed.values[flag] ?? env[envName(flag)] ?? config[flag] ?? config[camel(flag)];

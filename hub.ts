@@ -2514,6 +2514,18 @@ function withOwnEnv<T>(flags: string[], parse: () => T): T {
   }
 }
 
+/**
+ * Throws a UsageError for an option given more than once that takes one value: yargs would hand
+ * on an array of the values (`--backend ipset --backend nftables`), which nothing after it expects.
+ */
+function onlyOnce(argv: Record<string, unknown>, repeatable: readonly string[]): true {
+  for (const [key, value] of Object.entries(argv)) {
+    if (key === "_" || /[A-Z]/.test(key) || repeatable.includes(key) || !Array.isArray(value)) continue;
+    throw new UsageError(`Expected --${key} once, got it ${value.length} times: ${value.map((v) => JSON.stringify(v)).join(", ")}`);
+  }
+  return true;
+}
+
 /** Turns the command line (without `node hub.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
   let result: ParsedArgs | undefined;
@@ -2524,6 +2536,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .env("BANSHARE")
       .config("config", "JSON file with any of these options")
       .option("tokens", { type: "string", describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
+      .check((a) => onlyOnce(a, ["protect", "trust", "host"]))
       .command(
         ["serve", "$0"],
         "Run the hub",

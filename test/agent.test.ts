@@ -1075,6 +1075,13 @@ describe("agent errors by type: a UsageError makes main() print one line and exi
     assert.throws(() => parseArgs(["--bogus"]), UsageError);
     assert.throws(() => parseArgs(["--hub", "http://x", "--token-file", "/t"]), UsageError);
     assert.throws(() => parseArgs(["--cleanup", "--backend", "pf"]), (e: Error) => e instanceof UsageError && !e.message.includes("\n"), "yargs' message in one line");
+    // A one-value flag given twice is one usage line, not a TypeError further on; repeatable ones repeat.
+    for (const argv of [["--backend", "dry-run", "--backend", "ipset", "--hub", "ws://127.0.0.1:1", "--token-file", "/t"], ["--cleanup", "--backend", "ipset", "--backend", "nftables"], ["--hub", "ws://a:1", "--hub", "ws://b:1", "--token-file", "/t"], ["--hub", "ws://a:1", "--token-file", "/t", "--heartbeat", "5", "--heartbeat", "6"]]) {
+      const flag = argv.find((a, i) => argv.indexOf(a) !== i)!;
+      assert.throws(() => parseArgs(argv), (e: Error) => e instanceof UsageError && e.message.startsWith(`Expected ${flag} once, got it 2 times`) && !e.message.includes("\n"), argv.join(" "));
+    }
+    const twice = parseArgs(["--hub", "ws://a:1", "--token-file", "/t", "--allow", "192.0.2.1", "--allow", "192.0.2.2", "--hook", "input", "--hook", "forward"]);
+    assert.ok(twice.command === "run" && twice.options.allow.length === 2 && twice.options.hooks?.length === 2);
     const write = process.stderr.write.bind(process.stderr);
     let err = "";
     process.stderr.write = ((s: string) => ((err += s), true)) as typeof process.stderr.write;

@@ -66,6 +66,8 @@ describe("ban.ts parseArgs(): a Fail2Ban call becomes send options, and bad inpu
       [["ban", "203.0.113.7", "--time", String(NOW / 1000 + 3600)], /--time/],
       [["ban", "203.0.113.7", "--hub", "http://x"], /ws:\/\//],
       [["ban", "203.0.113.7", "--nope"], /Unknown option/],
+      [["ban", "203.0.113.7", "--jail", "sshd", "--jail", "nginx"], /^Expected --jail once, got it 2 times$/],
+      [["ban", "203.0.113.7", "--bantime", "-1", "--bantime=60"], /^Expected --bantime once/],
     ];
     for (const [argv, re] of cases) {
       const args = argv.includes("--hub") ? [...argv, "--token-file", "/t"] : [...argv, ...base];
