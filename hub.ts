@@ -418,6 +418,13 @@ export function countBlocked(claims: Claims, now: number): { blocked: number; cl
   return { blocked, claims: live };
 }
 
+/** The addresses `countBlocked` counts as blocked: what every agent's kernel should hold (`GET /v1/blocked`, for `ban.ts status`). */
+export function blockedAddresses(claims: Claims, now: number): string[] {
+  const out: string[] = [];
+  for (const [ip, byOrigin] of claims) if (liveClaims(byOrigin, now).some((c) => !c.held)) out.push(ip);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fleet rules: --quorum and --escalate as pure decisions (inputs in, decision out)
 
@@ -2232,6 +2239,8 @@ export class HttpApi {
     // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list` show.
     this.routes.set("/v1/whoami", { methods: ["GET"], handle: this.authed((_req, res, entry) => this.whoami(res, entry)) });
     this.routes.set("/v1/bans", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.bans(res, entry, remote)) });
+    // GET /v1/blocked (any role): the addresses an agent should hold, which `ban.ts status` compares with its kernel.
+    this.routes.set("/v1/blocked", { methods: ["GET"], handle: this.authed((_req, res) => this.blocked(res)) });
     // GET /v1/nodes (admin only): every connected agent and its enforcement report, for `ban.ts status --fleet`.
     this.routes.set("/v1/nodes", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.nodes(res, entry, remote)) });
     // The status page is static (no data, no token in it): its script fetches everything over the socket.
@@ -2282,6 +2291,12 @@ export class HttpApi {
   private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
     json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, now) });
+  }
+
+  /** Every role's agent gets these addresses in its sync anyway: no more than a node may know. */
+  private blocked(res: ServerResponse): void {
+    const now = Date.now();
+    json(res, 200, { hub: this.store.hubId, seq: this.store.position(), now, addresses: blockedAddresses(this.fleet.claims, now) });
   }
 
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
