@@ -24,7 +24,7 @@
 
 import { createHash, randomBytes } from "node:crypto";
 import { realpathSync } from "node:fs";
-import { mkdir, open, readFile, rename } from "node:fs/promises";
+import { mkdir, open, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
@@ -350,9 +350,13 @@ export async function spool(dir: string, frame: BanFrame | UnbanFrame): Promise<
   try {
     await fh.writeFile(JSON.stringify(frame) + "\n");
     await fh.sync();
-  } finally {
-    await fh.close();
+  } catch (e) {
+    // A full disk: no half-written temp file stays behind.
+    await fh.close().catch(() => {});
+    await unlink(tmp).catch(() => {});
+    throw e;
   }
+  await fh.close();
   await rename(tmp, join(dir, name));
   const d = await open(dir, "r");
   await d.sync().finally(() => d.close());
@@ -603,14 +607,20 @@ async function kernelLine(o: StatusOptions, token: string, who: { url: string; b
   return `${held} (hub: ${hub.length} blocked): ${formatDifference(d)}${why}`;
 }
 
-/** The agent's cursor from its --state file (`{v: 1, cursor: {hub, seq}, claims}`), or why not. */
+/** The agent's cursor from its --state file (a first line `{v: 2, cursor}` then one claim per line, or v1's one object `{v: 1, cursor, claims}`), or why not. */
 async function agentCursor(path: string): Promise<{ hub: string; seq: string; claims: number; savedAt: number } | { error: string }> {
   const { stat } = await import("node:fs/promises");
   try {
     const [text, info] = await Promise.all([readFile(path, "utf8"), stat(path)]);
-    const s = JSON.parse(text) as { v?: number; cursor?: { hub?: unknown; seq?: unknown }; claims?: unknown[] };
-    if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string") return { error: `${path} is not a banshare agent state file` };
-    return { hub: s.cursor.hub, seq: s.cursor.seq, claims: Array.isArray(s.claims) ? s.claims.length : 0, savedAt: info.mtimeMs };
+    const lines = text.split("\n").filter((l) => l.trim());
+    let s: { v?: number; cursor?: { hub?: unknown; seq?: unknown }; claims?: unknown[] } | undefined;
+    try {
+      s = JSON.parse(lines[0] ?? "");
+    } catch {
+      /* reported below */
+    }
+    if ((s?.v !== 1 && s?.v !== 2) || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string") return { error: `${path} is not a banshare agent state file, or its first line is damaged` };
+    return { hub: s.cursor.hub, seq: s.cursor.seq, claims: s.v === 1 ? (Array.isArray(s.claims) ? s.claims.length : 0) : lines.length - 1, savedAt: info.mtimeMs };
   } catch (e) {
     return { error: `cannot read ${path}: ${(e as Error).message}` };
   }

@@ -195,6 +195,20 @@ describe("a full or read-only disk under the hub's journal: only events whole on
     await hub.proc.stop();
   });
 
+  test("ban.ts with the hub away and its spool's disk full: exit 1 with one line saying so, and no half-written file in the spool", async (t) => {
+    const s = await setup("64k");
+    t.after(() => s.disk.close());
+    const gone = await s.start();
+    await gone.proc.stop();
+    const spoolDir = join(s.disk.dir, "spool");
+    runSync("mkdir", ["-m", "700", spoolDir]);
+    fillDisk(join(s.disk.dir, "filler"));
+    const r = await runBan(["ban", "10.201.6.6", "--hub", gone.url, "--token-file", s.tokens.pub, "--spool", spoolDir, "--timeout", "2"]);
+    assert.equal(r.code, 1, r.output);
+    assert.match(r.output, /could not send the ban of 10\.201\.6\.6 .* nor spool it: .*no space left on device/i);
+    assert.deepEqual(readdirSync(spoolDir), [], "a temp file was left in the spool");
+  });
+
   test("a restart with less free space than the journal: the start-up rewrite fails, the journal is kept as it was (one log line), and nothing acked is lost", async (t) => {
     const s = await setup("1m");
     t.after(() => s.disk.close());
