@@ -877,7 +877,8 @@ class Journal implements Store {
     let size = 0;
     let lines = 0;
     try {
-      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq: this.seq };
+      // The last seq on disk: events queued meanwhile follow with their own.
+      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq: this.written };
       let chunk = JSON.stringify(header) + "\n";
       for (const e of this.snapshot.live(Date.now())) {
         chunk += JSON.stringify(e) + "\n";
@@ -1055,17 +1056,25 @@ class Journal implements Store {
     return undefined;
   }
 
-  /** While failing, once a second: can the journal be written again (open, cut, fsync, and room left)? Then /healthz says so before the next event. */
+  /**
+   * While failing, once a second: can the journal be written again (open, cut, fsync, and room
+   * left)? Then /healthz says so before the next event. It counts as a flush: a write never runs
+   * beside it (its cut would take a line being written).
+   */
   private async check(): Promise<void> {
     if (!this.failing || this.flushing) return;
+    this.flushing = true;
     try {
       const fh = await this.reopen();
       await fh.close();
       const fs = await statfs(this.path!);
       if (fs.bavail * fs.bsize < JOURNAL_MIN_FREE_BYTES) throw new Error(`no space left on device (${fs.bavail * fs.bsize} bytes free)`);
-      if (!this.flushing) this.recovered();
+      this.recovered();
     } catch (e) {
       if (this.failing) this.failing.why = (e as Error).message;
+    } finally {
+      this.flushing = false;
+      if (this.queued.length || this.waiters.length) void this.flush();
     }
   }
 
