@@ -6,7 +6,7 @@
  * full sync, a resuming client and a restart. Needs root (mount); skips with the reason otherwise.
  */
 import assert from "node:assert/strict";
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, statfsSync, writeFileSync, writeSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -53,6 +53,18 @@ function fillDisk(path: string): void {
     for (;;) writeSync(fd, chunk);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== "ENOSPC") throw e;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Writes zeros to `path` until `leave` bytes are free on its filesystem. */
+function fillDiskTo(path: string, leave: number): void {
+  const free = statfsSync(path.replace(/\/[^/]+$/, ""));
+  const bytes = free.bavail * free.bsize - leave;
+  const fd = openSync(path, "w");
+  try {
+    for (let done = 0; done < bytes; done += 65536) writeSync(fd, Buffer.alloc(Math.min(65536, bytes - done)));
   } finally {
     closeSync(fd);
   }
@@ -238,6 +250,46 @@ describe("a full or read-only disk under the hub's journal: only events whole on
     assert.doesNotMatch(hub.proc.output(), /could not compact/);
     assert.equal((await healthz(hub)).body.claims, 300);
     assert.equal((await fullSync(hub.url, s.tokens.agent1)).length, 300);
+    await hub.proc.stop();
+  });
+
+  test("a compaction as the journal grows, with too little room for the new file: the journal is kept as it was, acks go on, and a restart has every acked ban", async (t) => {
+    const s = await setup("8m");
+    t.after(() => s.disk.close());
+    let hub = await s.start();
+    const pub = await connectNode(hub.url, { file: s.tokens.pub }, { hello: true });
+    const LIVE = 2500;
+    const last = new Map<string, string>();
+    const now = Date.now();
+    let n = 0;
+    /** `count` more bans round the LIVE addresses, each newer than the last on its address; waits for every ack. */
+    const burst = async (count: number) => {
+      const from = pub.acked.size;
+      for (let i = 0; i < count; i++, n++) {
+        const ip = addr(n % LIVE);
+        last.set(ip, `g${n}`);
+        pub.send(ban(`g${n}`, ip, now + n));
+      }
+      await pub.acks(from + count, 60_000);
+    };
+    await burst(9_500);
+    // Room for some more lines, not for the compacted file (LIVE lines, about half a MB).
+    const lineBytes = readFileSync(s.journal).length / 9_500;
+    fillDiskTo(join(s.disk.dir, "filler"), Math.round((LIVE * lineBytes) / 2));
+    await burst(700);
+    await waitFor(() => /warning: could not compact .*keeping it as it is/.test(hub.proc.output()), "the failed compaction's warning");
+    assert.ok(!existsSync(`${s.journal}.tmp`), "the failed compaction's temp file was left behind");
+    await burst(50);
+    pub.close();
+    await hub.proc.stop();
+    const kept = await journalIsWhole(s.journal);
+    assert.equal(kept.length, n, "the journal lost acked lines");
+
+    rmSync(join(s.disk.dir, "filler"));
+    hub = await s.start();
+    const synced = new Map((await fullSync(hub.url, s.tokens.agent1)).map((e) => [e.ip, e.id]));
+    assert.equal(synced.size, LIVE);
+    for (const [ip, id] of last) assert.equal(synced.get(ip), id, `${ip}: the newest acked ban was lost`);
     await hub.proc.stop();
   });
 
