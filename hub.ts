@@ -754,18 +754,28 @@ async function readJournalLines(path: string, each: (e: FleetEvent) => void): Pr
   let header: JournalHeader | undefined;
   const read: JournalRead = { hubId: "", seq: 0, events: 0, skipped: 0, damaged: [], whole: 0 };
   let lineNo = 0;
+  const stranger = () => new UsageError(`${path} is not a banshare journal: refusing to overwrite it`);
+  /** The first line is no header: a stranger's file, or a journal whose header is damaged (then the next line is an event). */
+  let headless = false;
   const line = (text: string, terminated: boolean) => {
     lineNo++;
-    if (!header) {
+    if (!header && !headless) {
       header = parseJournalHeader(text);
-      if (!header) throw new UsageError(`${path} is not a banshare journal: refusing to overwrite it`);
-      read.seq = Number(header.seq) || 0;
+      if (header) read.seq = Number(header.seq) || 0;
+      else headless = true;
       return;
     }
     if (!text) return;
     // An unterminated last line is a write that never completed: never acked, whatever it holds.
     let e = terminated ? checkStoredEvent(text) : "torn (no newline: a write that never completed)";
     if (typeof e !== "string" && !/^\d{1,15}$/.test(e.seq)) e = `event seq ${JSON.stringify(e.seq)}`;
+    if (!header) {
+      if (typeof e === "string") throw stranger();
+      // A new hub id: no agent's cursor can be trusted against this journal, so each takes a full sync.
+      header = { journal: JOURNAL_MAGIC, v: 1, hub: randomBytes(8).toString("hex"), seq: 0 };
+      read.skipped++;
+      read.damaged.push("line 1: the header is damaged; the hub takes a new id, and every agent a full sync");
+    }
     if (typeof e === "string") {
       read.skipped++;
       if (read.damaged.length < MAX_DAMAGED_LISTED) read.damaged.push(`line ${lineNo}: ${e}`);
@@ -789,6 +799,7 @@ async function readJournalLines(path: string, each: (e: FleetEvent) => void): Pr
     rest = Buffer.from(data.subarray(start));
   }
   if (rest.length) line(rest.toString("utf8"), false);
+  if (headless && !header) throw stranger();
   return header && { ...read, hubId: header.hub };
 }
 

@@ -372,6 +372,31 @@ describe("damaged files: a damaged journal line or token file costs only itself"
     t.diagnostic(`${synced.length} of ${ips.length} bans served`);
   });
 
+  test("a flipped bit in the journal's header: the hub starts with a new id (agents take a full sync) and serves every event", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "banshare-damaged-"));
+    dirs.push(dir);
+    const tokens = await enrol(dir, [["pub", "node"], ["agent1", "node"]]);
+    const journal = join(dir, "journal.jsonl");
+    const start = () => startHubProc(["--tokens", join(dir, "tokens"), "--state", journal, "--listen", "127.0.0.1:0"]);
+    let hub = await start();
+    const before = String((await healthz(hub)).body.hub);
+    const pub = await connectNode(hub.url, { file: tokens.pub }, { hello: true });
+    const ips = ["198.51.100.31", "198.51.100.32", "198.51.100.33"];
+    ips.forEach((ip, i) => pub.send(ban(`h${i}`, ip)));
+    await pub.acks(ips.length);
+    pub.close();
+    await hub.proc.stop();
+    // "l" (0x6c) -> "m" (0x6d) in the magic word.
+    writeFileSync(journal, readFileSync(journal, "utf8").replace('"banshare-journal"', '"banshare-journam"'));
+    hub = await start();
+    assert.match(hub.proc.output(), /line 1: the header is damaged; the hub takes a new id, and every agent a full sync: skipped/);
+    const h = await healthz(hub);
+    assert.notEqual(h.body.hub, before);
+    assert.equal(h.body.seq, "3", "the seq goes on from the events");
+    assert.deepEqual((await fullSync(hub.url, tokens.agent1)).map((e) => e.ip).sort(), ips);
+    await hub.proc.stop();
+  });
+
   test("many damaged lines: the first ten are listed, the rest summed up in one line", async () => {
     const dir = await mkdtemp(join(tmpdir(), "banshare-damaged-"));
     dirs.push(dir);
