@@ -60,6 +60,7 @@ import {
   PROTOCOL_VERSION,
   blockedUntil,
   checkBannable,
+  checkEvent,
   contains,
   csvRow,
   mergeClaim,
@@ -1235,29 +1236,58 @@ export async function cleanup(backend: BackendName, prefix: string, log: (s: str
 
 /** The agent's state file: where it is in the hub's stream, and the claims it holds. */
 export interface AgentState {
-  v: 1;
-  cursor: Cursor;
+  /** Undefined when the file's first line is damaged: its claims still go back into the kernel, and a full sync follows. */
+  cursor?: Cursor;
   claims: FleetEvent[];
+  /** Lines skipped as damaged (each costs only itself), with the first one's reason. */
+  damaged: number;
+  firstDamage?: string;
 }
 
-/** Serialises the state file's content. */
+/**
+ * Serialises the state file's content: a first line `{"v":2,"cursor":...}`, then one claim per
+ * line, so that a damaged byte costs the one claim (or the cursor) it falls in, not the file.
+ */
 export function stateText(cursor: Cursor, claims: Claims): string {
-  const events: FleetEvent[] = [];
-  for (const byOrigin of claims.values()) for (const e of byOrigin.values()) events.push(e);
-  return JSON.stringify({ v: 1, cursor, claims: events } satisfies AgentState) + "\n";
+  const lines = [JSON.stringify({ v: 2, cursor })];
+  for (const byOrigin of claims.values()) for (const e of byOrigin.values()) lines.push(JSON.stringify(e));
+  return lines.join("\n") + "\n";
 }
 
-/** Parses a state file; undefined when it is not one (the agent then starts with a full sync). */
-export function parseState(text: string): AgentState | undefined {
+function parseJson(line: string): unknown {
   try {
-    const s = JSON.parse(text) as AgentState;
-    if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string" || !Array.isArray(s.claims)) return undefined;
-    // A damaged claim costs only itself: the others are kept.
-    const frame = parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: s.cursor.seq, events: s.claims }));
-    return frame.ok && frame.value.type === "sync" ? { ...s, claims: frame.value.events } : undefined;
+    return JSON.parse(line);
   } catch {
     return undefined;
   }
+}
+
+function isCursor(c: unknown): c is Cursor {
+  return typeof (c as Cursor)?.hub === "string" && typeof (c as Cursor)?.seq === "string";
+}
+
+/**
+ * Parses a state file: each damaged line is skipped and counted, the rest kept. Reads the
+ * one-object file of earlier versions (`{v: 1, cursor, claims: [...]}`) too. Undefined when
+ * nothing in it is a cursor or a claim (not a state file: a full sync follows).
+ */
+export function parseState(text: string): AgentState | undefined {
+  const lines = text.split("\n").filter((l) => l.trim());
+  const first = parseJson(lines[0] ?? "") as { v?: unknown; cursor?: unknown; claims?: unknown } | undefined;
+  const v1 = first?.v === 1 && lines.length === 1 && Array.isArray(first.claims);
+  const entries: Array<[number, unknown]> = v1 ? (first.claims as unknown[]).map((c, i) => [i + 1, c]) : lines.slice(1).map((l, i) => [i + 2, parseJson(l)]);
+  const cursor = (first?.v === 1 || first?.v === 2) && isCursor(first.cursor) ? { hub: first.cursor.hub, seq: first.cursor.seq } : undefined;
+  const state: AgentState = { cursor, claims: [], damaged: cursor || v1 ? 0 : 1 };
+  if (!cursor) state.firstDamage = "line 1: not a cursor";
+  for (const [n, e] of entries) {
+    const why = e === undefined ? "not JSON" : checkEvent(e);
+    if (!why) state.claims.push(e as FleetEvent);
+    else {
+      state.damaged++;
+      state.firstDamage ??= `${v1 ? "claim" : "line"} ${n}: ${why}`;
+    }
+  }
+  return cursor || state.claims.length ? state : undefined;
 }
 
 /** Writes a file so that a crash leaves the old or the new content, never a torn one. */
@@ -1288,11 +1318,12 @@ export class StateFile {
     private readonly snapshot: () => { cursor: Cursor | undefined; claims: Claims },
   ) {}
 
-  /** The saved state, or undefined (no file; or not a state file, with a warning: a full sync follows). */
+  /** The saved state, or undefined (no file; or not a state file, with a warning: a full sync follows). Damaged lines cost only themselves, with one warning. */
   async load(): Promise<AgentState | undefined> {
     if (!this.path || !existsSync(this.path)) return undefined;
     const saved = parseState(await readFile(this.path, "utf8"));
     if (!saved) this.log(`warning: ${this.path} is not a banshare agent state file; starting with a full sync`);
+    else if (saved.damaged) this.log(`warning: ${this.path}: skipped ${saved.damaged} damaged line(s) (${saved.firstDamage}); every other claim is kept${saved.cursor ? "" : ", and a full sync follows"}`);
     return saved;
   }
 
@@ -2105,8 +2136,9 @@ export class Spool {
     for (const f of files) {
       const path = join(this.dir, f);
       if ([...this.sent.values()].includes(path)) continue;
-      const text = await readFile(path, "utf8").catch(() => "");
-      if (!text) continue;
+      // Unreadable now (gone, no permission): next round. Empty (damaged: ban.ts renames only whole files): moved aside below.
+      const text = await readFile(path, "utf8").catch(() => undefined);
+      if (text === undefined) continue;
       const parsed = parseNodeFrame(text, Date.now());
       if (!parsed.ok || (parsed.value.type !== "ban" && parsed.value.type !== "unban")) {
         this.log(`warning: moving unreadable spool file ${f} aside: ${parsed.ok ? "not an event" : parsed.message}`);
@@ -2642,7 +2674,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     link.cursor = saved.cursor;
     // Before any hub answers: after a reboot the kernel holds nothing, and the hub may be away.
     const n = await applier.restore(saved.claims, Date.now());
-    log(`loaded ${applier.claims.size} address(es) and cursor ${saved.cursor.hub}:${saved.cursor.seq} from ${opts.statePath}`);
+    log(`loaded ${applier.claims.size} address(es) and ${saved.cursor ? `cursor ${saved.cursor.hub}:${saved.cursor.seq}` : "no cursor"} from ${opts.statePath}`);
     log(`restored: ${n} address(es) blocked from the state file before any hub answered (${opts.backend})`);
   }
   const guard = new Guard({ backend, backendName: opts.backend, applier, prefix: opts.prefix, record: (r) => csv.record(r), log, checkMs: opts.checkMs ?? 10_000 });
@@ -2718,6 +2750,18 @@ function withOwnEnv<T>(flags: string[], parse: () => T): T {
   }
 }
 
+/**
+ * Throws a UsageError for an option given more than once that takes one value: yargs would hand
+ * on an array of the values (`--backend ipset --backend nftables`), which nothing after it expects.
+ */
+function onlyOnce(argv: Record<string, unknown>, repeatable: readonly string[]): true {
+  for (const [key, value] of Object.entries(argv)) {
+    if (key === "_" || /[A-Z]/.test(key) || repeatable.includes(key) || !Array.isArray(value)) continue;
+    throw new UsageError(`Expected --${key} once, got it ${value.length} times: ${value.map((v) => JSON.stringify(v)).join(", ")}`);
+  }
+  return true;
+}
+
 /** Turns the command line (without `node agent.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
   const a = withOwnEnv(AGENT_FLAGS, () =>
@@ -2744,6 +2788,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .option("metrics", { type: "string", describe: "Serve the agent's own Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9101 (GET /metrics: entries, claims, drift, hooks missing, repairs, packets dropped by its DROP rules)" })
+      .check((a) => onlyOnce(a, ["allow", "hook"]))
       .strict()
       .fail((msg, err) => {
         // One line: yargs spreads some messages over several.

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -61,7 +61,7 @@ import {
   agentMetricsText,
   enforcementFrame,
 } from "../agent.ts";
-import { countKernelEntries, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
+import { kernelAddresses, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
 import { contains, mergeClaim, parseAddress, parseNodeFrame, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
 const NOW = 1_800_000_000_000;
@@ -518,7 +518,7 @@ describe("ban.ts's copy of the agent's backend table stays in step", () => {
   test("ban.ts counts the iptables rules the agent reads back as its own", () => {
     const out = "-N banshare\n-A banshare -s 192.0.2.0/24 -j RETURN\n-A banshare -s 203.0.113.7/32 -j DROP\n-A banshare -s 2001:db8::7/128 -p tcp -m multiport --dports 22 -j DROP\n";
     assert.deepEqual(BACKENDS.iptables.listed!(out), ["203.0.113.7", "2001:db8::7"]);
-    assert.equal(countKernelEntries("iptables", out), BACKENDS.iptables.listed!(out).length);
+    assert.deepEqual(kernelAddresses("iptables", out), BACKENDS.iptables.listed!(out));
   });
 });
 
@@ -912,6 +912,44 @@ describe("StateFile: the --state file reads back what was saved, and a file that
   });
 });
 
+describe("StateFile: a damaged --state file costs only the lines that are damaged", () => {
+  test("a flipped bit in one claim, a cut line, or a damaged cursor line: every other claim loads, with one warning", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "banshare-state-"));
+    try {
+      const path = join(dir, "agent.state");
+      const ips = ["203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"];
+      const claims = claimsOf(...ips.map((ip, i) => ev("ban", ip, NOW + i, null)));
+      const lines: string[] = [];
+      await new StateFile(path, (l) => lines.push(l), () => ({ cursor: { hub: "h1", seq: "42" }, claims })).close();
+      const text = readFileSync(path, "utf8");
+      assert.equal(text.trim().split("\n").length, 1 + ips.length, "one line for the cursor, one per claim");
+      const load = async (t: string) => {
+        await writeFile(path, t);
+        return new StateFile(path, (l) => lines.push(l), () => ({ cursor: undefined, claims: new Map() })).load();
+      };
+      // "." (0x2e) -> "/" (0x2f) in one address; another line cut short.
+      const damaged = text.replace('"203.0.113.2"', '"203.0.113/2"').replace(/\n(\{[^\n]*"203\.0\.113\.3"[^\n]*)\n/, (_m: string, l: string) => `\n${l.slice(0, 30)}\n`);
+      lines.length = 0;
+      const back = await load(damaged);
+      assert.deepEqual(back?.cursor, { hub: "h1", seq: "42" });
+      assert.deepEqual(back?.claims.map((c) => c.ip), ["203.0.113.1", "203.0.113.4"]);
+      assert.equal(lines.length, 1, lines.join("\n"));
+      assert.match(lines[0], /skipped 2 damaged line\(s\) \(line 3: event ip "203\.0\.113\/2"\); every other claim is kept$/);
+      // The cursor's line damaged: the claims still go back into the kernel; a full sync follows.
+      lines.length = 0;
+      const noCursor = await load(text.replace('"cursor"', '"cursXr"'));
+      assert.equal(noCursor?.cursor, undefined);
+      assert.equal(noCursor?.claims.length, ips.length);
+      assert.match(lines[0], /skipped 1 damaged line\(s\) \(line 1: not a cursor\); every other claim is kept, and a full sync follows$/);
+      // A file of the one-object format earlier versions wrote still loads.
+      const v1 = JSON.stringify({ v: 1, cursor: { hub: "h0", seq: "7" }, claims: [...claims.get("203.0.113.1")!.values()] }) + "\n";
+      assert.deepEqual((await load(v1))?.claims.map((c) => c.ip), ["203.0.113.1"]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("Spool: forwarding ban.ts's spooled events over one connection", () => {
   test("sends each file once, deletes it on ack, keeps it on rate_limited, moves it aside on a refusal or when unreadable", async () => {
     const dir = await mkdtemp(join(tmpdir(), "banshare-spool-"));
@@ -921,6 +959,9 @@ describe("Spool: forwarding ban.ts's spooled events over one connection", () => 
       await writeFile(join(dir, "2.json"), JSON.stringify(frame("a2", "203.0.113.2")));
       await writeFile(join(dir, "3.json"), JSON.stringify(frame("a3", "203.0.113.3")));
       await writeFile(join(dir, "4.json"), "not json");
+      // Damaged files: empty, and one bit flipped in the address ("." 0x2e -> "/" 0x2f).
+      await writeFile(join(dir, "5.json"), "");
+      await writeFile(join(dir, "6.json"), JSON.stringify(frame("a6", "203.0.113.6")).replace("203.0.113.6", "203.0.113/6"));
       const sent: Array<BanFrame | UnbanFrame> = [];
       const spool = new Spool(dir, (f) => sent.push(f), () => {});
       await spool.forward();
@@ -932,7 +973,7 @@ describe("Spool: forwarding ban.ts's spooled events over one connection", () => 
       spool.refused("a3", "protected");
       await new Promise((r) => setTimeout(r, 100));
       assert.deepEqual((await readdir(dir)).sort(), ["2.json", "rejected"]);
-      assert.deepEqual((await readdir(join(dir, "rejected"))).sort(), ["3.json", "4.json"]);
+      assert.deepEqual((await readdir(join(dir, "rejected"))).sort(), ["3.json", "4.json", "5.json", "6.json"]);
       await spool.forward();
       assert.deepEqual(sent.map((f) => f.id), ["a1", "a2", "a3", "a2"], "a rate-limited event goes again next round");
     } finally {
@@ -1149,6 +1190,13 @@ describe("agent errors by type: a UsageError makes main() print one line and exi
     assert.throws(() => parseArgs(["--bogus"]), UsageError);
     assert.throws(() => parseArgs(["--hub", "http://x", "--token-file", "/t"]), UsageError);
     assert.throws(() => parseArgs(["--cleanup", "--backend", "pf"]), (e: Error) => e instanceof UsageError && !e.message.includes("\n"), "yargs' message in one line");
+    // A one-value flag given twice is one usage line, not a TypeError further on; repeatable ones repeat.
+    for (const argv of [["--backend", "dry-run", "--backend", "ipset", "--hub", "ws://127.0.0.1:1", "--token-file", "/t"], ["--cleanup", "--backend", "ipset", "--backend", "nftables"], ["--hub", "ws://a:1", "--hub", "ws://b:1", "--token-file", "/t"], ["--hub", "ws://a:1", "--token-file", "/t", "--heartbeat", "5", "--heartbeat", "6"]]) {
+      const flag = argv.find((a, i) => argv.indexOf(a) !== i)!;
+      assert.throws(() => parseArgs(argv), (e: Error) => e instanceof UsageError && e.message.startsWith(`Expected ${flag} once, got it 2 times`) && !e.message.includes("\n"), argv.join(" "));
+    }
+    const twice = parseArgs(["--hub", "ws://a:1", "--token-file", "/t", "--allow", "192.0.2.1", "--allow", "192.0.2.2", "--hook", "input", "--hook", "forward"]);
+    assert.ok(twice.command === "run" && twice.options.allow.length === 2 && twice.options.hooks?.length === 2);
     const write = process.stderr.write.bind(process.stderr);
     let err = "";
     process.stderr.write = ((s: string) => ((err += s), true)) as typeof process.stderr.write;

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import ts from "typescript";
 import { cleanupCommands, ipsetNames, iptablesReconcileCommands, NFT_SETS, nftSetupScript } from "../agent.ts";
-import { countKernelEntries, kernelCountCommands } from "../ban.ts";
+import { kernelAddresses, kernelCountCommands } from "../ban.ts";
 import { STATUS_PROTOCOL, requestToken } from "../hub.ts";
 import { PROTOCOL_VERSION, parseAddress } from "../messages.ts";
 import { startFleet, type Fleet } from "./lib/fleet.ts";
@@ -107,8 +107,8 @@ describe("copies: ban.ts status counts the very sets, table and chain the agent 
     const [v4, v6] = iptablesReconcileCommands(cfg, blocked).map((c) => c.input!);
     const chainLines = (restore: string) => restore.split("\n").filter((l) => l.startsWith(`-A ${prefix} `));
     assert.deepEqual(kernelCountCommands("iptables", prefix).map((argv) => argv.at(-1)), [prefix, prefix]);
-    assert.equal(countKernelEntries("iptables", chainLines(v4).join("\n")), 2, `ban.ts's rule pattern does not match the agent's rules:\n${v4}`);
-    assert.equal(countKernelEntries("iptables", chainLines(v6).join("\n")), 1, `ban.ts's rule pattern does not match the agent's rules:\n${v6}`);
+    assert.equal(kernelAddresses("iptables", chainLines(v4).join("\n")).length, 2, `ban.ts's rule pattern does not match the agent's rules:\n${v4}`);
+    assert.equal(kernelAddresses("iptables", chainLines(v6).join("\n")).length, 1, `ban.ts's rule pattern does not match the agent's rules:\n${v6}`);
   });
 });
 
