@@ -167,6 +167,9 @@ const FLOOD_WINDOW_MS = 10_000;
 const HTTP_RATE = 20;
 const HTTP_BURST = 100;
 const HTTP_MAX_WAIT_MS = 5000;
+/** The fleet-long lists (GET /v1/blocked, /v1/bans) per node: this many a second, this many at once. */
+const LIST_RATE = 2;
+const LIST_BURST = 10;
 const MAX_REFUSED_PER_CONN = 1000;
 /** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
 const STATUS_INTERVAL_MS = 1000;
@@ -2677,6 +2680,19 @@ export class Sessions {
   }
 }
 
+/** Resolves once `res` has drained (or closed). */
+function drained(res: ServerResponse): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      res.off("drain", done);
+      res.off("close", done);
+      resolve();
+    };
+    res.on("drain", done);
+    res.on("close", done);
+  });
+}
+
 /** Answers with one JSON document. */
 function json(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { "content-type": "application/json" });
@@ -2689,8 +2705,8 @@ type Handler = (req: IncomingMessage, res: ServerResponse) => void;
 export class HttpApi {
   private readonly routes = new Map<string, { methods?: string[]; handle: Handler }>();
   private readonly pacer = new Pacer(HTTP_RATE, HTTP_BURST, HTTP_MAX_WAIT_MS);
-  /** The last answer of GET /v1/blocked, and the durable position and second it holds. */
-  private blockedBody?: { key: string; body: Buffer };
+  /** The fleet-long lists cost the hub as much as the fleet is long: per node, LIST_RATE a second. */
+  private readonly lists = new RateLimiter(LIST_RATE, LIST_BURST);
 
   constructor(
     private readonly maxPrefix: PrefixLimits,
@@ -2710,7 +2726,7 @@ export class HttpApi {
     this.routes.set("/v1/whoami", { methods: ["GET"], handle: this.authed((_req, res, entry) => this.whoami(res, entry)) });
     this.routes.set("/v1/bans", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.bans(res, entry, remote)) });
     // GET /v1/blocked (any role): the addresses an agent should hold, which `ban.ts status` compares with its kernel.
-    this.routes.set("/v1/blocked", { methods: ["GET"], handle: this.authed((_req, res) => this.blocked(res)) });
+    this.routes.set("/v1/blocked", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => void this.blocked(res, entry, remote)) });
     // GET /v1/nodes (admin only): every connected agent and its enforcement report, for `ban.ts status --fleet`.
     this.routes.set("/v1/nodes", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.nodes(res, entry, remote)) });
     // The status page is static (no data, no token in it): its script fetches everything over the socket.
@@ -2801,18 +2817,32 @@ export class HttpApi {
 
   /**
    * Every role's agent gets these addresses in its sync anyway: no more than a node may know.
-   * The list is as long as the fleet's, so it is made once per durable position and second, from
-   * the kept counts, and the same bytes answer every request meanwhile.
+   * Taken from the kept counts and written in pieces that each wait for the socket, as
+   * `streamBans` does: 200,000 addresses never stall the hub for the others.
    */
-  private blocked(res: ServerResponse): void {
+  private async blocked(res: ServerResponse, entry: TokenEntry, remote: string): Promise<void> {
+    if (!this.listAllowed(res, entry, remote)) return;
     const now = Date.now();
-    const key = `${this.store.position()} ${Math.floor(now / 1000)}`;
-    if (this.blockedBody?.key !== key) {
-      const addresses = this.fleet.blockedAddresses(now);
-      this.blockedBody = { key, body: Buffer.from(JSON.stringify({ hub: this.store.hubId, seq: this.store.position(), now, addresses }) + "\n") };
-    }
+    const addresses = this.fleet.blockedAddresses(now);
     res.writeHead(200, { "content-type": "application/json" });
-    res.end(this.blockedBody.body);
+    let chunk = `{"hub":${JSON.stringify(this.store.hubId)},"seq":"${this.store.position()}","now":${now},"addresses":[`;
+    for (let i = 0; i < addresses.length; i++) {
+      chunk += `${i ? "," : ""}"${addresses[i]}"`;
+      if (chunk.length < 64 * 1024) continue;
+      const more = res.write(chunk);
+      chunk = "";
+      if (!more) await drained(res);
+      if (res.destroyed) return;
+    }
+    res.end(`${chunk}]}\n`);
+  }
+
+  /** Whether `entry` may have a fleet-long list now (LIST_RATE); answers 429 when not. */
+  private listAllowed(res: ServerResponse, entry: TokenEntry, remote: string): boolean {
+    if (this.lists.take(entry.name, Date.now())) return true;
+    const message = `Node ${entry.name} asks for the fleet's lists more than ${LIST_RATE} a second (${LIST_BURST} at once); slow down`;
+    this.refusals.refuse({ code: "rate_limited", message, node: entry.name, remote, http: true }, (status, f) => json(res, status, f));
+    return false;
   }
 
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
@@ -2820,7 +2850,7 @@ export class HttpApi {
       const message = `Only an admin can list the fleet's bans; ${entry.name} is a ${entry.role}`;
       return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote, http: true }, (status, f) => json(res, status, f));
     }
-    void this.streamBans(res, Date.now());
+    if (this.listAllowed(res, entry, remote)) void this.streamBans(res, Date.now());
   }
 
   private nodes(res: ServerResponse, entry: TokenEntry, remote: string): void {
@@ -2840,16 +2870,6 @@ export class HttpApi {
    * slow reader holds back only its own response.
    */
   private async streamBans(res: ServerResponse, now: number): Promise<void> {
-    const drained = () =>
-      new Promise<void>((resolve) => {
-        const done = () => {
-          res.off("drain", done);
-          res.off("close", done);
-          resolve();
-        };
-        res.on("drain", done);
-        res.on("close", done);
-      });
     res.writeHead(200, { "content-type": "application/json" });
     let chunk = `{"hub":${JSON.stringify(this.store.hubId)},"seq":"${this.store.position()}","now":${now},"bans":[`;
     let count = 0;
@@ -2861,7 +2881,7 @@ export class HttpApi {
       if (chunk.length < 64 * 1024) continue;
       const more = res.write(chunk);
       chunk = "";
-      if (!more) await drained();
+      if (!more) await drained(res);
       if (res.destroyed) return;
     }
     res.end(`${chunk}\n],"count":${count}}\n`);

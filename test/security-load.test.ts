@@ -90,7 +90,7 @@ describe("security: 32 clients hammering every reader and unauthenticated endpoi
   test("an honest ban is acked, within ban.ts's spool timeout, while /metrics, /v1/whoami and /healthz are hammered", async () => {
     const idle = [];
     for (let i = 0; i < 5; i++) idle.push(await timedBan(fleet.http, fleet.token("web1"), `idle-${i}`, `203.0.113.${i + 1}`));
-    const h = await hammer(fleet.http, fleet.token("viewer"), 32, ["/metrics@auth", "/v1/whoami@auth", "/healthz", "/healthz@auth", "/metrics", "/v1/whoami@auth", "/"]);
+    const h = await hammer(fleet.http, fleet.token("viewer"), 32, ["/metrics@auth", "/v1/whoami@auth", "/healthz", "/healthz@auth", "/metrics", "/v1/blocked@auth", "/v1/whoami@auth", "/"]);
     try {
       await new Promise((r) => setTimeout(r, 1000));
       const loaded = [];

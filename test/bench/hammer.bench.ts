@@ -24,7 +24,7 @@ const ROUNDS = 5;
 /** hub.ts's pace for one address's HTTP requests (HTTP_RATE, HTTP_BURST there), for the description. */
 const HTTP_RATE = 20;
 const HTTP_BURST = 100;
-const ENDPOINTS = ["/", "/status.js", "/healthz", "/healthz@auth", "/metrics@auth", "/metrics", "/v1/whoami@auth", "/v1/bans@auth", "/v1/nodes@auth"];
+const ENDPOINTS = ["/", "/status.js", "/healthz", "/healthz@auth", "/metrics@auth", "/metrics", "/v1/whoami@auth", "/v1/blocked@auth", "/v1/bans@auth", "/v1/nodes@auth"];
 
 /** A journal of `count` live ban claims of node `seed`, an hour left each. */
 async function seedJournal(path: string, count: number): Promise<void> {
