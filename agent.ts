@@ -41,7 +41,7 @@ import { lookup } from "node:dns/promises";
 import { once } from "node:events";
 import { createServer, type Server } from "node:http";
 import { createWriteStream, existsSync, readFileSync, realpathSync, statSync, type WriteStream } from "node:fs";
-import { appendFile, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { appendFile, lstat, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -62,6 +62,9 @@ import {
   checkBannable,
   contains,
   csvRow,
+  printable,
+  isLoopbackHost,
+  spoolDirProblem,
   mergeClaim,
   overlaps,
   parseAddress,
@@ -184,7 +187,7 @@ const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
 /** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
 const SESSION_MAX_BYTES = 256 * 1024;
-const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "max-prefix-v4", "max-prefix-v6", "cleanup", "metrics"];
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "max-prefix-v4", "max-prefix-v6", "cleanup", "metrics", "insecure"];
 /**
  * Most events one sync may bring (all chunks together): as many as one kernel set holds. The
  * agent keeps every claim in memory (about 0.5 KB each), so this bounds it near 1 GB, within
@@ -758,6 +761,14 @@ export class Allowlist {
     readonly entries: Address[],
     private readonly limit: () => number = () => 10_000,
   ) {}
+
+  /** Never blocks `a` from now on (a hub's new address); true when it was not covered yet. */
+  add(a: Address): boolean {
+    if (this.entries.some((x) => contains(x, a))) return false;
+    this.entries.push(a);
+    this.cache.clear();
+    return true;
+  }
 
   /** Why `ip` is never blocked, or undefined when it may be. */
   reason(ip: string): string | undefined {
@@ -1468,6 +1479,15 @@ export class Applier {
     this.take(events);
   }
 
+  /** `net` joined the allowlist: what the kernel holds inside it comes out in the next batch. */
+  allowed(net: Address): void {
+    for (const ip of this.applied.keys()) {
+      const a = parseAddress(ip);
+      if (a && overlaps(a, net)) this.dirty.add(ip);
+    }
+    this.kick();
+  }
+
   /** Forgets the live events not yet applied (their connection closed: nobody to report to). */
   forgetLive(): void {
     this.arrived.clear();
@@ -2046,12 +2066,29 @@ export class Spool {
     clearInterval(this.timer);
   }
 
-  /** Sends each spooled event not sent yet on this connection; moves unreadable files aside. */
+  /** Why the directory or a file was last refused (logged once while it stays so). */
+  private readonly refusedWhy = new Map<string, string>();
+
+  /**
+   * Sends each spooled event not sent yet on this connection; moves unreadable files aside.
+   * Every file is forwarded as this node's own event, so only from a directory of the agent's
+   * user that no group or other user can write to (`spoolDirProblem`), and only regular files
+   * of that user: anything else is one log line and stays where it is.
+   */
   async forward(): Promise<void> {
+    const uid = process.getuid?.();
+    const info = await lstat(this.dir).catch(() => undefined);
+    if (!info) return;
+    const unsafe = spoolDirProblem(this.dir, info, uid);
+    if (this.refuse(this.dir, unsafe && `error: not forwarding the spool: ${unsafe}`)) return;
     const files = (await readdir(this.dir).catch(() => [] as string[])).filter((f) => f.endsWith(".json")).sort();
     for (const f of files) {
       const path = join(this.dir, f);
       if ([...this.sent.values()].includes(path)) continue;
+      const file = await lstat(path).catch(() => undefined);
+      if (!file) continue;
+      const foreign = !file.isFile() ? "is not a regular file" : uid !== undefined && file.uid !== uid ? `belongs to uid ${file.uid}, not to the agent's (uid ${uid})` : undefined;
+      if (this.refuse(path, foreign && `warning: skipping spool file ${f}: it ${foreign}`)) continue;
       const text = await readFile(path, "utf8").catch(() => "");
       if (!text) continue;
       const parsed = parseNodeFrame(text, Date.now());
@@ -2082,8 +2119,22 @@ export class Spool {
     if (code !== "rate_limited" && code !== "internal") void this.reject(path).catch(() => {});
   }
 
+  /** Logs `why` for `what` once (until it changes or clears); true when there is one. */
+  private refuse(what: string, why: string | undefined): boolean {
+    if (!why) {
+      this.refusedWhy.delete(what);
+      return false;
+    }
+    if (this.refusedWhy.get(what) !== why) {
+      if (this.refusedWhy.size >= 1000) this.refusedWhy.clear();
+      this.refusedWhy.set(what, why);
+      this.log(why);
+    }
+    return true;
+  }
+
   private async reject(path: string): Promise<void> {
-    await mkdir(join(this.dir, "rejected"), { recursive: true });
+    await mkdir(join(this.dir, "rejected"), { recursive: true, mode: 0o700 });
     await rename(path, join(this.dir, "rejected", path.split("/").pop()!)).catch(() => {});
   }
 }
@@ -2178,6 +2229,8 @@ export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "sp
   csv: CsvLog;
   /** How the agent enforces now, for the hub's `enforcement` reports (`enforcementSnapshot` in startAgent). */
   enforcement?: () => EnforcementState;
+  /** Told when a connection closed, before the reconnect's delay: the hubs' names are resolved again. */
+  disconnected?: () => void;
 }
 
 /** What a `Session` is given by its `HubLink`. */
@@ -2478,6 +2531,7 @@ export class HubLink implements SessionHost {
     if (this.session === session) this.session = undefined;
     this.opts.applier.forgetLive();
     if (this.closing) return;
+    this.opts.disconnected?.();
     if (!session.welcomed) this.hubIndex++;
     const delay = nextDelay(this.attempt++);
     this.opts.log(`disconnected from ${session.url}${code ? ` (${code}${reason.length ? ` ${reason}` : ""})` : ""}; retrying ${this.opts.hubs[this.hubIndex % this.opts.hubs.length]} in ${delay} ms`);
@@ -2504,21 +2558,66 @@ function hubHost(url: string): string {
   return new URL(url).hostname.replace(/^\[|\]$/g, "");
 }
 
-/** The hubs' addresses (resolved when names), never to be blocked. */
-async function hubAddresses(urls: string[]): Promise<Address[]> {
-  const out: Address[] = [];
-  for (const u of urls) {
-    const direct = parseAddress(hubHost(u));
-    if (direct) {
-      out.push(direct);
-      continue;
-    }
-    for (const r of await lookup(hubHost(u), { all: true }).catch(() => [])) {
-      const a = parseAddress(r.address);
-      if (a) out.push(a);
-    }
+/** How often the hubs' names are resolved again while the connection stays up, ms (and after each disconnect). */
+const HUB_RESOLVE_MS = 10 * 60_000;
+
+/**
+ * The hubs' addresses, never to be blocked: their names are resolved at start, again after
+ * each disconnect (before the reconnect) and every HUB_RESOLVE_MS, and each new address is
+ * given to `learned` (the allowlist and the applier). A name that does not resolve keeps the
+ * addresses it had, with one log line when it starts failing and one when it resolves again;
+ * addresses are only ever added, so a hub that moved keeps the old one protected too.
+ */
+export class HubAddresses {
+  private readonly known = new Map<string, Address[]>();
+  private readonly failing = new Set<string>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly urls: string[],
+    private readonly log: (line: string) => void,
+    private readonly resolve: (host: string) => Promise<string[]> = async (host) => (await lookup(host, { all: true })).map((r) => r.address),
+  ) {}
+
+  /** Every address known so far. */
+  all(): Address[] {
+    return [...this.known.values()].flat();
   }
-  return out;
+
+  /** Resolves every hub name; resolves with the addresses not known before. */
+  async refresh(): Promise<Address[]> {
+    const added: Address[] = [];
+    for (const host of new Set(this.urls.map(hubHost))) {
+      const direct = parseAddress(host);
+      const had = this.known.get(host) ?? [];
+      let found: Address[];
+      try {
+        found = direct ? [direct] : (await this.resolve(host)).map((x) => parseAddress(x)).filter((a): a is Address => a !== undefined);
+      } catch (e) {
+        if (!this.failing.has(host)) this.log(`warning: cannot resolve the hub ${host} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); ${had.length ? `keeping its last known address(es) ${had.map((a) => a.text).join(", ")} out of every ban` : "its addresses are not protected from bans until it resolves"}`);
+        this.failing.add(host);
+        continue;
+      }
+      if (this.failing.delete(host)) this.log(`the hub ${host} resolves again: ${found.map((a) => a.text).join(", ")}`);
+      const fresh = found.filter((a) => !had.some((h) => h.text === a.text));
+      if (fresh.length) this.known.set(host, [...had, ...fresh]);
+      if (had.length && fresh.length) this.log(`the hub ${host} has new address(es) ${fresh.map((a) => a.text).join(", ")}: never blocked from now on`);
+      added.push(...fresh);
+    }
+    return added;
+  }
+
+  /** Refreshes every HUB_RESOLVE_MS and when `poke()`d, giving each new address to `learned`. */
+  watch(learned: (a: Address) => void): { poke(): void } {
+    const poke = () => void this.refresh().then((added) => added.forEach(learned), (e: Error) => this.log(`warning: resolving the hubs: ${e.message}`));
+    this.timer = setInterval(poke, HUB_RESOLVE_MS);
+    this.timer.unref();
+    return { poke };
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+  }
 }
 
 /** A problem the agent cannot start with, whose message says it all (a bad token file): one line, exit 1. */
@@ -2541,7 +2640,7 @@ function warnings(opts: AgentOptions): string[] {
   }
   for (const u of opts.hubs) {
     const host = hubHost(u);
-    if (u.startsWith("ws:") && host !== "localhost" && !parseAddress(host)?.text.match(/^(127\.|::1$)/)) out.push(`warning: ${u} is plain ws://: the token and the bans cross the network unencrypted; use wss:// with --ca`);
+    if (u.startsWith("ws:") && !isLoopbackHost(host)) out.push(`warning: --insecure: ${u} is plain ws://: the token and the bans cross the network unencrypted; use wss:// with --ca`);
   }
   return out;
 }
@@ -2551,16 +2650,19 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const log = opts.log;
   const token = await readToken(opts.tokenFile);
   const cfg: FirewallConfig = { prefix: opts.prefix, ports: opts.ports, allow: opts.allow.map((s) => parseAddress(s)!), hooks: opts.hooks ?? backendHooks(opts.backend) };
-  const never = [...cfg.allow, ...ownAddresses(), ...(await hubAddresses(opts.hubs))];
+  const hubAddresses = new HubAddresses(opts.hubs, log);
+  await hubAddresses.refresh();
+  const never = [...cfg.allow, ...ownAddresses(), ...hubAddresses.all()];
   for (const w of warnings(opts)) log(w);
   const backend = makeBackend(opts.backend, cfg, log);
   await backend.setup();
   const csv = await CsvLog.open(opts.csvPath, opts.node ?? "agent", log);
 
+  const allow = new Allowlist(never, () => 2 * applier.claims.size + 10_000);
   const applier: Applier = new Applier({
     backend,
     backendName: opts.backend,
-    allow: new Allowlist(never, () => 2 * applier.claims.size + 10_000),
+    allow,
     record: (r) => csv.record(r),
     log,
     onApplied: (changes, live) => link.reportApplied(changes, live),
@@ -2568,7 +2670,8 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const state: StateFile = new StateFile(opts.statePath, log, () => ({ cursor: link.cursor, claims: applier.claims }));
   // What the hub's `enforcement` reports and --metrics show: the Guard's view of the kernel.
   const enforcementSnapshot = (): EnforcementState => guard.snapshot();
-  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot });
+  const resolver = hubAddresses.watch((a) => allow.add(a) && applier.allowed(a));
+  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot, disconnected: resolver.poke });
   const saved = await state.load();
   if (saved) {
     link.cursor = saved.cursor;
@@ -2590,6 +2693,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     close() {
       closed ??= (async () => {
         link.close();
+        hubAddresses.stop();
         metrics?.close();
         await guard.close();
         await applier.close();
@@ -2675,6 +2779,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
+      .option("insecure", { type: "boolean", default: false, describe: "Send the token over plain ws:// to a hub off this host (it crosses the network in clear); without it such a --hub is refused" })
       .option("metrics", { type: "string", describe: "Serve the agent's own Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9101 (GET /metrics: entries, claims, drift, hooks missing, repairs, packets dropped by its DROP rules)" })
       .strict()
       .fail((msg, err) => {
@@ -2711,6 +2816,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
   if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
   const mp = a.metrics === undefined ? undefined : /^(.+):(\d{1,5})$/.exec(a.metrics);
   if (a.metrics !== undefined && (!mp || Number(mp[2]) < 1 || Number(mp[2]) > 65535)) throw new UsageError(`Expected --metrics to be HOST:PORT, e.g. 127.0.0.1:9101, got ${JSON.stringify(a.metrics)}`);
+  // Refused before any connection: the token would be on the wire in clear at the first byte.
+  const plain = hubs.find((h) => h.startsWith("ws:") && !isLoopbackHost(new URL(h).hostname));
+  if (plain && !a.insecure) throw new UsageError(`Expected a wss:// hub off this host, got ${JSON.stringify(plain)}: plain ws:// would send the token in clear (use wss:// with --ca, or --insecure on a network you trust)`);
   return {
     command: "run",
     options: {
@@ -2735,7 +2843,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
 }
 
 function logLine(line: string): void {
-  process.stderr.write(`${new Date().toISOString()} agent: ${line}\n`);
+  // One line whatever it quotes: text from a peer (an error message, a name) cannot forge another.
+  process.stderr.write(`${new Date().toISOString()} agent: ${printable(line)}\n`);
 }
 
 /** Runs the agent from the command line. */

@@ -47,6 +47,7 @@ import {
   PROTOCOL_VERSION,
   blockedUntil,
   csvRow,
+  printable,
   eventUntil,
   isName,
   isNewer,
@@ -106,6 +107,8 @@ export interface HubOptions {
   burst: number;
   /** Most simultaneous connections one node may hold. */
   maxConnsPerNode: number;
+  /** Most live ban claims one node may hold at the hub (default DEFAULT_MAX_CLAIMS_PER_NODE); a new address past it is refused with `claim_limit`. */
+  maxClaimsPerNode?: number;
   /** Networks no ban may touch (the operator's own ranges); the hub's own addresses are added. */
   protect: string[];
   /** Serve plain ws:// on a non-loopback address (tokens cross the network in clear). */
@@ -162,7 +165,7 @@ const TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
 const BEARER_RE = new RegExp(`^Bearer (${TOKEN_PATTERN})$`);
 const TOKEN_PROTOCOL_RE = new RegExp(`^${TOKEN_PROTOCOL_PREFIX.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}(${TOKEN_PATTERN})$`);
 
-const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "max-claims-per-node", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
 /** A week of a busy fleet (one event a second on average, bursts included) fits in it. */
 const DEFAULT_STREAM_MAX_LEN = 1_000_000;
@@ -421,12 +424,22 @@ export function countBlocked(claims: Claims, now: number): { blocked: number; cl
 // ---------------------------------------------------------------------------------------------
 // Fleet rules: --quorum and --escalate as pure decisions (inputs in, decision out)
 
-/** The rules a hub applies to new bans: `--quorum`, `--trust`, `--escalate`. */
+/** The rules a hub applies to new bans: `--quorum`, `--trust`, `--escalate`, `--max-claims-per-node`. */
 export interface FleetRules {
   quorum: number;
   trusted: string[];
   escalate?: { factor: number; maxSeconds: number };
+  /** Most ban claims one node may hold (none: no limit). */
+  maxClaimsPerNode?: number;
 }
+
+/**
+ * Default `--max-claims-per-node`: one node may claim 100,000 addresses, 1/20 of what an agent's
+ * kernel set holds (2,097,152), so a single compromised node at the default rate cannot fill
+ * every agent's set (50/s fills one in 11.6 h), while a busy honest one (a few thousand live
+ * bans) is far below it.
+ */
+export const DEFAULT_MAX_CLAIMS_PER_NODE = 100_000;
 
 /** What the fleet rules decide for one new event. */
 export interface RuleDecision {
@@ -483,6 +496,23 @@ export function decideRules(rules: FleetRules, sender: string, e: FleetEvent, by
 }
 
 /**
+ * What an admin's unban for every node (`admin`, origin `*`) must add to lift every ban claim on
+ * the address whatever its timestamp: the `*` claim lifts the claims older than it, so each
+ * claim dated after it (an origin whose clock runs ahead, up to MAX_CLOCK_SKEW_MS, or a
+ * compromised node dating its bans ahead) gets a tombstone of its own origin, at its own
+ * detection time and newer by its id alone. A later ban from that origin still counts, and no
+ * other origin's claims are touched.
+ */
+export function adminLifts(byOrigin: AddressClaims, admin: FleetEvent, now: number): FleetEvent[] {
+  const out: FleetEvent[] = [];
+  for (const c of byOrigin.values()) {
+    if (c.kind !== "ban" || c.origin === ALL_ORIGINS || isExpired(c, now) || !isNewer(c, admin)) continue;
+    out.push({ seq: "", kind: "unban", ip: c.ip, origin: c.origin, jail: c.jail, until: eventUntil("unban", c.detectedAt, undefined, c.until), detectedAt: c.detectedAt, id: `${c.id}.lifted`, relayedAt: now });
+  }
+  return out;
+}
+
+/**
  * The fleet's claims as this hub knows them, and what it decides with them. `claims` hold what
  * is durable (what syncs, listings and the status page show); `pending` what was accepted and is
  * on its way to the store, newest per (ip, origin): decisions see both, so a burst is decided
@@ -495,12 +525,28 @@ export class FleetState {
   private readonly offenses = new Map<string, number[]>();
   /** Position of the last durable event: the most a sync may promise an agent. */
   durable = "0";
+  /** Ban claims per node origin in `claims` (ended ones until the next prune): what `--max-claims-per-node` bounds. */
+  private readonly perOrigin = new Map<string, number>();
 
   constructor(private readonly rules: FleetRules) {}
 
+  /**
+   * Why `origin` may not claim one more address with a ban of `ip` (`--max-claims-per-node`), or
+   * undefined: a node at its limit may still renew, lengthen or lift what it claims. Counted on
+   * what is durable, so a burst in flight can pass the limit by what it holds.
+   */
+  claimLimit(origin: string, ip: string, now: number): string | undefined {
+    const max = this.rules.maxClaimsPerNode;
+    const held = this.perOrigin.get(origin) ?? 0;
+    if (max === undefined || held < max) return undefined;
+    const own = this.claims.get(ip)?.get(origin);
+    if (own?.kind === "ban" && !isExpired(own, now)) return undefined;
+    return `Node ${origin} already claims ${held} address(es), the limit (--max-claims-per-node ${max}); a ban of a new address waits until some of them end or an admin lifts them`;
+  }
+
   /** Takes one event the store held when the hub started. */
   load(e: FleetEvent): void {
-    mergeHubClaim(this.claims, e);
+    this.mergeDurable(e);
     this.noteOffense(e);
   }
 
@@ -515,7 +561,18 @@ export class FleetState {
     if (!mergeClaim(view, event)) return { standing: view.get(f.ip)!.get(event.origin)!, event };
     const decision = decideRules(this.rules, sender, event, view.get(f.ip)!, this.offenses.get(f.ip) ?? [], now);
     if (decision.hold) event.held = true;
-    return { event, batch: [event, ...decision.release, ...(decision.escalation ? [decision.escalation.event] : [])], decision };
+    const lifts = event.origin === ALL_ORIGINS ? adminLifts(view.get(f.ip)!, event, now) : [];
+    return { event, batch: [event, ...decision.release, ...(decision.escalation ? [decision.escalation.event] : []), ...lifts], decision };
+  }
+
+  /**
+   * The live ban claims on `ip` once `batch` (durable, but maybe not read back from the store
+   * yet) joins what the hub holds: what an admin's unban for every node left, for its ack.
+   */
+  remaining(ip: string, batch: FleetEvent[], now: number): number {
+    const view: Claims = new Map([[ip, new Map([...(this.claims.get(ip) ?? []), ...(this.pending.get(ip) ?? [])])]]);
+    for (const e of batch) if (e.ip === ip) mergeHubClaim(view, e);
+    return liveClaims(view.get(ip)!, now).length;
   }
 
   /** A decided batch goes to the store: its claims are pending until durable. */
@@ -532,7 +589,7 @@ export class FleetState {
   /** Events now durable (the journal flushed them, or they were read from the shared stream), in order: they join the claims. */
   commit(events: FleetEvent[]): FleetEvent[] {
     for (const e of events) {
-      mergeHubClaim(this.claims, e);
+      this.mergeDurable(e);
       this.dropPending(e);
     }
     this.durable = events[events.length - 1].seq;
@@ -541,12 +598,15 @@ export class FleetState {
 
   /** Claims a reload of the store gave (the shared stream was trimmed past this hub): the newer ones join the claims and are returned in order. */
   repair(events: FleetEvent[]): FleetEvent[] {
-    return events.filter((e) => mergeHubClaim(this.claims, e)).sort((a, b) => comparePositions(a.seq, b.seq));
+    return events.filter((e) => this.mergeDurable(e)).sort((a, b) => comparePositions(a.seq, b.seq));
   }
 
   /** Forgets ended claims and offenses older than `--escalate-max`. */
   prune(now: number): void {
     pruneClaims(this.claims, now);
+    // The prune walked every claim anyway: count them again (what ended is gone now).
+    this.perOrigin.clear();
+    for (const byOrigin of this.claims.values()) for (const c of byOrigin.values()) this.tally(c, 1);
     if (!this.rules.escalate) return;
     const horizon = now - this.rules.escalate.maxSeconds * 1000;
     for (const [ip, list] of this.offenses) {
@@ -591,6 +651,22 @@ export class FleetState {
       }
     }
     return n;
+  }
+
+  /** Merges a durable event into the claims, keeping the per-node count in step; true when it changed them. */
+  private mergeDurable(e: FleetEvent): boolean {
+    const old = this.claims.get(e.ip)?.get(e.origin);
+    if (!mergeHubClaim(this.claims, e)) return false;
+    this.tally(old, -1);
+    this.tally(e, 1);
+    return true;
+  }
+
+  private tally(c: FleetEvent | undefined, by: 1 | -1): void {
+    if (!c || c.kind !== "ban" || c.origin === ALL_ORIGINS || c.origin === ESCALATION_ORIGIN) return;
+    const n = (this.perOrigin.get(c.origin) ?? 0) + by;
+    if (n > 0) this.perOrigin.set(c.origin, n);
+    else this.perOrigin.delete(c.origin);
   }
 
   private dropPending(e: FleetEvent): void {
@@ -1461,7 +1537,7 @@ interface Refusal {
 type Answer = (status: number, frame?: HubFrame) => void;
 
 /** HTTP status of each refusal; 400 for the rest. */
-const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, protected: 403, rate_limited: 429, too_big: 413, internal: 503, unauthorized: 401, too_many_connections: 429 };
+const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, protected: 403, claim_limit: 403, rate_limited: 429, too_big: 413, internal: 503, unauthorized: 401, too_many_connections: 429 };
 
 /** The one refusal path: count, log line, CSV row and the answer (error frame, JSON error or bare status). */
 export class Refusals {
@@ -1784,7 +1860,7 @@ export class Publisher {
     const no = this.refusal(entry, f);
     if (no) return this.refusals.refuse({ ...no, node: entry.name, remote, id: f.id, ip: f.ip }, answer);
     this.accept(entry, remote, f).then(
-      (seq) => answer(200, { type: "ack", id: f.id, seq }),
+      ({ seq, remaining }) => answer(200, { type: "ack", id: f.id, seq, ...(remaining === undefined ? {} : { remaining }) }),
       (e: Error) => this.refusals.refuse({ code: "internal", message: `Could not store the event: ${e.message}`, node: entry.name, remote, id: f.id, ip: f.ip }, answer),
     );
   }
@@ -1798,22 +1874,33 @@ export class Publisher {
       const hit = this.protectedNets.find((n) => overlaps(n, addr));
       if (hit) return { code: "protected", message: `Refusing to ban ${f.ip}: it overlaps the protected network ${hit.text}` };
     }
+    const full = f.type === "ban" ? this.fleet.claimLimit(entry.name, f.ip, Date.now()) : undefined;
+    if (full) return { code: "claim_limit", message: full };
     if (!this.limiter.take(entry.name, Date.now())) return { code: "rate_limited", message: `Node ${entry.name} is over its limit of ${this.limiter.rate} events/s (burst ${this.limiter.burst}); slow down and retry` };
     return undefined;
   }
 
-  /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
-  private async accept(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<string> {
+  /**
+   * Accepts one event from `entry`; resolves with its seq once it is durable (the ack), and for
+   * an admin's unban for every node the live claims it left on the address (0: all lifted).
+   */
+  private async accept(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<{ seq: string; remaining?: number }> {
     const unavailable = this.store.unavailable();
     if (unavailable) throw new Error(unavailable);
     const now = Date.now();
     const d = this.fleet.decide(entry.name, f, now);
+    const all = f.type === "unban" && f.all === true;
     // A replay or an older event: nothing changes, but the sender still gets its ack.
-    if ("standing" in d) return this.store.replay(d.standing, d.event);
+    if ("standing" in d) {
+      const seq = await this.store.replay(d.standing, d.event);
+      return all ? { seq, remaining: this.fleet.remaining(f.ip, [], Date.now()) } : { seq };
+    }
     this.tell(entry, remote, d.event, d.decision, now);
+    if (d.batch.length > 1 && all) this.log(`unban of ${f.ip} for every node by ${entry.name}: also lifting ${d.batch.length - 1} claim(s) dated after it (${d.batch.slice(1).map((e) => e.origin).join(", ")})`);
     this.fleet.stage(d.batch);
     try {
-      return (await this.store.append(d.batch))[0];
+      const seq = (await this.store.append(d.batch))[0];
+      return all ? { seq, remaining: this.fleet.remaining(f.ip, d.batch, Date.now()) } : { seq };
     } finally {
       this.fleet.unstage(d.batch);
     }
@@ -2229,7 +2316,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const refusals = new Refusals(metrics, recorder, log);
   const conns = new Connections();
   const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, refusals, log);
-  const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate });
+  const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate, maxClaimsPerNode: opts.maxClaimsPerNode ?? DEFAULT_MAX_CLAIMS_PER_NODE });
   const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
   const relay = new Relay(conns, metrics, recorder, feed);
   const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
@@ -2359,6 +2446,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
             .option("rate", { type: "number", default: 50, describe: "Events per second one node may publish, sustained" })
             .option("burst", { type: "number", default: 5000, describe: "Events one node may publish at once above --rate (a Fail2Ban restart restores many bans)" })
             .option("max-conns-per-node", { type: "number", default: 32, describe: "Simultaneous connections one node may hold (agent plus ban.ts calls)" })
+            .option("max-claims-per-node", { type: "number", default: DEFAULT_MAX_CLAIMS_PER_NODE, describe: "Addresses one node's live bans may claim at once; a ban of one more is refused (claim_limit, ban.ts exits 1), so one node cannot fill every agent's set" })
             .option("protect", { type: "string", array: true, default: [] as string[], describe: "Network no ban may touch, e.g. your admin range (repeatable); the hub's own addresses are always protected" })
             .option("insecure", { type: "boolean", default: false, describe: "Serve plain ws:// on a non-loopback address: tokens and bans cross the network unencrypted" })
             .option("escalate", { type: "number", describe: "Repeat offenders: multiply a ban by this factor for each earlier ban of the address (by any node, within --escalate-max), on every node; off by default" })
@@ -2370,6 +2458,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
           for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
             if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new UsageError(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
           }
+          if (!Number.isInteger(a.maxClaimsPerNode) || a.maxClaimsPerNode < 1) throw new UsageError(`Expected --max-claims-per-node to be a whole number of at least 1, got ${a.maxClaimsPerNode}`);
           if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new UsageError("Expected --tls-cert and --tls-key together, got only one");
           if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new UsageError(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
           if (a.store !== undefined && a.state !== undefined) throw new UsageError("Expected --state (one hub, journal) or --store (several hubs, Redis), got both");
@@ -2402,6 +2491,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
               rate: a.rate,
               burst: a.burst,
               maxConnsPerNode: a.maxConnsPerNode,
+              maxClaimsPerNode: a.maxClaimsPerNode,
               protect: a.protect,
               insecure: a.insecure,
               escalate: a.escalate === undefined ? undefined : { factor: a.escalate, maxSeconds: a.escalateMax },
@@ -2453,7 +2543,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
 }
 
 function logLine(line: string): void {
-  process.stderr.write(`${new Date().toISOString()} hub: ${line}\n`);
+  // One line whatever it quotes: text from a peer (an error message, a name) cannot forge another.
+  process.stderr.write(`${new Date().toISOString()} hub: ${printable(line)}\n`);
 }
 
 /**
