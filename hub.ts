@@ -24,7 +24,7 @@
 
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
-import { createReadStream, createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
+import { createReadStream, existsSync, realpathSync } from "node:fs";
 import { appendFile, chmod, mkdir, open, readFile, rename, rm, statfs, writeFile, type FileHandle } from "node:fs/promises";
 import { STATUS_CODES, createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
@@ -1535,15 +1535,13 @@ class RedisStore implements Store {
 
 /** The structured log (`--csv`): one writer of the hub's rows; without a path it writes nothing. */
 export class Recorder {
-  private constructor(private readonly out?: WriteStream) {}
+  private constructor(private readonly out?: CsvFile) {}
 
   static async open(path: string | undefined, log: (line: string) => void): Promise<Recorder> {
     if (!path) return new Recorder();
     await mkdir(dirname(path), { recursive: true });
     if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
-    const out = createWriteStream(path, { flags: "a" });
-    out.on("error", (e) => log(`warning: cannot write ${path}: ${e.message}`));
-    return new Recorder(out);
+    return new Recorder(new CsvFile(path, log));
   }
 
   row(r: Omit<CsvRecord, "time" | "node">): void {
@@ -1551,7 +1549,90 @@ export class Recorder {
   }
 
   close(): Promise<void> {
-    return new Promise((resolve) => (this.out ? this.out.end(resolve) : resolve()));
+    return this.out?.close() ?? Promise.resolve();
+  }
+}
+
+/**
+ * The `--csv` file: rows appended in one write per batch, the file opened only for that write,
+ * so it is never held open (a remount read-only works). A write that fails (a full or read-only
+ * disk) is cut back to where it began, so no torn row stays, and its rows wait, up to
+ * `CSV_MAX_PENDING` bytes (the oldest rows beyond are dropped, and counted), for the next try a
+ * second later: writing resumes by itself once the disk has room. One warning when it starts
+ * failing, one line when it writes again.
+ */
+export class CsvFile {
+  private pending = "";
+  private writing: Promise<void> | undefined;
+  private failing = false;
+  private dropped = 0;
+  private retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly path: string,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Queues `text` (whole rows) to be appended. */
+  write(text: string): void {
+    this.pending += text;
+    if (this.pending.length > CSV_MAX_PENDING) {
+      const cut = this.pending.indexOf("\n", this.pending.length - CSV_MAX_PENDING) + 1;
+      this.dropped += this.pending.slice(0, cut).split("\n").length - 1;
+      this.pending = this.pending.slice(cut);
+    }
+    this.kick();
+  }
+
+  /** Writes what waits, once more if the disk refuses; resolves when done. */
+  async close(): Promise<void> {
+    clearTimeout(this.retry);
+    await this.writing;
+    this.kick(true);
+    await this.writing;
+  }
+
+  /** Starts a write of what waits, unless one is under way; while failing, only the retry (`again`) does. */
+  private kick(again = false): void {
+    if (this.writing || !this.pending || (this.failing && !again)) return;
+    const chunk = this.pending;
+    this.pending = "";
+    this.writing = appendWhole(this.path, chunk).then(
+      () => {
+        if (this.failing) this.log(`${this.path} is written again${this.dropped ? ` (${this.dropped} row(s) dropped while it could not be)` : ""}`);
+        this.failing = false;
+        this.dropped = 0;
+      },
+      (e: Error) => {
+        this.pending = chunk + this.pending;
+        if (!this.failing) this.log(`warning: cannot write ${this.path}: ${e.message}; its rows wait in memory and are tried again every second`);
+        this.failing = true;
+        this.retry = setTimeout(() => this.kick(true), 1000);
+        this.retry.unref();
+      },
+    );
+    void this.writing.finally(() => {
+      this.writing = undefined;
+      this.kick();
+    });
+  }
+}
+
+/** Most bytes of rows a failing `--csv` file holds in memory (about 8,000 rows). */
+const CSV_MAX_PENDING = 1 << 20;
+
+/** Appends `text` to `path` (created with the CSV header when missing); on failure the file is cut back to its size before. */
+async function appendWhole(path: string, text: string): Promise<void> {
+  const fh = await open(path, "a");
+  let size = 0;
+  try {
+    size = (await fh.stat()).size;
+    await fh.writeFile(size === 0 ? `${CSV_HEADER}\n${text}` : text);
+  } catch (e) {
+    await fh.truncate(size).catch(() => {});
+    throw e;
+  } finally {
+    await fh.close().catch(() => {});
   }
 }
 
