@@ -146,6 +146,16 @@ const ROLES: Role[] = ["node", "reader", "admin"];
 const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
 const HELLO_TIMEOUT_MS = 10_000;
+/**
+ * Syncs are sent a frame at a time, round-robin, for at most SYNC_SLICE_MS before the event loop
+ * serves everyone else (live bans, acks, HTTP); a sync waits while its socket holds more than
+ * SYNC_WINDOW_BYTES not yet taken by the kernel (all waiting: another look in SYNC_WAIT_MS). A
+ * snapshot of the claims serves every sync that starts within SNAPSHOT_REUSE_MS of it.
+ */
+const SYNC_SLICE_MS = 4;
+const SYNC_WINDOW_BYTES = 512 * 1024;
+const SYNC_WAIT_MS = 5;
+const SNAPSHOT_REUSE_MS = 2000;
 const MAX_REFUSED_PER_CONN = 1000;
 /** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
 const STATUS_INTERVAL_MS = 1000;
@@ -1649,6 +1659,211 @@ function eventsFrame(events: FleetEvent[]): HubFrame {
   return events.length === 1 ? { type: "event", ...events[0] } : { type: "sync", full: false, events, seq: events[events.length - 1].seq };
 }
 
+/** The durable claims as syncs send them: built once, shared by every sync that starts while it is fresh. */
+interface SyncSnapshot {
+  /** The durable position it shows. */
+  readonly upTo: string;
+  /** The live claims, in seq order (`syncEvents`). */
+  readonly events: FleetEvent[];
+  /** The full-sync frames, serialised once for every sync, each when the first sync needs it. */
+  readonly frames: Buffer[];
+  /** Events relayed since it was built, and the durable position after them: each sync sends them last. */
+  readonly after: FleetEvent[];
+  afterUpTo: string;
+  readonly at: number;
+  /** Syncs sending it now. */
+  users: number;
+}
+
+/** One agent's sync in progress. */
+interface SyncJob {
+  readonly c: Conn;
+  readonly snap: SyncSnapshot;
+  /** The cursor it resumes after; undefined: a full sync. */
+  readonly after?: string;
+  /** Index in `snap.events` of the first event it sends, and of the next. */
+  readonly from: number;
+  next: number;
+}
+
+/** Index of the first event of `events` (in seq order) after position `seq`. */
+function firstAfter(events: FleetEvent[], seq: string): number {
+  let lo = 0;
+  let hi = events.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (comparePositions(events[mid].seq, seq) <= 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/**
+ * The syncs in progress. A whole fleet connecting at once (a power cut, a boot) must not starve
+ * live traffic: each sync is sent one frame at a time, round-robin among them, a few ms of work
+ * per turn of the event loop, and only while its socket has room (a slow reader holds no more
+ * than about SYNC_WINDOW_BYTES of the hub's memory). The claims are put in order and each
+ * full-sync frame serialised once for every sync starting within SNAPSHOT_REUSE_MS; what is
+ * relayed meanwhile is sent after the snapshot, and only then does the agent get relayed events.
+ */
+export class Syncs {
+  private readonly queue: SyncJob[] = [];
+  /** Snapshots in use, and the fresh one new syncs share: the relay's events are appended to each. */
+  private readonly live = new Set<SyncSnapshot>();
+  private current?: SyncSnapshot;
+  private scheduled = false;
+  private timer?: NodeJS.Timeout;
+  private stopped = false;
+
+  constructor(
+    private readonly fleet: FleetState,
+    private readonly chunk: number,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Syncs not yet sent in full. */
+  get size(): number {
+    return this.queue.length;
+  }
+
+  /** Starts bringing `c` up to date: the events after `after` (a cursor the store resumes from), or everything. */
+  start(c: Conn, after: string | undefined): void {
+    const snap = this.snapshot(Date.now());
+    snap.users++;
+    const from = after === undefined ? 0 : firstAfter(snap.events, after);
+    this.queue.push({ c, snap, after, from, next: from });
+    this.schedule(0);
+  }
+
+  /** The relay sent `events` to the synced agents and the durable position is now `upTo`: the syncs in progress send them after their snapshot. */
+  relayed(events: FleetEvent[], upTo: string): void {
+    const now = Date.now();
+    for (const s of this.live) {
+      if (!s.users && now - s.at > SNAPSHOT_REUSE_MS) {
+        this.drop(s);
+        continue;
+      }
+      for (const e of events) s.after.push(e);
+      s.afterUpTo = upTo;
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.queue.length = 0;
+  }
+
+  private snapshot(now: number): SyncSnapshot {
+    const cur = this.current;
+    if (cur && now - cur.at <= SNAPSHOT_REUSE_MS) return cur;
+    if (cur && !cur.users) this.drop(cur);
+    const upTo = this.fleet.durable;
+    const snap: SyncSnapshot = { upTo, events: syncEvents(this.fleet.claims, undefined, now), frames: [], after: [], afterUpTo: upTo, at: now, users: 0 };
+    this.live.add(snap);
+    return (this.current = snap);
+  }
+
+  /** A sync is done with `s`: unused, it goes (the fresh one once it is stale, so an idle hub holds none). */
+  private release(s: SyncSnapshot): void {
+    if (--s.users) return;
+    if (s !== this.current) return this.drop(s);
+    setTimeout(() => {
+      if (!s.users && Date.now() - s.at > SNAPSHOT_REUSE_MS) this.drop(s);
+    }, SNAPSHOT_REUSE_MS + 1).unref();
+  }
+
+  private drop(s: SyncSnapshot): void {
+    this.live.delete(s);
+    if (this.current === s) this.current = undefined;
+  }
+
+  private schedule(delay: number): void {
+    if (this.scheduled || this.stopped) return;
+    this.scheduled = true;
+    const run = () => {
+      this.scheduled = false;
+      this.timer = undefined;
+      this.pump();
+    };
+    if (delay) this.timer = setTimeout(run, delay);
+    else setImmediate(run);
+  }
+
+  /** One turn: a frame to each sync in turn whose socket has room, for at most SYNC_SLICE_MS. */
+  private pump(): void {
+    const end = performance.now() + SYNC_SLICE_MS;
+    let waiting = 0;
+    while (this.queue.length && waiting < this.queue.length && performance.now() < end) {
+      const job = this.queue.shift()!;
+      const ws = job.c.ws;
+      if (ws.readyState !== ws.OPEN) {
+        this.release(job.snap);
+        continue;
+      }
+      if (ws.bufferedAmount > SYNC_WINDOW_BYTES) {
+        this.queue.push(job);
+        waiting++;
+        continue;
+      }
+      waiting = 0;
+      if (this.step(job)) this.queue.push(job);
+    }
+    if (this.queue.length) this.schedule(waiting >= this.queue.length ? SYNC_WAIT_MS : 0);
+  }
+
+  /**
+   * Sends the job's next frame; false once it sent the last. A full sync of more than one frame
+   * sends the snapshot's shared frames (each with `more`); the last frames are the job's own:
+   * the rest of the snapshot (a small or a resuming sync) and what was relayed since, at the
+   * durable position now. The agent then gets relayed events like every other.
+   */
+  private step(job: SyncJob): boolean {
+    const { snap, c } = job;
+    const total = snap.events.length;
+    const full = job.after === undefined;
+    const shared = full && total > this.chunk;
+    if (shared ? job.next < total : total - job.next > this.chunk) {
+      const end = Math.min(job.next + this.chunk, total);
+      const body = () => syncFrame(full, snap.events.slice(job.next, end), snap.upTo, true);
+      this.sendSync(c, shared ? (snap.frames[job.next / this.chunk] ??= body()) : body());
+      job.next = end;
+      return true;
+    }
+    const rest = snap.events.slice(job.next).concat(this.since(snap, job.after));
+    for (let i = 0; i === 0 || i < rest.length; i += this.chunk) this.sendSync(c, syncFrame(full, rest.slice(i, i + this.chunk), snap.afterUpTo, i + this.chunk < rest.length));
+    c.receiving = true;
+    c.sentSeq = snap.afterUpTo;
+    this.release(snap);
+    this.log(`${c.who} ${full ? "full sync" : `resumed after ${job.after}`}: ${job.next - job.from + rest.length} event(s)`);
+    return false;
+  }
+
+  /**
+   * What was relayed since `snap` that a sync built now would hold: each event that is still its
+   * (address, origin)'s claim and not ended, once, and when resuming only those after the cursor.
+   */
+  private since(snap: SyncSnapshot, cursor: string | undefined): FleetEvent[] {
+    const now = Date.now();
+    const out = new Set<FleetEvent>();
+    for (const e of snap.after) {
+      if (this.fleet.claims.get(e.ip)?.get(e.origin) !== e || e.held || (e.until !== null && e.until <= now)) continue;
+      if (cursor === undefined || comparePositions(e.seq, cursor) > 0) out.add(e);
+    }
+    return [...out];
+  }
+
+  private sendSync(c: Conn, frame: Buffer): void {
+    c.syncBytes += frame.length;
+    c.send(frame);
+  }
+}
+
+/** One `sync` frame, serialised. */
+function syncFrame(full: boolean, events: FleetEvent[], seq: string, more: boolean): Buffer {
+  return Buffer.from(JSON.stringify({ type: "sync", full, events, seq, more: more || undefined }));
+}
+
 /**
  * The status page's feed: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for
  * all of them and not at all while nobody watches, and every event as it is relayed; the agents'
@@ -1742,6 +1957,7 @@ export class Relay {
     private readonly metrics: Metrics,
     private readonly recorder: Recorder,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
   ) {}
 
   /** `all` became durable (or came from the store's reload); `upTo` is the hub's durable position now. */
@@ -1751,6 +1967,7 @@ export class Relay {
     this.feed.relayed(all);
     // Claims held back by --quorum stay in the store and the claims, and go nowhere yet.
     const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
+    this.syncs.relayed(events, upTo);
     if (!events.length) return;
     const sent = { ban: 0, unban: 0 };
     for (const e of events) sent[e.kind] += receiving.length;
@@ -1886,7 +2103,7 @@ export class Sessions {
   private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false, handleProtocols: (offered) => (offered.has(STATUS_PROTOCOL) ? STATUS_PROTOCOL : false) });
 
   constructor(
-    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes" | "syncChunk">,
+    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes">,
     private readonly gate: Gate,
     private readonly conns: Connections,
     private readonly fleet: FleetState,
@@ -1894,6 +2111,7 @@ export class Sessions {
     private readonly publisher: Publisher,
     private readonly refusals: Refusals,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
     private readonly log: (line: string) => void,
   ) {}
 
@@ -1995,26 +2213,14 @@ export class Sessions {
   }
 
   /**
-   * Brings an agent up to date: the events after its cursor when the store can resume from it,
-   * else the full state. Only what is durable (the fleet's claims up to its durable position):
-   * an event still on its way to the store reaches the agent by relay once it is there.
+   * Brings an agent up to date (`Syncs`): the events after its cursor when the store can resume
+   * from it, else the full state. Only what is durable (the fleet's claims up to its durable
+   * position): an event still on its way to the store reaches the agent by relay once it is there.
    */
   private async sync(c: Conn, cursor: Cursor | undefined): Promise<void> {
     const resumes = cursor !== undefined && cursor.hub === this.store.hubId && isPosition(cursor.seq) && (await this.store.resumes(cursor.seq, this.fleet.durable));
     if (c.ws.readyState !== c.ws.OPEN) return;
-    const resumeFrom = resumes ? cursor.seq : undefined;
-    const upTo = this.fleet.durable;
-    const events = syncEvents(this.fleet.claims, resumeFrom, Date.now());
-    const full = resumeFrom === undefined;
-    const chunk = this.opts.syncChunk;
-    for (let i = 0; i === 0 || i < events.length; i += chunk) {
-      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: events.slice(i, i + chunk), seq: upTo, more: i + chunk < events.length || undefined }));
-      c.syncBytes += frame.length;
-      c.send(frame);
-    }
-    c.receiving = true;
-    c.sentSeq = upTo;
-    this.log(`${c.who} ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
+    this.syncs.start(c, resumes ? cursor.seq : undefined);
   }
 }
 
@@ -2231,12 +2437,13 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, refusals, log);
   const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate });
   const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
-  const relay = new Relay(conns, metrics, recorder, feed);
+  const syncs = new Syncs(fleet, opts.syncChunk, log);
+  const relay = new Relay(conns, metrics, recorder, feed, syncs);
   const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
   fleet.durable = store.position();
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
   const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
-  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, log);
+  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, syncs, log);
   const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics);
   const server = await listen(opts, http, sessions, refusals).catch(async (e: Error) => {
     await Promise.all([store.close(), recorder.close()]);
@@ -2255,6 +2462,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         gate.closing = true;
         for (const t of timers) clearInterval(t);
         feed.stop();
+        syncs.stop();
         await store.barrier().catch(() => {});
         conns.terminateAll();
         sessions.close();
