@@ -150,7 +150,8 @@ const HELLO_TIMEOUT_MS = 10_000;
  * Syncs are sent a frame at a time, round-robin, for at most SYNC_SLICE_MS before the event loop
  * serves everyone else (live bans, acks, HTTP); a sync waits while its socket holds more than
  * SYNC_WINDOW_BYTES not yet taken by the kernel (all waiting: another look in SYNC_WAIT_MS). A
- * snapshot of the claims serves every sync that starts within SNAPSHOT_REUSE_MS of it.
+ * snapshot of the claims serves every sync that starts within SNAPSHOT_REUSE_MS of it, or
+ * within 50 times the time it took to build (a million claims take seconds to put in order).
  */
 const SYNC_SLICE_MS = 4;
 const SYNC_WINDOW_BYTES = 512 * 1024;
@@ -1689,6 +1690,8 @@ interface SyncSnapshot {
   readonly after: FleetEvent[];
   afterUpTo: string;
   readonly at: number;
+  /** Until when syncs starting may share it: SNAPSHOT_REUSE_MS, or 50 times its build time. */
+  readonly freshUntil: number;
   /** Syncs sending it now. */
   users: number;
 }
@@ -1723,7 +1726,7 @@ function firstAfter(events: FleetEvent[], seq: string): number {
  * live traffic: each sync is sent one frame at a time, round-robin among them, a few ms of work
  * per turn of the event loop, and only while its socket has room (a slow reader holds no more
  * than about SYNC_WINDOW_BYTES of the hub's memory). The claims are put in order and each
- * full-sync frame serialised once for every sync starting within SNAPSHOT_REUSE_MS; what is
+ * full-sync frame serialised once for every sync starting while the snapshot is fresh; what is
  * relayed meanwhile is sent after the snapshot, and only then does the agent get relayed events.
  */
 export class Syncs {
@@ -1761,7 +1764,7 @@ export class Syncs {
   relayed(events: FleetEvent[], upTo: string): void {
     const now = Date.now();
     for (const s of this.live) {
-      if (!s.users && now - s.at > SNAPSHOT_REUSE_MS) {
+      if (!s.users && now > s.freshUntil) {
         this.drop(s);
         continue;
       }
@@ -1779,10 +1782,13 @@ export class Syncs {
 
   private snapshot(now: number): SyncSnapshot {
     const cur = this.current;
-    if (cur && now - cur.at <= SNAPSHOT_REUSE_MS) return cur;
+    if (cur && now <= cur.freshUntil) return cur;
     if (cur && !cur.users) this.drop(cur);
     const upTo = this.fleet.durable;
-    const snap: SyncSnapshot = { upTo, events: syncEvents(this.fleet.claims, undefined, now), frames: [], after: [], afterUpTo: upTo, at: now, users: 0 };
+    const t0 = performance.now();
+    const events = syncEvents(this.fleet.claims, undefined, now);
+    const freshUntil = now + Math.max(SNAPSHOT_REUSE_MS, 50 * (performance.now() - t0));
+    const snap: SyncSnapshot = { upTo, events, frames: [], after: [], afterUpTo: upTo, at: now, freshUntil, users: 0 };
     this.live.add(snap);
     return (this.current = snap);
   }
@@ -1792,8 +1798,8 @@ export class Syncs {
     if (--s.users) return;
     if (s !== this.current) return this.drop(s);
     setTimeout(() => {
-      if (!s.users && Date.now() - s.at > SNAPSHOT_REUSE_MS) this.drop(s);
-    }, SNAPSHOT_REUSE_MS + 1).unref();
+      if (!s.users && Date.now() > s.freshUntil) this.drop(s);
+    }, s.freshUntil - Date.now() + 1).unref();
   }
 
   private drop(s: SyncSnapshot): void {
