@@ -2266,7 +2266,7 @@ export class Session {
     const every = Math.max(1, Math.round(opts.heartbeatMs / 2));
     this.pingTimer = setInterval(() => {
       if (!this.alive) {
-        opts.log(`no answer from ${this.url} within ${every} ms of a ping; dropping it`);
+        opts.log(`no answer from ${this.url} within ${every} ms of a ping; reconnecting`);
         this.hung = true;
         this.sock.terminate();
         return;
