@@ -1739,6 +1739,8 @@ export class Syncs {
   private scheduled = false;
   private timer?: NodeJS.Timeout;
   private stopped = false;
+  /** A herd (more syncs than SYNC_CONCURRENCY at once) under way since, and the syncs it completed: one log line at each end. */
+  private herd?: { since: number; done: number };
 
   constructor(
     private readonly fleet: FleetState,
@@ -1757,6 +1759,10 @@ export class Syncs {
     snap.users++;
     const from = after === undefined ? 0 : firstAfter(snap.events, after);
     this.backlog.push({ c, snap, after, from, next: from });
+    if (!this.herd && this.size > SYNC_CONCURRENCY) {
+      this.herd = { since: Date.now(), done: 0 };
+      this.log(`more than ${SYNC_CONCURRENCY} agents want a sync at once: sending ${SYNC_CONCURRENCY} at a time, live traffic first`);
+    }
     this.schedule(0);
   }
 
@@ -1850,7 +1856,9 @@ export class Syncs {
       if (this.step(job)) active.push(job);
       else if (backlog.length) active.push(backlog.shift()!);
     }
-    if (active.length) this.schedule(waiting >= active.length ? SYNC_WAIT_MS : 0);
+    if (active.length) return this.schedule(waiting >= active.length ? SYNC_WAIT_MS : 0);
+    if (this.herd) this.log(`every sync sent: ${this.herd.done} in ${((Date.now() - this.herd.since) / 1000).toFixed(1)} s`);
+    this.herd = undefined;
   }
 
   /**
@@ -1875,6 +1883,7 @@ export class Syncs {
     for (let i = 0; i === 0 || i < rest.length; i += this.chunk) this.sendSync(c, syncFrame(full, rest.slice(i, i + this.chunk), snap.afterUpTo, i + this.chunk < rest.length));
     c.receiving = true;
     c.sentSeq = snap.afterUpTo;
+    if (this.herd) this.herd.done++;
     this.release(snap);
     this.log(`${c.who} ${full ? "full sync" : `resumed after ${job.after}`}: ${job.next - job.from + rest.length} event(s)`);
     return false;

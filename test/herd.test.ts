@@ -62,6 +62,9 @@ test(`a herd of ${HERD} full syncs of ${BANS.toLocaleString("en")} bans does not
     assert.ok(v === BANS || v === BANS + 1, `herd connection ${i}'s sync held ${v} addresses, want ${BANS} (or ${BANS + 1} with the honest ban)`);
     await herd.waitForLine(new RegExp(`^HAS ${i} `), SLOW);
   }
+  // What the operator sees: one line as the herd begins, one as its last sync is sent.
+  await hub.proc.waitForLine(/more than \d+ agents want a sync at once: sending \d+ at a time, live traffic first/, SLOW);
+  await hub.proc.waitForLine(new RegExp(`every sync sent: ${HERD} in [\\d.]+ s`), SLOW);
   assert.equal(herd.exitInfo(), undefined);
   assert.equal(hub.proc.exitInfo(), undefined);
 });
