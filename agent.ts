@@ -2326,8 +2326,6 @@ interface SessionHost {
  * for the hub. Made on each connection and thrown away when it closes.
  */
 export class Session {
-  /** The hub welcomed us. */
-  welcomed = false;
   /** The hub stopped answering (a missed pong, a handshake that timed out): the link passes it over for a while. */
   hung = false;
   private alive = true;
@@ -2424,7 +2422,6 @@ export class Session {
   }
 
   private onWelcome(f: WelcomeFrame): void {
-    this.welcomed = true;
     this.host.welcomed();
     this.host.opts.csv.node = f.node;
     this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
