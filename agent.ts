@@ -214,6 +214,35 @@ export function nextDelay(attempt: number, baseMs = 500, capMs = 30_000, random 
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
 }
 
+/** How long the opening handshake may take: a third of the heartbeat, 2-10 s (a frozen hub accepts TCP and never answers the upgrade). */
+export function handshakeTimeoutMs(heartbeatMs: number): number {
+  return Math.min(10_000, Math.max(2000, Math.round(heartbeatMs / 3)));
+}
+
+/** How long a hub that hung (a missed heartbeat, a handshake that timed out) is passed over: four heartbeats, at least 30 s. */
+export function hungMemoryMs(heartbeatMs: number): number {
+  return Math.max(30_000, 4 * heartbeatMs);
+}
+
+/**
+ * The hub to try after hub `current` failed: the next one in the list, never the one that just
+ * failed while there are others, passing over hubs that hung within `memoryMs` (each try of one
+ * costs a handshake timeout). When every other hub hung that recently, `current` if it only
+ * refused or closed (a fast answer: it is alive), else the hub that hung longest ago.
+ */
+export function nextHub(count: number, current: number, hungAt: ReadonlyMap<number, number>, now: number, memoryMs: number): number {
+  if (count <= 1) return 0;
+  const recent = (i: number) => (hungAt.get(i) ?? -Infinity) > now - memoryMs;
+  for (let step = 1; step < count; step++) {
+    const i = (current + step) % count;
+    if (!recent(i)) return i;
+  }
+  if (!recent(current)) return current;
+  let best = current;
+  for (let i = 0; i < count; i++) if ((hungAt.get(i) ?? -Infinity) < (hungAt.get(best) ?? -Infinity)) best = i;
+  return best;
+}
+
 /** Seconds left until `until`, rounded up; 0 means permanent, negative means already over. */
 export function remainingSeconds(until: number | null, now: number): number {
   if (until === null) return 0;
@@ -2377,8 +2406,8 @@ interface SessionHost {
  * for the hub. Made on each connection and thrown away when it closes.
  */
 export class Session {
-  /** The hub welcomed us (a connection refused before that makes the link try the next hub). */
-  welcomed = false;
+  /** The hub stopped answering (a missed pong, a handshake that timed out): the link passes it over for a while. */
+  hung = false;
   private alive = true;
   private hubId = "";
   private awaitingSync = false;
@@ -2404,19 +2433,25 @@ export class Session {
     private readonly host: SessionHost,
   ) {}
 
-  /** Says hello from our cursor, and pings every heartbeat: a silently dead path is noticed within one interval. */
+  /**
+   * Says hello from our cursor, and pings every half heartbeat: a ping unanswered (no pong, no
+   * frame) by the next one drops the connection, so a silently dead path or a frozen hub is
+   * noticed within one heartbeat of its last sign of life.
+   */
   open(): void {
     const { opts } = this.host;
     this.send({ type: "hello", v: PROTOCOL_VERSION, node: opts.node, want: "events", cursor: this.host.cursor });
+    const every = Math.max(1, Math.round(opts.heartbeatMs / 2));
     this.pingTimer = setInterval(() => {
       if (!this.alive) {
-        opts.log(`no answer from ${this.url} within ${opts.heartbeatMs} ms; reconnecting`);
+        opts.log(`no answer from ${this.url} within ${every} ms of a ping; reconnecting`);
+        this.hung = true;
         this.sock.terminate();
         return;
       }
       this.alive = false;
       this.sock.ping();
-    }, opts.heartbeatMs);
+    }, every);
   }
 
   /** A pong or a frame: the path is alive. */
@@ -2467,7 +2502,6 @@ export class Session {
   }
 
   private onWelcome(f: WelcomeFrame): void {
-    this.welcomed = true;
     this.host.welcomed();
     this.host.opts.csv.node = f.node;
     this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
@@ -2588,9 +2622,9 @@ export class Session {
 }
 
 /**
- * Keeps one connection to the hub: tries the hubs in order (the next one when a hub refuses
- * before welcoming us), reconnects with `nextDelay` backoff, and makes a `Session` for each
- * connection. The cursor outlives the sessions.
+ * Keeps one connection to the hub: tries the hubs in order, the next one (`nextHub`) whenever a
+ * connection ends, passing over a hub that hung recently; reconnects with `nextDelay` backoff,
+ * and makes a `Session` for each connection. The cursor outlives the sessions.
  */
 export class HubLink implements SessionHost {
   /** Where the agent is in the hub's stream: set from the state file, moved on by each session. */
@@ -2601,6 +2635,8 @@ export class HubLink implements SessionHost {
   /** Sessions in a row that broke off an oversized sync: the backoff keeps growing across their welcomes. */
   private strikes = 0;
   private hubIndex = 0;
+  /** When each hub (by index) last hung: a frozen hub is not tried again first. */
+  private readonly hungAt = new Map<number, number>();
   private retryTimer: NodeJS.Timeout | undefined;
   private closing = false;
 
@@ -2627,7 +2663,7 @@ export class HubLink implements SessionHost {
       headers: { authorization: `Bearer ${opts.token}` },
       maxPayload: MAX_HUB_FRAME_BYTES,
       perMessageDeflate: false,
-      handshakeTimeout: 10_000,
+      handshakeTimeout: handshakeTimeoutMs(opts.heartbeatMs),
       ca: opts.ca ? [readFileSync(opts.ca, "utf8")] : undefined,
     });
     const session = new Session(sock, url, this);
@@ -2640,7 +2676,10 @@ export class HubLink implements SessionHost {
     sock.on("open", () => session.open());
     sock.on("pong", () => session.heard());
     sock.on("message", (data: Buffer) => session.receive(data));
-    sock.on("error", (e) => opts.log(`${url}: ${e.message}`));
+    sock.on("error", (e) => {
+      if (/handshake has timed out/.test(e.message)) session.hung = true;
+      opts.log(`${url}: ${e.message}`);
+    });
     sock.on("close", (code, reason) => this.closed(session, code, reason));
   }
 
@@ -2658,7 +2697,12 @@ export class HubLink implements SessionHost {
     if (this.session === session) this.session = undefined;
     this.opts.applier.forgetLive();
     if (this.closing) return;
-    if (!session.welcomed) this.hubIndex++;
+    // Whatever ended it (a refusal, a close, a hub gone silent), the next hub is tried first:
+    // with hubs on one Redis the cursor resumes there, and a frozen hub is not waited on twice.
+    const now = Date.now();
+    const failed = this.hubIndex % this.opts.hubs.length;
+    if (session.hung) this.hungAt.set(failed, now);
+    this.hubIndex = nextHub(this.opts.hubs.length, failed, this.hungAt, now, hungMemoryMs(this.opts.heartbeatMs));
     const delay = nextDelay(this.attempt++);
     this.opts.log(`disconnected from ${session.url}${code ? ` (${code}${reason.length ? ` ${reason}` : ""})` : ""}; retrying ${this.opts.hubs[this.hubIndex % this.opts.hubs.length]} in ${delay} ms`);
     this.retryTimer = setTimeout(() => this.connect(), delay);

@@ -146,6 +146,24 @@ const ROLES: Role[] = ["node", "reader", "admin"];
 const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
 const HELLO_TIMEOUT_MS = 10_000;
+/**
+ * Syncs are sent a frame at a time, round-robin, for at most SYNC_SLICE_MS before the event loop
+ * serves everyone else (live bans, acks, HTTP); a sync waits while its socket holds more than
+ * SYNC_WINDOW_BYTES not yet taken by the kernel (all waiting: another look in SYNC_WAIT_MS). A
+ * snapshot of the claims serves every sync that starts within SNAPSHOT_REUSE_MS of it, or
+ * within 50 times the time it took to build (a million claims take seconds to put in order).
+ */
+const SYNC_SLICE_MS = 4;
+const SYNC_WINDOW_BYTES = 512 * 1024;
+const SYNC_WAIT_MS = 5;
+const SNAPSHOT_REUSE_MS = 2000;
+/**
+ * Syncs sent at the same time; the others wait their turn in order. Each socket holding sync
+ * bytes costs the event loop a write each time round, so a herd of a thousand is served 16 at a
+ * time (each completes sooner); one whose agent has not read for SYNC_STALL_MS yields its place.
+ */
+const SYNC_CONCURRENCY = 16;
+const SYNC_STALL_MS = 1000;
 const MAX_REFUSED_PER_CONN = 1000;
 /** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
 const STATUS_INTERVAL_MS = 1000;
@@ -353,15 +371,26 @@ export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | 
  * lacks; superseded and expired ones need no resend.
  */
 export function syncEvents(claims: Claims, afterSeq: string | undefined, now: number): FleetEvent[] {
-  const out: FleetEvent[] = [];
+  // Each position parsed once, not once per comparison: 50,000 claims in a few ms, not 300.
+  const keyed: Array<{ e: FleetEvent; ms: number; n: number }> = [];
+  const after = afterSeq === undefined ? undefined : positionKey(afterSeq);
   for (const byOrigin of claims.values()) {
     for (const e of byOrigin.values()) {
       if (e.held || (e.until !== null && e.until <= now)) continue;
-      if (afterSeq !== undefined && comparePositions(e.seq, afterSeq) <= 0) continue;
-      out.push(e);
+      const [ms, n] = positionKey(e.seq);
+      if (after && (ms - after[0] || n - after[1]) <= 0) continue;
+      keyed.push({ e, ms, n });
     }
   }
-  return out.sort((a, b) => comparePositions(a.seq, b.seq));
+  keyed.sort((a, b) => a.ms - b.ms || a.n - b.n);
+  return keyed.map((k) => k.e);
+}
+
+/** A position as the two numbers `comparePositions` orders it by. */
+function positionKey(s: string): [number, number] {
+  const m = POSITION_RE.exec(s);
+  if (!m) throw new Error(`Expected positions as N or MS-N, got ${JSON.stringify(s)}`);
+  return [Number(m[1]), Number(m[2] ?? 0)];
 }
 
 /**
@@ -1937,6 +1966,242 @@ function eventsFrame(events: FleetEvent[]): HubFrame {
   return events.length === 1 ? { type: "event", ...events[0] } : { type: "sync", full: false, events, seq: events[events.length - 1].seq };
 }
 
+/** The durable claims as syncs send them: built once, shared by every sync that starts while it is fresh. */
+interface SyncSnapshot {
+  /** The durable position it shows. */
+  readonly upTo: string;
+  /** The live claims, in seq order (`syncEvents`). */
+  readonly events: FleetEvent[];
+  /** The full-sync frames, serialised once for every sync, each when the first sync needs it. */
+  readonly frames: Buffer[];
+  /** Events relayed since it was built, and the durable position after them: each sync sends them last. */
+  readonly after: FleetEvent[];
+  afterUpTo: string;
+  readonly at: number;
+  /** Until when syncs starting may share it: SNAPSHOT_REUSE_MS, or 50 times its build time. */
+  readonly freshUntil: number;
+  /** Syncs sending it now. */
+  users: number;
+}
+
+/** One agent's sync in progress. */
+interface SyncJob {
+  readonly c: Conn;
+  readonly snap: SyncSnapshot;
+  /** The cursor it resumes after; undefined: a full sync. */
+  readonly after?: string;
+  /** Index in `snap.events` of the first event it sends, and of the next. */
+  readonly from: number;
+  next: number;
+  /** Since when its socket has had no room (its agent is not reading), ms. */
+  stalledSince?: number;
+}
+
+/** Index of the first event of `events` (in seq order) after position `seq`. */
+function firstAfter(events: FleetEvent[], seq: string): number {
+  let lo = 0;
+  let hi = events.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (comparePositions(events[mid].seq, seq) <= 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/**
+ * The syncs in progress. A whole fleet connecting at once (a power cut, a boot) must not starve
+ * live traffic: each sync is sent one frame at a time, round-robin among them, a few ms of work
+ * per turn of the event loop, and only while its socket has room (a slow reader holds no more
+ * than about SYNC_WINDOW_BYTES of the hub's memory). The claims are put in order and each
+ * full-sync frame serialised once for every sync starting while the snapshot is fresh; what is
+ * relayed meanwhile is sent after the snapshot, and only then does the agent get relayed events.
+ */
+export class Syncs {
+  /** The syncs being sent, round-robin, and those waiting for a place, in order. */
+  private readonly active: SyncJob[] = [];
+  private readonly backlog: SyncJob[] = [];
+  /** Snapshots in use, and the fresh one new syncs share: the relay's events are appended to each. */
+  private readonly live = new Set<SyncSnapshot>();
+  private current?: SyncSnapshot;
+  private scheduled = false;
+  private timer?: NodeJS.Timeout;
+  private stopped = false;
+  /** A herd (more syncs than SYNC_CONCURRENCY at once) under way since, and the syncs it completed: one log line at each end. */
+  private herd?: { since: number; done: number };
+
+  constructor(
+    private readonly fleet: FleetState,
+    private readonly chunk: number,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Syncs not yet sent in full. */
+  get size(): number {
+    return this.active.length + this.backlog.length;
+  }
+
+  /** Starts bringing `c` up to date: the events after `after` (a cursor the store resumes from), or everything. */
+  start(c: Conn, after: string | undefined): void {
+    const snap = this.snapshot(Date.now());
+    snap.users++;
+    const from = after === undefined ? 0 : firstAfter(snap.events, after);
+    this.backlog.push({ c, snap, after, from, next: from });
+    if (!this.herd && this.size > SYNC_CONCURRENCY) {
+      this.herd = { since: Date.now(), done: 0 };
+      this.log(`more than ${SYNC_CONCURRENCY} agents want a sync at once: sending ${SYNC_CONCURRENCY} at a time, live traffic first`);
+    }
+    this.schedule(0);
+  }
+
+  /** The relay sent `events` to the synced agents and the durable position is now `upTo`: the syncs in progress send them after their snapshot. */
+  relayed(events: FleetEvent[], upTo: string): void {
+    const now = Date.now();
+    for (const s of this.live) {
+      if (!s.users && now > s.freshUntil) {
+        this.drop(s);
+        continue;
+      }
+      for (const e of events) s.after.push(e);
+      s.afterUpTo = upTo;
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.active.length = 0;
+    this.backlog.length = 0;
+  }
+
+  private snapshot(now: number): SyncSnapshot {
+    const cur = this.current;
+    if (cur && now <= cur.freshUntil) return cur;
+    if (cur && !cur.users) this.drop(cur);
+    const upTo = this.fleet.durable;
+    const t0 = performance.now();
+    const events = syncEvents(this.fleet.claims, undefined, now);
+    const freshUntil = now + Math.max(SNAPSHOT_REUSE_MS, 50 * (performance.now() - t0));
+    const snap: SyncSnapshot = { upTo, events, frames: [], after: [], afterUpTo: upTo, at: now, freshUntil, users: 0 };
+    this.live.add(snap);
+    return (this.current = snap);
+  }
+
+  /** A sync is done with `s`: unused, it goes (the fresh one once it is stale, so an idle hub holds none). */
+  private release(s: SyncSnapshot): void {
+    if (--s.users) return;
+    if (s !== this.current) return this.drop(s);
+    setTimeout(() => {
+      if (!s.users && Date.now() > s.freshUntil) this.drop(s);
+    }, s.freshUntil - Date.now() + 1).unref();
+  }
+
+  private drop(s: SyncSnapshot): void {
+    this.live.delete(s);
+    if (this.current === s) this.current = undefined;
+  }
+
+  private schedule(delay: number): void {
+    if (this.scheduled || this.stopped) return;
+    this.scheduled = true;
+    const run = () => {
+      this.scheduled = false;
+      this.timer = undefined;
+      this.pump();
+    };
+    if (delay) this.timer = setTimeout(run, delay);
+    else setImmediate(run);
+  }
+
+  /** One turn: a frame to each active sync in turn whose socket has room, for at most SYNC_SLICE_MS. */
+  private pump(): void {
+    const end = performance.now() + SYNC_SLICE_MS;
+    const now = Date.now();
+    const { active, backlog } = this;
+    while (active.length < SYNC_CONCURRENCY && backlog.length) active.push(backlog.shift()!);
+    let waiting = 0;
+    while (active.length && waiting < active.length && performance.now() < end) {
+      const job = active.shift()!;
+      const ws = job.c.ws;
+      if (ws.readyState !== ws.OPEN) {
+        this.release(job.snap);
+        if (backlog.length) active.push(backlog.shift()!);
+        continue;
+      }
+      if (ws.bufferedAmount > SYNC_WINDOW_BYTES) {
+        job.stalledSince ??= now;
+        // An agent that does not read keeps no one else waiting: it goes to the back of the line.
+        if (now - job.stalledSince > SYNC_STALL_MS && backlog.length) {
+          job.stalledSince = undefined;
+          backlog.push(job);
+          active.push(backlog.shift()!);
+        } else active.push(job);
+        waiting++;
+        continue;
+      }
+      job.stalledSince = undefined;
+      waiting = 0;
+      if (this.step(job)) active.push(job);
+      else if (backlog.length) active.push(backlog.shift()!);
+    }
+    if (active.length) return this.schedule(waiting >= active.length ? SYNC_WAIT_MS : 0);
+    if (this.herd) this.log(`every sync sent: ${this.herd.done} in ${((Date.now() - this.herd.since) / 1000).toFixed(1)} s`);
+    this.herd = undefined;
+  }
+
+  /**
+   * Sends the job's next frame; false once it sent the last. A full sync of more than one frame
+   * sends the snapshot's shared frames (each with `more`); the last frames are the job's own:
+   * the rest of the snapshot (a small or a resuming sync) and what was relayed since, at the
+   * durable position now. The agent then gets relayed events like every other.
+   */
+  private step(job: SyncJob): boolean {
+    const { snap, c } = job;
+    const total = snap.events.length;
+    const full = job.after === undefined;
+    const shared = full && total > this.chunk;
+    if (shared ? job.next < total : total - job.next > this.chunk) {
+      const end = Math.min(job.next + this.chunk, total);
+      const body = () => syncFrame(full, snap.events.slice(job.next, end), snap.upTo, true);
+      this.sendSync(c, shared ? (snap.frames[job.next / this.chunk] ??= body()) : body());
+      job.next = end;
+      return true;
+    }
+    const rest = snap.events.slice(job.next).concat(this.since(snap, job.after));
+    for (let i = 0; i === 0 || i < rest.length; i += this.chunk) this.sendSync(c, syncFrame(full, rest.slice(i, i + this.chunk), snap.afterUpTo, i + this.chunk < rest.length));
+    c.receiving = true;
+    c.sentSeq = snap.afterUpTo;
+    if (this.herd) this.herd.done++;
+    this.release(snap);
+    this.log(`${c.who} ${full ? "full sync" : `resumed after ${job.after}`}: ${job.next - job.from + rest.length} event(s)`);
+    return false;
+  }
+
+  /**
+   * What was relayed since `snap` that a sync built now would hold: each event that is still its
+   * (address, origin)'s claim and not ended, once, and when resuming only those after the cursor.
+   */
+  private since(snap: SyncSnapshot, cursor: string | undefined): FleetEvent[] {
+    const now = Date.now();
+    const out = new Set<FleetEvent>();
+    for (const e of snap.after) {
+      if (this.fleet.claims.get(e.ip)?.get(e.origin) !== e || e.held || (e.until !== null && e.until <= now)) continue;
+      if (cursor === undefined || comparePositions(e.seq, cursor) > 0) out.add(e);
+    }
+    return [...out];
+  }
+
+  private sendSync(c: Conn, frame: Buffer): void {
+    c.syncBytes += frame.length;
+    c.send(frame);
+  }
+}
+
+/** One `sync` frame, serialised. */
+function syncFrame(full: boolean, events: FleetEvent[], seq: string, more: boolean): Buffer {
+  return Buffer.from(JSON.stringify({ type: "sync", full, events, seq, more: more || undefined }));
+}
+
 /**
  * The status page's feed: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for
  * all of them and not at all while nobody watches, and every event as it is relayed; the agents'
@@ -2030,6 +2295,7 @@ export class Relay {
     private readonly metrics: Metrics,
     private readonly recorder: Recorder,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
   ) {}
 
   /** `all` became durable (or came from the store's reload); `upTo` is the hub's durable position now. */
@@ -2039,6 +2305,7 @@ export class Relay {
     this.feed.relayed(all);
     // Claims held back by --quorum stay in the store and the claims, and go nowhere yet.
     const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
+    this.syncs.relayed(events, upTo);
     if (!events.length) return;
     const sent = { ban: 0, unban: 0 };
     for (const e of events) sent[e.kind] += receiving.length;
@@ -2180,7 +2447,7 @@ export class Sessions {
   private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false, handleProtocols: (offered) => (offered.has(STATUS_PROTOCOL) ? STATUS_PROTOCOL : false) });
 
   constructor(
-    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes" | "syncChunk">,
+    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes">,
     private readonly gate: Gate,
     private readonly conns: Connections,
     private readonly fleet: FleetState,
@@ -2188,6 +2455,7 @@ export class Sessions {
     private readonly publisher: Publisher,
     private readonly refusals: Refusals,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
     private readonly log: (line: string) => void,
   ) {}
 
@@ -2289,26 +2557,14 @@ export class Sessions {
   }
 
   /**
-   * Brings an agent up to date: the events after its cursor when the store can resume from it,
-   * else the full state. Only what is durable (the fleet's claims up to its durable position):
-   * an event still on its way to the store reaches the agent by relay once it is there.
+   * Brings an agent up to date (`Syncs`): the events after its cursor when the store can resume
+   * from it, else the full state. Only what is durable (the fleet's claims up to its durable
+   * position): an event still on its way to the store reaches the agent by relay once it is there.
    */
   private async sync(c: Conn, cursor: Cursor | undefined): Promise<void> {
     const resumes = cursor !== undefined && cursor.hub === this.store.hubId && isPosition(cursor.seq) && (await this.store.resumes(cursor.seq, this.fleet.durable));
     if (c.ws.readyState !== c.ws.OPEN) return;
-    const resumeFrom = resumes ? cursor.seq : undefined;
-    const upTo = this.fleet.durable;
-    const events = syncEvents(this.fleet.claims, resumeFrom, Date.now());
-    const full = resumeFrom === undefined;
-    const chunk = this.opts.syncChunk;
-    for (let i = 0; i === 0 || i < events.length; i += chunk) {
-      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: events.slice(i, i + chunk), seq: upTo, more: i + chunk < events.length || undefined }));
-      c.syncBytes += frame.length;
-      c.send(frame);
-    }
-    c.receiving = true;
-    c.sentSeq = upTo;
-    this.log(`${c.who} ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
+    this.syncs.start(c, resumes ? cursor.seq : undefined);
   }
 }
 
@@ -2533,12 +2789,13 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, refusals, log);
   const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate });
   const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
-  const relay = new Relay(conns, metrics, recorder, feed);
+  const syncs = new Syncs(fleet, opts.syncChunk, log);
+  const relay = new Relay(conns, metrics, recorder, feed, syncs);
   const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
   fleet.durable = store.position();
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
   const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
-  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, log);
+  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, syncs, log);
   const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics);
   const server = await listen(opts, http, sessions, refusals).catch(async (e: Error) => {
     await Promise.all([store.close(), recorder.close()]);
@@ -2557,6 +2814,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         gate.closing = true;
         for (const t of timers) clearInterval(t);
         feed.stop();
+        syncs.stop();
         await store.barrier().catch(() => {});
         conns.terminateAll();
         sessions.close();
