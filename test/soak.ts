@@ -9,7 +9,9 @@
  *
  *   npm run soak                          # 240 s of traffic, a kill every 15 s (journal store)
  *   npm run soak -- --short               # 60 s, a kill every 10 s: what test/soak.test.ts runs
- *   npm run soak -- --seconds 600 --store redis   # hub on a Redis (appendfsync always) in its namespace
+ *   npm run soak -- --seconds 600 --store redis   # two hubs on a Redis (appendfsync always) in
+ *                                         # their namespace; Redis too is killed and started
+ *                                         # again empty, in turn with the hubs and the agents
  *   npm run soak -- --short --store none  # hub without --state: forgets at every kill, so the
  *                                         # soak must report differences (it checks the soak)
  *
@@ -29,7 +31,8 @@ import { runCleanupNow, spawnProc, stopAll, tsx, type Proc } from "./lib/proc.ts
 import { missing } from "./lib/skip.ts";
 
 const NODES = ["n1", "n2", "n3"] as const;
-const PORT = 7700;
+/** The hubs' ports: one hub on its journal, two on a Redis. */
+const PORTS = [7700, 7701];
 const BANTIME = 3600;
 
 /** How long and how hard. */
@@ -53,9 +56,11 @@ export interface SoakResult {
   refused: number;
   hubRestarts: number;
   agentRestarts: number;
-  /** Addresses the senders' acked and spooled events leave blocked; the hub's blocked addresses; each agent's kernel set. */
+  /** Redis killed and started again empty (--store redis): the hubs must write the fleet state back. */
+  storeLosses: number;
+  /** Addresses the senders' acked and spooled events leave blocked; each hub's blocked addresses; each agent's kernel set. */
   expected: number;
-  hub: number;
+  hubs: number[];
   agents: Record<string, number>;
   spoolLeft: number;
   differences: number;
@@ -107,11 +112,12 @@ function symmetric(a: Set<string>, b: Set<string>): string[] {
 
 /** A soak world: topology, scratch folder, tokens, the hub and the agents as they are now. */
 class World {
-  hub!: HubProc;
+  readonly hubs: HubProc[] = [];
   readonly agents: Record<string, Proc> = {};
   redis?: Proc;
   hubRestarts = 0;
   agentRestarts = 0;
+  storeLosses = 0;
 
   private constructor(
     readonly topo: Topology,
@@ -127,8 +133,18 @@ class World {
     return new World(topo, dir, tokens, opts);
   }
 
-  get url(): string {
-    return `ws://${this.topo.ip("hub")}:${PORT}`;
+  /** How many hubs: two sharing the Redis, else one. */
+  get hubCount(): number {
+    return this.opts.store === "redis" ? 2 : 1;
+  }
+
+  url(k: number): string {
+    return `ws://${this.topo.ip("hub")}:${PORTS[k]}`;
+  }
+
+  /** Every hub, node `i`'s first (ban.ts and agents list them all, each node in its own order). */
+  urls(i: number): string {
+    return Array.from({ length: this.hubCount }, (_, k) => this.url((i + k) % this.hubCount)).join(",");
   }
 
   spoolOf(n: string): string {
@@ -137,42 +153,56 @@ class World {
 
   async startRedis(): Promise<void> {
     const dir = join(this.dir, "redis");
-    await mkdir(dir);
+    await mkdir(dir, { recursive: true });
     this.redis = spawnProc("redis-server", ["--port", "6379", "--bind", "127.0.0.1", "--dir", dir, "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"], { netns: this.topo.ns("hub"), name: "redis" });
     await this.redis.waitForLine(/Ready to accept connections/, 20_000);
   }
 
-  async startHub(): Promise<void> {
+  async startHub(k: number): Promise<void> {
     const store = { redis: ["--store", "redis://127.0.0.1:6379/0"], journal: ["--state", join(this.dir, "journal.jsonl")], none: [] }[this.opts.store];
-    this.hub = await startHubProc(["--tokens", join(this.dir, "tokens"), "--listen", `${this.topo.ip("hub")}:${PORT}`, "--heartbeat", "2", ...store], { netns: this.topo.ns("hub"), name: "hub" });
+    this.hubs[k] = await startHubProc(["--tokens", join(this.dir, "tokens"), "--listen", `${this.topo.ip("hub")}:${PORTS[k]}`, "--heartbeat", "2", ...store], { netns: this.topo.ns("hub"), name: `hub${k + 1}` });
   }
 
   async startAgent(n: string): Promise<void> {
-    const args = ["--hub", this.url, "--token-file", this.tokens[n], "--node", n, "--backend", "ipset", "--state", join(this.dir, `${n}.state.json`), "--spool", this.spoolOf(n), "--heartbeat", "2"];
+    const args = ["--hub", this.urls(NODES.indexOf(n as (typeof NODES)[number])), "--token-file", this.tokens[n], "--node", n, "--backend", "ipset", "--state", join(this.dir, `${n}.state.json`), "--spool", this.spoolOf(n), "--heartbeat", "2"];
     this.agents[n] = await startAgentProc(n, args, { netns: this.topo.ns(n) });
   }
 
   startSender(i: number, seconds: number): Proc {
     const n = NODES[i];
     const plan = { seconds, perSecond: this.opts.perSecond, addresses: addressesOf(i), seed: 1000 + i, bantime: BANTIME };
-    return tsx("test/fixtures/soak-sender.ts", [n, this.url, this.tokens[n], this.spoolOf(n), JSON.stringify(plan)], { netns: this.topo.ns(n), name: `sender ${n}` });
+    return tsx("test/fixtures/soak-sender.ts", [n, this.urls(i), this.tokens[n], this.spoolOf(n), JSON.stringify(plan)], { netns: this.topo.ns(n), name: `sender ${n}` });
   }
 
-  /** The next kill of the schedule: even steps the hub, odd steps the next agent. */
+  /**
+   * The next fault of the schedule, in turn: a hub killed (SIGKILL) and started again, an agent
+   * the same, and with a Redis, Redis killed and started again empty (its append-only file gone).
+   */
   async fault(step: number): Promise<void> {
-    if (step % 2 === 0) {
-      await this.hub.proc.kill9();
+    const kinds = this.opts.store === "redis" ? ["hub", "agent", "redis"] : ["hub", "agent"];
+    const kind = kinds[step % kinds.length];
+    const turn = Math.floor(step / kinds.length);
+    if (kind === "hub") {
+      const k = turn % this.hubCount;
+      await this.hubs[k].proc.kill9();
       await sleep(1500);
-      await this.startHub();
+      await this.startHub(k);
       this.hubRestarts++;
-      this.opts.log(`soak: ${elapsed()} hub killed (SIGKILL) and started again`);
-    } else {
-      const n = NODES[((step - 1) / 2) % NODES.length];
+      this.opts.log(`soak: ${elapsed()} hub${k + 1} killed (SIGKILL) and started again`);
+    } else if (kind === "agent") {
+      const n = NODES[turn % NODES.length];
       await this.agents[n].kill9();
       await sleep(1000);
       await this.startAgent(n);
       this.agentRestarts++;
       this.opts.log(`soak: ${elapsed()} agent ${n} killed (SIGKILL) and started again`);
+    } else {
+      await this.redis!.kill9();
+      await rm(join(this.dir, "redis"), { recursive: true, force: true });
+      await sleep(1000);
+      await this.startRedis();
+      this.storeLosses++;
+      this.opts.log(`soak: ${elapsed()} Redis killed (SIGKILL) and started again empty`);
     }
   }
 
@@ -181,9 +211,9 @@ class World {
     return r.exitCode === 0 ? new Set([...String(r.stdout).matchAll(/^add banshare-v4 (\S+)/gm)].map((m) => m[1])) : new Set();
   }
 
-  /** The addresses the hub lists as blocked (GET /v1/bans, as the admin, from inside the hub's namespace). */
-  async hubBlocked(): Promise<Set<string>> {
-    const r = await this.topo.exec("hub", "curl", ["-sS", "--max-time", "20", "-H", `Authorization: Bearer ${await token(this.tokens.admin)}`, `http://${this.topo.ip("hub")}:${PORT}/v1/bans`]);
+  /** The addresses hub `k` lists as blocked (GET /v1/bans, as the admin, from inside the hubs' namespace). */
+  async hubBlocked(k: number): Promise<Set<string>> {
+    const r = await this.topo.exec("hub", "curl", ["-sS", "--max-time", "20", "-H", `Authorization: Bearer ${await token(this.tokens.admin)}`, `${this.url(k).replace(/^ws/, "http")}/v1/bans`]);
     const list = JSON.parse(String(r.stdout)) as { bans: Array<{ ip: string }> };
     return new Set(list.bans.map((b) => b.ip));
   }
@@ -215,17 +245,21 @@ function elapsed(): string {
 }
 
 /** Compares the senders, the hub and every agent's kernel; `final` adds the details of each difference. */
-async function compare(w: World, want: Set<string>): Promise<{ hub: Set<string>; kernels: Record<string, Set<string>>; diffs: string[] }> {
-  const hub = await w.hubBlocked();
-  const kernels: Record<string, Set<string>> = {};
+async function compare(w: World, want: Set<string>): Promise<{ hubs: Array<Set<string>>; kernels: Record<string, Set<string>>; diffs: string[] }> {
+  const hubs: Array<Set<string>> = [];
   const diffs: string[] = [];
-  for (const d of symmetric(want, hub)) diffs.push(`hub vs senders: ${d}`);
+  for (let k = 0; k < w.hubCount; k++) {
+    hubs.push(await w.hubBlocked(k));
+    for (const d of symmetric(want, hubs[k])) diffs.push(`hub${k + 1} vs senders: ${d}`);
+  }
+  const hub = hubs[0];
+  const kernels: Record<string, Set<string>> = {};
   for (const n of NODES) {
     kernels[n] = await w.kernelSet(n);
     for (const d of symmetric(hub, kernels[n])) diffs.push(`${n} vs hub: ${d}`);
     for (const d of symmetric(want, kernels[n])) diffs.push(`${n} vs senders: ${d}`);
   }
-  return { hub, kernels, diffs };
+  return { hubs, kernels, diffs };
 }
 
 /** Runs the soak; always removes what it made. */
@@ -233,9 +267,9 @@ export async function runSoak(opts: SoakOptions): Promise<SoakResult> {
   const w = await World.create(opts);
   try {
     if (opts.store === "redis") await w.startRedis();
-    await w.startHub();
+    for (let k = 0; k < w.hubCount; k++) await w.startHub(k);
     for (const n of NODES) await w.startAgent(n);
-    opts.log(`soak: ${elapsed()} hub (${opts.store}) and ${NODES.length} agents up; ${opts.seconds} s of traffic, a kill every ${opts.period} s`);
+    opts.log(`soak: ${elapsed()} ${w.hubCount} hub(s) (${opts.store}) and ${NODES.length} agents up; ${opts.seconds} s of traffic, a kill every ${opts.period} s`);
     const senders = NODES.map((_, i) => w.startSender(i, opts.seconds));
     const end = Date.now() + opts.seconds * 1000;
     for (let step = 0; Date.now() + opts.period * 1000 < end; step++) {
@@ -257,8 +291,9 @@ export async function runSoak(opts: SoakOptions): Promise<SoakResult> {
       refused: sent.filter((e) => e.how === "refused").length,
       hubRestarts: w.hubRestarts,
       agentRestarts: w.agentRestarts,
+      storeLosses: w.storeLosses,
       expected: want.size,
-      hub: last.hub.size,
+      hubs: last.hubs.map((h) => h.size),
       agents: Object.fromEntries(NODES.map((n) => [n, last.kernels[n].size])),
       spoolLeft: await w.spoolLeft(),
       differences: last.diffs.length,
@@ -293,8 +328,8 @@ function report(r: SoakResult): string {
   return [
     `soak: ${r.seconds} s, store ${r.store}, ${NODES.length} nodes`,
     `  bans sent ${r.bans.sent} (acked ${r.bans.acked}, spooled ${r.bans.spooled}), unbans sent ${r.unbans.sent} (acked ${r.unbans.acked}, spooled ${r.unbans.spooled}), refused ${r.refused}`,
-    `  restarts: hub ${r.hubRestarts}, agents ${r.agentRestarts} (each after SIGKILL)`,
-    `  blocked at the end: senders ${r.expected}, hub ${r.hub}, ${NODES.map((n) => `${n} ${r.agents[n]}`).join(", ")}; spool left ${r.spoolLeft}`,
+    `  restarts: hubs ${r.hubRestarts}, agents ${r.agentRestarts} (each after SIGKILL)${r.store === "redis" ? `, Redis emptied ${r.storeLosses}` : ""}`,
+    `  blocked at the end: senders ${r.expected}, ${r.hubs.map((h, k) => `hub${k + 1} ${h}`).join(", ")}, ${NODES.map((n) => `${n} ${r.agents[n]}`).join(", ")}; spool left ${r.spoolLeft}`,
     `  differences: ${r.differences}${r.details.length ? `\n    ${r.details.join("\n    ")}` : ""}`,
   ].join("\n");
 }
