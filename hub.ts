@@ -25,13 +25,12 @@
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
 import { createReadStream, createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
-import { appendFile, chmod, mkdir, open, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
+import { appendFile, chmod, mkdir, open, readFile, rename, rm, statfs, writeFile, type FileHandle } from "node:fs/promises";
 import { STATUS_CODES, createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { networkInterfaces } from "node:os";
 import { dirname } from "node:path";
-import { createInterface } from "node:readline";
 import type { Duplex } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { WebSocketServer, type WebSocket } from "ws";
@@ -46,6 +45,7 @@ import {
   MAX_STATUS_RT,
   PROTOCOL_VERSION,
   blockedUntil,
+  checkEvent,
   csvRow,
   eventUntil,
   isName,
@@ -418,6 +418,13 @@ export function countBlocked(claims: Claims, now: number): { blocked: number; cl
   return { blocked, claims: live };
 }
 
+/** The addresses `countBlocked` counts as blocked: what every agent's kernel should hold (`GET /v1/blocked`, for `ban.ts status`). */
+export function blockedAddresses(claims: Claims, now: number): string[] {
+  const out: string[] = [];
+  for (const [ip, byOrigin] of claims) if (liveClaims(byOrigin, now).some((c) => !c.held)) out.push(ip);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fleet rules: --quorum and --escalate as pure decisions (inputs in, decision out)
 
@@ -689,6 +696,15 @@ export interface JournalContents {
   skipped: number;
 }
 
+/** How many damaged lines a start lists one by one; the rest are counted in the summary line. */
+const MAX_DAMAGED_LISTED = 10;
+/** Below this much free space the journal's check does not call the disk writable again. */
+const JOURNAL_MIN_FREE_BYTES = 64 * 1024;
+/** While the journal cannot be written: how often it checks whether it can again. */
+const JOURNAL_PROBE_MS = 1000;
+/** After a compaction failed: how long before the next try (the journal keeps appending meanwhile). */
+const COMPACT_RETRY_MS = 60_000;
+
 function parseJournalHeader(line: string): JournalHeader | undefined {
   try {
     const h = JSON.parse(line) as JournalHeader;
@@ -698,65 +714,139 @@ function parseJournalHeader(line: string): JournalHeader | undefined {
   }
 }
 
-/** One event line of a journal, or undefined for a torn or corrupt one. */
-function parseJournalLine(line: string): FleetEvent | undefined {
+/** One stored event (a journal line, a Redis entry), or why it is damaged: not JSON, or not an event as the hub writes them. */
+function checkStoredEvent(line: string): FleetEvent | string {
+  let e: unknown;
   try {
-    const e = JSON.parse(line) as FleetEvent;
-    return typeof e.ip === "string" && typeof e.seq === "string" ? e : undefined;
+    e = JSON.parse(line);
   } catch {
-    return undefined;
+    return "not JSON";
   }
+  return checkEvent(e) ?? (e as FleetEvent);
+}
+
+/** One stored event, or undefined for a torn or damaged one. */
+function parseJournalLine(line: string): FleetEvent | undefined {
+  const e = checkStoredEvent(line);
+  return typeof e === "string" ? undefined : e;
+}
+
+/** What reading a journal found besides its events. */
+interface JournalRead {
+  hubId: string;
+  seq: number;
+  /** Event lines: read, and damaged (skipped). */
+  events: number;
+  skipped: number;
+  /** The first MAX_DAMAGED_LISTED damaged lines, as "line N: why". */
+  damaged: string[];
+  /** Bytes up to the end of the last line ending in a newline: anything after it is a write that never completed. */
+  whole: number;
 }
 
 /**
  * Reads a journal file line by line, handing each event to `each` as it is read: the hub never
- * holds the file's text or an array of its events. A torn or corrupt line is skipped and
+ * holds the file's text or an array of its events. Lines are split on bytes, so `whole` is exact
+ * whatever a damaged line holds. A torn (unterminated) last line or a damaged one is skipped and
  * counted, never fatal. Undefined for an empty file; throws when the file is not a journal.
  */
-async function readJournalLines(path: string, each: (e: FleetEvent) => void): Promise<{ hubId: string; seq: number; skipped: number } | undefined> {
+async function readJournalLines(path: string, each: (e: FleetEvent) => void): Promise<JournalRead | undefined> {
   let header: JournalHeader | undefined;
-  let seq = 0;
-  let skipped = 0;
-  for await (const line of createInterface({ input: createReadStream(path, "utf8"), crlfDelay: Infinity })) {
+  const read: JournalRead = { hubId: "", seq: 0, events: 0, skipped: 0, damaged: [], whole: 0 };
+  let lineNo = 0;
+  const stranger = () => new UsageError(`${path} is not a banshare journal: refusing to overwrite it`);
+  /** The first line is no header: a stranger's file, or a journal whose header is damaged (then the next line is an event). */
+  let headless = false;
+  const line = (text: string, terminated: boolean) => {
+    lineNo++;
+    if (!header && !headless) {
+      header = parseJournalHeader(text);
+      if (header) read.seq = Number(header.seq) || 0;
+      else headless = true;
+      return;
+    }
+    if (!text) return;
+    // An unterminated last line is a write that never completed: never acked, whatever it holds.
+    let e = terminated ? checkStoredEvent(text) : "torn (no newline: a write that never completed)";
+    if (typeof e !== "string" && !/^\d{1,15}$/.test(e.seq)) e = `event seq ${JSON.stringify(e.seq)}`;
     if (!header) {
-      header = parseJournalHeader(line);
-      if (!header) throw new UsageError(`${path} is not a banshare journal: refusing to overwrite it`);
-      seq = Number(header.seq) || 0;
-      continue;
+      if (typeof e === "string") throw stranger();
+      // A new hub id: no agent's cursor can be trusted against this journal, so each takes a full sync.
+      header = { journal: JOURNAL_MAGIC, v: 1, hub: randomBytes(8).toString("hex"), seq: 0 };
+      read.skipped++;
+      read.damaged.push("line 1: the header is damaged; the hub takes a new id, and every agent a full sync");
     }
-    if (!line) continue;
-    const e = parseJournalLine(line);
-    if (!e) skipped++;
-    else {
-      each(e);
-      seq = Math.max(seq, Number(e.seq));
+    if (typeof e === "string") {
+      read.skipped++;
+      if (read.damaged.length < MAX_DAMAGED_LISTED) read.damaged.push(`line ${lineNo}: ${e}`);
+      return;
     }
+    read.events++;
+    each(e);
+    read.seq = Math.max(read.seq, Number(e.seq));
+  };
+  let rest: Buffer = Buffer.alloc(0);
+  let offset = 0;
+  for await (const chunk of createReadStream(path) as AsyncIterable<Buffer>) {
+    const data = rest.length ? Buffer.concat([rest, chunk]) : chunk;
+    let start = 0;
+    for (let nl = data.indexOf(10); nl >= 0; nl = data.indexOf(10, start)) {
+      line(data.subarray(start, nl).toString("utf8"), true);
+      start = nl + 1;
+      read.whole = offset + start;
+    }
+    offset += start;
+    rest = Buffer.from(data.subarray(start));
   }
-  return header && { hubId: header.hub, seq, skipped };
+  if (rest.length) line(rest.toString("utf8"), false);
+  if (headless && !header) throw stranger();
+  return header && { ...read, hubId: header.hub };
 }
 
 /** What the journal at `path` holds, read as the hub reads it when it starts; undefined for an empty file. */
 export async function readJournal(path: string): Promise<JournalContents | undefined> {
   const events: FleetEvent[] = [];
   const read = await readJournalLines(path, (e) => events.push(e));
-  return read && { ...read, events };
+  return read && { hubId: read.hubId, seq: read.seq, skipped: read.skipped, events };
 }
 
-/** The embedded store: one hub's JSONL file (none without `--state`), fsync before ack, compacted to the live claims as it grows. */
+/** Writes all of `text` at `position`, however many writes it takes: a short write is not success. */
+async function writeWhole(fh: FileHandle, text: string, position: number): Promise<number> {
+  const buf = Buffer.from(text, "utf8");
+  for (let done = 0; done < buf.length; ) {
+    const { bytesWritten } = await fh.write(buf, done, buf.length - done, position + done);
+    if (bytesWritten <= 0) throw new Error(`short write: ${done} of ${buf.length} bytes written`);
+    done += bytesWritten;
+  }
+  return buf.length;
+}
+
+/**
+ * The embedded store: one hub's JSONL file (none without `--state`), fsync before ack, compacted
+ * to the live claims as it grows. An event is acked only once its line is whole on disk; when a
+ * write fails (a full or read-only disk) the events not written are refused, the file is cut back
+ * to its last whole line and their seqs are given again (no one saw them), and the journal takes
+ * events again as soon as a write lands. It holds the file open only while it writes.
+ */
 class Journal implements Store {
   hubId = randomBytes(8).toString("hex");
   /** The seq of the last event appended: the journal numbers the events, 1, 2, 3... */
   private seq = 0;
-  private fh?: FileHandle;
+  /** The seq of the last event whose line is whole on disk. */
+  private written = 0;
   private queued: FleetEvent[] = [];
   private waiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
   private flushing = false;
   private lines = 0;
   /** Claims counted at the last check (or written by the last compaction), and when. */
   private counted = { live: 0, at: 0 };
-  private failed?: Error;
-  /** Size of the journal file, for /metrics. */
+  /** No compaction before this time (one failed). */
+  private compactAfter = 0;
+  /** Bytes of whole, fsynced lines: where the next line goes; anything past it is a failed write to cut. */
   private bytes = 0;
+  /** While the journal cannot be written: why, since when, and how many events it refused. */
+  private failing?: { why: string; since: number; refused: number };
+  private probe?: NodeJS.Timeout;
 
   constructor(
     private readonly path: string | undefined,
@@ -764,56 +854,73 @@ class Journal implements Store {
     private readonly snapshot: StoreSnapshot,
   ) {}
 
-  /** Reads the journal (if any) and compacts it before the first append. */
+  /** Reads the journal (if any) and compacts it before the first append; a failed compaction keeps the file as it was. */
   async load(each: (e: FleetEvent) => void): Promise<void> {
     if (!this.path) return;
     await mkdir(dirname(this.path), { recursive: true });
     const read = existsSync(this.path) ? await readJournalLines(this.path, each) : undefined;
     if (read) {
       this.hubId = read.hubId;
-      this.seq = read.seq;
-      if (read.skipped) this.listener.log(`warning: skipped ${read.skipped} torn or corrupt line(s) in ${this.path}; every other event is kept`);
+      this.seq = this.written = read.seq;
+      for (const d of read.damaged) this.listener.log(`warning: ${this.path} ${d}: skipped`);
+      if (read.skipped) this.listener.log(`warning: skipped ${read.skipped} torn or corrupt line(s) in ${this.path}${read.skipped > read.damaged.length ? ` (the first ${read.damaged.length} listed above)` : ""}; every other event is kept`);
     }
-    await this.compact();
+    try {
+      await this.compact();
+    } catch (e) {
+      if (!read) throw e;
+      // The journal as it was still holds everything: go on with it, appending after its last whole line.
+      this.bytes = read.whole;
+      this.lines = read.events;
+      this.compactAfter = Date.now() + COMPACT_RETRY_MS;
+      this.listener.log(`warning: could not compact ${this.path} (${(e as Error).message}); keeping it as it is`);
+    }
   }
 
-  /** Rewrites the journal as the live claims: temp file, fsync, rename, fsync the folder, reopen. */
+  /**
+   * Rewrites the journal as the live claims: temp file, every byte checked, fsync, size checked,
+   * rename, fsync the folder. Throws (the temp file removed, the journal untouched) when any step fails.
+   */
   private async compact(): Promise<void> {
     if (!this.path) return;
     const tmp = `${this.path}.tmp`;
     const out = await open(tmp, "w", 0o600);
+    let size = 0;
+    let lines = 0;
     try {
-      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq: this.seq };
+      // The last seq on disk: events queued meanwhile follow with their own.
+      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq: this.written };
       let chunk = JSON.stringify(header) + "\n";
-      let lines = 0;
       for (const e of this.snapshot.live(Date.now())) {
         chunk += JSON.stringify(e) + "\n";
         lines++;
         if (chunk.length > 1 << 20) {
-          await out.write(chunk);
+          size += await writeWhole(out, chunk, size);
           chunk = "";
         }
       }
-      await out.write(chunk);
+      size += await writeWhole(out, chunk, size);
       await out.sync();
-      this.lines = lines;
-      this.counted = { live: lines, at: Date.now() };
-      this.bytes = (await out.stat()).size;
-    } finally {
-      await out.close();
+      const on = (await out.stat()).size;
+      if (on !== size) throw new Error(`the new file holds ${on} of ${size} bytes`);
+    } catch (e) {
+      await out.close().catch(() => {});
+      await rm(tmp, { force: true }).catch(() => {});
+      throw e;
     }
+    await out.close();
     await rename(tmp, this.path);
     const dir = await open(dirname(this.path), "r");
     await dir.sync().finally(() => dir.close());
-    await this.fh?.close();
-    this.fh = await open(this.path, "a", 0o600);
+    this.lines = lines;
+    this.counted = { live: lines, at: Date.now() };
+    this.bytes = size;
   }
 
   /** Numbers the events and resolves with their seqs once they are durable. Every event queued meanwhile shares one fsync. */
   append(events: FleetEvent[]): Promise<string[]> {
-    if (this.failed) return Promise.reject(this.failed);
     const seqs = events.map((e) => (e.seq = String(++this.seq)));
-    this.queued.push(...events);
+    for (const e of events) this.queued.push(e);
     const p = new Promise<string[]>((resolve, reject) => this.waiters.push({ resolve: () => resolve(seqs), reject }));
     if (!this.flushing) void this.flush();
     return p;
@@ -821,7 +928,6 @@ class Journal implements Store {
 
   async barrier(): Promise<void> {
     if (this.flushing || this.queued.length) await this.append([]);
-    else if (this.failed) throw this.failed;
   }
 
   /** The journal holds all the hub's claims hold: the standing claim is the answer, once written. */
@@ -839,12 +945,22 @@ class Journal implements Store {
     return String(this.seq);
   }
 
+  /** Always undefined: every event tries the disk, so the first write that lands ends a failure. */
   unavailable(): string | undefined {
-    return this.failed?.message;
+    return undefined;
   }
 
   health(): StoreHealth {
-    return { ok: !this.failed, count: this.seq, fields: {}, metrics: metric("banshare_journal_bytes", "gauge", "Size of the journal file (--state).", [["", this.bytes]]) };
+    const f = this.failing;
+    return {
+      ok: !f,
+      count: this.seq,
+      fields: f ? { store: "down", error: `cannot write ${this.path}: ${f.why}` } : {},
+      metrics: [
+        ...metric("banshare_journal_bytes", "gauge", "Size of the journal file (--state).", [["", this.bytes]]),
+        ...metric("banshare_store_up", "gauge", "1 while the journal (--state) can be written; 0 while it refuses events (a full or read-only disk).", [["", f ? 0 : 1]]),
+      ],
+    };
   }
 
   describe(addresses: number): string {
@@ -853,6 +969,7 @@ class Journal implements Store {
 
   private async flush(): Promise<void> {
     this.flushing = true;
+    let fh: FileHandle | undefined;
     try {
       // Let the current burst of frames queue up first: one write and one fsync for all of them.
       await new Promise((r) => setImmediate(r));
@@ -860,41 +977,131 @@ class Journal implements Store {
         const events = this.queued.splice(0);
         const waiters = this.waiters.splice(0);
         if (this.path && events.length) {
-          const text = events.map((e) => JSON.stringify(e) + "\n").join("");
-          this.bytes += Buffer.byteLength(text);
-          await this.fh!.write(text);
-          // fsync before ack: an acked ban must survive kill -9 and power loss.
-          await this.fh!.sync();
-          this.lines += events.length;
+          try {
+            fh ??= await this.reopen();
+            const bytes = await writeWhole(fh, events.map((e) => JSON.stringify(e) + "\n").join(""), this.bytes);
+            // fsync before ack: an acked ban must survive kill -9 and power loss.
+            await fh.sync();
+            this.bytes += bytes;
+            this.written = Number(events[events.length - 1].seq);
+            this.lines += events.length;
+            this.recovered();
+          } catch (e) {
+            fh = await this.refuseUnwritten(e as Error, fh, events.length, waiters);
+            continue;
+          }
         }
         if (events.length) this.listener.durable(events);
         for (const w of waiters) w.resolve();
-        // Count (address, origin) claims, the lines a compaction writes: counting addresses, a
-        // fleet whose nodes ban the same addresses would rewrite the whole journal every flush.
-        // Counting walks every claim: not on every flush of a busy hub, only once the journal
-        // outgrew the last count, or that count is 10 s old (claims may have expired since).
-        if (this.lines > Math.max(10_000, 4 * this.counted.live) || (this.lines > 10_000 && Date.now() - this.counted.at > 10_000)) {
-          const live = this.snapshot.size();
-          this.counted = { live, at: Date.now() };
-          if (this.lines > Math.max(10_000, 4 * live)) await this.compact();
+        if (this.compactionDue()) {
+          await fh?.close();
+          fh = undefined;
+          await this.compact().catch((e: Error) => {
+            this.compactAfter = Date.now() + COMPACT_RETRY_MS;
+            this.listener.log(`warning: could not compact ${this.path} (${e.message}); keeping it as it is, next try in ${COMPACT_RETRY_MS / 1000} s`);
+          });
         }
       }
     } catch (e) {
-      this.failed = e as Error;
-      for (const w of this.waiters.splice(0)) w.reject(this.failed);
-      this.listener.fatal(`journal write failed, stopping so that no unsaved event is acked: ${this.failed.message}`);
+      for (const w of this.waiters.splice(0)) w.reject(e as Error);
+      this.listener.fatal(`journal failed, stopping so that no unsaved event is acked: ${(e as Error).message}`);
     } finally {
       this.flushing = false;
+      await fh?.close().catch(() => {});
     }
   }
 
+  /**
+   * Count (address, origin) claims, the lines a compaction writes: counting addresses, a fleet
+   * whose nodes ban the same addresses would rewrite the whole journal every flush. Counting walks
+   * every claim: not on every flush of a busy hub, only once the journal outgrew the last count,
+   * or that count is 10 s old (claims may have expired since).
+   */
+  private compactionDue(): boolean {
+    if (Date.now() < this.compactAfter) return false;
+    if (!(this.lines > Math.max(10_000, 4 * this.counted.live) || (this.lines > 10_000 && Date.now() - this.counted.at > 10_000))) return false;
+    this.counted = { live: this.snapshot.size(), at: Date.now() };
+    return this.lines > Math.max(10_000, 4 * this.counted.live);
+  }
+
+  /** Opens the journal for writing at its last whole line, cutting what a failed write left after it. */
+  private async reopen(): Promise<FileHandle> {
+    const fh = await open(this.path!, "r+");
+    try {
+      const { size } = await fh.stat();
+      if (size < this.bytes) throw new Error(`${this.path} is ${size} bytes, shorter than the ${this.bytes} this hub wrote: something else changed it`);
+      if (size > this.bytes) {
+        await fh.truncate(this.bytes);
+        await fh.sync();
+      }
+      return fh;
+    } catch (e) {
+      await fh.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  /**
+   * A write failed: refuses this batch and everything queued after it (their seqs go back, as no
+   * one saw them: not acked, not relayed, not whole on disk), cuts the file back to its last whole
+   * line so the next line starts on its own, and closes it. One log line when the failure begins.
+   */
+  private async refuseUnwritten(e: Error, fh: FileHandle | undefined, batch: number, waiters: Array<{ reject: (e: Error) => void }>): Promise<undefined> {
+    const refused = [...waiters, ...this.waiters.splice(0)];
+    const count = batch + this.queued.splice(0).length;
+    this.seq = this.written;
+    const why = e.message;
+    if (!this.failing) {
+      this.listener.log(`error: cannot write the journal ${this.path} (${why}): refusing events until it can; every acked event is kept, and senders spool what is refused`);
+      this.failing = { why, since: Date.now(), refused: 0 };
+      this.probe = every(JOURNAL_PROBE_MS, () => void this.check());
+    }
+    this.failing.why = why;
+    this.failing.refused += count;
+    for (const w of refused) w.reject(new Error(`the journal cannot be written (${why})`));
+    if (fh) {
+      // If the cut fails too (a read-only disk), the next open makes it.
+      await fh.truncate(this.bytes).then(() => fh.sync()).catch(() => {});
+      await fh.close().catch(() => {});
+    }
+    return undefined;
+  }
+
+  /**
+   * While failing, once a second: can the journal be written again (open, cut, fsync, and room
+   * left)? Then /healthz says so before the next event. It counts as a flush: a write never runs
+   * beside it (its cut would take a line being written).
+   */
+  private async check(): Promise<void> {
+    if (!this.failing || this.flushing) return;
+    this.flushing = true;
+    try {
+      const fh = await this.reopen();
+      await fh.close();
+      const fs = await statfs(this.path!);
+      if (fs.bavail * fs.bsize < JOURNAL_MIN_FREE_BYTES) throw new Error(`no space left on device (${fs.bavail * fs.bsize} bytes free)`);
+      this.recovered();
+    } catch (e) {
+      if (this.failing) this.failing.why = (e as Error).message;
+    } finally {
+      this.flushing = false;
+      if (this.queued.length || this.waiters.length) void this.flush();
+    }
+  }
+
+  /** A write landed (or the check passed): the journal takes events again. */
+  private recovered(): void {
+    if (!this.failing) return;
+    clearInterval(this.probe);
+    this.listener.log(`the journal ${this.path} can be written again after ${Math.round((Date.now() - this.failing.since) / 1000)} s; ${this.failing.refused} event(s) were refused meanwhile`);
+    this.failing = undefined;
+  }
+
   async close(): Promise<void> {
+    clearInterval(this.probe);
     await this.barrier().catch(() => {});
-    await this.fh?.close();
-    this.fh = undefined;
   }
 }
-
 // ---------------------------------------------------------------------------------------------
 // Shared store: a Redis stream of events and a hash of claims, for several hubs
 
@@ -1974,9 +2181,15 @@ export class Gate {
     return new Gate(file, parseTokens(await readFile(file, "utf8"), file), conns, maxConnsPerNode, refusals, log);
   }
 
-  /** Reads the token file again (SIGHUP); connections whose token went or changed are closed. */
+  /**
+   * Reads the token file again (SIGHUP); connections whose token went or changed are closed. A
+   * file that does not parse, or lists no node (empty: an editor or tool rewriting it in place),
+   * throws and the old list stays: a reload never locks out every node.
+   */
   async reload(): Promise<void> {
-    this.tokens = parseTokens(await readFile(this.file, "utf8"), this.file);
+    const tokens = parseTokens(await readFile(this.file, "utf8"), this.file);
+    if (!tokens.length) throw new UsageError(`${this.file} lists no node (empty, or being rewritten?); reloading it would lock out all ${this.tokens.length}`);
+    this.tokens = tokens;
     this.conns.revoke(this.tokens, this.log);
     this.log(`loaded ${this.tokens.length} node(s) from ${this.file}`);
   }
@@ -2165,6 +2378,8 @@ export class HttpApi {
     // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list` show.
     this.routes.set("/v1/whoami", { methods: ["GET"], handle: this.authed((_req, res, entry) => this.whoami(res, entry)) });
     this.routes.set("/v1/bans", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.bans(res, entry, remote)) });
+    // GET /v1/blocked (any role): the addresses an agent should hold, which `ban.ts status` compares with its kernel.
+    this.routes.set("/v1/blocked", { methods: ["GET"], handle: this.authed((_req, res) => this.blocked(res)) });
     // GET /v1/nodes (admin only): every connected agent and its enforcement report, for `ban.ts status --fleet`.
     this.routes.set("/v1/nodes", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.nodes(res, entry, remote)) });
     // The status page is static (no data, no token in it): its script fetches everything over the socket.
@@ -2215,6 +2430,12 @@ export class HttpApi {
   private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
     json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, now) });
+  }
+
+  /** Every role's agent gets these addresses in its sync anyway: no more than a node may know. */
+  private blocked(res: ServerResponse): void {
+    const now = Date.now();
+    json(res, 200, { hub: this.store.hubId, seq: this.store.position(), now, addresses: blockedAddresses(this.fleet.claims, now) });
   }
 
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
@@ -2459,6 +2680,18 @@ function withOwnEnv<T>(flags: string[], parse: () => T): T {
   }
 }
 
+/**
+ * Throws a UsageError for an option given more than once that takes one value: yargs would hand
+ * on an array of the values (`--backend ipset --backend nftables`), which nothing after it expects.
+ */
+function onlyOnce(argv: Record<string, unknown>, repeatable: readonly string[]): true {
+  for (const [key, value] of Object.entries(argv)) {
+    if (key === "_" || /[A-Z]/.test(key) || repeatable.includes(key) || !Array.isArray(value)) continue;
+    throw new UsageError(`Expected --${key} once, got it ${value.length} times: ${value.map((v) => JSON.stringify(v)).join(", ")}`);
+  }
+  return true;
+}
+
 /** Turns the command line (without `node hub.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
   let result: ParsedArgs | undefined;
@@ -2469,6 +2702,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .env("BANSHARE")
       .config("config", "JSON file with any of these options")
       .option("tokens", { type: "string", describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
+      .check((a) => onlyOnce(a, ["protect", "trust", "host"]))
       .command(
         ["serve", "$0"],
         "Run the hub",
