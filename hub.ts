@@ -1230,6 +1230,7 @@ class RedisStore implements Store {
   private epoch = "";
   /** The last loss found (when, what), for /healthz; the losses found and the claims written back since start, for /metrics. */
   private lost?: string;
+  private lostAt = 0;
   private losses = 0;
   private writtenBack = 0;
   /** A write-back on its way, and whether one is still owed (a write-back that failed halfway). */
@@ -1415,16 +1416,20 @@ class RedisStore implements Store {
     if (behind && top === "0-0") await this.lose(`it holds no stream, and this hub had read up to ${this.seen}: emptied (restarted without its append-only file, or flushed)`, top, epoch === known);
     else if (behind) await this.lose(`its stream ends at ${top}, before ${this.seen}, which this hub had read: rolled back (restarted from an older snapshot, or failed over to a replica that lagged)`, top, epoch === known);
     else if (created) await this.lose("its epoch key was gone: emptied (restarted without its append-only file, or flushed)", top, false);
-    else if (epoch !== known) await this.lose("its epoch changed: another hub found it emptied or rolled back", top, false);
+    // Two hubs finding one loss at once each give it an epoch: the second is no news to the first.
+    else if (epoch !== known && Date.now() - this.lostAt > 60_000) await this.lose("its epoch changed: another hub found it emptied or rolled back", top, false);
   }
 
   /** Answers a loss: says so, reads on from where the store now ends, and writes back what this hub holds; `announce` gives the store a new epoch, so that every other hub finds out too. */
   private async lose(why: string, top: string, announce: boolean): Promise<void> {
     this.losses++;
-    this.lost = `${new Date().toISOString()}: ${why}`;
+    this.lostAt = Date.now();
+    this.lost = `${new Date(this.lostAt).toISOString()}: ${why}`;
     this.listener.log(`error: store ${this.target.display} lost the fleet state: ${why}; writing back the claims this hub holds`);
     if (comparePositions(top, this.last) < 0) this.last = top;
     this.seen = top;
+    // Emptied without a reconnect (a flush): the fleet id goes back too, so every cursor stays valid.
+    await this.cmd!.sendCommand(["SET", REDIS_KEYS.id, this.hubId, "NX"]);
     if (announce) {
       this.epoch = randomBytes(8).toString("hex");
       await this.cmd!.sendCommand(["SET", REDIS_KEYS.epoch, this.epoch]);

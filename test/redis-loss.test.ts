@@ -2,7 +2,8 @@
  * A Redis that forgets (issue 14, item 6): two hubs on one real redis-server, real agents on the
  * real kernel (ipset, each in a network namespace of its own), a raw WebSocket sender. Redis is
  * killed and started again without its append-only file (empty), or from an older RDB snapshot
- * (BGSAVE, dump.rdb copied, more bans and unbans acked, restarted from the copy). Each hub must
+ * (BGSAVE, dump.rdb copied, more bans and unbans acked, restarted from the copy), or flushed
+ * while it runs (FLUSHALL: no reconnect, only the hubs' check each round). Each hub must
  * say it found the store emptied or rolled back (log line, /healthz, metric) and write back what
  * it holds; then hubs restarted from the store, an agent restarted without --state and a new
  * agent all hold exactly the fleet state, and an acked unban stays lifted.
@@ -195,6 +196,22 @@ describe("a Redis that forgets: hubs find it emptied or rolled back, say so and 
     await w.redis.restart();
     assert.doesNotMatch(w.redis.proc.output(), /Done loading|DB loaded/, "Redis came back empty");
     await checkRecovered(t, w, /emptied/, fleet, lifted, a1, a2);
+  });
+
+  test("FLUSHALL while two hubs run (no restart, no reconnect): the hubs' check finds it within seconds and writes the 20 bans and 5 unbans back", async (t) => {
+    const w = await world(t, "lossfl");
+    const a1 = await startAgent(w, "a1", "hub1", ["--state", join(w.dir, "a1.state.json")]);
+    const a2 = await startAgent(w, "a2", "hub2");
+    const live = Array.from({ length: 20 }, (_, i) => addr(5, i));
+    const lifted = Array.from({ length: 5 }, (_, i) => addr(6, i));
+    await sendAll(w, [...bans([...live, ...lifted]), ...unbans(lifted)]);
+    const fleet = new Set(live);
+    for (const n of ["a1", "a2"]) await waitForKernel(w, n, fleet);
+    assert.equal(await w.redis.cli("FLUSHALL"), "OK");
+    await checkRecovered(t, w, /emptied/, fleet, lifted, a1, a2);
+    for (const h of ["hub1", "hub2"] as const) assert.doesNotMatch(w.hubs[h].proc.output(), /unreachable/, `${h} never lost its connection`);
+    // The fleet id went back with the claims: the agents resumed by cursor on the restarted hubs, no full sync.
+    assert.equal((a1.output().match(/full sync: /g) ?? []).length, 1, `a1 full-synced only at its start:\n${a1.output().slice(-3000)}`);
   });
 
   test("Redis restarted from an older RDB snapshot while two hubs run: both say it rolled back, the 5 unbans and 10 bans acked after the snapshot are written back, the unbanned addresses stay lifted", async (t) => {
