@@ -40,7 +40,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
 import { once } from "node:events";
 import { createServer, type Server } from "node:http";
-import { createWriteStream, existsSync, readFileSync, realpathSync, statSync, type WriteStream } from "node:fs";
+import { existsSync, readFileSync, realpathSync, statSync } from "node:fs";
 import { appendFile, lstat, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
 import { join } from "node:path";
@@ -60,6 +60,7 @@ import {
   PROTOCOL_VERSION,
   blockedUntil,
   checkBannable,
+  checkEvent,
   contains,
   csvRow,
   printable,
@@ -198,6 +199,12 @@ export const MAX_SYNC_EVENTS = MAX_ELEMENTS;
 export const MAX_SYNC_BYTES = MAX_SYNC_EVENTS * 512;
 /** Refused events of one frame logged one line each; the rest are counted in one more line (each has its REJECT row). */
 const MAX_REFUSAL_LINES = 10;
+/**
+ * The ipset backend's quick check (its sets' headers) this often, ms: `ipset flush` and `ipset
+ * destroy` make no nftables event, so this bounds how long they go unseen. At 1000 ms it cost
+ * ~0.25% of a core (BENCHMARKS.md section 8); twice as often stays well under 1%.
+ */
+const QUICK_CHECK_MS = 500;
 /** Enforcement reports (`enforcement`): the snapshot is compared this often, and sent when it changed. */
 const ENFORCEMENT_REPORT_MS = 1000;
 
@@ -208,6 +215,35 @@ const ENFORCEMENT_REPORT_MS = 1000;
 export function nextDelay(attempt: number, baseMs = 500, capMs = 30_000, random = Math.random): number {
   const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
+}
+
+/** How long the opening handshake may take: a third of the heartbeat, 2-10 s (a frozen hub accepts TCP and never answers the upgrade). */
+export function handshakeTimeoutMs(heartbeatMs: number): number {
+  return Math.min(10_000, Math.max(2000, Math.round(heartbeatMs / 3)));
+}
+
+/** How long a hub that hung (a missed heartbeat, a handshake that timed out) is passed over: four heartbeats, at least 30 s. */
+export function hungMemoryMs(heartbeatMs: number): number {
+  return Math.max(30_000, 4 * heartbeatMs);
+}
+
+/**
+ * The hub to try after hub `current` failed: the next one in the list, never the one that just
+ * failed while there are others, passing over hubs that hung within `memoryMs` (each try of one
+ * costs a handshake timeout). When every other hub hung that recently, `current` if it only
+ * refused or closed (a fast answer: it is alive), else the hub that hung longest ago.
+ */
+export function nextHub(count: number, current: number, hungAt: ReadonlyMap<number, number>, now: number, memoryMs: number): number {
+  if (count <= 1) return 0;
+  const recent = (i: number) => (hungAt.get(i) ?? -Infinity) > now - memoryMs;
+  for (let step = 1; step < count; step++) {
+    const i = (current + step) % count;
+    if (!recent(i)) return i;
+  }
+  if (!recent(current)) return current;
+  let best = current;
+  for (let i = 0; i < count; i++) if ((hungAt.get(i) ?? -Infinity) < (hungAt.get(best) ?? -Infinity)) best = i;
+  return best;
 }
 
 /** Seconds left until `until`, rounded up; 0 means permanent, negative means already over. */
@@ -297,17 +333,31 @@ export function ipsetSetupCommands(cfg: FirewallConfig): Command[] {
   return cmds;
 }
 
+/**
+ * nftables backend: the set an entry goes to. Single addresses go to plain hash sets (`v4`, `v6`):
+ * nft 1.0 reads every element of an interval set back from the kernel before each transaction
+ * that touches it (about 0.7 s at 100,000 entries), while a hash set costs the same at any size.
+ * Networks go to the interval sets `v4net`, `v6net`, which hold only the few networks.
+ */
+export function nftSetName(ip: string): string {
+  return `v${family(ip)}${ip.includes("/") ? "net" : ""}`;
+}
+
+/** nftables backend: the four sets, in order: v4, v6 (addresses), v4net, v6net (networks). */
+export const NFT_SETS = ["v4", "v6", "v4net", "v6net"] as const;
+
+function nftSetDef(name: string): string {
+  const type = name.startsWith("v4") || name.startsWith("test4") ? "ipv4_addr" : "ipv6_addr";
+  return `{ type ${type}; flags ${name.endsWith("net") ? "interval, timeout" : "timeout"}; size ${MAX_ELEMENTS}; }`;
+}
+
 /** nftables backend: the table's definition, sets created if missing, each hook's chain rules rewritten atomically (the chain of a hook not wanted is removed). */
 export function nftSetupScript(cfg: FirewallConfig): string {
   const t = `inet ${cfg.prefix}`;
   const ports = cfg.ports.length ? `tcp dport { ${cfg.ports.join(", ")} } ` : "";
   const allow4 = cfg.allow.filter((a) => a.family === 4).map((a) => a.text);
   const allow6 = cfg.allow.filter((a) => a.family === 6).map((a) => a.text);
-  const lines = [
-    `add table ${t}`,
-    `add set ${t} v4 { type ipv4_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`,
-    `add set ${t} v6 { type ipv6_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`,
-  ];
+  const lines = [`add table ${t}`, ...NFT_SETS.map((set) => `add set ${t} ${set} ${nftSetDef(set)}`)];
   for (const hook of NFT_HOOKS) {
     // Priority just before the usual filter chains (and iptables-nft's, Docker's FORWARD among
     // them), so a ban wins over their ACCEPT rules.
@@ -318,9 +368,24 @@ export function nftSetupScript(cfg: FirewallConfig): string {
     }
     if (allow4.length) lines.push(`add rule ${t} ${hook} ip saddr { ${allow4.join(", ")} } return`);
     if (allow6.length) lines.push(`add rule ${t} ${hook} ip6 saddr { ${allow6.join(", ")} } return`);
-    lines.push(`add rule ${t} ${hook} ${ports}ip saddr @v4 drop`, `add rule ${t} ${hook} ${ports}ip6 saddr @v6 drop`);
+    // The counters are the agent's --metrics drop figures.
+    for (const set of NFT_SETS) lines.push(`add rule ${t} ${hook} ${ports}${set.startsWith("v4") ? "ip" : "ip6"} saddr @${set} counter drop`);
   }
   return lines.join("\n") + "\n";
+}
+
+/**
+ * nftables backend's set-up plan. A table made by banshare before 0.2 has interval sets named
+ * `v4`, `v6` that the hash sets cannot replace in place: such a table (no `v4net`) is deleted and
+ * made anew in the same transaction, so its hooks never go missing; the entries come back from
+ * the agent's claims right after (at start from its state file, then the sync; at a repair, the refill).
+ */
+export function nftSetupSteps(cfg: FirewallConfig): Step[] {
+  const t = ["inet", cfg.prefix];
+  return [
+    { when: ["nft", "-t", "list", "table", ...t], unless: ["nft", "-t", "list", "set", ...t, "v4net"], argv: ["nft", "-f", "-"], input: `delete table inet ${cfg.prefix}\n${nftSetupScript(cfg)}` },
+    { argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) },
+  ];
 }
 
 /** The nftables hooks the agent can own a chain in (named after them). */
@@ -338,6 +403,19 @@ function nftElements(prefix: string, set: string, els: string[]): string[] {
   return lines;
 }
 
+/** The elements of `entries` still to hold (`nftElement`), grouped by the set (`nftSetName`) each goes to. */
+function nftElementsBySet(entries: Iterable<[string, number | null]>, now: number): Map<string, string[]> {
+  const els = new Map<string, string[]>();
+  for (const [ip, until] of entries) {
+    const el = nftElement(ip, until, now);
+    if (!el) continue;
+    const set = nftSetName(ip);
+    if (!els.has(set)) els.set(set, []);
+    els.get(set)!.push(el);
+  }
+  return els;
+}
+
 /**
  * nftables backend: one transaction for a batch of changes. An element's timeout cannot be
  * changed in place, and deleting a missing element fails the transaction, so each address
@@ -346,7 +424,7 @@ function nftElements(prefix: string, set: string, els: string[]): string[] {
 export function nftChangeScript(prefix: string, changes: Change[], now: number): string {
   const lines: string[] = [];
   for (const c of changes) {
-    const set = `inet ${prefix} ${family(c.ip) === 4 ? "v4" : "v6"}`;
+    const set = `inet ${prefix} ${nftSetName(c.ip)}`;
     lines.push(`add element ${set} { ${c.ip} }`, `delete element ${set} { ${c.ip} }`);
     const el = c.until === undefined ? undefined : nftElement(c.ip, c.until, now);
     if (el) lines.push(`add element ${set} { ${el} }`);
@@ -354,16 +432,16 @@ export function nftChangeScript(prefix: string, changes: Change[], now: number):
   return lines.join("\n") + "\n";
 }
 
+/** nftables backend: the additions that put `desired` into the sets (an element already there stays as it is). */
+export function nftFillScript(prefix: string, desired: Map<string, number | null>, now: number): string {
+  const lines: string[] = [];
+  for (const [set, els] of nftElementsBySet(desired, now)) lines.push(...nftElements(prefix, set, els));
+  return lines.join("\n") + "\n";
+}
+
 /** nftables backend: one atomic transaction that makes the sets hold exactly `desired`. */
 export function nftReconcileScript(prefix: string, desired: Map<string, number | null>, now: number): string {
-  const lines = [`flush set inet ${prefix} v4`, `flush set inet ${prefix} v6`];
-  const els: Record<4 | 6, string[]> = { 4: [], 6: [] };
-  for (const [ip, until] of desired) {
-    const el = nftElement(ip, until, now);
-    if (el) els[family(ip)].push(el);
-  }
-  for (const fam of [4, 6] as const) for (const l of nftElements(prefix, `v${fam}`, els[fam])) lines.push(l);
-  return lines.join("\n") + "\n";
+  return NFT_SETS.map((set) => `flush set inet ${prefix} ${set}\n`).join("") + nftFillScript(prefix, desired, now);
 }
 
 /**
@@ -373,16 +451,11 @@ export function nftReconcileScript(prefix: string, desired: Map<string, number |
  */
 export function nftTestScript(prefix: string, entries: Change[], now: number): string {
   const lines: string[] = [];
-  const els: Record<4 | 6, string[]> = { 4: [], 6: [] };
-  for (const c of entries) {
-    const el = c.until === undefined ? undefined : nftElement(c.ip, c.until, now);
-    if (el) els[family(c.ip)].push(el);
-  }
-  for (const fam of [4, 6] as const) {
-    if (!els[fam].length) continue;
-    lines.push(`add set inet ${prefix} test${fam} { type ipv${fam}_addr; flags interval, timeout; size ${MAX_ELEMENTS}; }`);
-    for (const l of nftElements(prefix, `test${fam}`, els[fam])) lines.push(l);
-    lines.push(`delete set inet ${prefix} test${fam}`);
+  const els = nftElementsBySet(entries.flatMap((c): Array<[string, number | null]> => (c.until === undefined ? [] : [[c.ip, c.until]])), now);
+  for (const set of NFT_SETS) {
+    if (!els.has(set)) continue;
+    const scratch = `test${set.slice(1)}`;
+    lines.push(`add set inet ${prefix} ${scratch} ${nftSetDef(scratch)}`, ...nftElements(prefix, scratch, els.get(set)!), `delete set inet ${prefix} ${scratch}`);
   }
   return lines.join("\n") + "\n";
 }
@@ -550,7 +623,7 @@ export interface BackendPlan {
   inspect?(cfg: FirewallConfig): Record<string, string[]>;
   /** Reads `inspect`'s outputs (undefined where a command failed): pure. */
   read?(cfg: FirewallConfig, out: Record<string, string | undefined>): Inspection;
-  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for every second. */
+  /** Queries for a long-lived process of their own, answering some `inspect` commands (by name) with a pipe write instead of a process start: cheap enough for twice a second. */
   quick?(prefix: string): { session: SessionKind; queries: Record<string, string> };
   /** The kernel ends entries by their timeout itself: counts are compared with a margin around each entry's end. */
   expires?: boolean;
@@ -656,12 +729,12 @@ function nftRead(cfg: FirewallConfig, out: Record<string, string | undefined>): 
   }
   const end = lines.indexOf("}", start);
   const body = lines.slice(start + 1, end < 0 ? undefined : end);
-  for (const set of ["v4", "v6"]) if (!body.includes(`\tset ${set} {`)) r.missing.push(`set inet ${cfg.prefix} ${set}`);
+  for (const set of NFT_SETS) if (!body.includes(`\tset ${set} {`)) r.missing.push(`set inet ${cfg.prefix} ${set}`);
   for (const hook of NFT_HOOKS) {
     if (!hooksOf(cfg).includes(hook)) continue;
     const at = body.indexOf(`\tchain ${hook} {`);
     const chain = at < 0 ? [] : body.slice(at + 1, body.indexOf("\t}", at));
-    const ok = chain.some((l) => l.includes(`type filter hook ${hook} `)) && chain.some((l) => l.endsWith("ip saddr @v4 drop")) && chain.some((l) => l.endsWith("ip6 saddr @v6 drop"));
+    const ok = chain.some((l) => l.includes(`type filter hook ${hook} `)) && NFT_SETS.every((set) => chain.some((l) => new RegExp(` saddr @${set} counter packets \\d+ bytes \\d+ drop$`).test(l)));
     r.hooks.set(`nft ${hook}`, ok ? "present" : "missing");
     if (!ok) r.missing.push(`nft ${hook} chain`);
   }
@@ -689,16 +762,15 @@ const BACKEND_TABLE = {
   },
   nftables: {
     describe: "an nftables table",
-    setup: (cfg) => [{ argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) }],
+    setup: nftSetupSteps,
     change: (cfg, changes, now) => [{ argv: ["nft", "-f", "-"], input: nftChangeScript(cfg.prefix, changes, now) }],
     reconcile: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now) }],
     test: (cfg, entries, now) => [{ argv: ["nft", "-f", "-"], input: nftTestScript(cfg.prefix, entries, now) }],
     maxTimeoutS: NFT_MAX_TIMEOUT_S,
     session: nftSession,
     cleanup: (prefix) => [["nft", "delete", "table", "inet", prefix]],
-    count: (prefix) => ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
-    // The reconcile's additions without its flushes: an element already there stays as it is.
-    fill: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftReconcileScript(cfg.prefix, desired, now).split("\n").filter((l) => !l.startsWith("flush set")).join("\n") }],
+    count: (prefix) => NFT_SETS.map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]),
+    fill: (cfg, desired, now) => [{ argv: ["nft", "-f", "-"], input: nftFillScript(cfg.prefix, desired, now) }],
     inspect: () => ({ ruleset: ["nft", "-t", "list", "ruleset"] }),
     read: nftRead,
     expires: true,
@@ -1053,8 +1125,11 @@ export interface Backend {
   reconcile(desired: Map<string, number | null>, now: number): Promise<Refusal[]>;
   /** Longest kernel timeout, seconds: longer bans are capped and must be renewed (undefined: no limit). */
   readonly maxTimeoutS?: number;
-  /** Adds what the kernel lacks of `desired`, removing nothing, in one batch. */
-  fill(desired: Map<string, number | null>, now: number): Promise<void>;
+  /**
+   * Adds what the kernel lacks of `desired`, removing nothing, in one batch; when the kernel
+   * refuses it, each half is tried, down to the entries refused alone, which are returned.
+   */
+  fill(desired: Map<string, number | null>, now: number): Promise<Refusal[]>;
   /** Runs the plan's enforcement check (undefined: this backend has none); `quick`: only what the session answers. */
   inspect?(quick: boolean): Promise<Inspection | undefined>;
   close(): void;
@@ -1153,8 +1228,13 @@ export function makeBackend(name: BackendName, cfg: FirewallConfig, log: (s: str
     },
     maxTimeoutS: plan.maxTimeoutS,
     async fill(desired, now) {
-      await runBatch(plan.fill(cfg, desired, now, present));
-      if (plan.listed) for (const ip of desired.keys()) present.add(ip);
+      const attempt = async (part: Array<[string, number | null]>) => {
+        await runBatch(plan.fill(cfg, new Map(part), now, present));
+        if (plan.listed) for (const [ip] of part) present.add(ip);
+      };
+      const refused = (await splitRefused([...desired], attempt)).map((r) => ({ change: { ip: r.item[0], until: r.item[1] }, message: r.message }));
+      if (refused.length && refused.length === desired.size) await available(refused[0].message);
+      return refused;
     },
     inspect:
       inspect && read
@@ -1196,29 +1276,58 @@ export async function cleanup(backend: BackendName, prefix: string, log: (s: str
 
 /** The agent's state file: where it is in the hub's stream, and the claims it holds. */
 export interface AgentState {
-  v: 1;
-  cursor: Cursor;
+  /** Undefined when the file's first line is damaged: its claims still go back into the kernel, and a full sync follows. */
+  cursor?: Cursor;
   claims: FleetEvent[];
+  /** Lines skipped as damaged (each costs only itself), with the first one's reason. */
+  damaged: number;
+  firstDamage?: string;
 }
 
-/** Serialises the state file's content. */
+/**
+ * Serialises the state file's content: a first line `{"v":2,"cursor":...}`, then one claim per
+ * line, so that a damaged byte costs the one claim (or the cursor) it falls in, not the file.
+ */
 export function stateText(cursor: Cursor, claims: Claims): string {
-  const events: FleetEvent[] = [];
-  for (const byOrigin of claims.values()) for (const e of byOrigin.values()) events.push(e);
-  return JSON.stringify({ v: 1, cursor, claims: events } satisfies AgentState) + "\n";
+  const lines = [JSON.stringify({ v: 2, cursor })];
+  for (const byOrigin of claims.values()) for (const e of byOrigin.values()) lines.push(JSON.stringify(e));
+  return lines.join("\n") + "\n";
 }
 
-/** Parses a state file; undefined when it is not one (the agent then starts with a full sync). */
-export function parseState(text: string): AgentState | undefined {
+function parseJson(line: string): unknown {
   try {
-    const s = JSON.parse(text) as AgentState;
-    if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string" || !Array.isArray(s.claims)) return undefined;
-    // A damaged claim costs only itself: the others are kept.
-    const frame = parseHubFrame(JSON.stringify({ type: "sync", full: true, seq: s.cursor.seq, events: s.claims }));
-    return frame.ok && frame.value.type === "sync" ? { ...s, claims: frame.value.events } : undefined;
+    return JSON.parse(line);
   } catch {
     return undefined;
   }
+}
+
+function isCursor(c: unknown): c is Cursor {
+  return typeof (c as Cursor)?.hub === "string" && typeof (c as Cursor)?.seq === "string";
+}
+
+/**
+ * Parses a state file: each damaged line is skipped and counted, the rest kept. Reads the
+ * one-object file of earlier versions (`{v: 1, cursor, claims: [...]}`) too. Undefined when
+ * nothing in it is a cursor or a claim (not a state file: a full sync follows).
+ */
+export function parseState(text: string): AgentState | undefined {
+  const lines = text.split("\n").filter((l) => l.trim());
+  const first = parseJson(lines[0] ?? "") as { v?: unknown; cursor?: unknown; claims?: unknown } | undefined;
+  const v1 = first?.v === 1 && lines.length === 1 && Array.isArray(first.claims);
+  const entries: Array<[number, unknown]> = v1 ? (first.claims as unknown[]).map((c, i) => [i + 1, c]) : lines.slice(1).map((l, i) => [i + 2, parseJson(l)]);
+  const cursor = (first?.v === 1 || first?.v === 2) && isCursor(first.cursor) ? { hub: first.cursor.hub, seq: first.cursor.seq } : undefined;
+  const state: AgentState = { cursor, claims: [], damaged: cursor || v1 ? 0 : 1 };
+  if (!cursor) state.firstDamage = "line 1: not a cursor";
+  for (const [n, e] of entries) {
+    const why = e === undefined ? "not JSON" : checkEvent(e);
+    if (!why) state.claims.push(e as FleetEvent);
+    else {
+      state.damaged++;
+      state.firstDamage ??= `${v1 ? "claim" : "line"} ${n}: ${why}`;
+    }
+  }
+  return cursor || state.claims.length ? state : undefined;
 }
 
 /** Writes a file so that a crash leaves the old or the new content, never a torn one. */
@@ -1249,11 +1358,12 @@ export class StateFile {
     private readonly snapshot: () => { cursor: Cursor | undefined; claims: Claims },
   ) {}
 
-  /** The saved state, or undefined (no file; or not a state file, with a warning: a full sync follows). */
+  /** The saved state, or undefined (no file; or not a state file, with a warning: a full sync follows). Damaged lines cost only themselves, with one warning. */
   async load(): Promise<AgentState | undefined> {
     if (!this.path || !existsSync(this.path)) return undefined;
     const saved = parseState(await readFile(this.path, "utf8"));
     if (!saved) this.log(`warning: ${this.path} is not a banshare agent state file; starting with a full sync`);
+    else if (saved.damaged) this.log(`warning: ${this.path}: skipped ${saved.damaged} damaged line(s) (${saved.firstDamage}); every other claim is kept${saved.cursor ? "" : ", and a full sync follows"}`);
     return saved;
   }
 
@@ -1293,7 +1403,7 @@ export class CsvLog {
   node: string;
 
   private constructor(
-    private readonly out: WriteStream | undefined,
+    private readonly out: CsvFile | undefined,
     node: string,
   ) {
     this.node = node;
@@ -1303,9 +1413,7 @@ export class CsvLog {
   static async open(path: string | undefined, node: string, log: (line: string) => void): Promise<CsvLog> {
     if (!path) return new CsvLog(undefined, node);
     if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
-    const out = createWriteStream(path, { flags: "a" });
-    out.on("error", (e) => log(`warning: cannot write ${path}: ${e.message}`));
-    return new CsvLog(out, node);
+    return new CsvLog(new CsvFile(path, log), node);
   }
 
   /** Rows recorded and not yet written. */
@@ -1320,14 +1428,96 @@ export class CsvLog {
   }
 
   close(): Promise<void> {
-    const out = this.out;
     this.flush();
-    return out ? new Promise<void>((resolve) => out.end(resolve)) : Promise.resolve();
+    return this.out?.close() ?? Promise.resolve();
   }
 
   private flush(): void {
     if (this.pending) this.out?.write(this.pending);
     this.pending = "";
+  }
+}
+
+/**
+ * The `--csv` file: rows appended in one write per batch, the file opened only for that write,
+ * so it is never held open (a remount read-only works). A write that fails (a full or read-only
+ * disk) is cut back to where it began, so no torn row stays, and its rows wait, up to
+ * `CSV_MAX_PENDING` bytes (the oldest rows beyond are dropped, and counted), for the next try a
+ * second later: writing resumes by itself once the disk has room. One warning when it starts
+ * failing, one line when it writes again.
+ */
+export class CsvFile {
+  private pending = "";
+  private writing: Promise<void> | undefined;
+  private failing = false;
+  private dropped = 0;
+  private retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly path: string,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Queues `text` (whole rows) to be appended. */
+  write(text: string): void {
+    this.pending += text;
+    if (this.pending.length > CSV_MAX_PENDING) {
+      const cut = this.pending.indexOf("\n", this.pending.length - CSV_MAX_PENDING) + 1;
+      this.dropped += this.pending.slice(0, cut).split("\n").length - 1;
+      this.pending = this.pending.slice(cut);
+    }
+    this.kick();
+  }
+
+  /** Writes what waits, once more if the disk refuses; resolves when done. */
+  async close(): Promise<void> {
+    clearTimeout(this.retry);
+    await this.writing;
+    this.kick(true);
+    await this.writing;
+  }
+
+  /** Starts a write of what waits, unless one is under way; while failing, only the retry (`again`) does. */
+  private kick(again = false): void {
+    if (this.writing || !this.pending || (this.failing && !again)) return;
+    const chunk = this.pending;
+    this.pending = "";
+    this.writing = appendWhole(this.path, chunk).then(
+      () => {
+        if (this.failing) this.log(`${this.path} is written again${this.dropped ? ` (${this.dropped} row(s) dropped while it could not be)` : ""}`);
+        this.failing = false;
+        this.dropped = 0;
+      },
+      (e: Error) => {
+        this.pending = chunk + this.pending;
+        if (!this.failing) this.log(`warning: cannot write ${this.path}: ${e.message}; its rows wait in memory and are tried again every second`);
+        this.failing = true;
+        this.retry = setTimeout(() => this.kick(true), 1000);
+        this.retry.unref();
+      },
+    );
+    void this.writing.finally(() => {
+      this.writing = undefined;
+      this.kick();
+    });
+  }
+}
+
+/** Most bytes of rows a failing `--csv` file holds in memory (about 8,000 rows). */
+const CSV_MAX_PENDING = 1 << 20;
+
+/** Appends `text` to `path` (created with the CSV header when missing); on failure the file is cut back to its size before. */
+async function appendWhole(path: string, text: string): Promise<void> {
+  const fh = await open(path, "a");
+  let size = 0;
+  try {
+    size = (await fh.stat()).size;
+    await fh.writeFile(size === 0 ? `${CSV_HEADER}\n${text}` : text);
+  } catch (e) {
+    await fh.truncate(size).catch(() => {});
+    throw e;
+  } finally {
+    await fh.close().catch(() => {});
   }
 }
 
@@ -1406,7 +1596,10 @@ export class Applier {
       if (this.renewAt.has(ip)) this.renewAt.set(ip, (this.nextRenewal = now));
     }
     return this.exclusive(() => this.opts.backend.fill(new Map(this.applied), now)).then(
-      () => this.applied.size,
+      (refused) => {
+        this.refuse(refused);
+        return this.applied.size - refused.length;
+      },
       (e: Error) => {
         this.opts.log(`error: cannot restore the state file's bans into the kernel: ${e.message}`);
         return 0;
@@ -1850,7 +2043,7 @@ export interface GuardOptions {
   log: (line: string) => void;
   /** A full check this often (ms): the safety net for changes no event tells of. */
   checkMs: number;
-  /** The quick check (the set headers, through a long-lived `ipset restore`) this often (ms; default 1000: ~0.25% of a core at 100,000 entries). */
+  /** The quick check (the set headers, through a long-lived `ipset restore`) this often (ms; default `QUICK_CHECK_MS`). */
   quickMs?: number;
   /** Watch `nft monitor` for changes by other programs (default true). */
   monitor?: boolean;
@@ -1861,7 +2054,7 @@ export interface GuardOptions {
  * jumps and that the sets hold what it applied, and restores whatever is missing without a
  * restart: the hooks (the backend's setup, idempotent) and the full set contents in one batch.
  * When to look: on each change another program makes to the ruleset (`NftMonitor`), at every
- * quick tick (each second; ipset: the set headers through a long-lived `ipset restore`, since
+ * quick tick (every half second; ipset: the set headers through a long-lived `ipset restore`, since
  * `ipset flush` and `ipset destroy` make no nftables event), and at every full tick (10 s). Each repair is
  * one log line, one REPAIR row and one more in `repairs`. A repair that does not hold (something
  * undoes it at once) is retried ever more slowly, up to every 30 s.
@@ -1902,7 +2095,7 @@ export class Guard {
     const { opts } = this;
     if (!opts.backend.inspect || opts.checkMs <= 0) return;
     this.timers.push(setInterval(() => this.run(true), opts.checkMs));
-    if (BACKENDS[opts.backendName].quick) this.timers.push(setInterval(() => this.run(false), opts.quickMs ?? 1000));
+    if (BACKENDS[opts.backendName].quick) this.timers.push(setInterval(() => this.run(false), opts.quickMs ?? QUICK_CHECK_MS));
     for (const t of this.timers) t.unref();
     if (opts.monitor !== false) {
       this.monitor = new NftMonitor((by, lines) => this.changed(by, lines), opts.log);
@@ -2089,8 +2282,9 @@ export class Spool {
       if (!file) continue;
       const foreign = !file.isFile() ? "is not a regular file" : uid !== undefined && file.uid !== uid ? `belongs to uid ${file.uid}, not to the agent's (uid ${uid})` : undefined;
       if (this.refuse(path, foreign && `warning: skipping spool file ${f}: it ${foreign}`)) continue;
-      const text = await readFile(path, "utf8").catch(() => "");
-      if (!text) continue;
+      // Unreadable now (gone, no permission): next round. Empty (damaged: ban.ts renames only whole files): moved aside below.
+      const text = await readFile(path, "utf8").catch(() => undefined);
+      if (text === undefined) continue;
       const parsed = parseNodeFrame(text, Date.now());
       if (!parsed.ok || (parsed.value.type !== "ban" && parsed.value.type !== "unban")) {
         this.log(`warning: moving unreadable spool file ${f} aside: ${parsed.ok ? "not an event" : parsed.message}`);
@@ -2163,18 +2357,33 @@ export function enforcementFrame(s: EnforcementState): EnforcementFrame {
   return frame;
 }
 
-/** The agent's DROP rules' packet and byte counters (`iptables -L -v -x`, `nft list chain` with counters), read on request. */
+/** The agent's DROP rules' packet and byte counters (`iptables -L -v -x`, `nft -t list table`), read on request. */
 async function dropCounters(backend: BackendName, prefix: string): Promise<{ packets: number; bytes: number } | undefined> {
+  if (backend === "nftables") {
+    // -t: the table without its sets' elements (cheap at any size), the rules' counters included.
+    const r = await execa("nft", ["-t", "list", "table", "inet", prefix], { timeout: CMD_TIMEOUT_MS, reject: false });
+    return r.exitCode === 0 ? sumCounters(r.stdout, /\bcounter packets (\d+) bytes (\d+) drop$/gm) : undefined;
+  }
   if (backend !== "ipset" && backend !== "iptables") return undefined;
   let packets = 0;
   let bytes = 0;
   for (const bin of ["iptables", "ip6tables"]) {
     const r = await execa(bin, ["-w", "-L", prefix, "-v", "-x", "-n"], { timeout: CMD_TIMEOUT_MS, reject: false });
     if (r.exitCode !== 0) continue;
-    for (const m of r.stdout.matchAll(/^\s*(\d+)\s+(\d+)\s+DROP\b/gm)) {
-      packets += Number(m[1]);
-      bytes += Number(m[2]);
-    }
+    const sum = sumCounters(r.stdout, /^\s*(\d+)\s+(\d+)\s+DROP\b/gm);
+    packets += sum.packets;
+    bytes += sum.bytes;
+  }
+  return { packets, bytes };
+}
+
+/** The packets and bytes of every counter `re` (groups 1, 2) finds in `text`. */
+function sumCounters(text: string, re: RegExp): { packets: number; bytes: number } {
+  let packets = 0;
+  let bytes = 0;
+  for (const m of text.matchAll(re)) {
+    packets += Number(m[1]);
+    bytes += Number(m[2]);
   }
   return { packets, bytes };
 }
@@ -2250,8 +2459,8 @@ interface SessionHost {
  * for the hub. Made on each connection and thrown away when it closes.
  */
 export class Session {
-  /** The hub welcomed us (a connection refused before that makes the link try the next hub). */
-  welcomed = false;
+  /** The hub stopped answering (a missed pong, a handshake that timed out): the link passes it over for a while. */
+  hung = false;
   private alive = true;
   private hubId = "";
   private awaitingSync = false;
@@ -2277,19 +2486,25 @@ export class Session {
     private readonly host: SessionHost,
   ) {}
 
-  /** Says hello from our cursor, and pings every heartbeat: a silently dead path is noticed within one interval. */
+  /**
+   * Says hello from our cursor, and pings every half heartbeat: a ping unanswered (no pong, no
+   * frame) by the next one drops the connection, so a silently dead path or a frozen hub is
+   * noticed within one heartbeat of its last sign of life.
+   */
   open(): void {
     const { opts } = this.host;
     this.send({ type: "hello", v: PROTOCOL_VERSION, node: opts.node, want: "events", cursor: this.host.cursor });
+    const every = Math.max(1, Math.round(opts.heartbeatMs / 2));
     this.pingTimer = setInterval(() => {
       if (!this.alive) {
-        opts.log(`no answer from ${this.url} within ${opts.heartbeatMs} ms; reconnecting`);
+        opts.log(`no answer from ${this.url} within ${every} ms of a ping; reconnecting`);
+        this.hung = true;
         this.sock.terminate();
         return;
       }
       this.alive = false;
       this.sock.ping();
-    }, opts.heartbeatMs);
+    }, every);
   }
 
   /** A pong or a frame: the path is alive. */
@@ -2340,7 +2555,6 @@ export class Session {
   }
 
   private onWelcome(f: WelcomeFrame): void {
-    this.welcomed = true;
     this.host.welcomed();
     this.host.opts.csv.node = f.node;
     this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
@@ -2461,9 +2675,9 @@ export class Session {
 }
 
 /**
- * Keeps one connection to the hub: tries the hubs in order (the next one when a hub refuses
- * before welcoming us), reconnects with `nextDelay` backoff, and makes a `Session` for each
- * connection. The cursor outlives the sessions.
+ * Keeps one connection to the hub: tries the hubs in order, the next one (`nextHub`) whenever a
+ * connection ends, passing over a hub that hung recently; reconnects with `nextDelay` backoff,
+ * and makes a `Session` for each connection. The cursor outlives the sessions.
  */
 export class HubLink implements SessionHost {
   /** Where the agent is in the hub's stream: set from the state file, moved on by each session. */
@@ -2474,6 +2688,8 @@ export class HubLink implements SessionHost {
   /** Sessions in a row that broke off an oversized sync: the backoff keeps growing across their welcomes. */
   private strikes = 0;
   private hubIndex = 0;
+  /** When each hub (by index) last hung: a frozen hub is not tried again first. */
+  private readonly hungAt = new Map<number, number>();
   private retryTimer: NodeJS.Timeout | undefined;
   private closing = false;
 
@@ -2500,7 +2716,7 @@ export class HubLink implements SessionHost {
       headers: { authorization: `Bearer ${opts.token}` },
       maxPayload: MAX_HUB_FRAME_BYTES,
       perMessageDeflate: false,
-      handshakeTimeout: 10_000,
+      handshakeTimeout: handshakeTimeoutMs(opts.heartbeatMs),
       ca: opts.ca ? [readFileSync(opts.ca, "utf8")] : undefined,
     });
     const session = new Session(sock, url, this);
@@ -2513,7 +2729,10 @@ export class HubLink implements SessionHost {
     sock.on("open", () => session.open());
     sock.on("pong", () => session.heard());
     sock.on("message", (data: Buffer) => session.receive(data));
-    sock.on("error", (e) => opts.log(`${url}: ${e.message}`));
+    sock.on("error", (e) => {
+      if (/handshake has timed out/.test(e.message)) session.hung = true;
+      opts.log(`${url}: ${e.message}`);
+    });
     sock.on("close", (code, reason) => this.closed(session, code, reason));
   }
 
@@ -2532,7 +2751,12 @@ export class HubLink implements SessionHost {
     this.opts.applier.forgetLive();
     if (this.closing) return;
     this.opts.disconnected?.();
-    if (!session.welcomed) this.hubIndex++;
+    // Whatever ended it (a refusal, a close, a hub gone silent), the next hub is tried first:
+    // with hubs on one Redis the cursor resumes there, and a frozen hub is not waited on twice.
+    const now = Date.now();
+    const failed = this.hubIndex % this.opts.hubs.length;
+    if (session.hung) this.hungAt.set(failed, now);
+    this.hubIndex = nextHub(this.opts.hubs.length, failed, this.hungAt, now, hungMemoryMs(this.opts.heartbeatMs));
     const delay = nextDelay(this.attempt++);
     this.opts.log(`disconnected from ${session.url}${code ? ` (${code}${reason.length ? ` ${reason}` : ""})` : ""}; retrying ${this.opts.hubs[this.hubIndex % this.opts.hubs.length]} in ${delay} ms`);
     this.retryTimer = setTimeout(() => this.connect(), delay);
@@ -2677,7 +2901,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     link.cursor = saved.cursor;
     // Before any hub answers: after a reboot the kernel holds nothing, and the hub may be away.
     const n = await applier.restore(saved.claims, Date.now());
-    log(`loaded ${applier.claims.size} address(es) and cursor ${saved.cursor.hub}:${saved.cursor.seq} from ${opts.statePath}`);
+    log(`loaded ${applier.claims.size} address(es) and ${saved.cursor ? `cursor ${saved.cursor.hub}:${saved.cursor.seq}` : "no cursor"} from ${opts.statePath}`);
     log(`restored: ${n} address(es) blocked from the state file before any hub answered (${opts.backend})`);
   }
   const guard = new Guard({ backend, backendName: opts.backend, applier, prefix: opts.prefix, record: (r) => csv.record(r), log, checkMs: opts.checkMs ?? 10_000 });
@@ -2754,6 +2978,18 @@ function withOwnEnv<T>(flags: string[], parse: () => T): T {
   }
 }
 
+/**
+ * Throws a UsageError for an option given more than once that takes one value: yargs would hand
+ * on an array of the values (`--backend ipset --backend nftables`), which nothing after it expects.
+ */
+function onlyOnce(argv: Record<string, unknown>, repeatable: readonly string[]): true {
+  for (const [key, value] of Object.entries(argv)) {
+    if (key === "_" || /[A-Z]/.test(key) || repeatable.includes(key) || !Array.isArray(value)) continue;
+    throw new UsageError(`Expected --${key} once, got it ${value.length} times: ${value.map((v) => JSON.stringify(v)).join(", ")}`);
+  }
+  return true;
+}
+
 /** Turns the command line (without `node agent.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
   const a = withOwnEnv(AGENT_FLAGS, () =>
@@ -2781,6 +3017,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
       .option("insecure", { type: "boolean", default: false, describe: "Send the token over plain ws:// to a hub off this host (it crosses the network in clear); without it such a --hub is refused" })
       .option("metrics", { type: "string", describe: "Serve the agent's own Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9101 (GET /metrics: entries, claims, drift, hooks missing, repairs, packets dropped by its DROP rules)" })
+      .check((a) => onlyOnce(a, ["allow", "hook"]))
       .strict()
       .fail((msg, err) => {
         // One line: yargs spreads some messages over several.

@@ -24,12 +24,12 @@
 
 import { createHash, randomBytes } from "node:crypto";
 import { realpathSync } from "node:fs";
-import { lstat, mkdir, open, readFile, rename } from "node:fs/promises";
+import { lstat, mkdir, open, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
 import type { Agent, IncomingMessage } from "node:http";
-import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, isLoopbackHost, isName, parseHubFrame, printable, spoolDirProblem, type BanFrame, type BanList, type ListedBan, type NodeList, type NodeState, type UnbanFrame } from "./messages.ts";
+import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, contains, isLoopbackHost, isName, parseAddress, parseHubFrame, printable, spoolDirProblem, type BanFrame, type BanList, type ListedBan, type NodeList, type NodeState, type UnbanFrame } from "./messages.ts";
 
 /** Default spool directory: the agent's --spool must name the same one to deliver what waits there. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
@@ -168,6 +168,8 @@ const COMMAND_FLAGS: Record<Command, Flag[]> = {
   import: ["jail", "bantime", "concurrency"],
 };
 const BACKENDS: Backend[] = ["ipset", "nftables", "iptables", "dry-run"];
+/** The agent's nftables sets (a copy of agent.ts's, kept in step by test/copies.test.ts): addresses, then networks. */
+const NFT_SETS = ["v4", "v6", "v4net", "v6net"];
 
 /** The host of a hub URL, without IPv6 brackets; empty when it is not a URL. */
 function hostOf(url: string): string {
@@ -203,10 +205,14 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
   const args = argv.map((a, i) => (/^-\d/.test(a) && /^--\w/.test(argv[i - 1] ?? "") && !argv[i - 1].includes("=") ? `\0${a}` : a));
   const joined = args.flatMap((a, i) => (a.startsWith("\0") ? [] : args[i + 1]?.startsWith("\0") ? [`${a}=${args[i + 1].slice(1)}`] : [a]));
   try {
-    parsed = parseCli({ args: joined, options: OPTIONS, allowPositionals: true, strict: true });
+    parsed = parseCli({ args: joined, options: OPTIONS, allowPositionals: true, strict: true, tokens: true });
   } catch (e) {
     throw new UsageError((e as Error).message.split("\n")[0].replace(/\. To specify.*$/, ""));
   }
+  // A flag given twice would silently take its last value: say so instead.
+  const given = parsed.tokens.flatMap((t) => (t.kind === "option" ? [t.name] : []));
+  const twice = given.find((name, i) => given.indexOf(name) !== i);
+  if (twice) throw new UsageError(`Expected --${twice} once, got it ${given.filter((n) => n === twice).length} times`);
   if (parsed.values.help) return "help";
   const get = (flag: Flag): string | undefined => {
     const v = parsed.values[flag] ?? env[envName(flag)] ?? config[flag] ?? config[camel(flag)];
@@ -367,9 +373,13 @@ export async function spool(dir: string, frame: BanFrame | UnbanFrame): Promise<
   try {
     await fh.writeFile(JSON.stringify(frame) + "\n");
     await fh.sync();
-  } finally {
-    await fh.close();
+  } catch (e) {
+    // A full disk: no half-written temp file stays behind.
+    await fh.close().catch(() => {});
+    await unlink(tmp).catch(() => {});
+    throw e;
   }
+  await fh.close();
   await rename(tmp, join(dir, name));
   const d = await open(dir, "r");
   await d.sync().finally(() => d.close());
@@ -511,60 +521,133 @@ async function runList(o: ListOptions, token: string, ca?: string): Promise<void
   }
 }
 
-/** The commands whose output `countKernelEntries` reads, for the agent's backend and prefix. */
+/** The agent's count commands, for its backend and prefix (`kernelListCommands` lists with them). */
 export function kernelCountCommands(backend: Backend, prefix: string): string[][] {
   if (backend === "ipset") return [`${prefix}-v4`, `${prefix}-v6`].map((set) => ["ipset", "list", "-terse", set]);
-  if (backend === "nftables") return ["v4", "v6"].map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]);
+  if (backend === "nftables") return NFT_SETS.map((set) => ["nft", "-j", "list", "set", "inet", prefix, set]);
   if (backend === "iptables") return ["iptables", "ip6tables"].map((bin) => [bin, "-w", "-S", prefix]);
   return [];
 }
 
-/** Counts the entries in the output of one of `kernelCountCommands`; throws when it is not what that command prints. */
-export function countKernelEntries(backend: Backend, output: string): number {
+/** The commands whose output `kernelAddresses` reads: the count commands, with ipset's members listed too. */
+export function kernelListCommands(backend: Backend, prefix: string): string[][] {
+  return kernelCountCommands(backend, prefix).map((argv) => argv.filter((a) => a !== "-terse"));
+}
+
+/** The address (or network) an nft -j set element holds, in canonical text; the raw text for what is not one. */
+function nftMember(e: unknown): string {
+  const v = (e as { elem?: { val?: unknown } })?.elem?.val ?? e;
+  if (typeof v === "string") return parseAddress(v)?.text ?? v;
+  const p = (v as { prefix?: { addr?: unknown; len?: unknown } })?.prefix;
+  if (p) return parseAddress(`${p.addr}/${p.len}`)?.text ?? JSON.stringify(v);
+  const r = (v as { range?: unknown[] })?.range;
+  return r ? r.join("-") : JSON.stringify(v);
+}
+
+/** The addresses and networks in the output of one of `kernelListCommands`, in canonical text; throws when it is not what that command prints. */
+export function kernelAddresses(backend: Backend, output: string): string[] {
   if (backend === "ipset") {
-    const m = /^Number of entries: (\d+)$/m.exec(output);
-    if (!m) throw new Error(`Expected "Number of entries: N" from ipset list -terse, got ${JSON.stringify(output.slice(0, 80))}`);
-    return Number(m[1]);
+    const at = output.indexOf("\nMembers:\n");
+    if (at < 0) throw new Error(`Expected "Members:" from ipset list, got ${JSON.stringify(output.slice(0, 80))}`);
+    const lines = output.slice(at + 10).split("\n").map((l) => l.trim().split(/\s+/)[0]).filter(Boolean);
+    return lines.map((l) => parseAddress(l)?.text ?? l);
   }
   if (backend === "nftables") {
     const doc = JSON.parse(output) as { nftables?: Array<{ set?: { elem?: unknown[] } }> };
     const set = doc.nftables?.find((x) => x.set)?.set;
     if (!set) throw new Error("Expected a set in the output of nft -j list set");
-    return set.elem?.length ?? 0;
+    return (set.elem ?? []).map(nftMember);
   }
   // iptables: the agent's one DROP rule per address.
-  return output.split("\n").filter((l) => /^-A \S+ -s \S+ .*-j DROP$/.test(l)).length;
+  return [...output.matchAll(/^-A \S+ -s (\S+) .*-j DROP$/gm)].map((m) => parseAddress(m[1])?.text ?? m[1]);
 }
 
-/** How many addresses this server's kernel set holds, or why it could not be read. */
-async function kernelCount(backend: Backend, prefix: string): Promise<{ count: number; where: string } | { error: string }> {
+/**
+ * What the kernel holds against what the hub says the fleet blocks: the addresses missing from
+ * the kernel (an address inside a network the kernel blocks is not missing: the network covers
+ * it, as the agent does it) and the kernel's extra entries. Pure.
+ */
+export function compareAddresses(kernel: readonly string[], hub: readonly string[]): { missing: string[]; extra: string[] } {
+  const held = new Set(kernel);
+  const wanted = new Set(hub);
+  const nets = kernel.map((k) => parseAddress(k)).filter((a) => a !== undefined && a.prefix < (a.family === 4 ? 32 : 128));
+  const missing = hub.filter((ip) => {
+    if (held.has(ip)) return false;
+    const a = parseAddress(ip);
+    return !a || !nets.some((n) => contains(n!, a));
+  });
+  return { missing: [...new Set(missing)], extra: [...held].filter((k) => !wanted.has(k)) };
+}
+
+/** `status`'s verdict on a comparison: "in step: the same N address(es)", or "2 missing (a, b), 1 extra (c)" with at most `show` of each. */
+export function formatDifference(d: { missing: string[]; extra: string[] }, show = 5): string {
+  if (!d.missing.length && !d.extra.length) return "in step: the same addresses";
+  const part = (n: string[], what: string) => (n.length ? [`${n.length} ${what} (${n.slice(0, show).join(", ")}${n.length > show ? ", ..." : ""})`] : []);
+  return [...part(d.missing, "missing"), ...part(d.extra, "extra")].join(", ");
+}
+
+/** The addresses this server's kernel set holds, or why they could not be read. */
+async function kernelList(backend: Backend, prefix: string): Promise<{ addresses: string[]; where: string } | { error: string }> {
   const { execFile } = await import("node:child_process");
-  const commands = kernelCountCommands(backend, prefix);
-  let count = 0;
-  for (const argv of commands) {
+  const addresses: string[] = [];
+  for (const argv of kernelListCommands(backend, prefix)) {
     try {
       const out = await new Promise<string>((resolve, reject) =>
         execFile(argv[0], argv.slice(1), { timeout: 10_000, maxBuffer: 1 << 29, encoding: "utf8" }, (err, stdout, stderr) =>
           err ? reject(new Error(`${argv.join(" ")}: ${(stderr || err.message).trim().split("\n")[0]}`)) : resolve(stdout),
         ),
       );
-      count += countKernelEntries(backend, out);
+      for (const a of kernelAddresses(backend, out)) addresses.push(a);
     } catch (e) {
       return { error: (e as Error).message };
     }
   }
-  const where = backend === "ipset" ? `ipset ${prefix}-v4, ${prefix}-v6` : backend === "nftables" ? `nft set inet ${prefix} v4, v6` : `iptables/ip6tables chain ${prefix}`;
-  return { count, where };
+  const where = backend === "ipset" ? `ipset ${prefix}-v4, ${prefix}-v6` : backend === "nftables" ? `nft set inet ${prefix} ${NFT_SETS.join(", ")}` : `iptables/ip6tables chain ${prefix}`;
+  return { addresses, where };
 }
 
-/** The agent's cursor from its --state file (`{v: 1, cursor: {hub, seq}, claims}`), or why not. */
+/** The addresses the hub says every agent should hold (`GET /v1/blocked`), or why not. */
+async function hubBlocked(url: string, token: string, timeoutMs: number, ca?: string): Promise<string[] | { error: string }> {
+  try {
+    const res = await hubGet(url, "/v1/blocked", token, timeoutMs, ca);
+    if (res.statusCode !== 200) return { error: await refusal(url, "/v1/blocked", res) };
+    const body = JSON.parse(await readText(res, 1 << 30)) as { addresses?: unknown };
+    if (!Array.isArray(body.addresses) || !body.addresses.every((a) => typeof a === "string")) return { error: `${url}/v1/blocked is not a list of addresses` };
+    return body.addresses as string[];
+  } catch (e) {
+    return { error: (e as Error).message };
+  }
+}
+
+/** `status`'s kernel line: what the set holds, compared address by address with what the hub says it should. */
+async function kernelLine(o: StatusOptions, token: string, who: { url: string; blocked: number } | undefined, ca?: string): Promise<string> {
+  if (o.backend === "dry-run") return "dry-run backend: nothing in the kernel to count";
+  const k = await kernelList(o.backend, o.prefix);
+  if ("error" in k) return `cannot count: ${k.error}`;
+  const n = k.addresses.length;
+  const held = `${n} entr${n === 1 ? "y" : "ies"} in ${k.where}`;
+  if (!who) return held;
+  const hub = await hubBlocked(who.url, token, o.timeoutMs, ca);
+  if (!Array.isArray(hub)) return `${held} (hub: ${who.blocked} blocked; cannot compare the addresses: ${hub.error})`;
+  const d = compareAddresses(k.addresses, hub);
+  const why = d.missing.length || d.extra.length ? " (allowlisted addresses are never blocked; a change may be on its way, or the agent is behind)" : "";
+  return `${held} (hub: ${hub.length} blocked): ${formatDifference(d)}${why}`;
+}
+
+/** The agent's cursor from its --state file (a first line `{v: 2, cursor}` then one claim per line, or v1's one object `{v: 1, cursor, claims}`), or why not. */
 async function agentCursor(path: string): Promise<{ hub: string; seq: string; claims: number; savedAt: number } | { error: string }> {
   const { stat } = await import("node:fs/promises");
   try {
     const [text, info] = await Promise.all([readFile(path, "utf8"), stat(path)]);
-    const s = JSON.parse(text) as { v?: number; cursor?: { hub?: unknown; seq?: unknown }; claims?: unknown[] };
-    if (s?.v !== 1 || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string") return { error: `${path} is not a banshare agent state file` };
-    return { hub: s.cursor.hub, seq: s.cursor.seq, claims: Array.isArray(s.claims) ? s.claims.length : 0, savedAt: info.mtimeMs };
+    const lines = text.split("\n").filter((l) => l.trim());
+    let s: { v?: number; cursor?: { hub?: unknown; seq?: unknown }; claims?: unknown[] } | undefined;
+    try {
+      s = JSON.parse(lines[0] ?? "");
+    } catch {
+      /* reported below */
+    }
+    if ((s?.v !== 1 && s?.v !== 2) || typeof s.cursor?.hub !== "string" || typeof s.cursor?.seq !== "string") return { error: `${path} is not a banshare agent state file, or its first line is damaged` };
+    return { hub: s.cursor.hub, seq: s.cursor.seq, claims: s.v === 1 ? (Array.isArray(s.claims) ? s.claims.length : 0) : lines.length - 1, savedAt: info.mtimeMs };
   } catch (e) {
     return { error: `cannot read ${path}: ${(e as Error).message}` };
   }
@@ -573,6 +656,7 @@ async function agentCursor(path: string): Promise<{ hub: string; seq: string; cl
 async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<void> {
   const out = (k: string, v: string) => process.stdout.write(`${`${k}:`.padEnd(8)}${printable(v)}\n`);
   let who: WhoAmI | undefined;
+  let whoUrl: string | undefined;
   for (const url of o.hubs) {
     const t0 = performance.now();
     let res: IncomingMessage;
@@ -593,6 +677,7 @@ async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<
       out("hub", `${url} reachable (${ms} ms round trip) but its answer is not JSON: ${(e as Error).message}`);
       continue;
     }
+    whoUrl = url;
     out("hub", `${url} reachable, ${ms} ms round trip; hub id ${who.hub}, seq ${who.seq}`);
     out("node", `${who.node} (role ${who.role})`);
     out("fleet", `${who.blocked} address(es) blocked by ${who.claims} claim(s) (what this node's agent holds)`);
@@ -607,16 +692,7 @@ async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<
       out("agent", `cursor ${c.hub}:${c.seq}, ${c.claims} claim(s)${behind} (${o.statePath}, saved ${formatDuration(Date.now() - c.savedAt)} ago)`);
     }
   }
-  if (o.backend === "dry-run") out("kernel", "dry-run backend: nothing in the kernel to count");
-  else {
-    const k = await kernelCount(o.backend, o.prefix);
-    if ("error" in k) out("kernel", `cannot count: ${k.error}`);
-    else {
-      const diff = who ? k.count - who.blocked : undefined;
-      const verdict = diff === undefined ? "" : diff === 0 ? ": in step" : `: ${Math.abs(diff)} ${diff > 0 ? "more" : "fewer"} (allowlisted addresses are never blocked; a change may be on its way, or the agent is behind)`;
-      out("kernel", `${k.count} entr${k.count === 1 ? "y" : "ies"} in ${k.where}${who ? ` (hub: ${who.blocked} blocked)${verdict}` : ""}`);
-    }
-  }
+  out("kernel", await kernelLine(o, token, who && whoUrl ? { url: whoUrl, blocked: who.blocked } : undefined, ca));
   if (!who) process.exitCode = 1;
 }
 

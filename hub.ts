@@ -24,14 +24,13 @@
 
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
-import { createReadStream, createWriteStream, existsSync, realpathSync, type WriteStream } from "node:fs";
-import { appendFile, chmod, mkdir, open, readFile, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
+import { createReadStream, existsSync, realpathSync } from "node:fs";
+import { appendFile, chmod, mkdir, open, readFile, rename, rm, statfs, writeFile, type FileHandle } from "node:fs/promises";
 import { STATUS_CODES, createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { networkInterfaces } from "node:os";
 import { dirname } from "node:path";
-import { createInterface } from "node:readline";
 import type { Duplex } from "node:stream";
 import { fileURLToPath } from "node:url";
 import { WebSocketServer, type WebSocket } from "ws";
@@ -46,6 +45,7 @@ import {
   MAX_STATUS_RT,
   PROTOCOL_VERSION,
   blockedUntil,
+  checkEvent,
   csvRow,
   printable,
   eventUntil,
@@ -149,6 +149,24 @@ const ROLES: Role[] = ["node", "reader", "admin"];
 const DEFAULT_PORT = 7700;
 const SYNC_CHUNK = 5000;
 const HELLO_TIMEOUT_MS = 10_000;
+/**
+ * Syncs are sent a frame at a time, round-robin, for at most SYNC_SLICE_MS before the event loop
+ * serves everyone else (live bans, acks, HTTP); a sync waits while its socket holds more than
+ * SYNC_WINDOW_BYTES not yet taken by the kernel (all waiting: another look in SYNC_WAIT_MS). A
+ * snapshot of the claims serves every sync that starts within SNAPSHOT_REUSE_MS of it, or
+ * within 50 times the time it took to build (a million claims take seconds to put in order).
+ */
+const SYNC_SLICE_MS = 4;
+const SYNC_WINDOW_BYTES = 512 * 1024;
+const SYNC_WAIT_MS = 5;
+const SNAPSHOT_REUSE_MS = 2000;
+/**
+ * Syncs sent at the same time; the others wait their turn in order. Each socket holding sync
+ * bytes costs the event loop a write each time round, so a herd of a thousand is served 16 at a
+ * time (each completes sooner); one whose agent has not read for SYNC_STALL_MS yields its place.
+ */
+const SYNC_CONCURRENCY = 16;
+const SYNC_STALL_MS = 1000;
 const MAX_REFUSED_PER_CONN = 1000;
 /** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
 const STATUS_INTERVAL_MS = 1000;
@@ -356,15 +374,26 @@ export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | 
  * lacks; superseded and expired ones need no resend.
  */
 export function syncEvents(claims: Claims, afterSeq: string | undefined, now: number): FleetEvent[] {
-  const out: FleetEvent[] = [];
+  // Each position parsed once, not once per comparison: 50,000 claims in a few ms, not 300.
+  const keyed: Array<{ e: FleetEvent; ms: number; n: number }> = [];
+  const after = afterSeq === undefined ? undefined : positionKey(afterSeq);
   for (const byOrigin of claims.values()) {
     for (const e of byOrigin.values()) {
       if (e.held || (e.until !== null && e.until <= now)) continue;
-      if (afterSeq !== undefined && comparePositions(e.seq, afterSeq) <= 0) continue;
-      out.push(e);
+      const [ms, n] = positionKey(e.seq);
+      if (after && (ms - after[0] || n - after[1]) <= 0) continue;
+      keyed.push({ e, ms, n });
     }
   }
-  return out.sort((a, b) => comparePositions(a.seq, b.seq));
+  keyed.sort((a, b) => a.ms - b.ms || a.n - b.n);
+  return keyed.map((k) => k.e);
+}
+
+/** A position as the two numbers `comparePositions` orders it by. */
+function positionKey(s: string): [number, number] {
+  const m = POSITION_RE.exec(s);
+  if (!m) throw new Error(`Expected positions as N or MS-N, got ${JSON.stringify(s)}`);
+  return [Number(m[1]), Number(m[2] ?? 0)];
 }
 
 /**
@@ -419,6 +448,13 @@ export function countBlocked(claims: Claims, now: number): { blocked: number; cl
     live += relayed.length;
   }
   return { blocked, claims: live };
+}
+
+/** The addresses `countBlocked` counts as blocked: what every agent's kernel should hold (`GET /v1/blocked`, for `ban.ts status`). */
+export function blockedAddresses(claims: Claims, now: number): string[] {
+  const out: string[] = [];
+  for (const [ip, byOrigin] of claims) if (liveClaims(byOrigin, now).some((c) => !c.held)) out.push(ip);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -742,7 +778,7 @@ interface StoreSnapshot {
 
 /** Opens the store `opts` names and loads what it holds into `each`: the one place a store is chosen. */
 async function openStore(opts: HubOptions, listener: StoreListener, snapshot: StoreSnapshot, each: (e: FleetEvent) => void): Promise<Store> {
-  const store: Store = opts.store ? new RedisStore(opts, listener) : new Journal(opts.statePath, listener, snapshot);
+  const store: Store = opts.store ? new RedisStore(opts, listener, snapshot) : new Journal(opts.statePath, listener, snapshot);
   await store.load(each);
   return store;
 }
@@ -765,6 +801,15 @@ export interface JournalContents {
   skipped: number;
 }
 
+/** How many damaged lines a start lists one by one; the rest are counted in the summary line. */
+const MAX_DAMAGED_LISTED = 10;
+/** Below this much free space the journal's check does not call the disk writable again. */
+const JOURNAL_MIN_FREE_BYTES = 64 * 1024;
+/** While the journal cannot be written: how often it checks whether it can again. */
+const JOURNAL_PROBE_MS = 1000;
+/** After a compaction failed: how long before the next try (the journal keeps appending meanwhile). */
+const COMPACT_RETRY_MS = 60_000;
+
 function parseJournalHeader(line: string): JournalHeader | undefined {
   try {
     const h = JSON.parse(line) as JournalHeader;
@@ -774,65 +819,139 @@ function parseJournalHeader(line: string): JournalHeader | undefined {
   }
 }
 
-/** One event line of a journal, or undefined for a torn or corrupt one. */
-function parseJournalLine(line: string): FleetEvent | undefined {
+/** One stored event (a journal line, a Redis entry), or why it is damaged: not JSON, or not an event as the hub writes them. */
+function checkStoredEvent(line: string): FleetEvent | string {
+  let e: unknown;
   try {
-    const e = JSON.parse(line) as FleetEvent;
-    return typeof e.ip === "string" && typeof e.seq === "string" ? e : undefined;
+    e = JSON.parse(line);
   } catch {
-    return undefined;
+    return "not JSON";
   }
+  return checkEvent(e) ?? (e as FleetEvent);
+}
+
+/** One stored event, or undefined for a torn or damaged one. */
+function parseJournalLine(line: string): FleetEvent | undefined {
+  const e = checkStoredEvent(line);
+  return typeof e === "string" ? undefined : e;
+}
+
+/** What reading a journal found besides its events. */
+interface JournalRead {
+  hubId: string;
+  seq: number;
+  /** Event lines: read, and damaged (skipped). */
+  events: number;
+  skipped: number;
+  /** The first MAX_DAMAGED_LISTED damaged lines, as "line N: why". */
+  damaged: string[];
+  /** Bytes up to the end of the last line ending in a newline: anything after it is a write that never completed. */
+  whole: number;
 }
 
 /**
  * Reads a journal file line by line, handing each event to `each` as it is read: the hub never
- * holds the file's text or an array of its events. A torn or corrupt line is skipped and
+ * holds the file's text or an array of its events. Lines are split on bytes, so `whole` is exact
+ * whatever a damaged line holds. A torn (unterminated) last line or a damaged one is skipped and
  * counted, never fatal. Undefined for an empty file; throws when the file is not a journal.
  */
-async function readJournalLines(path: string, each: (e: FleetEvent) => void): Promise<{ hubId: string; seq: number; skipped: number } | undefined> {
+async function readJournalLines(path: string, each: (e: FleetEvent) => void): Promise<JournalRead | undefined> {
   let header: JournalHeader | undefined;
-  let seq = 0;
-  let skipped = 0;
-  for await (const line of createInterface({ input: createReadStream(path, "utf8"), crlfDelay: Infinity })) {
+  const read: JournalRead = { hubId: "", seq: 0, events: 0, skipped: 0, damaged: [], whole: 0 };
+  let lineNo = 0;
+  const stranger = () => new UsageError(`${path} is not a banshare journal: refusing to overwrite it`);
+  /** The first line is no header: a stranger's file, or a journal whose header is damaged (then the next line is an event). */
+  let headless = false;
+  const line = (text: string, terminated: boolean) => {
+    lineNo++;
+    if (!header && !headless) {
+      header = parseJournalHeader(text);
+      if (header) read.seq = Number(header.seq) || 0;
+      else headless = true;
+      return;
+    }
+    if (!text) return;
+    // An unterminated last line is a write that never completed: never acked, whatever it holds.
+    let e = terminated ? checkStoredEvent(text) : "torn (no newline: a write that never completed)";
+    if (typeof e !== "string" && !/^\d{1,15}$/.test(e.seq)) e = `event seq ${JSON.stringify(e.seq)}`;
     if (!header) {
-      header = parseJournalHeader(line);
-      if (!header) throw new UsageError(`${path} is not a banshare journal: refusing to overwrite it`);
-      seq = Number(header.seq) || 0;
-      continue;
+      if (typeof e === "string") throw stranger();
+      // A new hub id: no agent's cursor can be trusted against this journal, so each takes a full sync.
+      header = { journal: JOURNAL_MAGIC, v: 1, hub: randomBytes(8).toString("hex"), seq: 0 };
+      read.skipped++;
+      read.damaged.push("line 1: the header is damaged; the hub takes a new id, and every agent a full sync");
     }
-    if (!line) continue;
-    const e = parseJournalLine(line);
-    if (!e) skipped++;
-    else {
-      each(e);
-      seq = Math.max(seq, Number(e.seq));
+    if (typeof e === "string") {
+      read.skipped++;
+      if (read.damaged.length < MAX_DAMAGED_LISTED) read.damaged.push(`line ${lineNo}: ${e}`);
+      return;
     }
+    read.events++;
+    each(e);
+    read.seq = Math.max(read.seq, Number(e.seq));
+  };
+  let rest: Buffer = Buffer.alloc(0);
+  let offset = 0;
+  for await (const chunk of createReadStream(path) as AsyncIterable<Buffer>) {
+    const data = rest.length ? Buffer.concat([rest, chunk]) : chunk;
+    let start = 0;
+    for (let nl = data.indexOf(10); nl >= 0; nl = data.indexOf(10, start)) {
+      line(data.subarray(start, nl).toString("utf8"), true);
+      start = nl + 1;
+      read.whole = offset + start;
+    }
+    offset += start;
+    rest = Buffer.from(data.subarray(start));
   }
-  return header && { hubId: header.hub, seq, skipped };
+  if (rest.length) line(rest.toString("utf8"), false);
+  if (headless && !header) throw stranger();
+  return header && { ...read, hubId: header.hub };
 }
 
 /** What the journal at `path` holds, read as the hub reads it when it starts; undefined for an empty file. */
 export async function readJournal(path: string): Promise<JournalContents | undefined> {
   const events: FleetEvent[] = [];
   const read = await readJournalLines(path, (e) => events.push(e));
-  return read && { ...read, events };
+  return read && { hubId: read.hubId, seq: read.seq, skipped: read.skipped, events };
 }
 
-/** The embedded store: one hub's JSONL file (none without `--state`), fsync before ack, compacted to the live claims as it grows. */
+/** Writes all of `text` at `position`, however many writes it takes: a short write is not success. */
+async function writeWhole(fh: FileHandle, text: string, position: number): Promise<number> {
+  const buf = Buffer.from(text, "utf8");
+  for (let done = 0; done < buf.length; ) {
+    const { bytesWritten } = await fh.write(buf, done, buf.length - done, position + done);
+    if (bytesWritten <= 0) throw new Error(`short write: ${done} of ${buf.length} bytes written`);
+    done += bytesWritten;
+  }
+  return buf.length;
+}
+
+/**
+ * The embedded store: one hub's JSONL file (none without `--state`), fsync before ack, compacted
+ * to the live claims as it grows. An event is acked only once its line is whole on disk; when a
+ * write fails (a full or read-only disk) the events not written are refused, the file is cut back
+ * to its last whole line and their seqs are given again (no one saw them), and the journal takes
+ * events again as soon as a write lands. It holds the file open only while it writes.
+ */
 class Journal implements Store {
   hubId = randomBytes(8).toString("hex");
   /** The seq of the last event appended: the journal numbers the events, 1, 2, 3... */
   private seq = 0;
-  private fh?: FileHandle;
+  /** The seq of the last event whose line is whole on disk. */
+  private written = 0;
   private queued: FleetEvent[] = [];
   private waiters: Array<{ resolve: () => void; reject: (e: Error) => void }> = [];
   private flushing = false;
   private lines = 0;
   /** Claims counted at the last check (or written by the last compaction), and when. */
   private counted = { live: 0, at: 0 };
-  private failed?: Error;
-  /** Size of the journal file, for /metrics. */
+  /** No compaction before this time (one failed). */
+  private compactAfter = 0;
+  /** Bytes of whole, fsynced lines: where the next line goes; anything past it is a failed write to cut. */
   private bytes = 0;
+  /** While the journal cannot be written: why, since when, and how many events it refused. */
+  private failing?: { why: string; since: number; refused: number };
+  private probe?: NodeJS.Timeout;
 
   constructor(
     private readonly path: string | undefined,
@@ -840,56 +959,73 @@ class Journal implements Store {
     private readonly snapshot: StoreSnapshot,
   ) {}
 
-  /** Reads the journal (if any) and compacts it before the first append. */
+  /** Reads the journal (if any) and compacts it before the first append; a failed compaction keeps the file as it was. */
   async load(each: (e: FleetEvent) => void): Promise<void> {
     if (!this.path) return;
     await mkdir(dirname(this.path), { recursive: true });
     const read = existsSync(this.path) ? await readJournalLines(this.path, each) : undefined;
     if (read) {
       this.hubId = read.hubId;
-      this.seq = read.seq;
-      if (read.skipped) this.listener.log(`warning: skipped ${read.skipped} torn or corrupt line(s) in ${this.path}; every other event is kept`);
+      this.seq = this.written = read.seq;
+      for (const d of read.damaged) this.listener.log(`warning: ${this.path} ${d}: skipped`);
+      if (read.skipped) this.listener.log(`warning: skipped ${read.skipped} torn or corrupt line(s) in ${this.path}${read.skipped > read.damaged.length ? ` (the first ${read.damaged.length} listed above)` : ""}; every other event is kept`);
     }
-    await this.compact();
+    try {
+      await this.compact();
+    } catch (e) {
+      if (!read) throw e;
+      // The journal as it was still holds everything: go on with it, appending after its last whole line.
+      this.bytes = read.whole;
+      this.lines = read.events;
+      this.compactAfter = Date.now() + COMPACT_RETRY_MS;
+      this.listener.log(`warning: could not compact ${this.path} (${(e as Error).message}); keeping it as it is`);
+    }
   }
 
-  /** Rewrites the journal as the live claims: temp file, fsync, rename, fsync the folder, reopen. */
+  /**
+   * Rewrites the journal as the live claims: temp file, every byte checked, fsync, size checked,
+   * rename, fsync the folder. Throws (the temp file removed, the journal untouched) when any step fails.
+   */
   private async compact(): Promise<void> {
     if (!this.path) return;
     const tmp = `${this.path}.tmp`;
     const out = await open(tmp, "w", 0o600);
+    let size = 0;
+    let lines = 0;
     try {
-      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq: this.seq };
+      // The last seq on disk: events queued meanwhile follow with their own.
+      const header: JournalHeader = { journal: JOURNAL_MAGIC, v: 1, hub: this.hubId, seq: this.written };
       let chunk = JSON.stringify(header) + "\n";
-      let lines = 0;
       for (const e of this.snapshot.live(Date.now())) {
         chunk += JSON.stringify(e) + "\n";
         lines++;
         if (chunk.length > 1 << 20) {
-          await out.write(chunk);
+          size += await writeWhole(out, chunk, size);
           chunk = "";
         }
       }
-      await out.write(chunk);
+      size += await writeWhole(out, chunk, size);
       await out.sync();
-      this.lines = lines;
-      this.counted = { live: lines, at: Date.now() };
-      this.bytes = (await out.stat()).size;
-    } finally {
-      await out.close();
+      const on = (await out.stat()).size;
+      if (on !== size) throw new Error(`the new file holds ${on} of ${size} bytes`);
+    } catch (e) {
+      await out.close().catch(() => {});
+      await rm(tmp, { force: true }).catch(() => {});
+      throw e;
     }
+    await out.close();
     await rename(tmp, this.path);
     const dir = await open(dirname(this.path), "r");
     await dir.sync().finally(() => dir.close());
-    await this.fh?.close();
-    this.fh = await open(this.path, "a", 0o600);
+    this.lines = lines;
+    this.counted = { live: lines, at: Date.now() };
+    this.bytes = size;
   }
 
   /** Numbers the events and resolves with their seqs once they are durable. Every event queued meanwhile shares one fsync. */
   append(events: FleetEvent[]): Promise<string[]> {
-    if (this.failed) return Promise.reject(this.failed);
     const seqs = events.map((e) => (e.seq = String(++this.seq)));
-    this.queued.push(...events);
+    for (const e of events) this.queued.push(e);
     const p = new Promise<string[]>((resolve, reject) => this.waiters.push({ resolve: () => resolve(seqs), reject }));
     if (!this.flushing) void this.flush();
     return p;
@@ -897,7 +1033,6 @@ class Journal implements Store {
 
   async barrier(): Promise<void> {
     if (this.flushing || this.queued.length) await this.append([]);
-    else if (this.failed) throw this.failed;
   }
 
   /** The journal holds all the hub's claims hold: the standing claim is the answer, once written. */
@@ -915,12 +1050,22 @@ class Journal implements Store {
     return String(this.seq);
   }
 
+  /** Always undefined: every event tries the disk, so the first write that lands ends a failure. */
   unavailable(): string | undefined {
-    return this.failed?.message;
+    return undefined;
   }
 
   health(): StoreHealth {
-    return { ok: !this.failed, count: this.seq, fields: {}, metrics: metric("banshare_journal_bytes", "gauge", "Size of the journal file (--state).", [["", this.bytes]]) };
+    const f = this.failing;
+    return {
+      ok: !f,
+      count: this.seq,
+      fields: f ? { store: "down", error: `cannot write ${this.path}: ${f.why}` } : {},
+      metrics: [
+        ...metric("banshare_journal_bytes", "gauge", "Size of the journal file (--state).", [["", this.bytes]]),
+        ...metric("banshare_store_up", "gauge", "1 while the journal (--state) can be written; 0 while it refuses events (a full or read-only disk).", [["", f ? 0 : 1]]),
+      ],
+    };
   }
 
   describe(addresses: number): string {
@@ -929,6 +1074,7 @@ class Journal implements Store {
 
   private async flush(): Promise<void> {
     this.flushing = true;
+    let fh: FileHandle | undefined;
     try {
       // Let the current burst of frames queue up first: one write and one fsync for all of them.
       await new Promise((r) => setImmediate(r));
@@ -936,41 +1082,131 @@ class Journal implements Store {
         const events = this.queued.splice(0);
         const waiters = this.waiters.splice(0);
         if (this.path && events.length) {
-          const text = events.map((e) => JSON.stringify(e) + "\n").join("");
-          this.bytes += Buffer.byteLength(text);
-          await this.fh!.write(text);
-          // fsync before ack: an acked ban must survive kill -9 and power loss.
-          await this.fh!.sync();
-          this.lines += events.length;
+          try {
+            fh ??= await this.reopen();
+            const bytes = await writeWhole(fh, events.map((e) => JSON.stringify(e) + "\n").join(""), this.bytes);
+            // fsync before ack: an acked ban must survive kill -9 and power loss.
+            await fh.sync();
+            this.bytes += bytes;
+            this.written = Number(events[events.length - 1].seq);
+            this.lines += events.length;
+            this.recovered();
+          } catch (e) {
+            fh = await this.refuseUnwritten(e as Error, fh, events.length, waiters);
+            continue;
+          }
         }
         if (events.length) this.listener.durable(events);
         for (const w of waiters) w.resolve();
-        // Count (address, origin) claims, the lines a compaction writes: counting addresses, a
-        // fleet whose nodes ban the same addresses would rewrite the whole journal every flush.
-        // Counting walks every claim: not on every flush of a busy hub, only once the journal
-        // outgrew the last count, or that count is 10 s old (claims may have expired since).
-        if (this.lines > Math.max(10_000, 4 * this.counted.live) || (this.lines > 10_000 && Date.now() - this.counted.at > 10_000)) {
-          const live = this.snapshot.size();
-          this.counted = { live, at: Date.now() };
-          if (this.lines > Math.max(10_000, 4 * live)) await this.compact();
+        if (this.compactionDue()) {
+          await fh?.close();
+          fh = undefined;
+          await this.compact().catch((e: Error) => {
+            this.compactAfter = Date.now() + COMPACT_RETRY_MS;
+            this.listener.log(`warning: could not compact ${this.path} (${e.message}); keeping it as it is, next try in ${COMPACT_RETRY_MS / 1000} s`);
+          });
         }
       }
     } catch (e) {
-      this.failed = e as Error;
-      for (const w of this.waiters.splice(0)) w.reject(this.failed);
-      this.listener.fatal(`journal write failed, stopping so that no unsaved event is acked: ${this.failed.message}`);
+      for (const w of this.waiters.splice(0)) w.reject(e as Error);
+      this.listener.fatal(`journal failed, stopping so that no unsaved event is acked: ${(e as Error).message}`);
     } finally {
       this.flushing = false;
+      await fh?.close().catch(() => {});
     }
   }
 
+  /**
+   * Count (address, origin) claims, the lines a compaction writes: counting addresses, a fleet
+   * whose nodes ban the same addresses would rewrite the whole journal every flush. Counting walks
+   * every claim: not on every flush of a busy hub, only once the journal outgrew the last count,
+   * or that count is 10 s old (claims may have expired since).
+   */
+  private compactionDue(): boolean {
+    if (Date.now() < this.compactAfter) return false;
+    if (!(this.lines > Math.max(10_000, 4 * this.counted.live) || (this.lines > 10_000 && Date.now() - this.counted.at > 10_000))) return false;
+    this.counted = { live: this.snapshot.size(), at: Date.now() };
+    return this.lines > Math.max(10_000, 4 * this.counted.live);
+  }
+
+  /** Opens the journal for writing at its last whole line, cutting what a failed write left after it. */
+  private async reopen(): Promise<FileHandle> {
+    const fh = await open(this.path!, "r+");
+    try {
+      const { size } = await fh.stat();
+      if (size < this.bytes) throw new Error(`${this.path} is ${size} bytes, shorter than the ${this.bytes} this hub wrote: something else changed it`);
+      if (size > this.bytes) {
+        await fh.truncate(this.bytes);
+        await fh.sync();
+      }
+      return fh;
+    } catch (e) {
+      await fh.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  /**
+   * A write failed: refuses this batch and everything queued after it (their seqs go back, as no
+   * one saw them: not acked, not relayed, not whole on disk), cuts the file back to its last whole
+   * line so the next line starts on its own, and closes it. One log line when the failure begins.
+   */
+  private async refuseUnwritten(e: Error, fh: FileHandle | undefined, batch: number, waiters: Array<{ reject: (e: Error) => void }>): Promise<undefined> {
+    const refused = [...waiters, ...this.waiters.splice(0)];
+    const count = batch + this.queued.splice(0).length;
+    this.seq = this.written;
+    const why = e.message;
+    if (!this.failing) {
+      this.listener.log(`error: cannot write the journal ${this.path} (${why}): refusing events until it can; every acked event is kept, and senders spool what is refused`);
+      this.failing = { why, since: Date.now(), refused: 0 };
+      this.probe = every(JOURNAL_PROBE_MS, () => void this.check());
+    }
+    this.failing.why = why;
+    this.failing.refused += count;
+    for (const w of refused) w.reject(new Error(`the journal cannot be written (${why})`));
+    if (fh) {
+      // If the cut fails too (a read-only disk), the next open makes it.
+      await fh.truncate(this.bytes).then(() => fh.sync()).catch(() => {});
+      await fh.close().catch(() => {});
+    }
+    return undefined;
+  }
+
+  /**
+   * While failing, once a second: can the journal be written again (open, cut, fsync, and room
+   * left)? Then /healthz says so before the next event. It counts as a flush: a write never runs
+   * beside it (its cut would take a line being written).
+   */
+  private async check(): Promise<void> {
+    if (!this.failing || this.flushing) return;
+    this.flushing = true;
+    try {
+      const fh = await this.reopen();
+      await fh.close();
+      const fs = await statfs(this.path!);
+      if (fs.bavail * fs.bsize < JOURNAL_MIN_FREE_BYTES) throw new Error(`no space left on device (${fs.bavail * fs.bsize} bytes free)`);
+      this.recovered();
+    } catch (e) {
+      if (this.failing) this.failing.why = (e as Error).message;
+    } finally {
+      this.flushing = false;
+      if (this.queued.length || this.waiters.length) void this.flush();
+    }
+  }
+
+  /** A write landed (or the check passed): the journal takes events again. */
+  private recovered(): void {
+    if (!this.failing) return;
+    clearInterval(this.probe);
+    this.listener.log(`the journal ${this.path} can be written again after ${Math.round((Date.now() - this.failing.since) / 1000)} s; ${this.failing.refused} event(s) were refused meanwhile`);
+    this.failing = undefined;
+  }
+
   async close(): Promise<void> {
+    clearInterval(this.probe);
     await this.barrier().catch(() => {});
-    await this.fh?.close();
-    this.fh = undefined;
   }
 }
-
 // ---------------------------------------------------------------------------------------------
 // Shared store: a Redis stream of events and a hash of claims, for several hubs
 
@@ -1015,7 +1251,7 @@ export function parseStoreUrl(s: string): RedisTarget {
 }
 
 /** The keys of one fleet; one hash tag, so that on a Redis Cluster they share a slot (one Lua script touches them all). */
-const REDIS_KEYS = { events: "banshare:{fleet}:events", claims: "banshare:{fleet}:claims", id: "banshare:{fleet}:id", lock: "banshare:{fleet}:prune-lock" };
+const REDIS_KEYS = { events: "banshare:{fleet}:events", claims: "banshare:{fleet}:claims", id: "banshare:{fleet}:id", epoch: "banshare:{fleet}:epoch", lock: "banshare:{fleet}:prune-lock" };
 
 /**
  * Appends one event unless the claim stored for its (ip, origin) is as new or newer (the merge
@@ -1079,11 +1315,32 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
  * stream entry, so a hub starting (or a hub whose agents need a full sync) has the fleet state.
  * One reading loop owns the connections: it (re)connects with backoff, re-resolving the master
  * through the Sentinels, and resumes XREAD after the last entry it handed on.
+ *
+ * A Redis can forget (restarted without its append-only file, or from an older snapshot, or
+ * flushed): each hub remembers the highest stream ID it has seen and the store's epoch (a random
+ * value written when the store was first used, and again by the hub that finds it lost). On every
+ * reconnect and after every read it compares: a stream that ends before what this hub saw, a
+ * missing epoch, or another epoch than the one it knew, is a loss. The hub says so (log line,
+ * /healthz `storeLost`, `banshare_store_losses_total`) and writes back every claim it holds,
+ * bans and unbans, through the append script, whose merge rule skips what the store still has:
+ * the stream and the hash hold the fleet state again, and every hub's full syncs are complete.
  */
 class RedisStore implements Store {
   hubId = "";
   /** ID of the last stream entry handed to `listener.durable`: what this hub's agents have been sent. */
   private last = "0-0";
+  /** The highest stream ID this hub has read or appended: the store ending before it forgot. */
+  private seen = "0-0";
+  /** The store's epoch as this hub last saw it ("" before the first look). */
+  private epoch = "";
+  /** The last loss found (when, what), for /healthz; the losses found and the claims written back since start, for /metrics. */
+  private lost?: string;
+  private lostAt = 0;
+  private losses = 0;
+  private writtenBack = 0;
+  /** A write-back on its way, and whether one is still owed (a write-back that failed halfway). */
+  private restoring?: Promise<void>;
+  private owed = false;
   /** Stream entries this hub has read since it started: `banshare_seq` (a stream ID is no count). */
   private read = 0;
   /** The oldest cursor that resumes: the first entry the stream kept once trimmed ("0-0" before). */
@@ -1108,6 +1365,8 @@ class RedisStore implements Store {
   constructor(
     opts: HubOptions,
     private readonly listener: StoreListener,
+    /** The hub's claims: what a write-back puts into a store that forgot (read only). */
+    private readonly snapshot: StoreSnapshot,
   ) {
     // Both rules decide against the address's claims as they stand when a ban arrives; hubs on
     // one Redis see each other's bans a moment late, so there they would not hold as documented.
@@ -1130,7 +1389,8 @@ class RedisStore implements Store {
     await this.connect();
     // Snapshot: the stream's last ID first, then the claims. The hash may hold claims newer than
     // that ID too; reading the stream from it merges them again, which changes nothing.
-    this.last = await this.streamInfo(true);
+    this.last = this.seen = await this.streamInfo(true);
+    await this.verify();
     let count = 0;
     await this.scanClaims(this.cmd!, (e) => {
       each(e);
@@ -1236,6 +1496,91 @@ class RedisStore implements Store {
     this.wake?.();
   }
 
+  /** Raises the highest stream ID this hub has seen. */
+  private see(id: string): void {
+    if (comparePositions(id, this.seen) > 0) this.seen = id;
+  }
+
+  /**
+   * Compares the store with what this hub saw (and refreshes the trim horizon): a stream that
+   * ends before the highest ID this hub saw, a missing epoch, or another epoch than the one it
+   * knew, is a loss. The first look only learns the epoch (creating it in a new store).
+   */
+  private async verify(): Promise<void> {
+    const cmd = this.cmd!;
+    let epoch = (await cmd.sendCommand(["GET", REDIS_KEYS.epoch])) as string | null;
+    const fresh = randomBytes(8).toString("hex");
+    const created = !epoch && (await cmd.sendCommand(["SET", REDIS_KEYS.epoch, fresh, "NX"])) === "OK";
+    epoch = created ? fresh : ((epoch ?? (await cmd.sendCommand(["GET", REDIS_KEYS.epoch]))) as string);
+    const top = await this.streamInfo(true);
+    const known = this.epoch;
+    this.epoch = epoch;
+    if (!known) return;
+    const behind = comparePositions(top, this.seen) < 0;
+    // Only the first hub to find it gives the store a new epoch: the others see that one.
+    if (behind && top === "0-0") await this.lose(`it holds no stream, and this hub had read up to ${this.seen}: emptied (restarted without its append-only file, or flushed)`, top, epoch === known);
+    else if (behind) await this.lose(`its stream ends at ${top}, before ${this.seen}, which this hub had read: rolled back (restarted from an older snapshot, or failed over to a replica that lagged)`, top, epoch === known);
+    else if (created) await this.lose("its epoch key was gone: emptied (restarted without its append-only file, or flushed)", top, false);
+    // Two hubs finding one loss at once each give it an epoch: the second is no news to the first.
+    else if (epoch !== known && Date.now() - this.lostAt > 60_000) await this.lose("its epoch changed: another hub found it emptied or rolled back", top, false);
+  }
+
+  /** Answers a loss: says so, reads on from where the store now ends, and writes back what this hub holds; `announce` gives the store a new epoch, so that every other hub finds out too. */
+  private async lose(why: string, top: string, announce: boolean): Promise<void> {
+    this.losses++;
+    this.lostAt = Date.now();
+    this.lost = `${new Date(this.lostAt).toISOString()}: ${why}`;
+    this.listener.log(`error: store ${this.target.display} lost the fleet state: ${why}; writing back the claims this hub holds`);
+    if (comparePositions(top, this.last) < 0) this.last = top;
+    this.seen = top;
+    // Emptied without a reconnect (a flush): the fleet id goes back too, so every cursor stays valid.
+    await this.cmd!.sendCommand(["SET", REDIS_KEYS.id, this.hubId, "NX"]);
+    if (announce) {
+      this.epoch = randomBytes(8).toString("hex");
+      await this.cmd!.sendCommand(["SET", REDIS_KEYS.epoch, this.epoch]);
+    }
+    this.owed = true;
+    this.restore();
+  }
+
+  /** Starts the write-back owed, unless one is on its way. */
+  private restore(): void {
+    if (this.restoring) return;
+    this.restoring = this.writeBack().finally(() => (this.restoring = undefined));
+  }
+
+  /**
+   * Puts every claim this hub holds (bans and unbans not ended) back through the append script:
+   * what the store still has as new is skipped, the rest gets new stream entries that every hub
+   * reads (a hub that holds the claim already does not relay it again). A failure halfway leaves
+   * it owed, for the next reconnect.
+   */
+  private async writeBack(): Promise<void> {
+    this.owed = false;
+    const cmd = this.cmd;
+    const claims = [...this.snapshot.live(Date.now())];
+    let appended = 0;
+    try {
+      if (!cmd) throw new Error("not connected");
+      for (let i = 0; i < claims.length; i += 500) {
+        for (const [done, id] of await Promise.all(claims.slice(i, i + 500).map((e) => this.runAppend(cmd, e)))) {
+          if (done !== 1) continue;
+          appended++;
+          this.see(id);
+        }
+      }
+      if (this.replicas > 0) await within(cmd.sendCommand(["WAIT", String(this.replicas), "1000"]), 3000, "WAIT");
+    } catch (e) {
+      this.owed = true;
+      this.listener.log(`warning: store ${this.target.display}: write-back stopped after ${appended} claim(s) (${(e as Error).message}); it starts again when the store is back`);
+      return;
+    } finally {
+      this.writtenBack += appended;
+    }
+    this.lost += `; ${appended} of the ${claims.length} claim(s) this hub holds written back`;
+    this.listener.log(`store ${this.target.display}: wrote back ${appended} of the ${claims.length} claim(s) this hub holds (it still had the others): it holds the fleet state again`);
+  }
+
   private async readLoop(): Promise<void> {
     let attempt = 0;
     this.up = true;
@@ -1243,25 +1588,29 @@ class RedisStore implements Store {
       try {
         if (!this.reader) {
           await this.connect();
+          // Before it takes events again: a Redis that restarted may have come back without them.
+          await this.verify();
+          if (this.owed) this.restore();
           this.listener.log(`store ${this.target.display} is back: reading the stream after ${this.last}`);
           attempt = 0;
           this.up = true;
         }
         const reply = (await within(this.reader!.sendCommand(["XREAD", "COUNT", "1000", "BLOCK", "2000", "STREAMS", REDIS_KEYS.events, this.last]), 7000, "XREAD")) as Array<[string, Array<[string, string[]]>]> | null;
-        if (!reply) continue;
         const before = this.last;
         const events: FleetEvent[] = [];
-        for (const [id, fields] of reply[0][1]) {
+        for (const [id, fields] of reply?.[0][1] ?? []) {
           this.last = id;
+          this.see(id);
           this.read++;
           const e = parseJournalLine(`{"seq":"${id}",${(fields[1] ?? "{").slice(1)}`);
           if (e) events.push(e);
         }
         if (events.length) this.listener.durable(events);
-        // Trimmed past this reader (it lagged more than --stream-max-len entries): entries it never
-        // read are gone, but their claims are in the hash. Reload it; what is newer goes out.
-        await this.streamInfo();
-        if (this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
+        // Idle or not, the store is checked each round (a flush needs no reconnect). Trimmed past
+        // this reader (it lagged more than --stream-max-len entries): entries it never read are
+        // gone, but their claims are in the hash. Reload it; what is newer goes out.
+        await this.verify();
+        if (reply && this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
           const newer: FleetEvent[] = [];
           await this.scanClaims(this.cmd!, (e) => newer.push(e));
           this.listener.repaired(newer);
@@ -1290,18 +1639,24 @@ class RedisStore implements Store {
     return p;
   }
 
-  private async appendOne(e: FleetEvent): Promise<string> {
-    const cmd = this.cmd;
-    if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
+  /** Runs the append script for `e` (its seq left out): [1, the new entry ID] when appended, [0, the stored claim's seq] when that claim is as new. */
+  private runAppend(cmd: RedisClient, e: FleetEvent): Promise<[number, string]> {
     const { seq: _unused, ...rest } = e;
     const args = [`${e.ip}|${e.origin}`, JSON.stringify(rest), String(e.detectedAt), e.id, String(this.maxLen)];
     const run = (how: string, script: string) => cmd.sendCommand([how, script, "2", REDIS_KEYS.events, REDIS_KEYS.claims, ...args]);
+    return within(
+      run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
+      3000,
+      "append",
+    ) as Promise<[number, string]>;
+  }
+
+  private async appendOne(e: FleetEvent): Promise<string> {
+    const cmd = this.cmd;
+    if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
     try {
-      const reply = (await within(
-        run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
-        3000,
-        "append",
-      )) as [number, string];
+      const reply = await this.runAppend(cmd, e);
+      if (reply[0] === 1) this.see(reply[1]);
       // Redis replicates asynchronously: a master that fails over right after this write may
       // never pass it on. With --store-replicas the ack waits until that many replicas have it.
       if (this.replicas > 0) {
@@ -1338,8 +1693,12 @@ class RedisStore implements Store {
     return {
       ok: up,
       count: this.read,
-      fields: { store: up ? "up" : "down" },
-      metrics: metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
+      fields: { store: !up ? "down" : this.restoring ? "restoring" : "up", ...(this.lost ? { storeLost: this.lost } : {}) },
+      metrics: [
+        ...metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
+        ...metric("banshare_store_losses_total", "counter", "Times this hub found the store emptied or rolled back (it then writes back the claims it holds).", [["", this.losses]]),
+        ...metric("banshare_store_written_back_total", "counter", "Claims this hub wrote back into a store that had lost them.", [["", this.writtenBack]]),
+      ],
     };
   }
 
@@ -1390,6 +1749,7 @@ class RedisStore implements Store {
   async close(): Promise<void> {
     this.closing = true;
     clearInterval(this.timer);
+    await this.restoring;
     this.cmd?.destroy();
     this.reader?.destroy();
     this.wake?.();
@@ -1404,15 +1764,13 @@ class RedisStore implements Store {
 
 /** The structured log (`--csv`): one writer of the hub's rows; without a path it writes nothing. */
 export class Recorder {
-  private constructor(private readonly out?: WriteStream) {}
+  private constructor(private readonly out?: CsvFile) {}
 
   static async open(path: string | undefined, log: (line: string) => void): Promise<Recorder> {
     if (!path) return new Recorder();
     await mkdir(dirname(path), { recursive: true });
     if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
-    const out = createWriteStream(path, { flags: "a" });
-    out.on("error", (e) => log(`warning: cannot write ${path}: ${e.message}`));
-    return new Recorder(out);
+    return new Recorder(new CsvFile(path, log));
   }
 
   row(r: Omit<CsvRecord, "time" | "node">): void {
@@ -1420,7 +1778,90 @@ export class Recorder {
   }
 
   close(): Promise<void> {
-    return new Promise((resolve) => (this.out ? this.out.end(resolve) : resolve()));
+    return this.out?.close() ?? Promise.resolve();
+  }
+}
+
+/**
+ * The `--csv` file: rows appended in one write per batch, the file opened only for that write,
+ * so it is never held open (a remount read-only works). A write that fails (a full or read-only
+ * disk) is cut back to where it began, so no torn row stays, and its rows wait, up to
+ * `CSV_MAX_PENDING` bytes (the oldest rows beyond are dropped, and counted), for the next try a
+ * second later: writing resumes by itself once the disk has room. One warning when it starts
+ * failing, one line when it writes again.
+ */
+export class CsvFile {
+  private pending = "";
+  private writing: Promise<void> | undefined;
+  private failing = false;
+  private dropped = 0;
+  private retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly path: string,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Queues `text` (whole rows) to be appended. */
+  write(text: string): void {
+    this.pending += text;
+    if (this.pending.length > CSV_MAX_PENDING) {
+      const cut = this.pending.indexOf("\n", this.pending.length - CSV_MAX_PENDING) + 1;
+      this.dropped += this.pending.slice(0, cut).split("\n").length - 1;
+      this.pending = this.pending.slice(cut);
+    }
+    this.kick();
+  }
+
+  /** Writes what waits, once more if the disk refuses; resolves when done. */
+  async close(): Promise<void> {
+    clearTimeout(this.retry);
+    await this.writing;
+    this.kick(true);
+    await this.writing;
+  }
+
+  /** Starts a write of what waits, unless one is under way; while failing, only the retry (`again`) does. */
+  private kick(again = false): void {
+    if (this.writing || !this.pending || (this.failing && !again)) return;
+    const chunk = this.pending;
+    this.pending = "";
+    this.writing = appendWhole(this.path, chunk).then(
+      () => {
+        if (this.failing) this.log(`${this.path} is written again${this.dropped ? ` (${this.dropped} row(s) dropped while it could not be)` : ""}`);
+        this.failing = false;
+        this.dropped = 0;
+      },
+      (e: Error) => {
+        this.pending = chunk + this.pending;
+        if (!this.failing) this.log(`warning: cannot write ${this.path}: ${e.message}; its rows wait in memory and are tried again every second`);
+        this.failing = true;
+        this.retry = setTimeout(() => this.kick(true), 1000);
+        this.retry.unref();
+      },
+    );
+    void this.writing.finally(() => {
+      this.writing = undefined;
+      this.kick();
+    });
+  }
+}
+
+/** Most bytes of rows a failing `--csv` file holds in memory (about 8,000 rows). */
+const CSV_MAX_PENDING = 1 << 20;
+
+/** Appends `text` to `path` (created with the CSV header when missing); on failure the file is cut back to its size before. */
+async function appendWhole(path: string, text: string): Promise<void> {
+  const fh = await open(path, "a");
+  let size = 0;
+  try {
+    size = (await fh.stat()).size;
+    await fh.writeFile(size === 0 ? `${CSV_HEADER}\n${text}` : text);
+  } catch (e) {
+    await fh.truncate(size).catch(() => {});
+    throw e;
+  } finally {
+    await fh.close().catch(() => {});
   }
 }
 
@@ -1725,6 +2166,242 @@ function eventsFrame(events: FleetEvent[]): HubFrame {
   return events.length === 1 ? { type: "event", ...events[0] } : { type: "sync", full: false, events, seq: events[events.length - 1].seq };
 }
 
+/** The durable claims as syncs send them: built once, shared by every sync that starts while it is fresh. */
+interface SyncSnapshot {
+  /** The durable position it shows. */
+  readonly upTo: string;
+  /** The live claims, in seq order (`syncEvents`). */
+  readonly events: FleetEvent[];
+  /** The full-sync frames, serialised once for every sync, each when the first sync needs it. */
+  readonly frames: Buffer[];
+  /** Events relayed since it was built, and the durable position after them: each sync sends them last. */
+  readonly after: FleetEvent[];
+  afterUpTo: string;
+  readonly at: number;
+  /** Until when syncs starting may share it: SNAPSHOT_REUSE_MS, or 50 times its build time. */
+  readonly freshUntil: number;
+  /** Syncs sending it now. */
+  users: number;
+}
+
+/** One agent's sync in progress. */
+interface SyncJob {
+  readonly c: Conn;
+  readonly snap: SyncSnapshot;
+  /** The cursor it resumes after; undefined: a full sync. */
+  readonly after?: string;
+  /** Index in `snap.events` of the first event it sends, and of the next. */
+  readonly from: number;
+  next: number;
+  /** Since when its socket has had no room (its agent is not reading), ms. */
+  stalledSince?: number;
+}
+
+/** Index of the first event of `events` (in seq order) after position `seq`. */
+function firstAfter(events: FleetEvent[], seq: string): number {
+  let lo = 0;
+  let hi = events.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (comparePositions(events[mid].seq, seq) <= 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/**
+ * The syncs in progress. A whole fleet connecting at once (a power cut, a boot) must not starve
+ * live traffic: each sync is sent one frame at a time, round-robin among them, a few ms of work
+ * per turn of the event loop, and only while its socket has room (a slow reader holds no more
+ * than about SYNC_WINDOW_BYTES of the hub's memory). The claims are put in order and each
+ * full-sync frame serialised once for every sync starting while the snapshot is fresh; what is
+ * relayed meanwhile is sent after the snapshot, and only then does the agent get relayed events.
+ */
+export class Syncs {
+  /** The syncs being sent, round-robin, and those waiting for a place, in order. */
+  private readonly active: SyncJob[] = [];
+  private readonly backlog: SyncJob[] = [];
+  /** Snapshots in use, and the fresh one new syncs share: the relay's events are appended to each. */
+  private readonly live = new Set<SyncSnapshot>();
+  private current?: SyncSnapshot;
+  private scheduled = false;
+  private timer?: NodeJS.Timeout;
+  private stopped = false;
+  /** A herd (more syncs than SYNC_CONCURRENCY at once) under way since, and the syncs it completed: one log line at each end. */
+  private herd?: { since: number; done: number };
+
+  constructor(
+    private readonly fleet: FleetState,
+    private readonly chunk: number,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Syncs not yet sent in full. */
+  get size(): number {
+    return this.active.length + this.backlog.length;
+  }
+
+  /** Starts bringing `c` up to date: the events after `after` (a cursor the store resumes from), or everything. */
+  start(c: Conn, after: string | undefined): void {
+    const snap = this.snapshot(Date.now());
+    snap.users++;
+    const from = after === undefined ? 0 : firstAfter(snap.events, after);
+    this.backlog.push({ c, snap, after, from, next: from });
+    if (!this.herd && this.size > SYNC_CONCURRENCY) {
+      this.herd = { since: Date.now(), done: 0 };
+      this.log(`more than ${SYNC_CONCURRENCY} agents want a sync at once: sending ${SYNC_CONCURRENCY} at a time, live traffic first`);
+    }
+    this.schedule(0);
+  }
+
+  /** The relay sent `events` to the synced agents and the durable position is now `upTo`: the syncs in progress send them after their snapshot. */
+  relayed(events: FleetEvent[], upTo: string): void {
+    const now = Date.now();
+    for (const s of this.live) {
+      if (!s.users && now > s.freshUntil) {
+        this.drop(s);
+        continue;
+      }
+      for (const e of events) s.after.push(e);
+      s.afterUpTo = upTo;
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.active.length = 0;
+    this.backlog.length = 0;
+  }
+
+  private snapshot(now: number): SyncSnapshot {
+    const cur = this.current;
+    if (cur && now <= cur.freshUntil) return cur;
+    if (cur && !cur.users) this.drop(cur);
+    const upTo = this.fleet.durable;
+    const t0 = performance.now();
+    const events = syncEvents(this.fleet.claims, undefined, now);
+    const freshUntil = now + Math.max(SNAPSHOT_REUSE_MS, 50 * (performance.now() - t0));
+    const snap: SyncSnapshot = { upTo, events, frames: [], after: [], afterUpTo: upTo, at: now, freshUntil, users: 0 };
+    this.live.add(snap);
+    return (this.current = snap);
+  }
+
+  /** A sync is done with `s`: unused, it goes (the fresh one once it is stale, so an idle hub holds none). */
+  private release(s: SyncSnapshot): void {
+    if (--s.users) return;
+    if (s !== this.current) return this.drop(s);
+    setTimeout(() => {
+      if (!s.users && Date.now() > s.freshUntil) this.drop(s);
+    }, s.freshUntil - Date.now() + 1).unref();
+  }
+
+  private drop(s: SyncSnapshot): void {
+    this.live.delete(s);
+    if (this.current === s) this.current = undefined;
+  }
+
+  private schedule(delay: number): void {
+    if (this.scheduled || this.stopped) return;
+    this.scheduled = true;
+    const run = () => {
+      this.scheduled = false;
+      this.timer = undefined;
+      this.pump();
+    };
+    if (delay) this.timer = setTimeout(run, delay);
+    else setImmediate(run);
+  }
+
+  /** One turn: a frame to each active sync in turn whose socket has room, for at most SYNC_SLICE_MS. */
+  private pump(): void {
+    const end = performance.now() + SYNC_SLICE_MS;
+    const now = Date.now();
+    const { active, backlog } = this;
+    while (active.length < SYNC_CONCURRENCY && backlog.length) active.push(backlog.shift()!);
+    let waiting = 0;
+    while (active.length && waiting < active.length && performance.now() < end) {
+      const job = active.shift()!;
+      const ws = job.c.ws;
+      if (ws.readyState !== ws.OPEN) {
+        this.release(job.snap);
+        if (backlog.length) active.push(backlog.shift()!);
+        continue;
+      }
+      if (ws.bufferedAmount > SYNC_WINDOW_BYTES) {
+        job.stalledSince ??= now;
+        // An agent that does not read keeps no one else waiting: it goes to the back of the line.
+        if (now - job.stalledSince > SYNC_STALL_MS && backlog.length) {
+          job.stalledSince = undefined;
+          backlog.push(job);
+          active.push(backlog.shift()!);
+        } else active.push(job);
+        waiting++;
+        continue;
+      }
+      job.stalledSince = undefined;
+      waiting = 0;
+      if (this.step(job)) active.push(job);
+      else if (backlog.length) active.push(backlog.shift()!);
+    }
+    if (active.length) return this.schedule(waiting >= active.length ? SYNC_WAIT_MS : 0);
+    if (this.herd) this.log(`every sync sent: ${this.herd.done} in ${((Date.now() - this.herd.since) / 1000).toFixed(1)} s`);
+    this.herd = undefined;
+  }
+
+  /**
+   * Sends the job's next frame; false once it sent the last. A full sync of more than one frame
+   * sends the snapshot's shared frames (each with `more`); the last frames are the job's own:
+   * the rest of the snapshot (a small or a resuming sync) and what was relayed since, at the
+   * durable position now. The agent then gets relayed events like every other.
+   */
+  private step(job: SyncJob): boolean {
+    const { snap, c } = job;
+    const total = snap.events.length;
+    const full = job.after === undefined;
+    const shared = full && total > this.chunk;
+    if (shared ? job.next < total : total - job.next > this.chunk) {
+      const end = Math.min(job.next + this.chunk, total);
+      const body = () => syncFrame(full, snap.events.slice(job.next, end), snap.upTo, true);
+      this.sendSync(c, shared ? (snap.frames[job.next / this.chunk] ??= body()) : body());
+      job.next = end;
+      return true;
+    }
+    const rest = snap.events.slice(job.next).concat(this.since(snap, job.after));
+    for (let i = 0; i === 0 || i < rest.length; i += this.chunk) this.sendSync(c, syncFrame(full, rest.slice(i, i + this.chunk), snap.afterUpTo, i + this.chunk < rest.length));
+    c.receiving = true;
+    c.sentSeq = snap.afterUpTo;
+    if (this.herd) this.herd.done++;
+    this.release(snap);
+    this.log(`${c.who} ${full ? "full sync" : `resumed after ${job.after}`}: ${job.next - job.from + rest.length} event(s)`);
+    return false;
+  }
+
+  /**
+   * What was relayed since `snap` that a sync built now would hold: each event that is still its
+   * (address, origin)'s claim and not ended, once, and when resuming only those after the cursor.
+   */
+  private since(snap: SyncSnapshot, cursor: string | undefined): FleetEvent[] {
+    const now = Date.now();
+    const out = new Set<FleetEvent>();
+    for (const e of snap.after) {
+      if (this.fleet.claims.get(e.ip)?.get(e.origin) !== e || e.held || (e.until !== null && e.until <= now)) continue;
+      if (cursor === undefined || comparePositions(e.seq, cursor) > 0) out.add(e);
+    }
+    return [...out];
+  }
+
+  private sendSync(c: Conn, frame: Buffer): void {
+    c.syncBytes += frame.length;
+    c.send(frame);
+  }
+}
+
+/** One `sync` frame, serialised. */
+function syncFrame(full: boolean, events: FleetEvent[], seq: string, more: boolean): Buffer {
+  return Buffer.from(JSON.stringify({ type: "sync", full, events, seq, more: more || undefined }));
+}
+
 /**
  * The status page's feed: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for
  * all of them and not at all while nobody watches, and every event as it is relayed; the agents'
@@ -1818,6 +2495,7 @@ export class Relay {
     private readonly metrics: Metrics,
     private readonly recorder: Recorder,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
   ) {}
 
   /** `all` became durable (or came from the store's reload); `upTo` is the hub's durable position now. */
@@ -1827,6 +2505,7 @@ export class Relay {
     this.feed.relayed(all);
     // Claims held back by --quorum stay in the store and the claims, and go nowhere yet.
     const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
+    this.syncs.relayed(events, upTo);
     if (!events.length) return;
     const sent = { ban: 0, unban: 0 };
     for (const e of events) sent[e.kind] += receiving.length;
@@ -1942,9 +2621,15 @@ export class Gate {
     return new Gate(file, parseTokens(await readFile(file, "utf8"), file), conns, maxConnsPerNode, refusals, log);
   }
 
-  /** Reads the token file again (SIGHUP); connections whose token went or changed are closed. */
+  /**
+   * Reads the token file again (SIGHUP); connections whose token went or changed are closed. A
+   * file that does not parse, or lists no node (empty: an editor or tool rewriting it in place),
+   * throws and the old list stays: a reload never locks out every node.
+   */
   async reload(): Promise<void> {
-    this.tokens = parseTokens(await readFile(this.file, "utf8"), this.file);
+    const tokens = parseTokens(await readFile(this.file, "utf8"), this.file);
+    if (!tokens.length) throw new UsageError(`${this.file} lists no node (empty, or being rewritten?); reloading it would lock out all ${this.tokens.length}`);
+    this.tokens = tokens;
     this.conns.revoke(this.tokens, this.log);
     this.log(`loaded ${this.tokens.length} node(s) from ${this.file}`);
   }
@@ -1973,7 +2658,7 @@ export class Sessions {
   private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false, handleProtocols: (offered) => (offered.has(STATUS_PROTOCOL) ? STATUS_PROTOCOL : false) });
 
   constructor(
-    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes" | "syncChunk">,
+    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes">,
     private readonly gate: Gate,
     private readonly conns: Connections,
     private readonly fleet: FleetState,
@@ -1981,6 +2666,7 @@ export class Sessions {
     private readonly publisher: Publisher,
     private readonly refusals: Refusals,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
     private readonly log: (line: string) => void,
   ) {}
 
@@ -2082,26 +2768,14 @@ export class Sessions {
   }
 
   /**
-   * Brings an agent up to date: the events after its cursor when the store can resume from it,
-   * else the full state. Only what is durable (the fleet's claims up to its durable position):
-   * an event still on its way to the store reaches the agent by relay once it is there.
+   * Brings an agent up to date (`Syncs`): the events after its cursor when the store can resume
+   * from it, else the full state. Only what is durable (the fleet's claims up to its durable
+   * position): an event still on its way to the store reaches the agent by relay once it is there.
    */
   private async sync(c: Conn, cursor: Cursor | undefined): Promise<void> {
     const resumes = cursor !== undefined && cursor.hub === this.store.hubId && isPosition(cursor.seq) && (await this.store.resumes(cursor.seq, this.fleet.durable));
     if (c.ws.readyState !== c.ws.OPEN) return;
-    const resumeFrom = resumes ? cursor.seq : undefined;
-    const upTo = this.fleet.durable;
-    const events = syncEvents(this.fleet.claims, resumeFrom, Date.now());
-    const full = resumeFrom === undefined;
-    const chunk = this.opts.syncChunk;
-    for (let i = 0; i === 0 || i < events.length; i += chunk) {
-      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: events.slice(i, i + chunk), seq: upTo, more: i + chunk < events.length || undefined }));
-      c.syncBytes += frame.length;
-      c.send(frame);
-    }
-    c.receiving = true;
-    c.sentSeq = upTo;
-    this.log(`${c.who} ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
+    this.syncs.start(c, resumes ? cursor.seq : undefined);
   }
 }
 
@@ -2133,6 +2807,8 @@ export class HttpApi {
     // GET /v1/whoami (any role) and GET /v1/bans (admin only): what `ban.ts status` and `ban.ts list` show.
     this.routes.set("/v1/whoami", { methods: ["GET"], handle: this.authed((_req, res, entry) => this.whoami(res, entry)) });
     this.routes.set("/v1/bans", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.bans(res, entry, remote)) });
+    // GET /v1/blocked (any role): the addresses an agent should hold, which `ban.ts status` compares with its kernel.
+    this.routes.set("/v1/blocked", { methods: ["GET"], handle: this.authed((_req, res) => this.blocked(res)) });
     // GET /v1/nodes (admin only): every connected agent and its enforcement report, for `ban.ts status --fleet`.
     this.routes.set("/v1/nodes", { methods: ["GET"], handle: this.authed((_req, res, entry, remote) => this.nodes(res, entry, remote)) });
     // The status page is static (no data, no token in it): its script fetches everything over the socket.
@@ -2183,6 +2859,12 @@ export class HttpApi {
   private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
     json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, ...countBlocked(this.fleet.claims, now) });
+  }
+
+  /** Every role's agent gets these addresses in its sync anyway: no more than a node may know. */
+  private blocked(res: ServerResponse): void {
+    const now = Date.now();
+    json(res, 200, { hub: this.store.hubId, seq: this.store.position(), now, addresses: blockedAddresses(this.fleet.claims, now) });
   }
 
   private bans(res: ServerResponse, entry: TokenEntry, remote: string): void {
@@ -2289,10 +2971,22 @@ function every(ms: number, fn: () => void): NodeJS.Timeout {
   return t;
 }
 
+/** True when `claims` holds `e` itself (the same event, held or relayed alike). */
+function holdsClaim(claims: Claims, e: FleetEvent): boolean {
+  const c = claims.get(e.ip)?.get(e.origin);
+  return !!c && c.id === e.id && c.detectedAt === e.detectedAt && c.kind === e.kind && !!c.held === !!e.held;
+}
+
 /** What the store's news does: durable events join the fleet state and go out; a fatal error stops the hub. */
 function storeListener(fleet: FleetState, relay: Relay, log: (line: string) => void, stop: () => void): StoreListener {
   return {
-    durable: (events) => relay.send(fleet.commit(events), fleet.durable),
+    // A claim the hub holds already (a store's write-back, a stream entry its start-up snapshot
+    // had) is not relayed again; the agents' cursors still move on.
+    durable: (events) => {
+      const fresh = events.filter((e) => !holdsClaim(fleet.claims, e));
+      fleet.commit(events);
+      relay.send(fresh, fleet.durable);
+    },
     repaired: (events) => {
       const newer = fleet.repair(events);
       if (!newer.length) return;
@@ -2318,12 +3012,13 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, refusals, log);
   const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate, maxClaimsPerNode: opts.maxClaimsPerNode ?? DEFAULT_MAX_CLAIMS_PER_NODE });
   const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
-  const relay = new Relay(conns, metrics, recorder, feed);
+  const syncs = new Syncs(fleet, opts.syncChunk, log);
+  const relay = new Relay(conns, metrics, recorder, feed, syncs);
   const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
   fleet.durable = store.position();
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
   const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
-  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, log);
+  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, syncs, log);
   const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics);
   const server = await listen(opts, http, sessions, refusals).catch(async (e: Error) => {
     await Promise.all([store.close(), recorder.close()]);
@@ -2342,6 +3037,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         gate.closing = true;
         for (const t of timers) clearInterval(t);
         feed.stop();
+        syncs.stop();
         await store.barrier().catch(() => {});
         conns.terminateAll();
         sessions.close();
@@ -2415,6 +3111,18 @@ function withOwnEnv<T>(flags: string[], parse: () => T): T {
   }
 }
 
+/**
+ * Throws a UsageError for an option given more than once that takes one value: yargs would hand
+ * on an array of the values (`--backend ipset --backend nftables`), which nothing after it expects.
+ */
+function onlyOnce(argv: Record<string, unknown>, repeatable: readonly string[]): true {
+  for (const [key, value] of Object.entries(argv)) {
+    if (key === "_" || /[A-Z]/.test(key) || repeatable.includes(key) || !Array.isArray(value)) continue;
+    throw new UsageError(`Expected --${key} once, got it ${value.length} times: ${value.map((v) => JSON.stringify(v)).join(", ")}`);
+  }
+  return true;
+}
+
 /** Turns the command line (without `node hub.ts`) into a command. Throws with one sentence on bad usage. */
 export function parseArgs(argv: string[]): ParsedArgs {
   let result: ParsedArgs | undefined;
@@ -2425,6 +3133,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .env("BANSHARE")
       .config("config", "JSON file with any of these options")
       .option("tokens", { type: "string", describe: "Token file: one `NAME SHA256HEX [ROLE]` line per node" })
+      .check((a) => onlyOnce(a, ["protect", "trust", "host"]))
       .command(
         ["serve", "$0"],
         "Run the hub",

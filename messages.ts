@@ -721,7 +721,8 @@ export function enforcementVerdict(f: Omit<EnforcementFrame, "type">): { ok: boo
   return { ok: true, text: "enforcing" };
 }
 
-function checkEvent(e: unknown): string | undefined {
+/** Why `e` is not a well-formed event (a sync entry, a journal line, a state file's claim), or undefined. */
+export function checkEvent(e: unknown): string | undefined {
   if (typeof e !== "object" || e === null || Array.isArray(e)) return "an event is not an object";
   const o = e as Record<string, unknown>;
   if (o.kind !== "ban" && o.kind !== "unban") return `event kind ${quote(o.kind)}`;

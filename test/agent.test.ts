@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
+import { execa } from "execa";
+import { needs } from "./lib/skip.ts";
 import { WebSocketServer, type WebSocket as ServerSocket } from "ws";
 import {
   Allowlist,
@@ -41,6 +43,10 @@ import {
   nftReconcileScript,
   nftSession,
   nftSetupScript,
+  nftSetupSteps,
+  nftSetName,
+  NFT_SETS,
+  type Command,
   nftTestScript,
   ipsetTestScript,
   IPSET_MAX_TIMEOUT_S,
@@ -56,7 +62,7 @@ import {
   agentMetricsText,
   enforcementFrame,
 } from "../agent.ts";
-import { countKernelEntries, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
+import { kernelAddresses, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
 import { requireOrSkip } from "./lib/skip.ts";
 import { contains, mergeClaim, parseAddress, parseNodeFrame, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
@@ -192,12 +198,28 @@ describe("KernelSession: batches to one long-lived process, acknowledged on stdo
 describe("nftables plans: sets survive a restart, each change replaces the element's timeout, reconcile is one atomic transaction", () => {
   test("setup adds table and sets without flushing them, and rewrites its chain's rules", () => {
     const s = nftSetupScript({ ...cfg, ports: [22] });
-    assert.match(s, /^add set inet banshare v4 \{ type ipv4_addr; flags interval, timeout; size 2097152; \}$/m);
+    // Addresses in hash sets (no interval flag: nft 1.0 reads an interval set back before every change), networks in interval sets.
+    assert.match(s, /^add set inet banshare v4 \{ type ipv4_addr; flags timeout; size 2097152; \}$/m);
+    assert.match(s, /^add set inet banshare v6 \{ type ipv6_addr; flags timeout; size 2097152; \}$/m);
+    assert.match(s, /^add set inet banshare v4net \{ type ipv4_addr; flags interval, timeout; size 2097152; \}$/m);
+    assert.match(s, /^add set inet banshare v6net \{ type ipv6_addr; flags interval, timeout; size 2097152; \}$/m);
     assert.doesNotMatch(s, /flush set/);
     assert.match(s, /^flush chain inet banshare input$/m);
     assert.match(s, /^add rule inet banshare input ip saddr \{ 192\.0\.2\.0\/24 \} return$/m);
-    assert.match(s, /^add rule inet banshare input tcp dport \{ 22 \} ip saddr @v4 drop$/m);
-    assert.match(s, /^add rule inet banshare input tcp dport \{ 22 \} ip6 saddr @v6 drop$/m);
+    for (const [ip, set] of [["ip", "v4"], ["ip6", "v6"], ["ip", "v4net"], ["ip6", "v6net"]]) assert.match(s, new RegExp(`^add rule inet banshare input tcp dport \\{ 22 \\} ${ip} saddr @${set} counter drop$`, "m"));
+  });
+
+  test("setup replaces a table of the old layout (interval sets v4, v6, no v4net) in the same transaction, and leaves a current one alone", () => {
+    const [migrate, setup] = nftSetupSteps(cfg) as Command[];
+    assert.deepEqual(migrate.when, ["nft", "-t", "list", "table", "inet", "banshare"]);
+    assert.deepEqual(migrate.unless, ["nft", "-t", "list", "set", "inet", "banshare", "v4net"]);
+    assert.equal(migrate.input, `delete table inet banshare\n${nftSetupScript(cfg)}`);
+    assert.deepEqual(setup, { argv: ["nft", "-f", "-"], input: nftSetupScript(cfg) });
+  });
+
+  test("addresses go to the hash sets, networks to the interval sets", () => {
+    assert.deepEqual(["203.0.113.7", "2001:db8::1", "203.0.113.0/24", "2001:db8::/64"].map(nftSetName), ["v4", "v6", "v4net", "v6net"]);
+    assert.deepEqual([...NFT_SETS], ["v4", "v6", "v4net", "v6net"]);
   });
 
   test("changes re-add each element so its timeout is replaced, in one transaction", () => {
@@ -224,7 +246,11 @@ describe("nftables plans: sets survive a restart, each change replaces the eleme
 
   test("reconcile flushes and refills both sets in one atomic transaction", () => {
     const s = nftReconcileScript("banshare", new Map<string, number | null>([["203.0.113.7", null], ["203.0.113.8", NOW + 2000]]), NOW);
-    assert.equal(s, "flush set inet banshare v4\nflush set inet banshare v6\nadd element inet banshare v4 { 203.0.113.7, 203.0.113.8 timeout 2s }\n");
+    assert.equal(s, "flush set inet banshare v4\nflush set inet banshare v6\nflush set inet banshare v4net\nflush set inet banshare v6net\nadd element inet banshare v4 { 203.0.113.7, 203.0.113.8 timeout 2s }\n");
+    const nets = nftReconcileScript("banshare", new Map<string, number | null>([["203.0.113.0/24", null], ["2001:db8::1", null]]), NOW);
+    assert.match(nets, /^add element inet banshare v4net \{ 203\.0\.113\.0\/24 \}$/m);
+    assert.match(nets, /^add element inet banshare v6 \{ 2001:db8::1 \}$/m);
+    assert.equal((BACKENDS.nftables.fill!(cfg, new Map([["203.0.113.7", null]]), NOW, new Set())[0] as Command).input, "add element inet banshare v4 { 203.0.113.7 }\n", "fill adds without flushing");
   });
 });
 
@@ -269,13 +295,13 @@ describe("where the DROP is hooked in (--hook) and the enforcement check's reade
     assert.match(nft, /^add set inet banshare v4 /m);
     assert.match(nft, /^delete chain inet banshare input$/m);
     assert.match(nft, /^delete chain inet banshare forward$/m);
-    assert.doesNotMatch(nft, /saddr @v4 drop/);
+    assert.doesNotMatch(nft, /saddr @v4/);
   });
 
   test("nftables hooks its chains input and forward, each dropping both families", () => {
     const nft = nftSetupScript({ ...cfg, hooks: ["forward"] });
     assert.match(nft, /^add chain inet banshare forward \{ type filter hook forward priority filter - 10; policy accept; \}$/m);
-    assert.match(nft, /^add rule inet banshare forward ip6 saddr @v6 drop$/m);
+    for (const set of ["v6", "v6net"]) assert.match(nft, new RegExp(`^add rule inet banshare forward ip6 saddr @${set} counter drop$`, "m"));
     assert.match(nft, /^delete chain inet banshare input$/m);
   });
 
@@ -321,10 +347,15 @@ describe("where the DROP is hooked in (--hook) and the enforcement check's reade
   });
 
   test("the nftables check reads `nft -t list ruleset`: the table, its sets, and each hook's chain with both drops", () => {
-    const table = "table ip filter {\n}\ntable inet banshare {\n\tset v4 {\n\t\ttype ipv4_addr\n\t}\n\tset v6 {\n\t}\n\tchain input {\n\t\ttype filter hook input priority filter - 10; policy accept;\n\t\tip saddr @v4 drop\n\t\tip6 saddr @v6 drop\n\t}\n}\n";
+    const drops = ["ip saddr @v4", "ip6 saddr @v6", "ip saddr @v4net", "ip6 saddr @v6net"].map((m) => `\t\t${m} counter packets 3 bytes 180 drop\n`).join("");
+    const sets = NFT_SETS.map((set) => `\tset ${set} {\n\t\ttype ipv4_addr\n\t}\n`).join("");
+    const table = `table ip filter {\n}\ntable inet banshare {\n${sets}\tchain input {\n\t\ttype filter hook input priority filter - 10; policy accept;\n${drops}\t}\n}\n`;
     const r = BACKENDS.nftables.read!({ ...cfg, hooks: ["input", "forward"] }, { ruleset: table });
     assert.deepEqual(r.missing, ["nft forward chain"]);
     assert.equal(r.hooks.get("nft input"), "present");
+    const oldLayout = table.replace(/\tset v4net \{[^}]*\}\n/, "").replace(/\t\tip saddr @v4net.*\n/, "");
+    const old = BACKENDS.nftables.read!({ ...cfg, hooks: ["input"] }, { ruleset: oldLayout });
+    assert.deepEqual(old.missing, ["set inet banshare v4net", "nft input chain"], "a table without the network sets, or a chain without their drops, is repaired");
     assert.deepEqual(BACKENDS.nftables.read!(cfg, { ruleset: "table ip filter {\n}\n" }).missing, ["table inet banshare"]);
     assert.equal(BACKENDS.nftables.read!(cfg, { ruleset: table }).entries, undefined, "nft sets are not counted: a listing costs seconds at 100k");
   });
@@ -497,7 +528,7 @@ describe("ban.ts's copy of the agent's backend table stays in step", () => {
   test("ban.ts counts the iptables rules the agent reads back as its own", () => {
     const out = "-N banshare\n-A banshare -s 192.0.2.0/24 -j RETURN\n-A banshare -s 203.0.113.7/32 -j DROP\n-A banshare -s 2001:db8::7/128 -p tcp -m multiport --dports 22 -j DROP\n";
     assert.deepEqual(BACKENDS.iptables.listed!(out), ["203.0.113.7", "2001:db8::7"]);
-    assert.equal(countKernelEntries("iptables", out), BACKENDS.iptables.listed!(out).length);
+    assert.deepEqual(kernelAddresses("iptables", out), BACKENDS.iptables.listed!(out));
   });
 });
 
@@ -607,7 +638,7 @@ describe("timeouts are capped to each kernel's limit", () => {
     assert.equal(NFT_MAX_TIMEOUT_S, 99_999_999);
     const tenYears = NOW + 10 * 365 * 86_400_000;
     assert.match(nftChangeScript("banshare", [{ ip: "203.0.113.7", until: tenYears }], NOW), /\{ 203\.0\.113\.7 timeout 99999999s \}/);
-    assert.equal(nftReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), "flush set inet banshare v4\nflush set inet banshare v6\nadd element inet banshare v4 { 203.0.113.7 timeout 99999999s }\n");
+    assert.match(nftReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), /^add element inet banshare v4 \{ 203\.0\.113\.7 timeout 99999999s \}\n$/m);
     assert.match(ipsetReconcileScript("banshare", new Map([["203.0.113.7", tenYears]]), NOW), new RegExp(`add banshare-v4-tmp 203\\.0\\.113\\.7 timeout ${IPSET_MAX_TIMEOUT_S}\n`));
     assert.equal(BACKENDS.nftables.maxTimeoutS, NFT_MAX_TIMEOUT_S);
     assert.equal(BACKENDS.ipset.maxTimeoutS, IPSET_MAX_TIMEOUT_S);
@@ -617,12 +648,12 @@ describe("timeouts are capped to each kernel's limit", () => {
   test("the test scripts try entries in scratch sets only, made and removed again", () => {
     const entries: Change[] = [{ ip: "203.0.113.7", until: NOW + 30_000 }, { ip: "2001:db8::/64", until: null }];
     assert.equal(nftTestScript("banshare", entries, NOW), [
-      "add set inet banshare test4 { type ipv4_addr; flags interval, timeout; size 2097152; }",
+      "add set inet banshare test4 { type ipv4_addr; flags timeout; size 2097152; }",
       "add element inet banshare test4 { 203.0.113.7 timeout 30s }",
       "delete set inet banshare test4",
-      "add set inet banshare test6 { type ipv6_addr; flags interval, timeout; size 2097152; }",
-      "add element inet banshare test6 { 2001:db8::/64 }",
-      "delete set inet banshare test6",
+      "add set inet banshare test6net { type ipv6_addr; flags interval, timeout; size 2097152; }",
+      "add element inet banshare test6net { 2001:db8::/64 }",
+      "delete set inet banshare test6net",
       "",
     ].join("\n"));
     const ipset = ipsetTestScript("banshare", entries.slice(0, 1), NOW);
@@ -715,7 +746,7 @@ class MemoryKernel implements Backend {
   }
   async fill(desired: Map<string, number | null>, now: number) {
     this.calls.push(`fill ${desired.size}`);
-    await this.apply([...desired].filter(([ip]) => !this.held.has(ip)).map(([ip, until]) => ({ ip, until })), now);
+    return this.apply([...desired].filter(([ip]) => !this.held.has(ip)).map(([ip, until]) => ({ ip, until })), now);
   }
 }
 
@@ -757,6 +788,49 @@ describe("Applier: refused entries, capped timeouts and overlapping networks", (
       assert.equal(applier.refused.has("203.0.113.2"), false);
     } finally {
       await applier.close();
+    }
+  });
+
+  test("restore() from the state file: an entry the kernel refuses costs only itself, with one REJECT row; the rest is enforced", async () => {
+    const now = Date.now();
+    const kernel = new MemoryKernel(1000, 5000);
+    const { applier, rows } = start(kernel);
+    try {
+      const n = await applier.restore([ev("ban", "203.0.113.1", now - 1000, null), ev("ban", "203.0.113.2", now - 1000, now + 9_000_000), ev("ban", "203.0.113.3", now - 1000, now + 60_000)], now);
+      assert.equal(n, 2);
+      assert.deepEqual([...kernel.held.keys()].sort(), ["203.0.113.1", "203.0.113.3"]);
+      assert.deepEqual(rows.filter((r) => r.action === "REJECT").map((r) => [r.ip, r.detail]), [["203.0.113.2", "kernel refused: Error: value too large"]]);
+    } finally {
+      await applier.close();
+    }
+  });
+
+  test("makeBackend(): a fill the kernel refuses is split, and only the refused entries are returned (nftables, in a namespace)", needs(["root", "netns", "nft"], "kernel"), async () => {
+    const ns = `bsfill-${process.pid}`;
+    await execa("ip", ["netns", "add", ns]);
+    try {
+      const script = join(tmpdir(), `bsfill-${process.pid}.mts`);
+      await writeFile(script, [
+        `import { makeBackend } from ${JSON.stringify(join(process.cwd(), "agent.ts"))};`,
+        `const b = makeBackend("nftables", { prefix: "banshare", ports: [], allow: [] }, () => {});`,
+        `await b.setup();`,
+        `const now = Date.now();`,
+        `const refused = await b.fill(new Map([["203.0.113.1", null], ["203.0.113.0/28", null], ["203.0.113.8/29", now + 60000], ["2001:db8::1", null]]), now);`,
+        `console.log(JSON.stringify(refused.map((r) => r.change.ip)));`,
+        `b.close();`,
+      ].join("\n"));
+      try {
+        // The /29 lies inside the /28: an interval set refuses it; the rest lands.
+        const r = await execa("ip", ["netns", "exec", ns, process.execPath, "--import", "tsx", script], { cwd: process.cwd(), reject: false, timeout: 30_000 });
+        assert.equal(r.exitCode, 0, r.stderr);
+        assert.deepEqual(JSON.parse(r.stdout.trim().split("\n").at(-1)!), ["203.0.113.8/29"]);
+        const listed = (await execa("ip", ["netns", "exec", ns, "nft", "list", "table", "inet", "banshare"])).stdout;
+        for (const want of ["203.0.113.1", "203.0.113.0/28", "2001:db8::1"]) assert.ok(listed.includes(want), `${want} in the kernel:\n${listed}`);
+      } finally {
+        await rm(script, { force: true });
+      }
+    } finally {
+      await execa("ip", ["netns", "del", ns], { reject: false });
     }
   });
 
@@ -848,6 +922,44 @@ describe("StateFile: the --state file reads back what was saved, and a file that
   });
 });
 
+describe("StateFile: a damaged --state file costs only the lines that are damaged", () => {
+  test("a flipped bit in one claim, a cut line, or a damaged cursor line: every other claim loads, with one warning", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "banshare-state-"));
+    try {
+      const path = join(dir, "agent.state");
+      const ips = ["203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"];
+      const claims = claimsOf(...ips.map((ip, i) => ev("ban", ip, NOW + i, null)));
+      const lines: string[] = [];
+      await new StateFile(path, (l) => lines.push(l), () => ({ cursor: { hub: "h1", seq: "42" }, claims })).close();
+      const text = readFileSync(path, "utf8");
+      assert.equal(text.trim().split("\n").length, 1 + ips.length, "one line for the cursor, one per claim");
+      const load = async (t: string) => {
+        await writeFile(path, t);
+        return new StateFile(path, (l) => lines.push(l), () => ({ cursor: undefined, claims: new Map() })).load();
+      };
+      // "." (0x2e) -> "/" (0x2f) in one address; another line cut short.
+      const damaged = text.replace('"203.0.113.2"', '"203.0.113/2"').replace(/\n(\{[^\n]*"203\.0\.113\.3"[^\n]*)\n/, (_m: string, l: string) => `\n${l.slice(0, 30)}\n`);
+      lines.length = 0;
+      const back = await load(damaged);
+      assert.deepEqual(back?.cursor, { hub: "h1", seq: "42" });
+      assert.deepEqual(back?.claims.map((c) => c.ip), ["203.0.113.1", "203.0.113.4"]);
+      assert.equal(lines.length, 1, lines.join("\n"));
+      assert.match(lines[0], /skipped 2 damaged line\(s\) \(line 3: event ip "203\.0\.113\/2"\); every other claim is kept$/);
+      // The cursor's line damaged: the claims still go back into the kernel; a full sync follows.
+      lines.length = 0;
+      const noCursor = await load(text.replace('"cursor"', '"cursXr"'));
+      assert.equal(noCursor?.cursor, undefined);
+      assert.equal(noCursor?.claims.length, ips.length);
+      assert.match(lines[0], /skipped 1 damaged line\(s\) \(line 1: not a cursor\); every other claim is kept, and a full sync follows$/);
+      // A file of the one-object format earlier versions wrote still loads.
+      const v1 = JSON.stringify({ v: 1, cursor: { hub: "h0", seq: "7" }, claims: [...claims.get("203.0.113.1")!.values()] }) + "\n";
+      assert.deepEqual((await load(v1))?.claims.map((c) => c.ip), ["203.0.113.1"]);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("Spool: forwarding ban.ts's spooled events over one connection", () => {
   test("sends each file once, deletes it on ack, keeps it on rate_limited, moves it aside on a refusal or when unreadable", async () => {
     const dir = await mkdtemp(join(tmpdir(), "banshare-spool-"));
@@ -857,6 +969,9 @@ describe("Spool: forwarding ban.ts's spooled events over one connection", () => 
       await writeFile(join(dir, "2.json"), JSON.stringify(frame("a2", "203.0.113.2")));
       await writeFile(join(dir, "3.json"), JSON.stringify(frame("a3", "203.0.113.3")));
       await writeFile(join(dir, "4.json"), "not json");
+      // Damaged files: empty, and one bit flipped in the address ("." 0x2e -> "/" 0x2f).
+      await writeFile(join(dir, "5.json"), "");
+      await writeFile(join(dir, "6.json"), JSON.stringify(frame("a6", "203.0.113.6")).replace("203.0.113.6", "203.0.113/6"));
       const sent: Array<BanFrame | UnbanFrame> = [];
       const spool = new Spool(dir, (f) => sent.push(f), () => {});
       await spool.forward();
@@ -868,7 +983,7 @@ describe("Spool: forwarding ban.ts's spooled events over one connection", () => 
       spool.refused("a3", "protected");
       await new Promise((r) => setTimeout(r, 100));
       assert.deepEqual((await readdir(dir)).sort(), ["2.json", "rejected"]);
-      assert.deepEqual((await readdir(join(dir, "rejected"))).sort(), ["3.json", "4.json"]);
+      assert.deepEqual((await readdir(join(dir, "rejected"))).sort(), ["3.json", "4.json", "5.json", "6.json"]);
       await spool.forward();
       assert.deepEqual(sent.map((f) => f.id), ["a1", "a2", "a3", "a2"], "a rate-limited event goes again next round");
     } finally {
@@ -1151,6 +1266,13 @@ describe("agent errors by type: a UsageError makes main() print one line and exi
     assert.throws(() => parseArgs(["--bogus"]), UsageError);
     assert.throws(() => parseArgs(["--hub", "http://x", "--token-file", "/t"]), UsageError);
     assert.throws(() => parseArgs(["--cleanup", "--backend", "pf"]), (e: Error) => e instanceof UsageError && !e.message.includes("\n"), "yargs' message in one line");
+    // A one-value flag given twice is one usage line, not a TypeError further on; repeatable ones repeat.
+    for (const argv of [["--backend", "dry-run", "--backend", "ipset", "--hub", "ws://127.0.0.1:1", "--token-file", "/t"], ["--cleanup", "--backend", "ipset", "--backend", "nftables"], ["--hub", "ws://a:1", "--hub", "ws://b:1", "--token-file", "/t"], ["--hub", "ws://a:1", "--token-file", "/t", "--heartbeat", "5", "--heartbeat", "6"]]) {
+      const flag = argv.find((a, i) => argv.indexOf(a) !== i)!;
+      assert.throws(() => parseArgs(argv), (e: Error) => e instanceof UsageError && e.message.startsWith(`Expected ${flag} once, got it 2 times`) && !e.message.includes("\n"), argv.join(" "));
+    }
+    const twice = parseArgs(["--hub", "ws://a:1", "--token-file", "/t", "--allow", "192.0.2.1", "--allow", "192.0.2.2", "--hook", "input", "--hook", "forward"]);
+    assert.ok(twice.command === "run" && twice.options.allow.length === 2 && twice.options.hooks?.length === 2);
     const write = process.stderr.write.bind(process.stderr);
     let err = "";
     process.stderr.write = ((s: string) => ((err += s), true)) as typeof process.stderr.write;

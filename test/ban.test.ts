@@ -7,7 +7,7 @@ import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
-import { countKernelEntries, formatBanTable, formatDuration, importFrame, kernelCountCommands, parseArgs, parseImport, spool, toFrame, UsageError, type SendOptions } from "../ban.ts";
+import { compareAddresses, formatBanTable, formatDifference, formatDuration, importFrame, kernelAddresses, kernelCountCommands, kernelListCommands, parseArgs, parseImport, spool, toFrame, UsageError, type SendOptions } from "../ban.ts";
 import type { BanList } from "../messages.ts";
 import { f2bTime } from "./lib/fail2ban.ts";
 import { requireOrSkip } from "./lib/skip.ts";
@@ -67,6 +67,8 @@ describe("ban.ts parseArgs(): a Fail2Ban call becomes send options, and bad inpu
       [["ban", "203.0.113.7", "--time", String(NOW / 1000 + 3600)], /--time/],
       [["ban", "203.0.113.7", "--hub", "http://x"], /ws:\/\//],
       [["ban", "203.0.113.7", "--nope"], /Unknown option/],
+      [["ban", "203.0.113.7", "--jail", "sshd", "--jail", "nginx"], /^Expected --jail once, got it 2 times$/],
+      [["ban", "203.0.113.7", "--bantime", "-1", "--bantime=60"], /^Expected --bantime once/],
     ];
     for (const [argv, re] of cases) {
       const args = argv.includes("--hub") ? [...argv, "--token-file", "/t"] : [...argv, ...base];
@@ -150,13 +152,28 @@ describe("ban.ts pure helpers: import, list and status turn text into frames and
     assert.equal(formatDuration(90_061_000), "1d01h");
   });
 
-  test("countKernelEntries() reads what the agent's backend sets hold", () => {
+  test("kernelAddresses() reads what the agent's backend sets hold, in canonical text", () => {
     assert.deepEqual(kernelCountCommands("ipset", "banshare"), [["ipset", "list", "-terse", "banshare-v4"], ["ipset", "list", "-terse", "banshare-v6"]]);
-    assert.equal(countKernelEntries("ipset", "Name: banshare-v4\nType: hash:net\nSize in memory: 552\nReferences: 1\nNumber of entries: 57\n"), 57);
-    assert.equal(countKernelEntries("nftables", JSON.stringify({ nftables: [{ metainfo: {} }, { set: { name: "v4", elem: [{ elem: { val: "192.0.2.1" } }, { elem: { val: "192.0.2.9" } }] } }] })), 2);
-    assert.equal(countKernelEntries("nftables", JSON.stringify({ nftables: [{ metainfo: {} }, { set: { name: "v6" } }] })), 0);
-    assert.equal(countKernelEntries("iptables", "-N banshare\n-A banshare -s 198.51.100.0/24 -j RETURN\n-A banshare -s 192.0.2.1/32 -j DROP\n"), 1);
-    assert.throws(() => countKernelEntries("ipset", "ipset v7.17: The set with the given name does not exist"), /Number of entries/);
+    assert.deepEqual(kernelListCommands("ipset", "banshare"), [["ipset", "list", "banshare-v4"], ["ipset", "list", "banshare-v6"]]);
+    const ipset = "Name: banshare-v6\nType: hash:net\nHeader: family inet6 hashsize 1024 maxelem 2097152 timeout 0\nSize in memory: 552\nReferences: 1\nNumber of entries: 2\nMembers:\n2001:db8::7 timeout 3599\n2001:db8:1::/64 timeout 0\n";
+    assert.deepEqual(kernelAddresses("ipset", ipset), ["2001:db8::7", "2001:db8:1::/64"]);
+    assert.deepEqual(kernelAddresses("ipset", "Name: banshare-v4\nNumber of entries: 0\nMembers:\n"), []);
+    const nft = { nftables: [{ metainfo: {} }, { set: { name: "v4", elem: [{ elem: { val: "192.0.2.1", timeout: 600, expires: 590 } }, { elem: { val: { prefix: { addr: "198.51.100.0", len: 24 } } } }, "192.0.2.9"] } }] };
+    assert.deepEqual(kernelAddresses("nftables", JSON.stringify(nft)), ["192.0.2.1", "198.51.100.0/24", "192.0.2.9"]);
+    assert.deepEqual(kernelAddresses("nftables", JSON.stringify({ nftables: [{ metainfo: {} }, { set: { name: "v6" } }] })), []);
+    assert.deepEqual(kernelAddresses("iptables", "-N banshare\n-A banshare -s 198.51.100.0/24 -j RETURN\n-A banshare -s 192.0.2.1/32 -j DROP\n"), ["192.0.2.1"]);
+    assert.throws(() => kernelAddresses("ipset", "ipset v7.17: The set with the given name does not exist"), /Members/);
+  });
+
+  test("compareAddresses() says which addresses the kernel misses and which it holds extra, not only how many", () => {
+    // Same count, different contents: what a count alone calls in step.
+    const d = compareAddresses(["192.0.2.1", "192.0.2.2", "203.0.113.9"], ["192.0.2.1", "198.51.100.7", "198.51.100.8"]);
+    assert.deepEqual(d, { missing: ["198.51.100.7", "198.51.100.8"], extra: ["192.0.2.2", "203.0.113.9"] });
+    assert.equal(formatDifference(d), "2 missing (198.51.100.7, 198.51.100.8), 2 extra (192.0.2.2, 203.0.113.9)");
+    // An address inside a network the kernel blocks is covered, as the agent does it.
+    assert.deepEqual(compareAddresses(["2001:db8::/64"], ["2001:db8::/64", "2001:db8::7"]), { missing: [], extra: [] });
+    assert.equal(formatDifference({ missing: [], extra: [] }), "in step: the same addresses");
+    assert.equal(formatDifference({ missing: Array.from({ length: 7 }, (_, i) => `192.0.2.${i}`), extra: [] }, 2), "7 missing (192.0.2.0, 192.0.2.1, ...)");
   });
 
   test("importFrame() derives the frame's id from its content: the same ban imported twice is the same event", () => {
@@ -173,7 +190,7 @@ describe("ban.ts pure helpers: import, list and status turn text into frames and
   });
 
   test("kernelCountCommands() asks each backend for the agent's objects; dry-run has none", () => {
-    assert.deepEqual(kernelCountCommands("nftables", "bs"), [["nft", "-j", "list", "set", "inet", "bs", "v4"], ["nft", "-j", "list", "set", "inet", "bs", "v6"]]);
+    assert.deepEqual(kernelCountCommands("nftables", "bs"), ["v4", "v6", "v4net", "v6net"].map((set) => ["nft", "-j", "list", "set", "inet", "bs", set]));
     assert.deepEqual(kernelCountCommands("iptables", "bs"), [["iptables", "-w", "-S", "bs"], ["ip6tables", "-w", "-S", "bs"]]);
     assert.deepEqual(kernelCountCommands("dry-run", "bs"), []);
   });

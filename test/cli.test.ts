@@ -6,13 +6,15 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
-import { writeFile } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import type { BanList } from "../messages.ts";
 import { f2bTime, REPO_DIR, startFail2ban } from "./lib/fail2ban.ts";
-import { rows, startAgentProc, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
-import { REPO_ROOT } from "./lib/proc.ts";
+import { enrol, rows, runBan, startAgentProc, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
+import { createTopology, type Topology } from "./lib/netns.ts";
+import { REPO_ROOT, stopAll } from "./lib/proc.ts";
 import { needs } from "./lib/skip.ts";
 
 const TSX = import.meta.resolve("tsx");
@@ -207,5 +209,37 @@ describe("ban.ts as a process: list, status, unban --all-nodes and import do wha
     } finally {
       await f2b.stop();
     }
+  });
+});
+
+describe("ban.ts status compares the kernel set's addresses with the hub's, not only their count", needs(["root", "netns", "ipset", "iptables"]), () => {
+  let topo: Topology | undefined;
+  let dir: string;
+  after(async () => {
+    await stopAll();
+    await topo?.destroy();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  test("an ipset holding as many entries as the hub blocks, but other addresses: status names the 1 missing and 1 extra", async () => {
+    dir = await mkdtemp(join(tmpdir(), "banshare-status-"));
+    const tokens = await enrol(dir, [["pub", "node"], ["a1", "node"]]);
+    topo = await createTopology(["hub", "a1"], { prefix: "bst" });
+    const hub = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
+    for (const ip of ["198.51.100.7", "198.51.100.8"]) {
+      const r = await runBan(["ban", ip, "--hub", hub.url, "--token-file", tokens.pub, "--spool", join(dir, "spool")], { netns: topo.ns("a1") });
+      assert.equal(r.code, 0, r.output);
+    }
+    const agent = await startAgentProc("a1", ["--hub", hub.url, "--token-file", tokens.a1, "--backend", "ipset"], { netns: topo.ns("a1") });
+    const status = () => runBan(["status", "--backend", "ipset", "--hub", hub.url, "--token-file", tokens.a1], { netns: topo!.ns("a1") });
+    assert.match((await status()).output, /^kernel:\s+2 entries in ipset banshare-v4, banshare-v6 \(hub: 2 blocked\): in step: the same addresses$/m);
+    // The agent stopped (its entries stay), someone swaps one entry: the count still matches.
+    await agent.stop();
+    await topo.exec("a1", "ipset", ["del", "banshare-v4", "198.51.100.8"]);
+    await topo.exec("a1", "ipset", ["add", "banshare-v4", "203.0.113.9", "timeout", "600"]);
+    const r = await status();
+    assert.equal(r.code, 0, r.output);
+    assert.match(r.output, /^kernel:\s+2 entries in ipset banshare-v4, banshare-v6 \(hub: 2 blocked\): 1 missing \(198\.51\.100\.8\), 1 extra \(203\.0\.113\.9\)/m);
+    await hub.proc.stop();
   });
 });

@@ -220,6 +220,14 @@ describe("hub parseArgs(): the documented defaults, and unsafe or contradictory 
     assert.throws(() => serve("--tls-cert", "/c"), /Expected --tls-cert and --tls-key together/);
   });
 
+  test("parseArgs() refuses a one-value flag given twice in one line; --protect and --trust repeat", () => {
+    assert.throws(() => serve("--listen", "127.0.0.1:1", "--listen", "127.0.0.1:2"), (e: Error) => e instanceof UsageError && e.message === 'Expected --listen once, got it 2 times: "127.0.0.1:1", "127.0.0.1:2"');
+    assert.throws(() => parseArgs(["--tokens", "/a", "--tokens", "/b"]), /^UsageError: Expected --tokens once, got it 2 times/);
+    assert.throws(() => parseArgs(["add-node", "web1", "--tokens", "/t", "--role", "node", "--role", "admin"]), /Expected --role once/);
+    assert.deepEqual(serve("--protect", "192.0.2.0/24", "--protect", "198.51.100.0/24").protect, ["192.0.2.0/24", "198.51.100.0/24"]);
+    assert.deepEqual(serve("--trust", "a", "--trust", "b").trusted, ["a", "b"]);
+  });
+
   test("parseArgs() refuses --state with --store, and --quorum or --escalate with --store", () => {
     assert.throws(() => serve("--state", "/j", "--store", "redis://127.0.0.1:6379/0"), /got both/);
     assert.throws(() => serve("--store", "redis://127.0.0.1:6379/0", "--quorum", "2"), /not supported yet/);

@@ -41,7 +41,7 @@ async function kernelEntries(topo: Topology, node: string, backend: string): Pro
     }
     return out;
   }
-  for (const set of ["v4", "v6"]) {
+  for (const set of ["v4", "v6", "v4net", "v6net"]) {
     const r = await topo.exec(node, "nft", ["-j", "list", "set", "inet", "banshare", set], { reject: false });
     if (r.exitCode !== 0) continue;
     const doc = JSON.parse(String(r.stdout)) as { nftables: Array<{ set?: { elem?: unknown[] } }> };
@@ -115,17 +115,18 @@ for (const { backend, reqs } of CASES) {
 
     if (backend === "nftables") {
       test("an entry the kernel refuses (an element someone else added overlaps it) costs only itself: the rest of its batch lands, with one REJECT row", async () => {
-        await topo.exec("a1", "nft", ["add", "element", "inet", "banshare", "v6", "{ 2001:db8:88::/64 }"]);
+        // Networks go to the interval set v6net, where a network inside another is refused; addresses go to hash sets.
+        await topo.exec("a1", "nft", ["add", "element", "inet", "banshare", "v6net", "{ 2001:db8:88::/64 }"]);
         // One ban.ts run per address, sent together: the agent applies what arrives in one batch.
-        await Promise.all([send("web1", "2001:db8:88::1", 600), send("web1", "203.0.113.60", 600), send("web2", "2001:db8:89::1", 600)]);
+        await Promise.all([send("web1", "2001:db8:88::/96", 600), send("web1", "203.0.113.60", 600), send("web2", "2001:db8:89::1", 600)]);
         await waitFor(async () => {
           const k = await kernelEntries(topo, "a1", "nftables");
           return k.has("203.0.113.60") && k.has("2001:db8:89::1");
         }, "the valid entries in a1's kernel");
-        const rejected = await waitFor(() => rows(csv("a1"), "REJECT", "2001:db8:88::1"), "a REJECT row for the refused entry");
+        const rejected = await waitFor(() => rows(csv("a1"), "REJECT", "2001:db8:88::/96"), "a REJECT row for the refused entry");
         assert.equal(rejected.length, 1);
         assert.match(rejected[0].detail, /^kernel refused: .*interval overlaps with an existing one/);
-        assert.equal(rows(csv("a2"), "REJECT", "2001:db8:88::1").length, 0, "a2's kernel took it");
+        assert.equal(rows(csv("a2"), "REJECT", "2001:db8:88::/96").length, 0, "a2's kernel took it");
       });
     }
 

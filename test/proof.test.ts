@@ -98,7 +98,7 @@ describe("a Fail2Ban restart on the origin", needs(["root", "netns", "ipset", "i
   });
 });
 
-describe("the operator's proof: enforcement reports", needs(["root", "netns", "ipset", "iptables", "ip6tables"], "kernel"), () => {
+describe("the operator's proof: enforcement reports", needs(["root", "netns", "ipset", "iptables", "ip6tables", "nft"], "kernel"), () => {
   let topo: Topology;
   let dir: string;
   let hub: HubProc;
@@ -116,7 +116,8 @@ describe("the operator's proof: enforcement reports", needs(["root", "netns", "i
     hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
     for (const n of ["web1", "web2"]) {
       await startTcpListener(topo, n, PORT);
-      agents.push(await startAgentProc(n, ["--hub", hub.url, "--token-file", tokens[n], "--backend", "ipset", "--metrics", "127.0.0.1:9101"], { netns: topo.ns(n) }));
+      // web1 on ipset, web2 on nftables: both count what their DROP rules dropped.
+      agents.push(await startAgentProc(n, ["--hub", hub.url, "--token-file", tokens[n], "--backend", n === "web1" ? "ipset" : "nftables", "--metrics", "127.0.0.1:9101"], { netns: topo.ns(n) }));
     }
   });
 
@@ -139,7 +140,7 @@ describe("the operator's proof: enforcement reports", needs(["root", "netns", "i
       return r.code === 0 && /^2 of 2 node\(s\) enforcing/m.test(r.output) ? r : undefined;
     }, "status --fleet to report both nodes enforcing", 20_000);
     assert.match(enforcing.output, /^web1  enforcing  \(ipset, 3 entries \/ 3 claim\(s\), 0 repair\(s\); /m);
-    assert.match(enforcing.output, /^web2  enforcing  /m);
+    assert.match(enforcing.output, /^web2  enforcing  \(nftables, /m);
 
     const before = await agentMetrics("web1");
     assert.equal(sample(before, "banshare_agent_entries"), 3);
@@ -147,6 +148,9 @@ describe("the operator's proof: enforcement reports", needs(["root", "netns", "i
     assert.equal(sample(before, "banshare_agent_drift"), 0);
     assert.equal(sample(before, "banshare_agent_hooks_missing"), 0);
     assert.ok(sample(before, "banshare_agent_dropped_packets_total") >= 1, `the attacker's dropped SYNs are counted:\n${before}`);
+    const nft = await agentMetrics("web2");
+    assert.ok(sample(nft, "banshare_agent_dropped_packets_total") >= 1, `nftables: the attacker's dropped SYNs are counted by the rules' counters:\n${nft}`);
+    assert.ok(sample(nft, "banshare_agent_dropped_bytes_total") >= 40, nft);
 
     // The Guard sees the flushed set within a second and refills it: the report then shows the repair.
     await TAMPERS["ipset flush"](topo.ns("web1"));

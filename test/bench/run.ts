@@ -3,7 +3,7 @@
  * BENCHMARKS.md.
  *
  *   npm run bench                      # everything, full sizes
- *   npm run bench -- --quick           # smaller sizes, under two minutes in all
+ *   npm run bench -- --quick           # smaller sizes (minutes, not the full run's tens of minutes)
  *   npm run bench -- relay burst       # only these (file names without .bench.ts)
  *   npm run bench -- --out FILE        # write elsewhere than BENCHMARKS.md
  *
