@@ -1271,7 +1271,7 @@ describe("agent errors by type: a UsageError makes main() print one line and exi
       const flag = argv.find((a, i) => argv.indexOf(a) !== i)!;
       assert.throws(() => parseArgs(argv), (e: Error) => e instanceof UsageError && e.message.startsWith(`Expected ${flag} once, got it 2 times`) && !e.message.includes("\n"), argv.join(" "));
     }
-    const twice = parseArgs(["--hub", "ws://a:1", "--token-file", "/t", "--allow", "192.0.2.1", "--allow", "192.0.2.2", "--hook", "input", "--hook", "forward"]);
+    const twice = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--allow", "192.0.2.1", "--allow", "192.0.2.2", "--hook", "input", "--hook", "forward"]);
     assert.ok(twice.command === "run" && twice.options.allow.length === 2 && twice.options.hooks?.length === 2);
     const write = process.stderr.write.bind(process.stderr);
     let err = "";
