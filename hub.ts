@@ -702,7 +702,7 @@ interface StoreSnapshot {
 
 /** Opens the store `opts` names and loads what it holds into `each`: the one place a store is chosen. */
 async function openStore(opts: HubOptions, listener: StoreListener, snapshot: StoreSnapshot, each: (e: FleetEvent) => void): Promise<Store> {
-  const store: Store = opts.store ? new RedisStore(opts, listener) : new Journal(opts.statePath, listener, snapshot);
+  const store: Store = opts.store ? new RedisStore(opts, listener, snapshot) : new Journal(opts.statePath, listener, snapshot);
   await store.load(each);
   return store;
 }
@@ -1175,7 +1175,7 @@ export function parseStoreUrl(s: string): RedisTarget {
 }
 
 /** The keys of one fleet; one hash tag, so that on a Redis Cluster they share a slot (one Lua script touches them all). */
-const REDIS_KEYS = { events: "banshare:{fleet}:events", claims: "banshare:{fleet}:claims", id: "banshare:{fleet}:id", lock: "banshare:{fleet}:prune-lock" };
+const REDIS_KEYS = { events: "banshare:{fleet}:events", claims: "banshare:{fleet}:claims", id: "banshare:{fleet}:id", epoch: "banshare:{fleet}:epoch", lock: "banshare:{fleet}:prune-lock" };
 
 /**
  * Appends one event unless the claim stored for its (ip, origin) is as new or newer (the merge
@@ -1239,11 +1239,32 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
  * stream entry, so a hub starting (or a hub whose agents need a full sync) has the fleet state.
  * One reading loop owns the connections: it (re)connects with backoff, re-resolving the master
  * through the Sentinels, and resumes XREAD after the last entry it handed on.
+ *
+ * A Redis can forget (restarted without its append-only file, or from an older snapshot, or
+ * flushed): each hub remembers the highest stream ID it has seen and the store's epoch (a random
+ * value written when the store was first used, and again by the hub that finds it lost). On every
+ * reconnect and after every read it compares: a stream that ends before what this hub saw, a
+ * missing epoch, or another epoch than the one it knew, is a loss. The hub says so (log line,
+ * /healthz `storeLost`, `banshare_store_losses_total`) and writes back every claim it holds,
+ * bans and unbans, through the append script, whose merge rule skips what the store still has:
+ * the stream and the hash hold the fleet state again, and every hub's full syncs are complete.
  */
 class RedisStore implements Store {
   hubId = "";
   /** ID of the last stream entry handed to `listener.durable`: what this hub's agents have been sent. */
   private last = "0-0";
+  /** The highest stream ID this hub has read or appended: the store ending before it forgot. */
+  private seen = "0-0";
+  /** The store's epoch as this hub last saw it ("" before the first look). */
+  private epoch = "";
+  /** The last loss found (when, what), for /healthz; the losses found and the claims written back since start, for /metrics. */
+  private lost?: string;
+  private lostAt = 0;
+  private losses = 0;
+  private writtenBack = 0;
+  /** A write-back on its way, and whether one is still owed (a write-back that failed halfway). */
+  private restoring?: Promise<void>;
+  private owed = false;
   /** Stream entries this hub has read since it started: `banshare_seq` (a stream ID is no count). */
   private read = 0;
   /** The oldest cursor that resumes: the first entry the stream kept once trimmed ("0-0" before). */
@@ -1268,6 +1289,8 @@ class RedisStore implements Store {
   constructor(
     opts: HubOptions,
     private readonly listener: StoreListener,
+    /** The hub's claims: what a write-back puts into a store that forgot (read only). */
+    private readonly snapshot: StoreSnapshot,
   ) {
     // Both rules decide against the address's claims as they stand when a ban arrives; hubs on
     // one Redis see each other's bans a moment late, so there they would not hold as documented.
@@ -1290,7 +1313,8 @@ class RedisStore implements Store {
     await this.connect();
     // Snapshot: the stream's last ID first, then the claims. The hash may hold claims newer than
     // that ID too; reading the stream from it merges them again, which changes nothing.
-    this.last = await this.streamInfo(true);
+    this.last = this.seen = await this.streamInfo(true);
+    await this.verify();
     let count = 0;
     await this.scanClaims(this.cmd!, (e) => {
       each(e);
@@ -1396,6 +1420,91 @@ class RedisStore implements Store {
     this.wake?.();
   }
 
+  /** Raises the highest stream ID this hub has seen. */
+  private see(id: string): void {
+    if (comparePositions(id, this.seen) > 0) this.seen = id;
+  }
+
+  /**
+   * Compares the store with what this hub saw (and refreshes the trim horizon): a stream that
+   * ends before the highest ID this hub saw, a missing epoch, or another epoch than the one it
+   * knew, is a loss. The first look only learns the epoch (creating it in a new store).
+   */
+  private async verify(): Promise<void> {
+    const cmd = this.cmd!;
+    let epoch = (await cmd.sendCommand(["GET", REDIS_KEYS.epoch])) as string | null;
+    const fresh = randomBytes(8).toString("hex");
+    const created = !epoch && (await cmd.sendCommand(["SET", REDIS_KEYS.epoch, fresh, "NX"])) === "OK";
+    epoch = created ? fresh : ((epoch ?? (await cmd.sendCommand(["GET", REDIS_KEYS.epoch]))) as string);
+    const top = await this.streamInfo(true);
+    const known = this.epoch;
+    this.epoch = epoch;
+    if (!known) return;
+    const behind = comparePositions(top, this.seen) < 0;
+    // Only the first hub to find it gives the store a new epoch: the others see that one.
+    if (behind && top === "0-0") await this.lose(`it holds no stream, and this hub had read up to ${this.seen}: emptied (restarted without its append-only file, or flushed)`, top, epoch === known);
+    else if (behind) await this.lose(`its stream ends at ${top}, before ${this.seen}, which this hub had read: rolled back (restarted from an older snapshot, or failed over to a replica that lagged)`, top, epoch === known);
+    else if (created) await this.lose("its epoch key was gone: emptied (restarted without its append-only file, or flushed)", top, false);
+    // Two hubs finding one loss at once each give it an epoch: the second is no news to the first.
+    else if (epoch !== known && Date.now() - this.lostAt > 60_000) await this.lose("its epoch changed: another hub found it emptied or rolled back", top, false);
+  }
+
+  /** Answers a loss: says so, reads on from where the store now ends, and writes back what this hub holds; `announce` gives the store a new epoch, so that every other hub finds out too. */
+  private async lose(why: string, top: string, announce: boolean): Promise<void> {
+    this.losses++;
+    this.lostAt = Date.now();
+    this.lost = `${new Date(this.lostAt).toISOString()}: ${why}`;
+    this.listener.log(`error: store ${this.target.display} lost the fleet state: ${why}; writing back the claims this hub holds`);
+    if (comparePositions(top, this.last) < 0) this.last = top;
+    this.seen = top;
+    // Emptied without a reconnect (a flush): the fleet id goes back too, so every cursor stays valid.
+    await this.cmd!.sendCommand(["SET", REDIS_KEYS.id, this.hubId, "NX"]);
+    if (announce) {
+      this.epoch = randomBytes(8).toString("hex");
+      await this.cmd!.sendCommand(["SET", REDIS_KEYS.epoch, this.epoch]);
+    }
+    this.owed = true;
+    this.restore();
+  }
+
+  /** Starts the write-back owed, unless one is on its way. */
+  private restore(): void {
+    if (this.restoring) return;
+    this.restoring = this.writeBack().finally(() => (this.restoring = undefined));
+  }
+
+  /**
+   * Puts every claim this hub holds (bans and unbans not ended) back through the append script:
+   * what the store still has as new is skipped, the rest gets new stream entries that every hub
+   * reads (a hub that holds the claim already does not relay it again). A failure halfway leaves
+   * it owed, for the next reconnect.
+   */
+  private async writeBack(): Promise<void> {
+    this.owed = false;
+    const cmd = this.cmd;
+    const claims = [...this.snapshot.live(Date.now())];
+    let appended = 0;
+    try {
+      if (!cmd) throw new Error("not connected");
+      for (let i = 0; i < claims.length; i += 500) {
+        for (const [done, id] of await Promise.all(claims.slice(i, i + 500).map((e) => this.runAppend(cmd, e)))) {
+          if (done !== 1) continue;
+          appended++;
+          this.see(id);
+        }
+      }
+      if (this.replicas > 0) await within(cmd.sendCommand(["WAIT", String(this.replicas), "1000"]), 3000, "WAIT");
+    } catch (e) {
+      this.owed = true;
+      this.listener.log(`warning: store ${this.target.display}: write-back stopped after ${appended} claim(s) (${(e as Error).message}); it starts again when the store is back`);
+      return;
+    } finally {
+      this.writtenBack += appended;
+    }
+    this.lost += `; ${appended} of the ${claims.length} claim(s) this hub holds written back`;
+    this.listener.log(`store ${this.target.display}: wrote back ${appended} of the ${claims.length} claim(s) this hub holds (it still had the others): it holds the fleet state again`);
+  }
+
   private async readLoop(): Promise<void> {
     let attempt = 0;
     this.up = true;
@@ -1403,25 +1512,29 @@ class RedisStore implements Store {
       try {
         if (!this.reader) {
           await this.connect();
+          // Before it takes events again: a Redis that restarted may have come back without them.
+          await this.verify();
+          if (this.owed) this.restore();
           this.listener.log(`store ${this.target.display} is back: reading the stream after ${this.last}`);
           attempt = 0;
           this.up = true;
         }
         const reply = (await within(this.reader!.sendCommand(["XREAD", "COUNT", "1000", "BLOCK", "2000", "STREAMS", REDIS_KEYS.events, this.last]), 7000, "XREAD")) as Array<[string, Array<[string, string[]]>]> | null;
-        if (!reply) continue;
         const before = this.last;
         const events: FleetEvent[] = [];
-        for (const [id, fields] of reply[0][1]) {
+        for (const [id, fields] of reply?.[0][1] ?? []) {
           this.last = id;
+          this.see(id);
           this.read++;
           const e = parseJournalLine(`{"seq":"${id}",${(fields[1] ?? "{").slice(1)}`);
           if (e) events.push(e);
         }
         if (events.length) this.listener.durable(events);
-        // Trimmed past this reader (it lagged more than --stream-max-len entries): entries it never
-        // read are gone, but their claims are in the hash. Reload it; what is newer goes out.
-        await this.streamInfo();
-        if (this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
+        // Idle or not, the store is checked each round (a flush needs no reconnect). Trimmed past
+        // this reader (it lagged more than --stream-max-len entries): entries it never read are
+        // gone, but their claims are in the hash. Reload it; what is newer goes out.
+        await this.verify();
+        if (reply && this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
           const newer: FleetEvent[] = [];
           await this.scanClaims(this.cmd!, (e) => newer.push(e));
           this.listener.repaired(newer);
@@ -1450,18 +1563,24 @@ class RedisStore implements Store {
     return p;
   }
 
-  private async appendOne(e: FleetEvent): Promise<string> {
-    const cmd = this.cmd;
-    if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
+  /** Runs the append script for `e` (its seq left out): [1, the new entry ID] when appended, [0, the stored claim's seq] when that claim is as new. */
+  private runAppend(cmd: RedisClient, e: FleetEvent): Promise<[number, string]> {
     const { seq: _unused, ...rest } = e;
     const args = [`${e.ip}|${e.origin}`, JSON.stringify(rest), String(e.detectedAt), e.id, String(this.maxLen)];
     const run = (how: string, script: string) => cmd.sendCommand([how, script, "2", REDIS_KEYS.events, REDIS_KEYS.claims, ...args]);
+    return within(
+      run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
+      3000,
+      "append",
+    ) as Promise<[number, string]>;
+  }
+
+  private async appendOne(e: FleetEvent): Promise<string> {
+    const cmd = this.cmd;
+    if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
     try {
-      const reply = (await within(
-        run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
-        3000,
-        "append",
-      )) as [number, string];
+      const reply = await this.runAppend(cmd, e);
+      if (reply[0] === 1) this.see(reply[1]);
       // Redis replicates asynchronously: a master that fails over right after this write may
       // never pass it on. With --store-replicas the ack waits until that many replicas have it.
       if (this.replicas > 0) {
@@ -1498,8 +1617,12 @@ class RedisStore implements Store {
     return {
       ok: up,
       count: this.read,
-      fields: { store: up ? "up" : "down" },
-      metrics: metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
+      fields: { store: !up ? "down" : this.restoring ? "restoring" : "up", ...(this.lost ? { storeLost: this.lost } : {}) },
+      metrics: [
+        ...metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
+        ...metric("banshare_store_losses_total", "counter", "Times this hub found the store emptied or rolled back (it then writes back the claims it holds).", [["", this.losses]]),
+        ...metric("banshare_store_written_back_total", "counter", "Claims this hub wrote back into a store that had lost them.", [["", this.writtenBack]]),
+      ],
     };
   }
 
@@ -1550,6 +1673,7 @@ class RedisStore implements Store {
   async close(): Promise<void> {
     this.closing = true;
     clearInterval(this.timer);
+    await this.restoring;
     this.cmd?.destroy();
     this.reader?.destroy();
     this.wake?.();
@@ -2760,10 +2884,22 @@ function every(ms: number, fn: () => void): NodeJS.Timeout {
   return t;
 }
 
+/** True when `claims` holds `e` itself (the same event, held or relayed alike). */
+function holdsClaim(claims: Claims, e: FleetEvent): boolean {
+  const c = claims.get(e.ip)?.get(e.origin);
+  return !!c && c.id === e.id && c.detectedAt === e.detectedAt && c.kind === e.kind && !!c.held === !!e.held;
+}
+
 /** What the store's news does: durable events join the fleet state and go out; a fatal error stops the hub. */
 function storeListener(fleet: FleetState, relay: Relay, log: (line: string) => void, stop: () => void): StoreListener {
   return {
-    durable: (events) => relay.send(fleet.commit(events), fleet.durable),
+    // A claim the hub holds already (a store's write-back, a stream entry its start-up snapshot
+    // had) is not relayed again; the agents' cursors still move on.
+    durable: (events) => {
+      const fresh = events.filter((e) => !holdsClaim(fleet.claims, e));
+      fleet.commit(events);
+      relay.send(fresh, fleet.durable);
+    },
     repaired: (events) => {
       const newer = fleet.repair(events);
       if (!newer.length) return;
