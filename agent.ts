@@ -40,8 +40,8 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
 import { once } from "node:events";
 import { createServer, type Server } from "node:http";
-import { createWriteStream, existsSync, readFileSync, realpathSync, statSync, type WriteStream } from "node:fs";
-import { appendFile, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { existsSync, readFileSync, realpathSync, statSync } from "node:fs";
+import { appendFile, lstat, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -63,6 +63,9 @@ import {
   checkEvent,
   contains,
   csvRow,
+  printable,
+  isLoopbackHost,
+  spoolDirProblem,
   mergeClaim,
   overlaps,
   parseAddress,
@@ -185,7 +188,7 @@ const APPLIED_FLUSH_MS = 250;
 const MAX_APPLIED_QUEUE = 1000;
 /** Batches larger than this go to a one-shot process (a burst: its start is small next to it). */
 const SESSION_MAX_BYTES = 256 * 1024;
-const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "max-prefix-v4", "max-prefix-v6", "cleanup", "metrics"];
+const AGENT_FLAGS = ["config", "hub", "token-file", "node", "backend", "allow", "ports", "csv", "spool", "state", "ca", "heartbeat", "prefix", "hook", "check-interval", "max-prefix-v4", "max-prefix-v6", "cleanup", "metrics", "insecure"];
 /**
  * Most events one sync may bring (all chunks together): as many as one kernel set holds. The
  * agent keeps every claim in memory (about 0.5 KB each), so this bounds it near 1 GB, within
@@ -212,6 +215,35 @@ const ENFORCEMENT_REPORT_MS = 1000;
 export function nextDelay(attempt: number, baseMs = 500, capMs = 30_000, random = Math.random): number {
   const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
+}
+
+/** How long the opening handshake may take: a third of the heartbeat, 2-10 s (a frozen hub accepts TCP and never answers the upgrade). */
+export function handshakeTimeoutMs(heartbeatMs: number): number {
+  return Math.min(10_000, Math.max(2000, Math.round(heartbeatMs / 3)));
+}
+
+/** How long a hub that hung (a missed heartbeat, a handshake that timed out) is passed over: four heartbeats, at least 30 s. */
+export function hungMemoryMs(heartbeatMs: number): number {
+  return Math.max(30_000, 4 * heartbeatMs);
+}
+
+/**
+ * The hub to try after hub `current` failed: the next one in the list, never the one that just
+ * failed while there are others, passing over hubs that hung within `memoryMs` (each try of one
+ * costs a handshake timeout). When every other hub hung that recently, `current` if it only
+ * refused or closed (a fast answer: it is alive), else the hub that hung longest ago.
+ */
+export function nextHub(count: number, current: number, hungAt: ReadonlyMap<number, number>, now: number, memoryMs: number): number {
+  if (count <= 1) return 0;
+  const recent = (i: number) => (hungAt.get(i) ?? -Infinity) > now - memoryMs;
+  for (let step = 1; step < count; step++) {
+    const i = (current + step) % count;
+    if (!recent(i)) return i;
+  }
+  if (!recent(current)) return current;
+  let best = current;
+  for (let i = 0; i < count; i++) if ((hungAt.get(i) ?? -Infinity) < (hungAt.get(best) ?? -Infinity)) best = i;
+  return best;
 }
 
 /** Seconds left until `until`, rounded up; 0 means permanent, negative means already over. */
@@ -802,6 +834,14 @@ export class Allowlist {
     private readonly limit: () => number = () => 10_000,
   ) {}
 
+  /** Never blocks `a` from now on (a hub's new address); true when it was not covered yet. */
+  add(a: Address): boolean {
+    if (this.entries.some((x) => contains(x, a))) return false;
+    this.entries.push(a);
+    this.cache.clear();
+    return true;
+  }
+
   /** Why `ip` is never blocked, or undefined when it may be. */
   reason(ip: string): string | undefined {
     if (this.cache.has(ip)) return this.cache.get(ip);
@@ -1363,7 +1403,7 @@ export class CsvLog {
   node: string;
 
   private constructor(
-    private readonly out: WriteStream | undefined,
+    private readonly out: CsvFile | undefined,
     node: string,
   ) {
     this.node = node;
@@ -1373,9 +1413,7 @@ export class CsvLog {
   static async open(path: string | undefined, node: string, log: (line: string) => void): Promise<CsvLog> {
     if (!path) return new CsvLog(undefined, node);
     if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
-    const out = createWriteStream(path, { flags: "a" });
-    out.on("error", (e) => log(`warning: cannot write ${path}: ${e.message}`));
-    return new CsvLog(out, node);
+    return new CsvLog(new CsvFile(path, log), node);
   }
 
   /** Rows recorded and not yet written. */
@@ -1390,14 +1428,96 @@ export class CsvLog {
   }
 
   close(): Promise<void> {
-    const out = this.out;
     this.flush();
-    return out ? new Promise<void>((resolve) => out.end(resolve)) : Promise.resolve();
+    return this.out?.close() ?? Promise.resolve();
   }
 
   private flush(): void {
     if (this.pending) this.out?.write(this.pending);
     this.pending = "";
+  }
+}
+
+/**
+ * The `--csv` file: rows appended in one write per batch, the file opened only for that write,
+ * so it is never held open (a remount read-only works). A write that fails (a full or read-only
+ * disk) is cut back to where it began, so no torn row stays, and its rows wait, up to
+ * `CSV_MAX_PENDING` bytes (the oldest rows beyond are dropped, and counted), for the next try a
+ * second later: writing resumes by itself once the disk has room. One warning when it starts
+ * failing, one line when it writes again.
+ */
+export class CsvFile {
+  private pending = "";
+  private writing: Promise<void> | undefined;
+  private failing = false;
+  private dropped = 0;
+  private retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly path: string,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Queues `text` (whole rows) to be appended. */
+  write(text: string): void {
+    this.pending += text;
+    if (this.pending.length > CSV_MAX_PENDING) {
+      const cut = this.pending.indexOf("\n", this.pending.length - CSV_MAX_PENDING) + 1;
+      this.dropped += this.pending.slice(0, cut).split("\n").length - 1;
+      this.pending = this.pending.slice(cut);
+    }
+    this.kick();
+  }
+
+  /** Writes what waits, once more if the disk refuses; resolves when done. */
+  async close(): Promise<void> {
+    clearTimeout(this.retry);
+    await this.writing;
+    this.kick(true);
+    await this.writing;
+  }
+
+  /** Starts a write of what waits, unless one is under way; while failing, only the retry (`again`) does. */
+  private kick(again = false): void {
+    if (this.writing || !this.pending || (this.failing && !again)) return;
+    const chunk = this.pending;
+    this.pending = "";
+    this.writing = appendWhole(this.path, chunk).then(
+      () => {
+        if (this.failing) this.log(`${this.path} is written again${this.dropped ? ` (${this.dropped} row(s) dropped while it could not be)` : ""}`);
+        this.failing = false;
+        this.dropped = 0;
+      },
+      (e: Error) => {
+        this.pending = chunk + this.pending;
+        if (!this.failing) this.log(`warning: cannot write ${this.path}: ${e.message}; its rows wait in memory and are tried again every second`);
+        this.failing = true;
+        this.retry = setTimeout(() => this.kick(true), 1000);
+        this.retry.unref();
+      },
+    );
+    void this.writing.finally(() => {
+      this.writing = undefined;
+      this.kick();
+    });
+  }
+}
+
+/** Most bytes of rows a failing `--csv` file holds in memory (about 8,000 rows). */
+const CSV_MAX_PENDING = 1 << 20;
+
+/** Appends `text` to `path` (created with the CSV header when missing); on failure the file is cut back to its size before. */
+async function appendWhole(path: string, text: string): Promise<void> {
+  const fh = await open(path, "a");
+  let size = 0;
+  try {
+    size = (await fh.stat()).size;
+    await fh.writeFile(size === 0 ? `${CSV_HEADER}\n${text}` : text);
+  } catch (e) {
+    await fh.truncate(size).catch(() => {});
+    throw e;
+  } finally {
+    await fh.close().catch(() => {});
   }
 }
 
@@ -1550,6 +1670,15 @@ export class Applier {
     }
     this.pendingReconcile = true;
     this.take(events);
+  }
+
+  /** `net` joined the allowlist: what the kernel holds inside it comes out in the next batch. */
+  allowed(net: Address): void {
+    for (const ip of this.applied.keys()) {
+      const a = parseAddress(ip);
+      if (a && overlaps(a, net)) this.dirty.add(ip);
+    }
+    this.kick();
   }
 
   /** Forgets the live events not yet applied (their connection closed: nobody to report to). */
@@ -2130,12 +2259,29 @@ export class Spool {
     clearInterval(this.timer);
   }
 
-  /** Sends each spooled event not sent yet on this connection; moves unreadable files aside. */
+  /** Why the directory or a file was last refused (logged once while it stays so). */
+  private readonly refusedWhy = new Map<string, string>();
+
+  /**
+   * Sends each spooled event not sent yet on this connection; moves unreadable files aside.
+   * Every file is forwarded as this node's own event, so only from a directory of the agent's
+   * user that no group or other user can write to (`spoolDirProblem`), and only regular files
+   * of that user: anything else is one log line and stays where it is.
+   */
   async forward(): Promise<void> {
+    const uid = process.getuid?.();
+    const info = await lstat(this.dir).catch(() => undefined);
+    if (!info) return;
+    const unsafe = spoolDirProblem(this.dir, info, uid);
+    if (this.refuse(this.dir, unsafe && `error: not forwarding the spool: ${unsafe}`)) return;
     const files = (await readdir(this.dir).catch(() => [] as string[])).filter((f) => f.endsWith(".json")).sort();
     for (const f of files) {
       const path = join(this.dir, f);
       if ([...this.sent.values()].includes(path)) continue;
+      const file = await lstat(path).catch(() => undefined);
+      if (!file) continue;
+      const foreign = !file.isFile() ? "is not a regular file" : uid !== undefined && file.uid !== uid ? `belongs to uid ${file.uid}, not to the agent's (uid ${uid})` : undefined;
+      if (this.refuse(path, foreign && `warning: skipping spool file ${f}: it ${foreign}`)) continue;
       // Unreadable now (gone, no permission): next round. Empty (damaged: ban.ts renames only whole files): moved aside below.
       const text = await readFile(path, "utf8").catch(() => undefined);
       if (text === undefined) continue;
@@ -2167,8 +2313,22 @@ export class Spool {
     if (code !== "rate_limited" && code !== "internal") void this.reject(path).catch(() => {});
   }
 
+  /** Logs `why` for `what` once (until it changes or clears); true when there is one. */
+  private refuse(what: string, why: string | undefined): boolean {
+    if (!why) {
+      this.refusedWhy.delete(what);
+      return false;
+    }
+    if (this.refusedWhy.get(what) !== why) {
+      if (this.refusedWhy.size >= 1000) this.refusedWhy.clear();
+      this.refusedWhy.set(what, why);
+      this.log(why);
+    }
+    return true;
+  }
+
   private async reject(path: string): Promise<void> {
-    await mkdir(join(this.dir, "rejected"), { recursive: true });
+    await mkdir(join(this.dir, "rejected"), { recursive: true, mode: 0o700 });
     await rename(path, join(this.dir, "rejected", path.split("/").pop()!)).catch(() => {});
   }
 }
@@ -2278,6 +2438,8 @@ export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "sp
   csv: CsvLog;
   /** How the agent enforces now, for the hub's `enforcement` reports (`enforcementSnapshot` in startAgent). */
   enforcement?: () => EnforcementState;
+  /** Told when a connection closed, before the reconnect's delay: the hubs' names are resolved again. */
+  disconnected?: () => void;
 }
 
 /** What a `Session` is given by its `HubLink`. */
@@ -2297,8 +2459,8 @@ interface SessionHost {
  * for the hub. Made on each connection and thrown away when it closes.
  */
 export class Session {
-  /** The hub welcomed us (a connection refused before that makes the link try the next hub). */
-  welcomed = false;
+  /** The hub stopped answering (a missed pong, a handshake that timed out): the link passes it over for a while. */
+  hung = false;
   private alive = true;
   private hubId = "";
   private awaitingSync = false;
@@ -2324,19 +2486,25 @@ export class Session {
     private readonly host: SessionHost,
   ) {}
 
-  /** Says hello from our cursor, and pings every heartbeat: a silently dead path is noticed within one interval. */
+  /**
+   * Says hello from our cursor, and pings every half heartbeat: a ping unanswered (no pong, no
+   * frame) by the next one drops the connection, so a silently dead path or a frozen hub is
+   * noticed within one heartbeat of its last sign of life.
+   */
   open(): void {
     const { opts } = this.host;
     this.send({ type: "hello", v: PROTOCOL_VERSION, node: opts.node, want: "events", cursor: this.host.cursor });
+    const every = Math.max(1, Math.round(opts.heartbeatMs / 2));
     this.pingTimer = setInterval(() => {
       if (!this.alive) {
-        opts.log(`no answer from ${this.url} within ${opts.heartbeatMs} ms; reconnecting`);
+        opts.log(`no answer from ${this.url} within ${every} ms of a ping; reconnecting`);
+        this.hung = true;
         this.sock.terminate();
         return;
       }
       this.alive = false;
       this.sock.ping();
-    }, opts.heartbeatMs);
+    }, every);
   }
 
   /** A pong or a frame: the path is alive. */
@@ -2387,7 +2555,6 @@ export class Session {
   }
 
   private onWelcome(f: WelcomeFrame): void {
-    this.welcomed = true;
     this.host.welcomed();
     this.host.opts.csv.node = f.node;
     this.hubTakesApplied = Array.isArray(f.accepts) && f.accepts.includes("applied");
@@ -2508,9 +2675,9 @@ export class Session {
 }
 
 /**
- * Keeps one connection to the hub: tries the hubs in order (the next one when a hub refuses
- * before welcoming us), reconnects with `nextDelay` backoff, and makes a `Session` for each
- * connection. The cursor outlives the sessions.
+ * Keeps one connection to the hub: tries the hubs in order, the next one (`nextHub`) whenever a
+ * connection ends, passing over a hub that hung recently; reconnects with `nextDelay` backoff,
+ * and makes a `Session` for each connection. The cursor outlives the sessions.
  */
 export class HubLink implements SessionHost {
   /** Where the agent is in the hub's stream: set from the state file, moved on by each session. */
@@ -2521,6 +2688,8 @@ export class HubLink implements SessionHost {
   /** Sessions in a row that broke off an oversized sync: the backoff keeps growing across their welcomes. */
   private strikes = 0;
   private hubIndex = 0;
+  /** When each hub (by index) last hung: a frozen hub is not tried again first. */
+  private readonly hungAt = new Map<number, number>();
   private retryTimer: NodeJS.Timeout | undefined;
   private closing = false;
 
@@ -2547,7 +2716,7 @@ export class HubLink implements SessionHost {
       headers: { authorization: `Bearer ${opts.token}` },
       maxPayload: MAX_HUB_FRAME_BYTES,
       perMessageDeflate: false,
-      handshakeTimeout: 10_000,
+      handshakeTimeout: handshakeTimeoutMs(opts.heartbeatMs),
       ca: opts.ca ? [readFileSync(opts.ca, "utf8")] : undefined,
     });
     const session = new Session(sock, url, this);
@@ -2560,7 +2729,10 @@ export class HubLink implements SessionHost {
     sock.on("open", () => session.open());
     sock.on("pong", () => session.heard());
     sock.on("message", (data: Buffer) => session.receive(data));
-    sock.on("error", (e) => opts.log(`${url}: ${e.message}`));
+    sock.on("error", (e) => {
+      if (/handshake has timed out/.test(e.message)) session.hung = true;
+      opts.log(`${url}: ${e.message}`);
+    });
     sock.on("close", (code, reason) => this.closed(session, code, reason));
   }
 
@@ -2578,7 +2750,13 @@ export class HubLink implements SessionHost {
     if (this.session === session) this.session = undefined;
     this.opts.applier.forgetLive();
     if (this.closing) return;
-    if (!session.welcomed) this.hubIndex++;
+    this.opts.disconnected?.();
+    // Whatever ended it (a refusal, a close, a hub gone silent), the next hub is tried first:
+    // with hubs on one Redis the cursor resumes there, and a frozen hub is not waited on twice.
+    const now = Date.now();
+    const failed = this.hubIndex % this.opts.hubs.length;
+    if (session.hung) this.hungAt.set(failed, now);
+    this.hubIndex = nextHub(this.opts.hubs.length, failed, this.hungAt, now, hungMemoryMs(this.opts.heartbeatMs));
     const delay = nextDelay(this.attempt++);
     this.opts.log(`disconnected from ${session.url}${code ? ` (${code}${reason.length ? ` ${reason}` : ""})` : ""}; retrying ${this.opts.hubs[this.hubIndex % this.opts.hubs.length]} in ${delay} ms`);
     this.retryTimer = setTimeout(() => this.connect(), delay);
@@ -2604,21 +2782,66 @@ function hubHost(url: string): string {
   return new URL(url).hostname.replace(/^\[|\]$/g, "");
 }
 
-/** The hubs' addresses (resolved when names), never to be blocked. */
-async function hubAddresses(urls: string[]): Promise<Address[]> {
-  const out: Address[] = [];
-  for (const u of urls) {
-    const direct = parseAddress(hubHost(u));
-    if (direct) {
-      out.push(direct);
-      continue;
-    }
-    for (const r of await lookup(hubHost(u), { all: true }).catch(() => [])) {
-      const a = parseAddress(r.address);
-      if (a) out.push(a);
-    }
+/** How often the hubs' names are resolved again while the connection stays up, ms (and after each disconnect). */
+const HUB_RESOLVE_MS = 10 * 60_000;
+
+/**
+ * The hubs' addresses, never to be blocked: their names are resolved at start, again after
+ * each disconnect (before the reconnect) and every HUB_RESOLVE_MS, and each new address is
+ * given to `learned` (the allowlist and the applier). A name that does not resolve keeps the
+ * addresses it had, with one log line when it starts failing and one when it resolves again;
+ * addresses are only ever added, so a hub that moved keeps the old one protected too.
+ */
+export class HubAddresses {
+  private readonly known = new Map<string, Address[]>();
+  private readonly failing = new Set<string>();
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly urls: string[],
+    private readonly log: (line: string) => void,
+    private readonly resolve: (host: string) => Promise<string[]> = async (host) => (await lookup(host, { all: true })).map((r) => r.address),
+  ) {}
+
+  /** Every address known so far. */
+  all(): Address[] {
+    return [...this.known.values()].flat();
   }
-  return out;
+
+  /** Resolves every hub name; resolves with the addresses not known before. */
+  async refresh(): Promise<Address[]> {
+    const added: Address[] = [];
+    for (const host of new Set(this.urls.map(hubHost))) {
+      const direct = parseAddress(host);
+      const had = this.known.get(host) ?? [];
+      let found: Address[];
+      try {
+        found = direct ? [direct] : (await this.resolve(host)).map((x) => parseAddress(x)).filter((a): a is Address => a !== undefined);
+      } catch (e) {
+        if (!this.failing.has(host)) this.log(`warning: cannot resolve the hub ${host} (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); ${had.length ? `keeping its last known address(es) ${had.map((a) => a.text).join(", ")} out of every ban` : "its addresses are not protected from bans until it resolves"}`);
+        this.failing.add(host);
+        continue;
+      }
+      if (this.failing.delete(host)) this.log(`the hub ${host} resolves again: ${found.map((a) => a.text).join(", ")}`);
+      const fresh = found.filter((a) => !had.some((h) => h.text === a.text));
+      if (fresh.length) this.known.set(host, [...had, ...fresh]);
+      if (had.length && fresh.length) this.log(`the hub ${host} has new address(es) ${fresh.map((a) => a.text).join(", ")}: never blocked from now on`);
+      added.push(...fresh);
+    }
+    return added;
+  }
+
+  /** Refreshes every HUB_RESOLVE_MS and when `poke()`d, giving each new address to `learned`. */
+  watch(learned: (a: Address) => void): { poke(): void } {
+    const poke = () => void this.refresh().then((added) => added.forEach(learned), (e: Error) => this.log(`warning: resolving the hubs: ${e.message}`));
+    this.timer = setInterval(poke, HUB_RESOLVE_MS);
+    this.timer.unref();
+    return { poke };
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+  }
 }
 
 /** A problem the agent cannot start with, whose message says it all (a bad token file): one line, exit 1. */
@@ -2641,7 +2864,7 @@ function warnings(opts: AgentOptions): string[] {
   }
   for (const u of opts.hubs) {
     const host = hubHost(u);
-    if (u.startsWith("ws:") && host !== "localhost" && !parseAddress(host)?.text.match(/^(127\.|::1$)/)) out.push(`warning: ${u} is plain ws://: the token and the bans cross the network unencrypted; use wss:// with --ca`);
+    if (u.startsWith("ws:") && !isLoopbackHost(host)) out.push(`warning: --insecure: ${u} is plain ws://: the token and the bans cross the network unencrypted; use wss:// with --ca`);
   }
   return out;
 }
@@ -2651,16 +2874,19 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const log = opts.log;
   const token = await readToken(opts.tokenFile);
   const cfg: FirewallConfig = { prefix: opts.prefix, ports: opts.ports, allow: opts.allow.map((s) => parseAddress(s)!), hooks: opts.hooks ?? backendHooks(opts.backend) };
-  const never = [...cfg.allow, ...ownAddresses(), ...(await hubAddresses(opts.hubs))];
+  const hubAddresses = new HubAddresses(opts.hubs, log);
+  await hubAddresses.refresh();
+  const never = [...cfg.allow, ...ownAddresses(), ...hubAddresses.all()];
   for (const w of warnings(opts)) log(w);
   const backend = makeBackend(opts.backend, cfg, log);
   await backend.setup();
   const csv = await CsvLog.open(opts.csvPath, opts.node ?? "agent", log);
 
+  const allow = new Allowlist(never, () => 2 * applier.claims.size + 10_000);
   const applier: Applier = new Applier({
     backend,
     backendName: opts.backend,
-    allow: new Allowlist(never, () => 2 * applier.claims.size + 10_000),
+    allow,
     record: (r) => csv.record(r),
     log,
     onApplied: (changes, live) => link.reportApplied(changes, live),
@@ -2668,7 +2894,8 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const state: StateFile = new StateFile(opts.statePath, log, () => ({ cursor: link.cursor, claims: applier.claims }));
   // What the hub's `enforcement` reports and --metrics show: the Guard's view of the kernel.
   const enforcementSnapshot = (): EnforcementState => guard.snapshot();
-  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot });
+  const resolver = hubAddresses.watch((a) => allow.add(a) && applier.allowed(a));
+  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot, disconnected: resolver.poke });
   const saved = await state.load();
   if (saved) {
     link.cursor = saved.cursor;
@@ -2690,6 +2917,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     close() {
       closed ??= (async () => {
         link.close();
+        hubAddresses.stop();
         metrics?.close();
         await guard.close();
         await applier.close();
@@ -2787,6 +3015,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("max-prefix-v4", { type: "number", default: DEFAULT_MAX_PREFIX.v4, describe: "Refuse IPv4 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("max-prefix-v6", { type: "number", default: DEFAULT_MAX_PREFIX.v6, describe: "Refuse IPv6 networks from the hub broader than this prefix length (set it as on the hub)" })
       .option("cleanup", { type: "boolean", default: false, describe: "Remove every firewall object the agent created, then exit" })
+      .option("insecure", { type: "boolean", default: false, describe: "Send the token over plain ws:// to a hub off this host (it crosses the network in clear); without it such a --hub is refused" })
       .option("metrics", { type: "string", describe: "Serve the agent's own Prometheus metrics on HOST:PORT, e.g. 127.0.0.1:9101 (GET /metrics: entries, claims, drift, hooks missing, repairs, packets dropped by its DROP rules)" })
       .check((a) => onlyOnce(a, ["allow", "hook"]))
       .strict()
@@ -2824,6 +3053,9 @@ export function parseArgs(argv: string[]): ParsedArgs {
   if (a.node !== undefined && !/^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$/.test(a.node)) throw new UsageError(`Expected --node to be a node name, got ${JSON.stringify(a.node)}`);
   const mp = a.metrics === undefined ? undefined : /^(.+):(\d{1,5})$/.exec(a.metrics);
   if (a.metrics !== undefined && (!mp || Number(mp[2]) < 1 || Number(mp[2]) > 65535)) throw new UsageError(`Expected --metrics to be HOST:PORT, e.g. 127.0.0.1:9101, got ${JSON.stringify(a.metrics)}`);
+  // Refused before any connection: the token would be on the wire in clear at the first byte.
+  const plain = hubs.find((h) => h.startsWith("ws:") && !isLoopbackHost(new URL(h).hostname));
+  if (plain && !a.insecure) throw new UsageError(`Expected a wss:// hub off this host, got ${JSON.stringify(plain)}: plain ws:// would send the token in clear (use wss:// with --ca, or --insecure on a network you trust)`);
   return {
     command: "run",
     options: {
@@ -2848,7 +3080,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
 }
 
 function logLine(line: string): void {
-  process.stderr.write(`${new Date().toISOString()} agent: ${line}\n`);
+  // One line whatever it quotes: text from a peer (an error message, a name) cannot forge another.
+  process.stderr.write(`${new Date().toISOString()} agent: ${printable(line)}\n`);
 }
 
 /** Runs the agent from the command line. */

@@ -24,12 +24,12 @@
 
 import { createHash, randomBytes } from "node:crypto";
 import { realpathSync } from "node:fs";
-import { mkdir, open, readFile, rename, unlink } from "node:fs/promises";
+import { lstat, mkdir, open, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
 import type { Agent, IncomingMessage } from "node:http";
-import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, contains, isName, parseAddress, parseHubFrame, type BanFrame, type BanList, type ListedBan, type NodeList, type NodeState, type UnbanFrame } from "./messages.ts";
+import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, contains, isLoopbackHost, isName, parseAddress, parseHubFrame, printable, spoolDirProblem, type BanFrame, type BanList, type ListedBan, type NodeList, type NodeState, type UnbanFrame } from "./messages.ts";
 
 /** Default spool directory: the agent's --spool must name the same one to deliver what waits there. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
@@ -123,6 +123,7 @@ Options (each also from the environment, e.g. BANSHARE_HUB, or a JSON --config f
   --timeout SECONDS    give up on the hub after this long (ban, unban: and spool; default: 5)
   --spool DIR          where undeliverable events wait for the agent (default: ${DEFAULT_SPOOL})
   --ca FILE            PEM CA certificate for a wss:// hub with a private CA
+  --insecure           allow a plain ws:// hub off this host (the token crosses the network in clear)
   --config FILE        JSON file with any of the options above
   --help               show this text
 
@@ -142,6 +143,7 @@ const OPTIONS = {
   ca: { type: "string" },
   config: { type: "string" },
   "all-nodes": { type: "boolean" },
+  insecure: { type: "boolean" },
   json: { type: "boolean" },
   fleet: { type: "boolean" },
   restored: { type: "string" },
@@ -168,6 +170,15 @@ const COMMAND_FLAGS: Record<Command, Flag[]> = {
 const BACKENDS: Backend[] = ["ipset", "nftables", "iptables", "dry-run"];
 /** The agent's nftables sets (a copy of agent.ts's, kept in step by test/copies.test.ts): addresses, then networks. */
 const NFT_SETS = ["v4", "v6", "v4net", "v6net"];
+
+/** The host of a hub URL, without IPv6 brackets; empty when it is not a URL. */
+function hostOf(url: string): string {
+  try {
+    return new URL(url).hostname.replace(/^\[|\]$/g, "");
+  } catch {
+    return "";
+  }
+}
 
 function camel(flag: string): string {
   return flag.replace(/-(\w)/g, (_, c: string) => c.toUpperCase());
@@ -222,6 +233,11 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
   if (!hub) throw new UsageError(`Expected --hub URL (or ${envName("hub")}, or "hub" in --config), got none`);
   const hubs = hub.split(",").map((s) => s.trim()).filter(Boolean);
   for (const h of hubs) if (!/^wss?:\/\/[^\s/]+/.test(h)) throw new UsageError(`Expected --hub to be ws:// or wss:// URLs, got ${JSON.stringify(h)}`);
+  const insecure = parsed.values.insecure === true || /^(1|true)$/i.test(get("insecure") ?? "");
+  for (const h of hubs) {
+    // Refused before any connection: the token would be on the wire in clear at the first byte.
+    if (h.startsWith("ws:") && !isLoopbackHost(hostOf(h)) && !insecure) throw new UsageError(`Expected a wss:// hub off this host, got ${JSON.stringify(h)}: plain ws:// would send the token in clear (use wss:// with --ca, or --insecure on a network you trust)`);
+  }
   const tokenFile = get("token-file");
   if (!tokenFile) throw new UsageError(`Expected --token-file FILE (or ${envName("token-file")}, or "tokenFile" in --config), got none`);
   const access: HubAccess = { hubs, tokenFile, timeoutMs: timeout * 1000, ca: get("ca") };
@@ -279,7 +295,7 @@ export function toFrame(o: SendOptions, id: string): BanFrame | UnbanFrame {
 }
 
 /** How a send ended. `unreachable` is worth spooling; `refused` is not. */
-export type SendResult = { status: "acked"; seq: string } | { status: "refused"; reason: string; code?: string } | { status: "unreachable"; reason: string; code?: string };
+export type SendResult = { status: "acked"; seq: string; remaining?: number } | { status: "refused"; reason: string; code?: string } | { status: "unreachable"; reason: string; code?: string };
 
 /**
  * Sends one frame to one hub as `POST /v1/events` and waits for its ack. Never throws.
@@ -324,7 +340,7 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
           const s = res.statusCode ?? 0;
           const parsed = text ? parseHubFrame(text) : undefined;
           const f = parsed?.ok ? parsed.value : undefined;
-          if (s === 200 && f?.type === "ack" && f.id === frame.id) return finish({ status: "acked", seq: f.seq }, true);
+          if (s === 200 && f?.type === "ack" && f.id === frame.id) return finish({ status: "acked", seq: f.seq, ...(Number.isInteger(f.remaining) ? { remaining: f.remaining } : {}) }, true);
           if (f?.type === "error") {
             // Over the rate limit or a hub-side write error is passing: spool it. Anything else is a refusal.
             const passing = f.code === "rate_limited" || f.code === "internal";
@@ -346,9 +362,14 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
 /** Writes the frame into the spool directory atomically: temp file, fsync, rename, fsync the folder. */
 export async function spool(dir: string, frame: BanFrame | UnbanFrame): Promise<string> {
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  // The agent forwards only from a directory no one else can write to: an event spooled anywhere
+  // else would never be delivered, so it is an error here, not a warning later.
+  const unsafe = spoolDirProblem(dir, await lstat(dir), process.getuid?.());
+  if (unsafe) throw new Error(unsafe);
   const name = `${frame.detectedAt}-${frame.id}.json`;
   const tmp = join(dir, `.${name}.tmp`);
-  const fh = await open(tmp, "w", 0o600);
+  // "wx": never through a file or link someone else put there.
+  const fh = await open(tmp, "wx", 0o600);
   try {
     await fh.writeFile(JSON.stringify(frame) + "\n");
     await fh.sync();
@@ -408,12 +429,16 @@ export function formatBanTable(list: BanList): string {
     sorted.forEach((c, i) => {
       claims++;
       const left = c.until === null ? "permanent" : formatDuration(c.until - list.now);
-      rows.push([i ? "" : b.ip, i ? "" : String(b.nodes), c.origin, c.jail, new Date(c.detectedAt).toISOString().slice(0, 19).replace("T", " "), c.held ? `${left} (held)` : left]);
+      // What the hub sent is printed with its control characters escaped: no terminal escapes, no forged rows.
+      const row = [i ? "" : b.ip, i ? "" : String(b.nodes), c.origin, c.jail, new Date(c.detectedAt).toISOString().slice(0, 19).replace("T", " "), c.held ? `${left} (held)` : left];
+      rows.push(row.map((cell) => printable(String(cell))));
     });
   }
-  const widths = rows[0].map((_, col) => Math.max(...rows.map((r) => r[col].length)));
+  // A loop, not Math.max(...column): a spread of 125,000+ cells exceeds the arguments a call may take.
+  const widths = rows[0].map(() => 0);
+  for (const r of rows) r.forEach((cell, col) => (widths[col] = Math.max(widths[col], cell.length)));
   const lines = rows.map((r) => r.map((cell, col) => (col === r.length - 1 ? cell : cell.padEnd(widths[col]))).join("  "));
-  lines.push(`${list.count} address(es) blocked, ${claims} claim(s); hub ${list.hub}, seq ${list.seq}`);
+  lines.push(printable(`${list.count} address(es) blocked, ${claims} claim(s); hub ${list.hub}, seq ${list.seq}`));
   return lines.join("\n") + "\n";
 }
 
@@ -629,7 +654,7 @@ async function agentCursor(path: string): Promise<{ hub: string; seq: string; cl
 }
 
 async function runStatus(o: StatusOptions, token: string, ca?: string): Promise<void> {
-  const out = (k: string, v: string) => process.stdout.write(`${`${k}:`.padEnd(8)}${v}\n`);
+  const out = (k: string, v: string) => process.stdout.write(`${`${k}:`.padEnd(8)}${printable(v)}\n`);
   let who: WhoAmI | undefined;
   let whoUrl: string | undefined;
   for (const url of o.hubs) {
@@ -696,10 +721,10 @@ async function runFleet(o: StatusOptions, token: string, ca?: string): Promise<v
   } catch (e) {
     return fail(1, `${url} answered /v1/nodes with something that is not JSON: ${(e as Error).message}`);
   }
-  for (const n of list.nodes) process.stdout.write(formatNodeLine(n, list.now) + "\n");
+  for (const n of list.nodes) process.stdout.write(printable(formatNodeLine(n, list.now)) + "\n");
   const bad = list.nodes.filter((n) => !n.verdict?.ok).length;
   if (!list.nodes.length) return fail(1, `no agent is connected to ${url}`);
-  process.stdout.write(`${list.nodes.length - bad} of ${list.nodes.length} node(s) enforcing (hub ${list.hub})\n`);
+  process.stdout.write(printable(`${list.nodes.length - bad} of ${list.nodes.length} node(s) enforcing (hub ${list.hub})`) + "\n");
   if (bad) process.exitCode = 1;
 }
 
@@ -911,7 +936,7 @@ async function runImport(o: ImportOptions, token: string, text: string, ca?: str
         }
         if (r.status === "refused") {
           refused++;
-          process.stderr.write(`ban.ts: import: line ${x.line}: ${x.ip}: ${r.reason}\n`);
+          process.stderr.write(`ban.ts: import: line ${x.line}: ${x.ip}: ${printable(r.reason)}\n`);
           break;
         }
         if (++failures === 3) stopped = r.reason;
@@ -922,7 +947,7 @@ async function runImport(o: ImportOptions, token: string, text: string, ca?: str
   await Promise.all(Array.from({ length: Math.min(o.concurrency, items.length) }, worker));
   agent.destroy();
   const notes = [over ? `${over} already over, skipped` : "", errors.length ? `${errors.length} bad line(s)` : "", refused ? `${refused} refused by the hub` : ""].filter(Boolean);
-  process.stdout.write(`imported ${acked} of ${items.length} ban(s) to ${url} as ${who.node}${notes.length ? ` (${notes.join(", ")})` : ""}\n`);
+  process.stdout.write(printable(`imported ${acked} of ${items.length} ban(s) to ${url} as ${who.node}${notes.length ? ` (${notes.join(", ")})` : ""}`) + "\n");
   if (stopped) fail(1, `stopped: ${stopped}; run the import again to send the rest (what the hub already has does not change)`);
   else if (errors.length || refused) process.exitCode = 1;
 }
@@ -946,7 +971,8 @@ async function runOperator(o: ListOptions | StatusOptions | ImportOptions): Prom
 }
 
 function fail(code: number, line: string): void {
-  process.stderr.write(`ban.ts: ${line}\n`);
+  // One line whatever it quotes: a hub's error message cannot forge another or reach the terminal raw.
+  process.stderr.write(`ban.ts: ${printable(line)}\n`);
   process.exitCode = code;
 }
 
@@ -994,7 +1020,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
       const left = deadline - Date.now();
       if (left <= 0) break;
       const r = await sendOnce(url, token, frame, Math.ceil(left / (opts.hubs.length - i)), ca);
-      if (r.status === "acked") return;
+      if (r.status === "acked") return opts.all ? checkLifted(frame.ip, r.remaining) : undefined;
       if (r.status === "refused") return fail(1, r.reason);
       reason = r.reason;
     }
@@ -1006,11 +1032,18 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   if (opts.all) return fail(1, `could not send the unban of ${frame.ip} for every node (${reason}); it is not spooled: run it again`);
   try {
     const file = await spool(opts.spoolDir, frame);
-    process.stderr.write(`ban.ts: ${exitCode ? "error" : "warning"}: could not send (${reason}); spooled the ${frame.type} of ${frame.ip} to ${file} for the agent to deliver\n`);
+    process.stderr.write(`ban.ts: ${exitCode ? "error" : "warning"}: ${printable(`could not send (${reason}); spooled the ${frame.type} of ${frame.ip} to ${file} for the agent to deliver`)}\n`);
     process.exitCode = exitCode;
   } catch (e) {
     fail(1, `could not send the ${frame.type} of ${frame.ip} (${reason}) nor spool it: ${(e as Error).message}`);
   }
+}
+
+/** After an acked `unban --all-nodes`: exit 1 unless the hub says no claim on `ip` is left. */
+function checkLifted(ip: string, remaining: number | undefined): void {
+  if (remaining === 0) return;
+  if (remaining === undefined) return fail(1, `the hub acked the unban of ${ip} for every node but did not say whether a claim is left (a hub older than this ban.ts): check with ban.ts list`);
+  fail(1, `the hub acked the unban of ${ip} for every node, but ${remaining} claim(s) on it are still live: check with ban.ts list, then unban again or revoke the node that keeps banning it`);
 }
 
 function isMain(): boolean {

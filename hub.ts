@@ -24,7 +24,7 @@
 
 import { createHash, randomBytes, timingSafeEqual } from "node:crypto";
 import { once } from "node:events";
-import { createReadStream, createWriteStream, existsSync, readFileSync, realpathSync, type WriteStream } from "node:fs";
+import { createReadStream, existsSync, readFileSync, realpathSync } from "node:fs";
 import { appendFile, chmod, mkdir, open, readFile, rename, rm, statfs, writeFile, type FileHandle } from "node:fs/promises";
 import { STATUS_CODES, createServer as createHttpServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
@@ -47,6 +47,7 @@ import {
   blockedUntil,
   checkEvent,
   csvRow,
+  printable,
   eventUntil,
   isName,
   isNewer,
@@ -109,6 +110,8 @@ export interface HubOptions {
   /** Most sockets not yet authenticated, in all (default: a quarter of the open-file limit, at most 1024) and per source address (32). */
   maxPending?: number;
   maxPendingPerAddress?: number;
+  /** Most live ban claims one node may hold at the hub (default DEFAULT_MAX_CLAIMS_PER_NODE); a new address past it is refused with `claim_limit`. */
+  maxClaimsPerNode?: number;
   /** Networks no ban may touch (the operator's own ranges); the hub's own addresses are added. */
   protect: string[];
   /** Serve plain ws:// on a non-loopback address (tokens cross the network in clear). */
@@ -155,9 +158,8 @@ const REQUEST_TIMEOUT_MS = 30_000;
 const DEFAULT_MAX_PENDING_PER_ADDRESS = 32;
 /** A revoked connection gets this long for the close handshake before it is cut. */
 const REVOKE_GRACE_MS = 1000;
-/** A sync sends its next chunk only while less than this is queued (or --max-buffered, if less), and gives up on a reader that takes longer than SYNC_STALL_MS to take it. */
-const SYNC_WINDOW_BYTES = 2 << 20;
-const SYNC_STALL_MS = 20_000;
+/** A receiving socket whose sync has not moved for this long (its reader takes nothing) is dropped: it would hold its share of the state in the hub's memory. */
+const SYNC_DROP_MS = 20_000;
 /** Refusals before a token was accepted: per source address and reason, the first FLOOD_FIRST per FLOOD_WINDOW_MS are logged one by one (FLOOD_BUDGET in all), the rest summed up in one line per window. */
 const FLOOD_FIRST = 5;
 const FLOOD_BUDGET = 100;
@@ -170,6 +172,24 @@ const HTTP_MAX_WAIT_MS = 5000;
 /** The fleet-long lists (GET /v1/blocked, /v1/bans) per node: this many a second, this many at once. */
 const LIST_RATE = 2;
 const LIST_BURST = 10;
+/**
+ * Syncs are sent a frame at a time, round-robin, for at most SYNC_SLICE_MS before the event loop
+ * serves everyone else (live bans, acks, HTTP); a sync waits while its socket holds more than
+ * SYNC_WINDOW_BYTES not yet taken by the kernel (all waiting: another look in SYNC_WAIT_MS). A
+ * snapshot of the claims serves every sync that starts within SNAPSHOT_REUSE_MS of it, or
+ * within 50 times the time it took to build (a million claims take seconds to put in order).
+ */
+const SYNC_SLICE_MS = 4;
+const SYNC_WINDOW_BYTES = 512 * 1024;
+const SYNC_WAIT_MS = 5;
+const SNAPSHOT_REUSE_MS = 2000;
+/**
+ * Syncs sent at the same time; the others wait their turn in order. Each socket holding sync
+ * bytes costs the event loop a write each time round, so a herd of a thousand is served 16 at a
+ * time (each completes sooner); one whose agent has not read for SYNC_STALL_MS yields its place.
+ */
+const SYNC_CONCURRENCY = 16;
+const SYNC_STALL_MS = 1000;
 const MAX_REFUSED_PER_CONN = 1000;
 /** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
 const STATUS_INTERVAL_MS = 1000;
@@ -186,7 +206,7 @@ const TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
 const BEARER_RE = new RegExp(`^Bearer (${TOKEN_PATTERN})$`);
 const TOKEN_PROTOCOL_RE = new RegExp(`^${TOKEN_PROTOCOL_PREFIX.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}(${TOKEN_PATTERN})$`);
 
-const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "max-pending", "max-pending-per-address", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "max-claims-per-node", "max-pending", "max-pending-per-address", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
 /** A week of a busy fleet (one event a second on average, bursts included) fits in it. */
 const DEFAULT_STREAM_MAX_LEN = 1_000_000;
@@ -377,15 +397,26 @@ export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | 
  * lacks; superseded and expired ones need no resend.
  */
 export function syncEvents(claims: Claims, afterSeq: string | undefined, now: number): FleetEvent[] {
-  const out: FleetEvent[] = [];
+  // Each position parsed once, not once per comparison: 50,000 claims in a few ms, not 300.
+  const keyed: Array<{ e: FleetEvent; ms: number; n: number }> = [];
+  const after = afterSeq === undefined ? undefined : positionKey(afterSeq);
   for (const byOrigin of claims.values()) {
     for (const e of byOrigin.values()) {
       if (e.held || (e.until !== null && e.until <= now)) continue;
-      if (afterSeq !== undefined && comparePositions(e.seq, afterSeq) <= 0) continue;
-      out.push(e);
+      const [ms, n] = positionKey(e.seq);
+      if (after && (ms - after[0] || n - after[1]) <= 0) continue;
+      keyed.push({ e, ms, n });
     }
   }
-  return out.sort((a, b) => comparePositions(a.seq, b.seq));
+  keyed.sort((a, b) => a.ms - b.ms || a.n - b.n);
+  return keyed.map((k) => k.e);
+}
+
+/** A position as the two numbers `comparePositions` orders it by. */
+function positionKey(s: string): [number, number] {
+  const m = POSITION_RE.exec(s);
+  if (!m) throw new Error(`Expected positions as N or MS-N, got ${JSON.stringify(s)}`);
+  return [Number(m[1]), Number(m[2] ?? 0)];
 }
 
 /**
@@ -452,12 +483,22 @@ export function blockedAddresses(claims: Claims, now: number): string[] {
 // ---------------------------------------------------------------------------------------------
 // Fleet rules: --quorum and --escalate as pure decisions (inputs in, decision out)
 
-/** The rules a hub applies to new bans: `--quorum`, `--trust`, `--escalate`. */
+/** The rules a hub applies to new bans: `--quorum`, `--trust`, `--escalate`, `--max-claims-per-node`. */
 export interface FleetRules {
   quorum: number;
   trusted: string[];
   escalate?: { factor: number; maxSeconds: number };
+  /** Most ban claims one node may hold (none: no limit). */
+  maxClaimsPerNode?: number;
 }
+
+/**
+ * Default `--max-claims-per-node`: one node may claim 100,000 addresses, 1/20 of what an agent's
+ * kernel set holds (2,097,152), so a single compromised node at the default rate cannot fill
+ * every agent's set (50/s fills one in 11.6 h), while a busy honest one (a few thousand live
+ * bans) is far below it.
+ */
+export const DEFAULT_MAX_CLAIMS_PER_NODE = 100_000;
 
 /** What the fleet rules decide for one new event. */
 export interface RuleDecision {
@@ -633,6 +674,23 @@ export class ClaimCounts {
 }
 
 /**
+ * What an admin's unban for every node (`admin`, origin `*`) must add to lift every ban claim on
+ * the address whatever its timestamp: the `*` claim lifts the claims older than it, so each
+ * claim dated after it (an origin whose clock runs ahead, up to MAX_CLOCK_SKEW_MS, or a
+ * compromised node dating its bans ahead) gets a tombstone of its own origin, at its own
+ * detection time and newer by its id alone. A later ban from that origin still counts, and no
+ * other origin's claims are touched.
+ */
+export function adminLifts(byOrigin: AddressClaims, admin: FleetEvent, now: number): FleetEvent[] {
+  const out: FleetEvent[] = [];
+  for (const c of byOrigin.values()) {
+    if (c.kind !== "ban" || c.origin === ALL_ORIGINS || isExpired(c, now) || !isNewer(c, admin)) continue;
+    out.push({ seq: "", kind: "unban", ip: c.ip, origin: c.origin, jail: c.jail, until: eventUntil("unban", c.detectedAt, undefined, c.until), detectedAt: c.detectedAt, id: `${c.id}.lifted`, relayedAt: now });
+  }
+  return out;
+}
+
+/**
  * The fleet's claims as this hub knows them, and what it decides with them. `claims` hold what
  * is durable (what syncs, listings and the status page show); `pending` what was accepted and is
  * on its way to the store, newest per (ip, origin): decisions see both, so a burst is decided
@@ -647,12 +705,28 @@ export class FleetState {
   private readonly offenses = new Map<string, number[]>();
   /** Position of the last durable event: the most a sync may promise an agent. */
   durable = "0";
+  /** Ban claims per node origin in `claims` (ended ones until the next prune): what `--max-claims-per-node` bounds. */
+  private readonly perOrigin = new Map<string, number>();
 
   constructor(private readonly rules: FleetRules) {}
 
+  /**
+   * Why `origin` may not claim one more address with a ban of `ip` (`--max-claims-per-node`), or
+   * undefined: a node at its limit may still renew, lengthen or lift what it claims. Counted on
+   * what is durable, so a burst in flight can pass the limit by what it holds.
+   */
+  claimLimit(origin: string, ip: string, now: number): string | undefined {
+    const max = this.rules.maxClaimsPerNode;
+    const held = this.perOrigin.get(origin) ?? 0;
+    if (max === undefined || held < max) return undefined;
+    const own = this.claims.get(ip)?.get(origin);
+    if (own?.kind === "ban" && !isExpired(own, now)) return undefined;
+    return `Node ${origin} already claims ${held} address(es), the limit (--max-claims-per-node ${max}); a ban of a new address waits until some of them end or an admin lifts them`;
+  }
+
   /** Takes one event the store held when the hub started. */
   load(e: FleetEvent): void {
-    if (mergeHubClaim(this.claims, e)) this.counts.touch(e.ip);
+    this.mergeDurable(e);
     this.noteOffense(e);
   }
 
@@ -667,7 +741,18 @@ export class FleetState {
     if (!mergeClaim(view, event)) return { standing: view.get(f.ip)!.get(event.origin)!, event };
     const decision = decideRules(this.rules, sender, event, view.get(f.ip)!, this.offenses.get(f.ip) ?? [], now);
     if (decision.hold) event.held = true;
-    return { event, batch: [event, ...decision.release, ...(decision.escalation ? [decision.escalation.event] : [])], decision };
+    const lifts = event.origin === ALL_ORIGINS ? adminLifts(view.get(f.ip)!, event, now) : [];
+    return { event, batch: [event, ...decision.release, ...(decision.escalation ? [decision.escalation.event] : []), ...lifts], decision };
+  }
+
+  /**
+   * The live ban claims on `ip` once `batch` (durable, but maybe not read back from the store
+   * yet) joins what the hub holds: what an admin's unban for every node left, for its ack.
+   */
+  remaining(ip: string, batch: FleetEvent[], now: number): number {
+    const view: Claims = new Map([[ip, new Map([...(this.claims.get(ip) ?? []), ...(this.pending.get(ip) ?? [])])]]);
+    for (const e of batch) if (e.ip === ip) mergeHubClaim(view, e);
+    return liveClaims(view.get(ip)!, now).length;
   }
 
   /** A decided batch goes to the store: its claims are pending until durable. */
@@ -684,7 +769,7 @@ export class FleetState {
   /** Events now durable (the journal flushed them, or they were read from the shared stream), in order: they join the claims. */
   commit(events: FleetEvent[]): FleetEvent[] {
     for (const e of events) {
-      if (mergeHubClaim(this.claims, e)) this.counts.touch(e.ip);
+      this.mergeDurable(e);
       this.dropPending(e);
     }
     this.durable = events[events.length - 1].seq;
@@ -693,14 +778,15 @@ export class FleetState {
 
   /** Claims a reload of the store gave (the shared stream was trimmed past this hub): the newer ones join the claims and are returned in order. */
   repair(events: FleetEvent[]): FleetEvent[] {
-    const newer = events.filter((e) => mergeHubClaim(this.claims, e));
-    for (const e of newer) this.counts.touch(e.ip);
-    return newer.sort((a, b) => comparePositions(a.seq, b.seq));
+    return events.filter((e) => this.mergeDurable(e)).sort((a, b) => comparePositions(a.seq, b.seq));
   }
 
   /** Forgets ended claims and offenses older than `--escalate-max`. */
   prune(now: number): void {
     for (const ip of pruneClaims(this.claims, now)) this.counts.touch(ip);
+    // The prune walked every claim anyway: count them again (what ended is gone now).
+    this.perOrigin.clear();
+    for (const byOrigin of this.claims.values()) for (const c of byOrigin.values()) this.tally(c, 1);
     if (!this.rules.escalate) return;
     const horizon = now - this.rules.escalate.maxSeconds * 1000;
     for (const [ip, list] of this.offenses) {
@@ -727,20 +813,37 @@ export class FleetState {
    * newer admin unban (the fleet's blocked addresses), those claims in all and per origin, and
    * the claims `--quorum` holds. Kept up to date, not walked: O(origins) per call.
    */
-  tally(now: number): ReturnType<ClaimCounts["totals"]> {
+  totals(now: number): ReturnType<ClaimCounts["totals"]> {
     this.counts.expire(this.claims, now);
     return this.counts.totals();
   }
 
-  /** Addresses the fleet blocks now (see `tally`). */
+  /** Addresses the fleet blocks now (see `totals`). */
   blockedCount(now: number): number {
-    return this.tally(now).blocked;
+    return this.totals(now).blocked;
   }
 
   /** Those addresses, from the kept counts: what every agent's kernel should hold. */
   blockedAddresses(now: number): string[] {
     this.counts.expire(this.claims, now);
     return [...this.counts.addresses()];
+  }
+
+  /** Merges a durable event into the claims, keeping the per-node count in step; true when it changed them. */
+  private mergeDurable(e: FleetEvent): boolean {
+    const old = this.claims.get(e.ip)?.get(e.origin);
+    if (!mergeHubClaim(this.claims, e)) return false;
+    this.tally(old, -1);
+    this.tally(e, 1);
+    this.counts.touch(e.ip);
+    return true;
+  }
+
+  private tally(c: FleetEvent | undefined, by: 1 | -1): void {
+    if (!c || c.kind !== "ban" || c.origin === ALL_ORIGINS || c.origin === ESCALATION_ORIGIN) return;
+    const n = (this.perOrigin.get(c.origin) ?? 0) + by;
+    if (n > 0) this.perOrigin.set(c.origin, n);
+    else this.perOrigin.delete(c.origin);
   }
 
   private dropPending(e: FleetEvent): void {
@@ -816,7 +919,7 @@ interface StoreSnapshot {
 
 /** Opens the store `opts` names and loads what it holds into `each`: the one place a store is chosen. */
 async function openStore(opts: HubOptions, listener: StoreListener, snapshot: StoreSnapshot, each: (e: FleetEvent) => void): Promise<Store> {
-  const store: Store = opts.store ? new RedisStore(opts, listener) : new Journal(opts.statePath, listener, snapshot);
+  const store: Store = opts.store ? new RedisStore(opts, listener, snapshot) : new Journal(opts.statePath, listener, snapshot);
   await store.load(each);
   return store;
 }
@@ -1289,7 +1392,7 @@ export function parseStoreUrl(s: string): RedisTarget {
 }
 
 /** The keys of one fleet; one hash tag, so that on a Redis Cluster they share a slot (one Lua script touches them all). */
-const REDIS_KEYS = { events: "banshare:{fleet}:events", claims: "banshare:{fleet}:claims", id: "banshare:{fleet}:id", lock: "banshare:{fleet}:prune-lock" };
+const REDIS_KEYS = { events: "banshare:{fleet}:events", claims: "banshare:{fleet}:claims", id: "banshare:{fleet}:id", epoch: "banshare:{fleet}:epoch", lock: "banshare:{fleet}:prune-lock" };
 
 /**
  * Appends one event unless the claim stored for its (ip, origin) is as new or newer (the merge
@@ -1353,11 +1456,32 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
  * stream entry, so a hub starting (or a hub whose agents need a full sync) has the fleet state.
  * One reading loop owns the connections: it (re)connects with backoff, re-resolving the master
  * through the Sentinels, and resumes XREAD after the last entry it handed on.
+ *
+ * A Redis can forget (restarted without its append-only file, or from an older snapshot, or
+ * flushed): each hub remembers the highest stream ID it has seen and the store's epoch (a random
+ * value written when the store was first used, and again by the hub that finds it lost). On every
+ * reconnect and after every read it compares: a stream that ends before what this hub saw, a
+ * missing epoch, or another epoch than the one it knew, is a loss. The hub says so (log line,
+ * /healthz `storeLost`, `banshare_store_losses_total`) and writes back every claim it holds,
+ * bans and unbans, through the append script, whose merge rule skips what the store still has:
+ * the stream and the hash hold the fleet state again, and every hub's full syncs are complete.
  */
 class RedisStore implements Store {
   hubId = "";
   /** ID of the last stream entry handed to `listener.durable`: what this hub's agents have been sent. */
   private last = "0-0";
+  /** The highest stream ID this hub has read or appended: the store ending before it forgot. */
+  private seen = "0-0";
+  /** The store's epoch as this hub last saw it ("" before the first look). */
+  private epoch = "";
+  /** The last loss found (when, what), for /healthz; the losses found and the claims written back since start, for /metrics. */
+  private lost?: string;
+  private lostAt = 0;
+  private losses = 0;
+  private writtenBack = 0;
+  /** A write-back on its way, and whether one is still owed (a write-back that failed halfway). */
+  private restoring?: Promise<void>;
+  private owed = false;
   /** Stream entries this hub has read since it started: `banshare_seq` (a stream ID is no count). */
   private read = 0;
   /** The oldest cursor that resumes: the first entry the stream kept once trimmed ("0-0" before). */
@@ -1382,6 +1506,8 @@ class RedisStore implements Store {
   constructor(
     opts: HubOptions,
     private readonly listener: StoreListener,
+    /** The hub's claims: what a write-back puts into a store that forgot (read only). */
+    private readonly snapshot: StoreSnapshot,
   ) {
     // Both rules decide against the address's claims as they stand when a ban arrives; hubs on
     // one Redis see each other's bans a moment late, so there they would not hold as documented.
@@ -1404,7 +1530,8 @@ class RedisStore implements Store {
     await this.connect();
     // Snapshot: the stream's last ID first, then the claims. The hash may hold claims newer than
     // that ID too; reading the stream from it merges them again, which changes nothing.
-    this.last = await this.streamInfo(true);
+    this.last = this.seen = await this.streamInfo(true);
+    await this.verify();
     let count = 0;
     await this.scanClaims(this.cmd!, (e) => {
       each(e);
@@ -1510,6 +1637,91 @@ class RedisStore implements Store {
     this.wake?.();
   }
 
+  /** Raises the highest stream ID this hub has seen. */
+  private see(id: string): void {
+    if (comparePositions(id, this.seen) > 0) this.seen = id;
+  }
+
+  /**
+   * Compares the store with what this hub saw (and refreshes the trim horizon): a stream that
+   * ends before the highest ID this hub saw, a missing epoch, or another epoch than the one it
+   * knew, is a loss. The first look only learns the epoch (creating it in a new store).
+   */
+  private async verify(): Promise<void> {
+    const cmd = this.cmd!;
+    let epoch = (await cmd.sendCommand(["GET", REDIS_KEYS.epoch])) as string | null;
+    const fresh = randomBytes(8).toString("hex");
+    const created = !epoch && (await cmd.sendCommand(["SET", REDIS_KEYS.epoch, fresh, "NX"])) === "OK";
+    epoch = created ? fresh : ((epoch ?? (await cmd.sendCommand(["GET", REDIS_KEYS.epoch]))) as string);
+    const top = await this.streamInfo(true);
+    const known = this.epoch;
+    this.epoch = epoch;
+    if (!known) return;
+    const behind = comparePositions(top, this.seen) < 0;
+    // Only the first hub to find it gives the store a new epoch: the others see that one.
+    if (behind && top === "0-0") await this.lose(`it holds no stream, and this hub had read up to ${this.seen}: emptied (restarted without its append-only file, or flushed)`, top, epoch === known);
+    else if (behind) await this.lose(`its stream ends at ${top}, before ${this.seen}, which this hub had read: rolled back (restarted from an older snapshot, or failed over to a replica that lagged)`, top, epoch === known);
+    else if (created) await this.lose("its epoch key was gone: emptied (restarted without its append-only file, or flushed)", top, false);
+    // Two hubs finding one loss at once each give it an epoch: the second is no news to the first.
+    else if (epoch !== known && Date.now() - this.lostAt > 60_000) await this.lose("its epoch changed: another hub found it emptied or rolled back", top, false);
+  }
+
+  /** Answers a loss: says so, reads on from where the store now ends, and writes back what this hub holds; `announce` gives the store a new epoch, so that every other hub finds out too. */
+  private async lose(why: string, top: string, announce: boolean): Promise<void> {
+    this.losses++;
+    this.lostAt = Date.now();
+    this.lost = `${new Date(this.lostAt).toISOString()}: ${why}`;
+    this.listener.log(`error: store ${this.target.display} lost the fleet state: ${why}; writing back the claims this hub holds`);
+    if (comparePositions(top, this.last) < 0) this.last = top;
+    this.seen = top;
+    // Emptied without a reconnect (a flush): the fleet id goes back too, so every cursor stays valid.
+    await this.cmd!.sendCommand(["SET", REDIS_KEYS.id, this.hubId, "NX"]);
+    if (announce) {
+      this.epoch = randomBytes(8).toString("hex");
+      await this.cmd!.sendCommand(["SET", REDIS_KEYS.epoch, this.epoch]);
+    }
+    this.owed = true;
+    this.restore();
+  }
+
+  /** Starts the write-back owed, unless one is on its way. */
+  private restore(): void {
+    if (this.restoring) return;
+    this.restoring = this.writeBack().finally(() => (this.restoring = undefined));
+  }
+
+  /**
+   * Puts every claim this hub holds (bans and unbans not ended) back through the append script:
+   * what the store still has as new is skipped, the rest gets new stream entries that every hub
+   * reads (a hub that holds the claim already does not relay it again). A failure halfway leaves
+   * it owed, for the next reconnect.
+   */
+  private async writeBack(): Promise<void> {
+    this.owed = false;
+    const cmd = this.cmd;
+    const claims = [...this.snapshot.live(Date.now())];
+    let appended = 0;
+    try {
+      if (!cmd) throw new Error("not connected");
+      for (let i = 0; i < claims.length; i += 500) {
+        for (const [done, id] of await Promise.all(claims.slice(i, i + 500).map((e) => this.runAppend(cmd, e)))) {
+          if (done !== 1) continue;
+          appended++;
+          this.see(id);
+        }
+      }
+      if (this.replicas > 0) await within(cmd.sendCommand(["WAIT", String(this.replicas), "1000"]), 3000, "WAIT");
+    } catch (e) {
+      this.owed = true;
+      this.listener.log(`warning: store ${this.target.display}: write-back stopped after ${appended} claim(s) (${(e as Error).message}); it starts again when the store is back`);
+      return;
+    } finally {
+      this.writtenBack += appended;
+    }
+    this.lost += `; ${appended} of the ${claims.length} claim(s) this hub holds written back`;
+    this.listener.log(`store ${this.target.display}: wrote back ${appended} of the ${claims.length} claim(s) this hub holds (it still had the others): it holds the fleet state again`);
+  }
+
   private async readLoop(): Promise<void> {
     let attempt = 0;
     this.up = true;
@@ -1517,25 +1729,29 @@ class RedisStore implements Store {
       try {
         if (!this.reader) {
           await this.connect();
+          // Before it takes events again: a Redis that restarted may have come back without them.
+          await this.verify();
+          if (this.owed) this.restore();
           this.listener.log(`store ${this.target.display} is back: reading the stream after ${this.last}`);
           attempt = 0;
           this.up = true;
         }
         const reply = (await within(this.reader!.sendCommand(["XREAD", "COUNT", "1000", "BLOCK", "2000", "STREAMS", REDIS_KEYS.events, this.last]), 7000, "XREAD")) as Array<[string, Array<[string, string[]]>]> | null;
-        if (!reply) continue;
         const before = this.last;
         const events: FleetEvent[] = [];
-        for (const [id, fields] of reply[0][1]) {
+        for (const [id, fields] of reply?.[0][1] ?? []) {
           this.last = id;
+          this.see(id);
           this.read++;
           const e = parseJournalLine(`{"seq":"${id}",${(fields[1] ?? "{").slice(1)}`);
           if (e) events.push(e);
         }
         if (events.length) this.listener.durable(events);
-        // Trimmed past this reader (it lagged more than --stream-max-len entries): entries it never
-        // read are gone, but their claims are in the hash. Reload it; what is newer goes out.
-        await this.streamInfo();
-        if (this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
+        // Idle or not, the store is checked each round (a flush needs no reconnect). Trimmed past
+        // this reader (it lagged more than --stream-max-len entries): entries it never read are
+        // gone, but their claims are in the hash. Reload it; what is newer goes out.
+        await this.verify();
+        if (reply && this.trimmed !== "0-0" && comparePositions(before, this.trimmed) < 0) {
           const newer: FleetEvent[] = [];
           await this.scanClaims(this.cmd!, (e) => newer.push(e));
           this.listener.repaired(newer);
@@ -1564,18 +1780,24 @@ class RedisStore implements Store {
     return p;
   }
 
-  private async appendOne(e: FleetEvent): Promise<string> {
-    const cmd = this.cmd;
-    if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
+  /** Runs the append script for `e` (its seq left out): [1, the new entry ID] when appended, [0, the stored claim's seq] when that claim is as new. */
+  private runAppend(cmd: RedisClient, e: FleetEvent): Promise<[number, string]> {
     const { seq: _unused, ...rest } = e;
     const args = [`${e.ip}|${e.origin}`, JSON.stringify(rest), String(e.detectedAt), e.id, String(this.maxLen)];
     const run = (how: string, script: string) => cmd.sendCommand([how, script, "2", REDIS_KEYS.events, REDIS_KEYS.claims, ...args]);
+    return within(
+      run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
+      3000,
+      "append",
+    ) as Promise<[number, string]>;
+  }
+
+  private async appendOne(e: FleetEvent): Promise<string> {
+    const cmd = this.cmd;
+    if (!cmd || !this.up) throw new Error(`store ${this.target.display} is unreachable`);
     try {
-      const reply = (await within(
-        run("EVALSHA", this.sha.append).catch((err: Error) => (/NOSCRIPT/.test(err.message) ? run("EVAL", APPEND_LUA) : Promise.reject(err))),
-        3000,
-        "append",
-      )) as [number, string];
+      const reply = await this.runAppend(cmd, e);
+      if (reply[0] === 1) this.see(reply[1]);
       // Redis replicates asynchronously: a master that fails over right after this write may
       // never pass it on. With --store-replicas the ack waits until that many replicas have it.
       if (this.replicas > 0) {
@@ -1612,8 +1834,12 @@ class RedisStore implements Store {
     return {
       ok: up,
       count: this.read,
-      fields: { store: up ? "up" : "down" },
-      metrics: metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
+      fields: { store: !up ? "down" : this.restoring ? "restoring" : "up", ...(this.lost ? { storeLost: this.lost } : {}) },
+      metrics: [
+        ...metric("banshare_store_up", "gauge", "1 while the shared store (Redis) answers.", [["", up ? 1 : 0]]),
+        ...metric("banshare_store_losses_total", "counter", "Times this hub found the store emptied or rolled back (it then writes back the claims it holds).", [["", this.losses]]),
+        ...metric("banshare_store_written_back_total", "counter", "Claims this hub wrote back into a store that had lost them.", [["", this.writtenBack]]),
+      ],
     };
   }
 
@@ -1664,6 +1890,7 @@ class RedisStore implements Store {
   async close(): Promise<void> {
     this.closing = true;
     clearInterval(this.timer);
+    await this.restoring;
     this.cmd?.destroy();
     this.reader?.destroy();
     this.wake?.();
@@ -1678,15 +1905,13 @@ class RedisStore implements Store {
 
 /** The structured log (`--csv`): one writer of the hub's rows; without a path it writes nothing. */
 export class Recorder {
-  private constructor(private readonly out?: WriteStream) {}
+  private constructor(private readonly out?: CsvFile) {}
 
   static async open(path: string | undefined, log: (line: string) => void): Promise<Recorder> {
     if (!path) return new Recorder();
     await mkdir(dirname(path), { recursive: true });
     if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
-    const out = createWriteStream(path, { flags: "a" });
-    out.on("error", (e) => log(`warning: cannot write ${path}: ${e.message}`));
-    return new Recorder(out);
+    return new Recorder(new CsvFile(path, log));
   }
 
   row(r: Omit<CsvRecord, "time" | "node">): void {
@@ -1694,7 +1919,90 @@ export class Recorder {
   }
 
   close(): Promise<void> {
-    return new Promise((resolve) => (this.out ? this.out.end(resolve) : resolve()));
+    return this.out?.close() ?? Promise.resolve();
+  }
+}
+
+/**
+ * The `--csv` file: rows appended in one write per batch, the file opened only for that write,
+ * so it is never held open (a remount read-only works). A write that fails (a full or read-only
+ * disk) is cut back to where it began, so no torn row stays, and its rows wait, up to
+ * `CSV_MAX_PENDING` bytes (the oldest rows beyond are dropped, and counted), for the next try a
+ * second later: writing resumes by itself once the disk has room. One warning when it starts
+ * failing, one line when it writes again.
+ */
+export class CsvFile {
+  private pending = "";
+  private writing: Promise<void> | undefined;
+  private failing = false;
+  private dropped = 0;
+  private retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly path: string,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Queues `text` (whole rows) to be appended. */
+  write(text: string): void {
+    this.pending += text;
+    if (this.pending.length > CSV_MAX_PENDING) {
+      const cut = this.pending.indexOf("\n", this.pending.length - CSV_MAX_PENDING) + 1;
+      this.dropped += this.pending.slice(0, cut).split("\n").length - 1;
+      this.pending = this.pending.slice(cut);
+    }
+    this.kick();
+  }
+
+  /** Writes what waits, once more if the disk refuses; resolves when done. */
+  async close(): Promise<void> {
+    clearTimeout(this.retry);
+    await this.writing;
+    this.kick(true);
+    await this.writing;
+  }
+
+  /** Starts a write of what waits, unless one is under way; while failing, only the retry (`again`) does. */
+  private kick(again = false): void {
+    if (this.writing || !this.pending || (this.failing && !again)) return;
+    const chunk = this.pending;
+    this.pending = "";
+    this.writing = appendWhole(this.path, chunk).then(
+      () => {
+        if (this.failing) this.log(`${this.path} is written again${this.dropped ? ` (${this.dropped} row(s) dropped while it could not be)` : ""}`);
+        this.failing = false;
+        this.dropped = 0;
+      },
+      (e: Error) => {
+        this.pending = chunk + this.pending;
+        if (!this.failing) this.log(`warning: cannot write ${this.path}: ${e.message}; its rows wait in memory and are tried again every second`);
+        this.failing = true;
+        this.retry = setTimeout(() => this.kick(true), 1000);
+        this.retry.unref();
+      },
+    );
+    void this.writing.finally(() => {
+      this.writing = undefined;
+      this.kick();
+    });
+  }
+}
+
+/** Most bytes of rows a failing `--csv` file holds in memory (about 8,000 rows). */
+const CSV_MAX_PENDING = 1 << 20;
+
+/** Appends `text` to `path` (created with the CSV header when missing); on failure the file is cut back to its size before. */
+async function appendWhole(path: string, text: string): Promise<void> {
+  const fh = await open(path, "a");
+  let size = 0;
+  try {
+    size = (await fh.stat()).size;
+    await fh.writeFile(size === 0 ? `${CSV_HEADER}\n${text}` : text);
+  } catch (e) {
+    await fh.truncate(size).catch(() => {});
+    throw e;
+  } finally {
+    await fh.close().catch(() => {});
   }
 }
 
@@ -1819,7 +2127,7 @@ interface Refusal {
 type Answer = (status: number, frame?: HubFrame) => void;
 
 /** HTTP status of each refusal; 400 for the rest. */
-const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, protected: 403, rate_limited: 429, too_big: 413, internal: 503, unauthorized: 401, too_many_connections: 429 };
+const HTTP_STATUS: Partial<Record<RefusalCode, number>> = { forbidden: 403, protected: 403, claim_limit: 403, rate_limited: 429, too_big: 413, internal: 503, unauthorized: 401, too_many_connections: 429 };
 
 /**
  * Refusals that came before any token was accepted, from strangers who can cause them as fast
@@ -1990,7 +2298,7 @@ export class Conn {
   /** Its token was revoked: every further frame is dropped unread, and the socket cut after REVOKE_GRACE_MS. */
   revoked = false;
   dropped = 0;
-  /** The largest sync chunk sent to it: a relay may queue behind one on top of --max-buffered. */
+  /** Bytes of the sync sent to it: allowed on top of --max-buffered (Syncs sends only while its socket has room). */
   syncBytes = 0;
   /** Connected at, and the last pong or frame from it, ms. */
   readonly since = Date.now();
@@ -2034,28 +2342,6 @@ export class Conn {
   seen(): void {
     this.alive = true;
     this.lastSeen = Date.now();
-  }
-
-  /**
-   * Resolves true once less than `window` bytes are queued to it (at once when that is so
-   * already), false when it is closed or `stallMs` passed first: a reader that does not take
-   * its sync is dropped instead of holding the state in the hub's memory.
-   */
-  drained(window: number, stallMs: number): Promise<boolean> {
-    if (this.ws.readyState !== this.ws.OPEN) return Promise.resolve(false);
-    if (this.ws.bufferedAmount < window) return Promise.resolve(true);
-    return new Promise((resolve) => {
-      const end = Date.now() + stallMs;
-      const check = () => {
-        if (this.ws.readyState !== this.ws.OPEN) return resolve(false);
-        if (this.ws.bufferedAmount < window) return resolve(true);
-        if (Date.now() < end) return void setTimeout(check, 10).unref();
-        this.log(`dropping ${this.who}: its sync stalled, ${this.ws.bufferedAmount} bytes queued for ${stallMs / 1000} s; it is not reading`);
-        this.ws.terminate();
-        resolve(false);
-      };
-      check();
-    });
   }
 }
 
@@ -2182,6 +2468,253 @@ function eventsFrame(events: FleetEvent[]): HubFrame {
   return events.length === 1 ? { type: "event", ...events[0] } : { type: "sync", full: false, events, seq: events[events.length - 1].seq };
 }
 
+/** The durable claims as syncs send them: built once, shared by every sync that starts while it is fresh. */
+interface SyncSnapshot {
+  /** The durable position it shows. */
+  readonly upTo: string;
+  /** The live claims, in seq order (`syncEvents`). */
+  readonly events: FleetEvent[];
+  /** The full-sync frames, serialised once for every sync, each when the first sync needs it. */
+  readonly frames: Buffer[];
+  /** Events relayed since it was built, and the durable position after them: each sync sends them last. */
+  readonly after: FleetEvent[];
+  afterUpTo: string;
+  readonly at: number;
+  /** Until when syncs starting may share it: SNAPSHOT_REUSE_MS, or 50 times its build time. */
+  readonly freshUntil: number;
+  /** Syncs sending it now. */
+  users: number;
+}
+
+/** One agent's sync in progress. */
+interface SyncJob {
+  readonly c: Conn;
+  readonly snap: SyncSnapshot;
+  /** The cursor it resumes after; undefined: a full sync. */
+  readonly after?: string;
+  /** Index in `snap.events` of the first event it sends, and of the next. */
+  readonly from: number;
+  next: number;
+  /** Since when its socket has had no room (its agent is not reading), ms; `stuckSince` is not reset by a turn at the back of the line. */
+  stalledSince?: number;
+  stuckSince?: number;
+}
+
+/** Index of the first event of `events` (in seq order) after position `seq`. */
+function firstAfter(events: FleetEvent[], seq: string): number {
+  let lo = 0;
+  let hi = events.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (comparePositions(events[mid].seq, seq) <= 0) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/**
+ * The syncs in progress. A whole fleet connecting at once (a power cut, a boot) must not starve
+ * live traffic: each sync is sent one frame at a time, round-robin among them, a few ms of work
+ * per turn of the event loop, and only while its socket has room (a slow reader holds no more
+ * than about SYNC_WINDOW_BYTES of the hub's memory). The claims are put in order and each
+ * full-sync frame serialised once for every sync starting while the snapshot is fresh; what is
+ * relayed meanwhile is sent after the snapshot, and only then does the agent get relayed events.
+ */
+export class Syncs {
+  /** The syncs being sent, round-robin, and those waiting for a place, in order. */
+  private readonly active: SyncJob[] = [];
+  private readonly backlog: SyncJob[] = [];
+  /** Snapshots in use, and the fresh one new syncs share: the relay's events are appended to each. */
+  private readonly live = new Set<SyncSnapshot>();
+  private current?: SyncSnapshot;
+  private scheduled = false;
+  private timer?: NodeJS.Timeout;
+  private stopped = false;
+  /** A herd (more syncs than SYNC_CONCURRENCY at once) under way since, and the syncs it completed: one log line at each end. */
+  private herd?: { since: number; done: number };
+
+  constructor(
+    private readonly fleet: FleetState,
+    private readonly chunk: number,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Syncs not yet sent in full. */
+  get size(): number {
+    return this.active.length + this.backlog.length;
+  }
+
+  /** Starts bringing `c` up to date: the events after `after` (a cursor the store resumes from), or everything. */
+  start(c: Conn, after: string | undefined): void {
+    const snap = this.snapshot(Date.now());
+    snap.users++;
+    const from = after === undefined ? 0 : firstAfter(snap.events, after);
+    this.backlog.push({ c, snap, after, from, next: from });
+    if (!this.herd && this.size > SYNC_CONCURRENCY) {
+      this.herd = { since: Date.now(), done: 0 };
+      this.log(`more than ${SYNC_CONCURRENCY} agents want a sync at once: sending ${SYNC_CONCURRENCY} at a time, live traffic first`);
+    }
+    this.schedule(0);
+  }
+
+  /** The relay sent `events` to the synced agents and the durable position is now `upTo`: the syncs in progress send them after their snapshot. */
+  relayed(events: FleetEvent[], upTo: string): void {
+    const now = Date.now();
+    for (const s of this.live) {
+      if (!s.users && now > s.freshUntil) {
+        this.drop(s);
+        continue;
+      }
+      for (const e of events) s.after.push(e);
+      s.afterUpTo = upTo;
+    }
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.active.length = 0;
+    this.backlog.length = 0;
+  }
+
+  private snapshot(now: number): SyncSnapshot {
+    const cur = this.current;
+    if (cur && now <= cur.freshUntil) return cur;
+    if (cur && !cur.users) this.drop(cur);
+    const upTo = this.fleet.durable;
+    const t0 = performance.now();
+    const events = syncEvents(this.fleet.claims, undefined, now);
+    const freshUntil = now + Math.max(SNAPSHOT_REUSE_MS, 50 * (performance.now() - t0));
+    const snap: SyncSnapshot = { upTo, events, frames: [], after: [], afterUpTo: upTo, at: now, freshUntil, users: 0 };
+    this.live.add(snap);
+    return (this.current = snap);
+  }
+
+  /** A sync is done with `s`: unused, it goes (the fresh one once it is stale, so an idle hub holds none). */
+  private release(s: SyncSnapshot): void {
+    if (--s.users) return;
+    if (s !== this.current) return this.drop(s);
+    setTimeout(() => {
+      if (!s.users && Date.now() > s.freshUntil) this.drop(s);
+    }, s.freshUntil - Date.now() + 1).unref();
+  }
+
+  private drop(s: SyncSnapshot): void {
+    this.live.delete(s);
+    if (this.current === s) this.current = undefined;
+  }
+
+  private schedule(delay: number): void {
+    if (this.scheduled || this.stopped) return;
+    this.scheduled = true;
+    const run = () => {
+      this.scheduled = false;
+      this.timer = undefined;
+      this.pump();
+    };
+    if (delay) this.timer = setTimeout(run, delay);
+    else setImmediate(run);
+  }
+
+  /** One turn: a frame to each active sync in turn whose socket has room, for at most SYNC_SLICE_MS. */
+  private pump(): void {
+    const end = performance.now() + SYNC_SLICE_MS;
+    const now = Date.now();
+    const { active, backlog } = this;
+    while (active.length < SYNC_CONCURRENCY && backlog.length) active.push(backlog.shift()!);
+    let waiting = 0;
+    while (active.length && waiting < active.length && performance.now() < end) {
+      const job = active.shift()!;
+      const ws = job.c.ws;
+      if (ws.readyState !== ws.OPEN) {
+        this.release(job.snap);
+        if (backlog.length) active.push(backlog.shift()!);
+        continue;
+      }
+      if (ws.bufferedAmount > SYNC_WINDOW_BYTES) {
+        job.stalledSince ??= now;
+        job.stuckSince ??= now;
+        // One that takes nothing for SYNC_DROP_MS is dropped: it would hold its sync in the hub's memory.
+        if (now - job.stuckSince > SYNC_DROP_MS) {
+          this.log(`dropping ${job.c.who}: its sync stalled, ${ws.bufferedAmount} bytes queued for ${SYNC_DROP_MS / 1000} s; it is not reading`);
+          ws.terminate();
+          this.release(job.snap);
+          if (backlog.length) active.push(backlog.shift()!);
+          continue;
+        }
+        // An agent that does not read keeps no one else waiting: it goes to the back of the line.
+        if (now - job.stalledSince > SYNC_STALL_MS && backlog.length) {
+          job.stalledSince = undefined;
+          backlog.push(job);
+          active.push(backlog.shift()!);
+        } else active.push(job);
+        waiting++;
+        continue;
+      }
+      job.stalledSince = undefined;
+      job.stuckSince = undefined;
+      waiting = 0;
+      if (this.step(job)) active.push(job);
+      else if (backlog.length) active.push(backlog.shift()!);
+    }
+    if (active.length) return this.schedule(waiting >= active.length ? SYNC_WAIT_MS : 0);
+    if (this.herd) this.log(`every sync sent: ${this.herd.done} in ${((Date.now() - this.herd.since) / 1000).toFixed(1)} s`);
+    this.herd = undefined;
+  }
+
+  /**
+   * Sends the job's next frame; false once it sent the last. A full sync of more than one frame
+   * sends the snapshot's shared frames (each with `more`); the last frames are the job's own:
+   * the rest of the snapshot (a small or a resuming sync) and what was relayed since, at the
+   * durable position now. The agent then gets relayed events like every other.
+   */
+  private step(job: SyncJob): boolean {
+    const { snap, c } = job;
+    const total = snap.events.length;
+    const full = job.after === undefined;
+    const shared = full && total > this.chunk;
+    if (shared ? job.next < total : total - job.next > this.chunk) {
+      const end = Math.min(job.next + this.chunk, total);
+      const body = () => syncFrame(full, snap.events.slice(job.next, end), snap.upTo, true);
+      this.sendSync(c, shared ? (snap.frames[job.next / this.chunk] ??= body()) : body());
+      job.next = end;
+      return true;
+    }
+    const rest = snap.events.slice(job.next).concat(this.since(snap, job.after));
+    for (let i = 0; i === 0 || i < rest.length; i += this.chunk) this.sendSync(c, syncFrame(full, rest.slice(i, i + this.chunk), snap.afterUpTo, i + this.chunk < rest.length));
+    c.receiving = true;
+    c.sentSeq = snap.afterUpTo;
+    if (this.herd) this.herd.done++;
+    this.release(snap);
+    this.log(`${c.who} ${full ? "full sync" : `resumed after ${job.after}`}: ${job.next - job.from + rest.length} event(s)`);
+    return false;
+  }
+
+  /**
+   * What was relayed since `snap` that a sync built now would hold: each event that is still its
+   * (address, origin)'s claim and not ended, once, and when resuming only those after the cursor.
+   */
+  private since(snap: SyncSnapshot, cursor: string | undefined): FleetEvent[] {
+    const now = Date.now();
+    const out = new Set<FleetEvent>();
+    for (const e of snap.after) {
+      if (this.fleet.claims.get(e.ip)?.get(e.origin) !== e || e.held || (e.until !== null && e.until <= now)) continue;
+      if (cursor === undefined || comparePositions(e.seq, cursor) > 0) out.add(e);
+    }
+    return [...out];
+  }
+
+  private sendSync(c: Conn, frame: Buffer): void {
+    c.syncBytes += frame.length;
+    c.send(frame);
+  }
+}
+
+/** One `sync` frame, serialised. */
+function syncFrame(full: boolean, events: FleetEvent[], seq: string, more: boolean): Buffer {
+  return Buffer.from(JSON.stringify({ type: "sync", full, events, seq, more: more || undefined }));
+}
+
 /**
  * The status page's feed: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for
  * all of them and not at all while nobody watches, and every event as it is relayed; the agents'
@@ -2275,6 +2808,7 @@ export class Relay {
     private readonly metrics: Metrics,
     private readonly recorder: Recorder,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
   ) {}
 
   /** `all` became durable (or came from the store's reload); `upTo` is the hub's durable position now. */
@@ -2284,6 +2818,7 @@ export class Relay {
     this.feed.relayed(all);
     // Claims held back by --quorum stay in the store and the claims, and go nowhere yet.
     const events = all.some((e) => e.held) ? all.filter((e) => !e.held) : all;
+    this.syncs.relayed(events, upTo);
     if (!events.length) return;
     const sent = { ban: 0, unban: 0 };
     for (const e of events) sent[e.kind] += receiving.length;
@@ -2317,7 +2852,7 @@ export class Publisher {
     const no = this.refusal(entry, f);
     if (no) return this.refusals.refuse({ ...no, node: entry.name, remote, id: f.id, ip: f.ip, http }, answer);
     this.accept(entry, remote, f).then(
-      (seq) => answer(200, { type: "ack", id: f.id, seq }),
+      ({ seq, remaining }) => answer(200, { type: "ack", id: f.id, seq, ...(remaining === undefined ? {} : { remaining }) }),
       (e: Error) => this.refusals.refuse({ code: "internal", message: `Could not store the event: ${e.message}`, node: entry.name, remote, id: f.id, ip: f.ip, http }, answer),
     );
   }
@@ -2331,22 +2866,33 @@ export class Publisher {
       const hit = this.protectedNets.find((n) => overlaps(n, addr));
       if (hit) return { code: "protected", message: `Refusing to ban ${f.ip}: it overlaps the protected network ${hit.text}` };
     }
+    const full = f.type === "ban" ? this.fleet.claimLimit(entry.name, f.ip, Date.now()) : undefined;
+    if (full) return { code: "claim_limit", message: full };
     if (!this.limiter.take(entry.name, Date.now())) return { code: "rate_limited", message: `Node ${entry.name} is over its limit of ${this.limiter.rate} events/s (burst ${this.limiter.burst}); slow down and retry` };
     return undefined;
   }
 
-  /** Accepts one event from `entry`; resolves with its seq once it is durable (the ack). */
-  private async accept(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<string> {
+  /**
+   * Accepts one event from `entry`; resolves with its seq once it is durable (the ack), and for
+   * an admin's unban for every node the live claims it left on the address (0: all lifted).
+   */
+  private async accept(entry: TokenEntry, remote: string, f: BanFrame | UnbanFrame): Promise<{ seq: string; remaining?: number }> {
     const unavailable = this.store.unavailable();
     if (unavailable) throw new Error(unavailable);
     const now = Date.now();
     const d = this.fleet.decide(entry.name, f, now);
+    const all = f.type === "unban" && f.all === true;
     // A replay or an older event: nothing changes, but the sender still gets its ack.
-    if ("standing" in d) return this.store.replay(d.standing, d.event);
+    if ("standing" in d) {
+      const seq = await this.store.replay(d.standing, d.event);
+      return all ? { seq, remaining: this.fleet.remaining(f.ip, [], Date.now()) } : { seq };
+    }
     this.tell(entry, remote, d.event, d.decision, now);
+    if (d.batch.length > 1 && all) this.log(`unban of ${f.ip} for every node by ${entry.name}: also lifting ${d.batch.length - 1} claim(s) dated after it (${d.batch.slice(1).map((e) => e.origin).join(", ")})`);
     this.fleet.stage(d.batch);
     try {
-      return (await this.store.append(d.batch))[0];
+      const seq = (await this.store.append(d.batch))[0];
+      return all ? { seq, remaining: this.fleet.remaining(f.ip, d.batch, Date.now()) } : { seq };
     } finally {
       this.fleet.unstage(d.batch);
     }
@@ -2536,7 +3082,7 @@ export class Sessions {
   private readonly wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024, perMessageDeflate: false, handleProtocols: (offered) => (offered.has(STATUS_PROTOCOL) ? STATUS_PROTOCOL : false) });
 
   constructor(
-    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes" | "syncChunk">,
+    private readonly opts: Pick<HubOptions, "maxPrefix" | "maxBufferedBytes">,
     private readonly gate: Gate,
     private readonly conns: Connections,
     private readonly fleet: FleetState,
@@ -2544,6 +3090,7 @@ export class Sessions {
     private readonly publisher: Publisher,
     private readonly refusals: Refusals,
     private readonly feed: StatusFeed,
+    private readonly syncs: Syncs,
     private readonly log: (line: string) => void,
   ) {}
 
@@ -2648,35 +3195,14 @@ export class Sessions {
   }
 
   /**
-   * Brings an agent up to date: the events after its cursor when the store can resume from it,
-   * else the full state. Only what is durable (the fleet's claims up to its durable position):
-   * an event still on its way to the store reaches the agent by relay once it is there.
+   * Brings an agent up to date (`Syncs`): the events after its cursor when the store can resume
+   * from it, else the full state. Only what is durable (the fleet's claims up to its durable
+   * position): an event still on its way to the store reaches the agent by relay once it is there.
    */
   private async sync(c: Conn, cursor: Cursor | undefined): Promise<void> {
     const resumes = cursor !== undefined && cursor.hub === this.store.hubId && isPosition(cursor.seq) && (await this.store.resumes(cursor.seq, this.fleet.durable));
     if (c.ws.readyState !== c.ws.OPEN) return;
-    const resumeFrom = resumes ? cursor.seq : undefined;
-    const upTo = this.fleet.durable;
-    const events = syncEvents(this.fleet.claims, resumeFrom, Date.now());
-    const full = resumeFrom === undefined;
-    const chunk = this.opts.syncChunk;
-    // Each chunk waits until the socket has taken the last ones: memory per syncing socket is a
-    // window, not the state; one that stalls is dropped (Conn.drained).
-    const window = Math.min(SYNC_WINDOW_BYTES, this.opts.maxBufferedBytes);
-    for (let i = 0; i === 0 || i < events.length; i += chunk) {
-      if (!(await c.drained(window, SYNC_STALL_MS))) return;
-      const frame = Buffer.from(JSON.stringify({ type: "sync", full, events: events.slice(i, i + chunk), seq: upTo, more: i + chunk < events.length || undefined }));
-      c.syncBytes = Math.max(c.syncBytes, frame.length);
-      c.send(frame);
-    }
-    // What became durable while the chunks waited went to the receiving agents only: this one gets it now.
-    if (this.fleet.durable !== upTo) {
-      const later = syncEvents(this.fleet.claims, upTo, Date.now());
-      if (later.length) c.send({ type: "sync", full: false, events: later, seq: this.fleet.durable });
-    }
-    c.receiving = true;
-    c.sentSeq = this.fleet.durable;
-    this.log(`${c.who} ${full ? "full sync" : `resumed after ${resumeFrom}`}: ${events.length} event(s)`);
+    this.syncs.start(c, resumes ? cursor.seq : undefined);
   }
 }
 
@@ -2811,7 +3337,7 @@ export class HttpApi {
 
   private whoami(res: ServerResponse, entry: TokenEntry): void {
     const now = Date.now();
-    const { blocked, claims } = this.fleet.tally(now);
+    const { blocked, claims } = this.fleet.totals(now);
     json(res, 200, { node: entry.name, role: entry.role, hub: this.store.hubId, seq: this.store.position(), now, blocked, claims });
   }
 
@@ -2910,7 +3436,7 @@ export class HttpApi {
       return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote, http: true }, (status, f) => json(res, status, f));
     }
     const h = this.store.health();
-    const t = this.fleet.tally(Date.now());
+    const t = this.fleet.totals(Date.now());
     const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: t.held, blocked: t.blocked, byOrigin: t.byOrigin, pending: this.admission.size, seq: h.count, store: h.metrics, enforcement: this.conns.enforcementByNode() };
     res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
     res.end(this.metrics.text(gauges));
@@ -2954,10 +3480,22 @@ function every(ms: number, fn: () => void): NodeJS.Timeout {
   return t;
 }
 
+/** True when `claims` holds `e` itself (the same event, held or relayed alike). */
+function holdsClaim(claims: Claims, e: FleetEvent): boolean {
+  const c = claims.get(e.ip)?.get(e.origin);
+  return !!c && c.id === e.id && c.detectedAt === e.detectedAt && c.kind === e.kind && !!c.held === !!e.held;
+}
+
 /** What the store's news does: durable events join the fleet state and go out; a fatal error stops the hub. */
 function storeListener(fleet: FleetState, relay: Relay, log: (line: string) => void, stop: () => void): StoreListener {
   return {
-    durable: (events) => relay.send(fleet.commit(events), fleet.durable),
+    // A claim the hub holds already (a store's write-back, a stream entry its start-up snapshot
+    // had) is not relayed again; the agents' cursors still move on.
+    durable: (events) => {
+      const fresh = events.filter((e) => !holdsClaim(fleet.claims, e));
+      fleet.commit(events);
+      relay.send(fresh, fleet.durable);
+    },
     repaired: (events) => {
       const newer = fleet.repair(events);
       if (!newer.length) return;
@@ -2982,15 +3520,16 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const conns = new Connections();
   const admission = new Admission(opts.maxPending ?? defaultMaxPending(), opts.maxPendingPerAddress ?? DEFAULT_MAX_PENDING_PER_ADDRESS, refusals);
   const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, admission, refusals, log);
-  const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate });
+  const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate, maxClaimsPerNode: opts.maxClaimsPerNode ?? DEFAULT_MAX_CLAIMS_PER_NODE });
   const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
-  const relay = new Relay(conns, metrics, recorder, feed);
+  const syncs = new Syncs(fleet, opts.syncChunk, log);
+  const relay = new Relay(conns, metrics, recorder, feed, syncs);
   const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
   fleet.durable = store.position();
-  fleet.tally(Date.now());
+  fleet.totals(Date.now());
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
   const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
-  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, log);
+  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, syncs, log);
   const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics, admission);
   const server = await listen(opts, http, sessions, refusals, admission).catch(async (e: Error) => {
     admission.close();
@@ -3010,6 +3549,7 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
         gate.closing = true;
         for (const t of timers) clearInterval(t);
         feed.stop();
+        syncs.stop();
         await store.barrier().catch(() => {});
         conns.terminateAll();
         sessions.close();
@@ -3131,6 +3671,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
             .option("rate", { type: "number", default: 50, describe: "Events per second one node may publish, sustained" })
             .option("burst", { type: "number", default: 5000, describe: "Events one node may publish at once above --rate (a Fail2Ban restart restores many bans)" })
             .option("max-conns-per-node", { type: "number", default: 32, describe: "Simultaneous connections one node may hold (agent plus ban.ts calls)" })
+            .option("max-claims-per-node", { type: "number", default: DEFAULT_MAX_CLAIMS_PER_NODE, describe: "Addresses one node's live bans may claim at once; a ban of one more is refused (claim_limit, ban.ts exits 1), so one node cannot fill every agent's set" })
             .option("max-pending", { type: "number", describe: "Sockets not yet authenticated the hub holds at most; past that the one waiting longest is dropped (default: a quarter of the open-file limit, at most 1024)" })
             .option("max-pending-per-address", { type: "number", default: DEFAULT_MAX_PENDING_PER_ADDRESS, describe: "Sockets not yet authenticated one source address may hold; more are closed at once" })
             .option("protect", { type: "string", array: true, default: [] as string[], describe: "Network no ban may touch, e.g. your admin range (repeatable); the hub's own addresses are always protected" })
@@ -3144,6 +3685,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
           for (const [flag, v, max] of [["--heartbeat", a.heartbeat, 86400], ["--max-prefix-v4", a.maxPrefixV4, 32], ["--max-prefix-v6", a.maxPrefixV6, 128], ["--max-buffered", a.maxBuffered, 65536]] as const) {
             if (!Number.isInteger(v) || v < (flag === "--heartbeat" || flag === "--max-buffered" ? 1 : 0) || v > max) throw new UsageError(`Expected ${flag} to be an integer up to ${max}, got ${v}`);
           }
+          if (!Number.isInteger(a.maxClaimsPerNode) || a.maxClaimsPerNode < 1) throw new UsageError(`Expected --max-claims-per-node to be a whole number of at least 1, got ${a.maxClaimsPerNode}`);
           if (Boolean(a.tlsCert) !== Boolean(a.tlsKey)) throw new UsageError("Expected --tls-cert and --tls-key together, got only one");
           if (!a.tlsCert && !a.insecure && !isLoopback(host)) throw new UsageError(`Expected --tls-cert and --tls-key to listen on ${host} (tokens would cross the network in clear), or --insecure to do it anyway`);
           if (a.store !== undefined && a.state !== undefined) throw new UsageError("Expected --state (one hub, journal) or --store (several hubs, Redis), got both");
@@ -3179,6 +3721,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
               rate: a.rate,
               burst: a.burst,
               maxConnsPerNode: a.maxConnsPerNode,
+              maxClaimsPerNode: a.maxClaimsPerNode,
               maxPending: a.maxPending,
               maxPendingPerAddress: a.maxPendingPerAddress,
               protect: a.protect,
@@ -3232,7 +3775,8 @@ export function parseArgs(argv: string[]): ParsedArgs {
 }
 
 function logLine(line: string): void {
-  process.stderr.write(`${new Date().toISOString()} hub: ${line}\n`);
+  // One line whatever it quotes: text from a peer (an error message, a name) cannot forge another.
+  process.stderr.write(`${new Date().toISOString()} hub: ${printable(line)}\n`);
 }
 
 /**

@@ -202,6 +202,11 @@ export interface AckFrame {
   type: "ack";
   id: string;
   seq: string;
+  /**
+   * Answering an admin's `unban --all-nodes` only: the live ban claims left on the address once
+   * the unban is durable (0 when it lifted everything). `ban.ts` exits 1 when it is not 0.
+   */
+  remaining?: number;
 }
 
 export interface ErrorFrame {
@@ -330,6 +335,7 @@ export type ErrorCode =
   | "protected"
   | "too_big"
   | "rate_limited"
+  | "claim_limit"
   | "internal";
 
 /** A frame that failed validation: what to answer, and which frame it answers. */
@@ -352,6 +358,29 @@ export function isName(s: unknown): s is string {
 
 // ---------------------------------------------------------------------------------------------
 // Addresses
+
+/**
+ * Why `dir` (its lstat `info`) is no safe spool for a process of user `uid`, or undefined: the
+ * agent forwards every event in it as its own node's, so it must be a directory of that user
+ * that no group or other user can write to. `ban.ts` checks it before it
+ * spools, the agent before it forwards.
+ */
+export function spoolDirProblem(dir: string, info: { isDirectory(): boolean; uid: number; mode: number }, uid: number | undefined): string | undefined {
+  if (!info.isDirectory()) return `${dir} is not a directory (a symbolic link?)`;
+  if (uid !== undefined && info.uid !== uid) return `${dir} belongs to uid ${info.uid}, not to this user (uid ${uid}): chown it`;
+  if (info.mode & 0o022) return `${dir} is writable by ${info.mode & 0o020 ? "its group" : "other users"} (mode ${(info.mode & 0o7777).toString(8).padStart(4, "0")}): chmod 700 it`;
+  return undefined;
+}
+
+/**
+ * True when a URL's host (`new URL(u).hostname`, brackets or not) is this machine's loopback:
+ * `localhost`, 127.0.0.0/8 or ::1. Only there may a token go over plain ws:// or http://
+ * without `--insecure`: a name that must be resolved first could lead anywhere.
+ */
+export function isLoopbackHost(host: string): boolean {
+  const a = parseAddress(host.replace(/^\[|\]$/g, ""));
+  return host === "localhost" || (a !== undefined && (a.family === 4 ? a.bytes[0] === 127 : a.text === "::1"));
+}
 
 /** A parsed, canonical address or network. */
 export interface Address {
@@ -860,8 +889,33 @@ export interface CsvRecord {
   detail?: string;
 }
 
-function csvField(v: string): string {
-  return /[",\n\r]/.test(v) ? `"${v.replace(/"/g, '""')}"` : v;
+/**
+ * `s` with every control character written as an escape (`\n`, `\r`, `\t`, `\xNN`, `\uNNNN`,
+ * a backslash stays as it is): C0, DEL, C1 and the Unicode line and paragraph separators.
+ * Text another peer chose (a hub's error message, a node name, a role) goes through it before
+ * it reaches a log line, a CSV cell or a terminal, so it can neither forge a line nor send
+ * terminal escapes.
+ */
+export function printable(s: string): string {
+  return s.replace(/[\x00-\x1f\x7f-\x9f\u2028\u2029]/g, (c) => {
+    if (c === "\n") return "\\n";
+    if (c === "\r") return "\\r";
+    if (c === "\t") return "\\t";
+    const code = c.charCodeAt(0);
+    return code < 0x100 ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u${code.toString(16)}`;
+  });
+}
+
+/**
+ * One CSV cell: control characters escaped (`printable`: a row is always one line), quoted
+ * when it holds `"` or `,`, and a cell a spreadsheet would read as a formula (starting with
+ * `=`, `+`, `-`, `@`, a tab or CR, and not a plain number) prefixed with `'`, so a node name
+ * like `=HYPERLINK(...)` stays text.
+ */
+export function csvField(v: string): string {
+  let cell = /^[=+\-@\t\r]/.test(v) && !/^-?\d+(\.\d+)?$/.test(v) ? `'${v}` : v;
+  cell = printable(cell);
+  return /[",]/.test(cell) ? `"${cell.replace(/"/g, '""')}"` : cell;
 }
 
 /** Formats one structured-log row (with its newline); times as ISO-8601 UTC with ms. */

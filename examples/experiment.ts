@@ -556,9 +556,10 @@ async function startClient(topo: Topology, work: string, hubUrl: string, token: 
   await waitFor(() => /Server listening on/.test(readFileSync(sshLog, "utf8")) || sshd.exitInfo(), `sshd on ${name} to listen`, 10_000);
   if (sshd.exitInfo()) throw new Error(`sshd on ${name} exited: ${readFileSync(sshLog, "utf8").trim()}`);
   const agent = await startAgentProc(name, ["--hub", hubUrl, "--token-file", token, "--node", name, "--backend", backend, "--csv", join(work, `${name}.csv`), "--spool", join(dir, "spool")], { netns });
-  // ban.ts's config, as /etc/banshare/ban.json on a real server.
+  // ban.ts's config, as /etc/banshare/ban.json on a real server (where the hub is wss:// and
+  // "insecure" stays out: here the plain ws:// hub is on the namespaces' private bridge).
   const banConfig = join(dir, "ban.json");
-  writeFileSync(banConfig, JSON.stringify({ hub: hubUrl, "token-file": token, timeout: 5, spool: join(dir, "spool") }));
+  writeFileSync(banConfig, JSON.stringify({ hub: hubUrl, "token-file": token, timeout: 5, spool: join(dir, "spool"), insecure: true }));
   const f2b = await startFail2ban({
     dir: join(dir, "f2b"),
     netns,

@@ -28,6 +28,7 @@ import {
   main,
   makeBackend,
   Spool,
+  HubAddresses,
   StateFile,
   UsageError,
   iptablesChangeCommands,
@@ -62,6 +63,7 @@ import {
   enforcementFrame,
 } from "../agent.ts";
 import { kernelAddresses, kernelCountCommands, parseArgs as parseBanArgs } from "../ban.ts";
+import { requireOrSkip } from "./lib/skip.ts";
 import { contains, mergeClaim, parseAddress, parseNodeFrame, type BanFrame, type Claims, type FleetEvent, type UnbanFrame } from "../messages.ts";
 
 const NOW = 1_800_000_000_000;
@@ -380,8 +382,16 @@ describe("cleanupCommands(): --cleanup removes only the agent's own objects", ()
 });
 
 describe("agent parseArgs(): flags become options, bad flags are one sentence, --cleanup needs no hub", () => {
+  test("refuses a plain ws:// hub off loopback unless --insecure, before it connects anywhere", () => {
+    for (const hub of ["ws://10.0.0.1:7700", "ws://hub.example:7700", "ws://[2001:db8::1]:7700", "wss://hub.example:7700,ws://198.51.100.1:7700"]) {
+      assert.throws(() => parseArgs(["--hub", hub, "--token-file", "/t"]), (e: Error) => e instanceof UsageError && /^Expected a wss:\/\/ hub off this host, got "ws:\/\/[^"]+": plain ws:\/\/ would send the token in clear .*--insecure/.test(e.message) && !e.message.includes("\n"), hub);
+      assert.equal(parseArgs(["--hub", hub, "--token-file", "/t", "--insecure"]).command, "run");
+    }
+    for (const hub of ["ws://127.0.0.1:7700", "ws://127.1.2.3:7700", "ws://localhost:7700", "ws://[::1]:7700", "wss://hub.example:7700"]) assert.equal(parseArgs(["--hub", hub, "--token-file", "/t"]).command, "run", hub);
+  });
+
   test("turns flags into options", () => {
-    const r = parseArgs(["--hub", "ws://10.0.0.1:7700,wss://hub2:7700", "--token-file", "/t", "--backend", "nftables", "--allow", "192.0.2.0/24", "--allow", "2001:db8::1", "--ports", "22,2222", "--heartbeat", "5"]);
+    const r = parseArgs(["--hub", "ws://10.0.0.1:7700,wss://hub2:7700", "--token-file", "/t", "--backend", "nftables", "--allow", "192.0.2.0/24", "--allow", "2001:db8::1", "--ports", "22,2222", "--heartbeat", "5", "--insecure"]);
     assert.equal(r.command, "run");
     if (r.command !== "run") return;
     assert.deepEqual(r.options.hubs, ["ws://10.0.0.1:7700", "wss://hub2:7700"]);
@@ -982,6 +992,72 @@ describe("Spool: forwarding ban.ts's spooled events over one connection", () => 
   });
 });
 
+describe("Spool and HubAddresses against a local user and a moving hub", () => {
+  test("Spool.forward() sends nothing from a directory others can write to or own, and skips files of other users or links", async (t) => {
+    if (requireOrSkip(t, ["root"])) return;
+    const { chmod, chown, symlink } = await import("node:fs/promises");
+    const dir = await mkdtemp(join(tmpdir(), "banshare-spool-"));
+    try {
+      const frame = (id: string): BanFrame => ({ type: "ban", id, ip: "203.0.113.1", jail: "sshd", bantime: 600, detectedAt: Date.now() });
+      await writeFile(join(dir, "own.json"), JSON.stringify(frame("own")));
+      await writeFile(join(dir, "nobody.json"), JSON.stringify(frame("nobody")));
+      await chown(join(dir, "nobody.json"), 65534, 65534);
+      await writeFile(join(dir, "..target"), JSON.stringify(frame("linked")));
+      await symlink(join(dir, "..target"), join(dir, "link.json"));
+      const sent: string[] = [];
+      const lines: string[] = [];
+      const spool = new Spool(dir, (f) => sent.push(f.id), (l) => lines.push(l));
+      await chmod(dir, 0o777);
+      await spool.forward();
+      await spool.forward();
+      assert.deepEqual(sent, [], "forwarded from a world-writable directory");
+      assert.deepEqual(lines, [`error: not forwarding the spool: ${dir} is writable by its group (mode 0777): chmod 700 it`], "one line, not one per round");
+      await chmod(dir, 0o700);
+      await chown(dir, 65534, 65534);
+      await spool.forward();
+      assert.deepEqual(sent, []);
+      assert.match(lines.at(-1)!, /not forwarding the spool: .* belongs to uid 65534, not to this user \(uid 0\): chown it$/);
+      await chown(dir, 0, 0);
+      lines.length = 0;
+      await spool.forward();
+      await spool.forward();
+      assert.deepEqual(sent, ["own"], "only the agent's own regular file goes");
+      assert.deepEqual(lines.sort(), ["warning: skipping spool file link.json: it is not a regular file", "warning: skipping spool file nobody.json: it belongs to uid 65534, not to the agent's (uid 0)"]);
+      assert.deepEqual((await readdir(dir)).sort(), ["..target", "link.json", "nobody.json", "own.json"], "skipped files stay where they are");
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("HubAddresses resolves the hubs again, adds each new address, and keeps the last known ones when a name stops resolving", async () => {
+    let answer: string[] | Error = ["192.0.2.10"];
+    const lines: string[] = [];
+    const hubs = new HubAddresses(["wss://hub.example:7700", "ws://127.0.0.1:7700"], (l) => lines.push(l), async (host) => {
+      assert.equal(host, "hub.example");
+      if (answer instanceof Error) throw answer;
+      return answer;
+    });
+    assert.deepEqual((await hubs.refresh()).map((a) => a.text), ["192.0.2.10", "127.0.0.1"]);
+    answer = ["192.0.2.10", "2001:db8::10"];
+    assert.deepEqual((await hubs.refresh()).map((a) => a.text), ["2001:db8::10"]);
+    assert.deepEqual(lines, ["the hub hub.example has new address(es) 2001:db8::10: never blocked from now on"]);
+    answer = Object.assign(new Error("getaddrinfo ENOTFOUND hub.example"), { code: "ENOTFOUND" });
+    assert.deepEqual(await hubs.refresh(), []);
+    assert.deepEqual(await hubs.refresh(), []);
+    assert.deepEqual(lines.slice(1), ["warning: cannot resolve the hub hub.example (ENOTFOUND); keeping its last known address(es) 192.0.2.10, 2001:db8::10 out of every ban"], "one line while it keeps failing");
+    assert.deepEqual(hubs.all().map((a) => a.text).sort(), ["127.0.0.1", "192.0.2.10", "2001:db8::10"]);
+    answer = ["198.51.100.10"];
+    assert.deepEqual((await hubs.refresh()).map((a) => a.text), ["198.51.100.10"]);
+    assert.equal(lines[2], "the hub hub.example resolves again: 198.51.100.10");
+    assert.deepEqual(hubs.all().map((a) => a.text).sort(), ["127.0.0.1", "192.0.2.10", "198.51.100.10", "2001:db8::10"], "an old address stays protected");
+    const allow = new Allowlist([]);
+    assert.equal(allow.reason("198.51.100.10"), undefined);
+    assert.equal(allow.add(parseAddress("198.51.100.10")!), true);
+    assert.equal(allow.add(parseAddress("198.51.100.10")!), false);
+    assert.equal(allow.reason("198.51.100.10"), "allowlisted (198.51.100.10)", "the cached answer is dropped");
+  });
+});
+
 describe("HubLink: a Session per connection, thrown away on close", () => {
   // A stand-in hub on a real WebSocket that plays a script per connection (the real hub is
   // driven in test/fleet.test.ts and test/faults.test.ts).
@@ -1195,7 +1271,7 @@ describe("agent errors by type: a UsageError makes main() print one line and exi
       const flag = argv.find((a, i) => argv.indexOf(a) !== i)!;
       assert.throws(() => parseArgs(argv), (e: Error) => e instanceof UsageError && e.message.startsWith(`Expected ${flag} once, got it 2 times`) && !e.message.includes("\n"), argv.join(" "));
     }
-    const twice = parseArgs(["--hub", "ws://a:1", "--token-file", "/t", "--allow", "192.0.2.1", "--allow", "192.0.2.2", "--hook", "input", "--hook", "forward"]);
+    const twice = parseArgs(["--hub", "ws://127.0.0.1:1", "--token-file", "/t", "--allow", "192.0.2.1", "--allow", "192.0.2.2", "--hook", "input", "--hook", "forward"]);
     assert.ok(twice.command === "run" && twice.options.allow.length === 2 && twice.options.hooks?.length === 2);
     const write = process.stderr.write.bind(process.stderr);
     let err = "";

@@ -10,6 +10,7 @@ import { describe, test } from "node:test";
 import { compareAddresses, formatBanTable, formatDifference, formatDuration, importFrame, kernelAddresses, kernelCountCommands, kernelListCommands, parseArgs, parseImport, spool, toFrame, UsageError, type SendOptions } from "../ban.ts";
 import type { BanList } from "../messages.ts";
 import { f2bTime } from "./lib/fail2ban.ts";
+import { requireOrSkip } from "./lib/skip.ts";
 
 const NOW = 1_800_000_000_000;
 const base = ["--hub", "ws://127.0.0.1:7700", "--token-file", "/etc/banshare/token"];
@@ -36,11 +37,11 @@ describe("ban.ts parseArgs(): a Fail2Ban call becomes send options, and bad inpu
   });
 
   test("command line beats environment beats config file", () => {
-    const config = { hub: "ws://config:1", tokenFile: "/config-token", timeout: 9, spool: "/spool-from-config" };
-    const env = { BANSHARE_HUB: "ws://env:1" };
+    const config = { hub: "wss://config:1", tokenFile: "/config-token", timeout: 9, spool: "/spool-from-config" };
+    const env = { BANSHARE_HUB: "wss://env:1" };
     const o = parseSend(["unban", "2001:DB8::7", "--timeout", "2"], env, config, NOW);
     if (o === "help") return assert.fail("help");
-    assert.deepEqual(o.hubs, ["ws://env:1"]);
+    assert.deepEqual(o.hubs, ["wss://env:1"]);
     assert.equal(o.tokenFile, "/config-token");
     assert.equal(o.timeoutMs, 2000);
     assert.equal(o.spoolDir, "/spool-from-config");
@@ -222,5 +223,69 @@ describe("ban.ts parseArgs(): the operator's commands take their own flags only"
     for (const [argv, re] of cases) assert.throws(() => parseArgs([...argv, ...base], {}, {}, NOW), (e: Error) => e instanceof UsageError && re.test(e.message) && !e.message.includes("\n"), argv.join(" "));
     // The environment and a shared --config may hold other commands' flags: only the command line is checked.
     assert.doesNotThrow(() => parseArgs(["list", ...base], { BANSHARE_STATE: "/s" }, { spool: "/x" }, NOW));
+  });
+});
+
+describe("ban.ts against hostile input: plain ws:// off this host, hub text, huge lists, an unsafe spool", () => {
+  test("parseArgs() refuses a plain ws:// hub off loopback unless --insecure (flag, environment or config)", () => {
+    const token = ["--token-file", "/t"];
+    for (const hub of ["ws://10.1.2.3:7700", "ws://hub.example:7700", "ws://[2001:db8::1]:7700", "wss://hub.example,ws://198.51.100.1:7700"]) {
+      for (const cmd of [["ban", "192.0.2.1"], ["unban", "192.0.2.1", "--all-nodes"], ["list"], ["status"], ["import"]]) {
+        assert.throws(() => parseArgs([...cmd, "--hub", hub, ...token], {}, {}, NOW), (e: Error) => e instanceof UsageError && /^Expected a wss:\/\/ hub off this host, got "ws:\/\/.*in clear.*--insecure/.test(e.message) && !e.message.includes("\n"), `${cmd[0]} ${hub}`);
+      }
+      assert.doesNotThrow(() => parseArgs(["ban", "192.0.2.1", "--hub", hub, "--insecure", ...token], {}, {}, NOW));
+      assert.doesNotThrow(() => parseArgs(["ban", "192.0.2.1", "--hub", hub, ...token], { BANSHARE_INSECURE: "true" }, {}, NOW));
+      assert.doesNotThrow(() => parseArgs(["ban", "192.0.2.1", "--hub", hub, ...token], {}, { insecure: true }, NOW));
+    }
+    for (const hub of ["ws://127.0.0.1:7700", "ws://127.8.9.1:7700", "ws://localhost:7700", "ws://[::1]:7700", "wss://hub.example:7700", "wss://198.51.100.1:7700"]) {
+      assert.doesNotThrow(() => parseArgs(["ban", "192.0.2.1", "--hub", hub, ...token], {}, {}, NOW), hub);
+    }
+  });
+
+  test("formatBanTable() lists 200,000 claims (a spread of that many arguments throws a RangeError)", () => {
+    const n = 200_000;
+    const bans = Array.from({ length: n }, (_, i) => ({ ip: `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`, nodes: 1, claims: [{ origin: "web", jail: "sshd", until: 2_000_000, detectedAt: 1000 + i, seq: String(i + 1) }] }));
+    const text = formatBanTable({ hub: "h", seq: String(n), now: 1_000_000, count: n, bans });
+    const lines = text.trimEnd().split("\n");
+    assert.equal(lines.length, n + 2);
+    assert.match(lines[1], /^10\.3\.13\.63\s+1\s+web\s+sshd\s/, "the newest first");
+    assert.equal(lines.at(-1), `${n} address(es) blocked, ${n} claim(s); hub h, seq ${n}`);
+  });
+
+  test("formatBanTable() prints the hub's strings with their control characters escaped", () => {
+    const list = { hub: "h\x1b]0;owned\x07", seq: "1", now: 1_000_000, count: 1, bans: [{ ip: "192.0.2.1\nFORGED 6.6.6.6", nodes: 1, claims: [{ origin: "web\r\x1b[2J", jail: "ssh\u2028d", until: null, detectedAt: 1000, seq: "1" }] }] } as unknown as BanList;
+    const text = formatBanTable(list);
+    assert.equal(text.trimEnd().split("\n").length, 3, text);
+    assert.doesNotMatch(text, /[\x00-\x09\x0b-\x1f\x7f\u2028]/);
+    assert.match(text, /192\.0\.2\.1\\nFORGED 6\.6\.6\.6/);
+    assert.match(text, /web\\r\\x1b\[2J/);
+    assert.match(text, /ssh\\u2028d/);
+    assert.match(text, /hub h\\x1b\]0;owned\\x07/);
+  });
+
+  test("spool() refuses a directory others can write to or another user owns, and writes nothing there", async (t) => {
+    if (requireOrSkip(t, ["root"])) return;
+    const dir = await mkdtemp(join(tmpdir(), "banshare-spool-"));
+    try {
+      const frame = { type: "ban" as const, id: "x1", ip: "192.0.2.1", jail: "sshd", bantime: 600, detectedAt: NOW };
+      const { chmod, chown, mkdir, symlink } = await import("node:fs/promises");
+      const loose = join(dir, "loose");
+      await mkdir(loose);
+      for (const [mode, re] of [[0o777, /writable by its group \(mode 0777\): chmod 700 it/], [0o703, /writable by other users \(mode 0703\)/], [0o1777, /mode 1777/]] as const) {
+        await chmod(loose, mode);
+        await assert.rejects(spool(loose, frame), re);
+      }
+      const foreign = join(dir, "foreign");
+      await mkdir(foreign, { mode: 0o700 });
+      await chown(foreign, 65534, 65534);
+      await assert.rejects(spool(foreign, frame), /belongs to uid 65534, not to this user \(uid 0\): chown it/);
+      await symlink(foreign, join(dir, "link"));
+      await assert.rejects(spool(join(dir, "link"), frame), /is not a directory/);
+      assert.deepEqual([await readdir(loose), await readdir(foreign)], [[], []]);
+      const fine = join(dir, "fine");
+      assert.match(await spool(fine, frame), /fine\/1800000000000-x1\.json$/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

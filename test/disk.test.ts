@@ -11,7 +11,9 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, describe, test } from "node:test";
-import { readJournal } from "../hub.ts";
+import { CsvFile as AgentCsvFile } from "../agent.ts";
+import { CsvFile as HubCsvFile, readJournal } from "../hub.ts";
+import { CSV_HEADER } from "../messages.ts";
 import type { FleetEvent } from "../messages.ts";
 import { connectNode, type HubClient } from "./lib/client.ts";
 import { enrol, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
@@ -447,4 +449,34 @@ describe("damaged files: a damaged journal line or token file costs only itself"
     pub.close();
     await hub.proc.stop();
   });
+});
+
+describe("the --csv files of hub and agent on a full disk: rows wait, no torn row stays, writing resumes by itself", needs(["root"], "root (mount a tmpfs)"), () => {
+  for (const [who, Csv] of [["hub", HubCsvFile], ["agent", AgentCsvFile]] as const) {
+    test(`${who}: rows written while the disk is full appear, whole and in order, once it has room`, async () => {
+      const fs = mountTmpfs("64k");
+      const lines: string[] = [];
+      const csv = new Csv(join(fs.dir, "log.csv"), (l) => lines.push(l));
+      const text = () => (existsSync(join(fs.dir, "log.csv")) ? readFileSync(join(fs.dir, "log.csv"), "utf8") : "");
+      const row = (i: number) => `2026-12-02T00:00:00.000Z,web1,BLOCK,203.0.113.${i % 250},web2,sshd,,${i},row ${i} ${"x".repeat(60)}\n`;
+      try {
+        for (let i = 0; i < 10; i++) csv.write(row(i));
+        await waitFor(async () => text().split("\n").length === 12 || undefined, "the first rows on disk");
+        fillDisk(join(fs.dir, "filler"));
+        for (let i = 10; i < 200; i++) csv.write(row(i));
+        await waitFor(async () => lines.some((l) => /^warning: cannot write .*log\.csv: .*ENOSPC/.test(l)) || undefined, "the warning");
+        assert.ok(text().endsWith("\n"), "no torn row on disk while it is full");
+        rmSync(join(fs.dir, "filler"));
+        await waitFor(async () => text().split("\n").length === 202 || undefined, "every row on disk once it has room", 10_000);
+        await csv.close();
+        const rows = readFileSync(join(fs.dir, "log.csv"), "utf8").trimEnd().split("\n");
+        assert.equal(rows[0], CSV_HEADER);
+        assert.deepEqual(rows.slice(1), Array.from({ length: 200 }, (_, i) => row(i).trimEnd()));
+        assert.ok(lines.some((l) => /log\.csv is written again$/.test(l)), lines.join("\n"));
+      } finally {
+        await csv.close();
+        fs.close();
+      }
+    });
+  }
 });

@@ -37,7 +37,7 @@ describe("Fail2Ban's banshare action on the real kernel: sshd failures on one cl
     }
     // The sender's config file, as a user would write /etc/banshare/ban.json.
     const config = join(dir, "ban.json");
-    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.client1, timeout: 5, spool: join(dir, "spool") }));
+    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.client1, timeout: 5, spool: join(dir, "spool"), insecure: true }));
     f2b = await startFail2ban({
       dir: join(dir, "f2b"),
       netns: topo.ns("client1"),

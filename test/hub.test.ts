@@ -323,12 +323,12 @@ describe("FleetState: the claims, pending until durable", () => {
     assert.equal(fleet.blockedCount(NOW), 1);
   });
 
-  test("tally() keeps the counts countBlocked() walks for: as claims change, end, are lifted by an admin and pruned", () => {
+  test("totals() keeps the counts countBlocked() walks for: as claims change, end, are lifted by an admin and pruned", () => {
     const fleet = new FleetState({ quorum: 1, trusted: [] });
     let seq = 0;
     const ev = (ip: string, origin: string, kind: "ban" | "unban", detectedAt: number, until: number | null, held?: boolean): FleetEvent => ({ seq: String(++seq), kind, ip, origin, jail: "sshd", until, detectedAt, id: `e${seq}`, relayedAt: detectedAt, ...(held ? { held } : {}) });
     const same = (at: number, what: string) => {
-      const t = fleet.tally(at);
+      const t = fleet.totals(at);
       assert.deepEqual({ blocked: t.blocked, claims: t.claims }, countBlocked(fleet.claims, at), what);
       let sum = 0;
       for (const n of t.byOrigin.values()) sum += n;

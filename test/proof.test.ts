@@ -40,7 +40,7 @@ describe("a Fail2Ban restart on the origin", needs(["root", "netns", "ipset", "i
     await startTcpListener(topo, "client1", PORT);
     agent = await startAgentProc("client1", ["--hub", hub.url, "--token-file", tokens.client1, "--backend", "ipset", "--csv", csv()], { netns: topo.ns("client1") });
     const config = join(dir, "ban.json");
-    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.client1, timeout: 5, spool: join(dir, "spool") }));
+    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.client1, timeout: 5, spool: join(dir, "spool"), insecure: true }));
     // Fail2Ban blocks locally with its stock iptables action (which it flushes on every restart)
     // and tells the fleet; its database puts the ban back after a restart, as on a real server.
     f2bOpts = {

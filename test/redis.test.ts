@@ -270,6 +270,9 @@ describe("several hubs on one Redis serve one fleet: bans cross hubs, agents fai
     for (const h of [hub1, hub2]) {
       await h.proc.waitForLine(/store .* is back/, SLOW);
       await waitFor(async () => (await healthz(h.url)).body.store === "up", "/healthz to say the store is up", SLOW);
+      // Its append-only file kept everything: no hub may take the restart for a loss.
+      assert.doesNotMatch(h.proc.output(), /lost the fleet state/);
+      assert.equal((await healthz(h.url)).body.storeLost, undefined);
     }
     await waitFor(async () => (await spooled(spoolDir)).length === 0, "s1's agent to deliver the spooled ban", SLOW);
     const after = bans(Array.from({ length: 50 }, (_, i) => addr(204, i)), Date.now() + 5000);

@@ -197,7 +197,7 @@ export async function run(opts: { quick: boolean }): Promise<string> {
     const tokens = await enrol(dir, [["sender", "node"], ["agent", "node"]]);
     hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
     agent = await startAgentProc("agent", ["--hub", hub.url, "--token-file", tokens.agent], { netns: topo.ns("agent") });
-    const banArgs = (ip: string) => ["--import", "tsx", "ban.ts", "ban", ip, "--jail", "sshd", "--bantime", "300", "--hub", hub!.url, "--token-file", tokens.sender, "--spool", join(dir, "spool"), "--timeout", "5"];
+    const banArgs = (ip: string) => ["--import", "tsx", "ban.ts", "ban", ip, "--jail", "sshd", "--bantime", "300", "--hub", hub!.url, "--token-file", tokens.sender, "--spool", join(dir, "spool"), "--timeout", "5", "--insecure"];
     // Warm-up (page cache, tsx's transform cache), not counted.
     await timedExec(topo.ns("sender"), NODE, banArgs("198.51.100.250"), REPO_DIR);
     await timedExec(cs, "cscli", ["-c", cfg, "decisions", "add", "--ip", "198.51.100.251", "--duration", "5m"]);

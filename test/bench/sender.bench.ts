@@ -214,7 +214,7 @@ async function partB(quick: boolean): Promise<string> {
     hub = await startHubProc(["--tokens", join(dir, "tokens"), "--state", join(dir, "journal.jsonl"), "--csv", csv("hub"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
     for (const n of OTHERS) agents.push(await startAgentProc(n, ["--hub", hub.url, "--token-file", tokens[n], "--csv", csv(n)], { netns: topo.ns(n) }));
     const config = join(dir, "ban.json");
-    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.client1, timeout: 5, spool: join(dir, "spool") }));
+    await writeFile(config, JSON.stringify({ hub: hub.url, "token-file": tokens.client1, timeout: 5, spool: join(dir, "spool"), insecure: true }));
     const log = join(dir, "sshd.log");
     f2b = await startFail2ban({
       dir: join(dir, "f2b"),

@@ -369,8 +369,13 @@ function setprivPath(): string | null {
 export function tsx(script: string, args: string[] = [], opts: ProcOptions = {}): Proc {
   const cwd = opts.cwd ?? REPO_ROOT;
   const abs = path.isAbsolute(script) ? script : path.join(REPO_ROOT, script);
+  // Inside a namespace the test created, a plain ws:// hub is on the test's own private bridge:
+  // agent.ts and ban.ts may send it their token (BANSHARE_INSECURE, as --insecure), unless the
+  // test says otherwise (`env: { BANSHARE_INSECURE: null }` to see the refusal).
+  const insecure = opts.netns && !(opts.env && 'BANSHARE_INSECURE' in opts.env) ? { BANSHARE_INSECURE: 'true' } : {};
   return spawnProc(process.execPath, ['--import', tsxLoader(), abs, ...args], {
     ...opts,
+    env: { ...insecure, ...opts.env },
     cwd,
     name: opts.name ?? path.basename(script),
   });

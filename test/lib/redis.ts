@@ -2,6 +2,7 @@
  * A real Redis for tests: `redis-server` on a free loopback port with a scratch folder, append
  * only file on (fsync on every write, so an acked write survives kill -9), no RDB snapshots. It
  * is ended by its PID (never by name) and its folder removed after the test, also when it fails.
+ * It may run inside a test's network namespace (hubs there reach it on that namespace's loopback).
  */
 
 import { mkdtemp, rm } from "node:fs/promises";
@@ -19,19 +20,19 @@ export interface TestRedis {
   proc: Proc;
   /** kill -9 the server (the append only file stays). */
   kill9(): Promise<void>;
-  /** Starts it again on the same port and folder; resolves once it accepts connections (AOF loaded). */
-  restart(): Promise<void>;
+  /** Starts it again on the same port and folder (with `extra` flags after the usual ones); resolves once it accepts connections (AOF or RDB loaded). */
+  restart(extra?: string[]): Promise<void>;
   /** Runs one command with redis-cli against it; resolves with its stdout. */
   cli(...args: string[]): Promise<string>;
 }
 
-/** Starts a Redis for this test; `t.after` stops it and removes its folder. */
-export async function startRedis(t: TestContext, extra: string[] = []): Promise<TestRedis> {
+/** Starts a Redis for this test (in `opts.netns` when given); `t.after` stops it and removes its folder. */
+export async function startRedis(t: TestContext, extra: string[] = [], opts: { netns?: string } = {}): Promise<TestRedis> {
   const dir = await mkdtemp(join(tmpdir(), "banshare-redis-"));
   const port = await freePort();
   const args = ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no", "--protected-mode", "yes", ...extra];
-  const start = async () => {
-    const proc = spawnProc("redis-server", args, { name: "redis" });
+  const start = async (more: string[] = []) => {
+    const proc = spawnProc("redis-server", [...args, ...more], { name: "redis", netns: opts.netns });
     await proc.waitForLine(/Ready to accept connections/, 20_000);
     return proc;
   };
@@ -46,11 +47,11 @@ export async function startRedis(t: TestContext, extra: string[] = []): Promise<
     async kill9() {
       await r.proc.kill9();
     },
-    async restart() {
-      r.proc = await start();
+    async restart(more: string[] = []) {
+      r.proc = await start(more);
     },
     async cli(...a: string[]) {
-      const p = spawnProc("redis-cli", ["-p", String(port), ...a], { name: "redis-cli" });
+      const p = spawnProc("redis-cli", ["-p", String(port), ...a], { name: "redis-cli", netns: opts.netns });
       await p.closed;
       return p.output().trim();
     },
