@@ -365,7 +365,7 @@ describe("security: ban.ts list at 200,000 claims, and one node's claims bounded
   test("--max-claims-per-node 3: the fourth address is refused with claim_limit, counted in /metrics, and allowed once one claim is lifted", LIMIT, async () => {
     const at = join(dir, "small");
     await mkdir(at);
-    const tokens = await enrol(at, [["web", "node"]]);
+    const tokens = await enrol(at, [["web", "node"], ["viewer", "reader"]]);
     const hub = await startHubProc(["--tokens", join(at, "tokens"), "--csv", join(at, "hub.csv"), "--listen", "127.0.0.1:0", "--max-claims-per-node", "3"]);
     const send = (...args: string[]) => runBan([...args, "--hub", hub.url, "--token-file", tokens.web, "--spool", join(at, "spool"), "--timeout", "5"]);
     for (const n of [1, 2, 3]) assert.equal((await send("ban", `198.51.100.${n}`)).code, 0);
@@ -373,7 +373,7 @@ describe("security: ban.ts list at 200,000 claims, and one node's claims bounded
     assert.equal(fourth.code, 1, fourth.output);
     assert.match(fourth.output, /claim_limit: Node web already claims 3 address\(es\), the limit \(--max-claims-per-node 3\)/);
     assert.equal(rows(join(at, "hub.csv"), "REJECT", "198.51.100.4").length, 1);
-    const metrics = await (await fetch(`${hub.url.replace(/^ws/, "http")}/metrics`)).text();
+    const metrics = await (await fetch(`${hub.url.replace(/^ws/, "http")}/metrics`, { headers: { authorization: `Bearer ${readFileSync(tokens.viewer, "utf8").trim()}` } })).text();
     assert.match(metrics, /^banshare_refused_total\{reason="claim_limit"\} 1$/m);
     assert.equal((await send("unban", "198.51.100.2")).code, 0);
     assert.equal((await send("ban", "198.51.100.4")).code, 0, "room again once a claim is lifted");
