@@ -2174,7 +2174,7 @@ export class FloodSummary {
 }
 
 /** The host part of `HOST:PORT` (IPv6 hosts hold colons too). */
-function hostOf(remote: string): string {
+function remoteHost(remote: string): string {
   return remote.replace(/:\d+$/, "");
 }
 
@@ -2229,7 +2229,7 @@ export class Refusals {
   /** Whether refusal `r` (of a connection or an HTTP request) is told on its own; starts the window's timer. */
   private tell(r: Refusal): boolean {
     this.timer ??= every(FLOOD_WINDOW_MS, () => this.flush());
-    return this.flood.note(hostOf(r.remote), r.node, r.code, r.message);
+    return this.flood.note(remoteHost(r.remote), r.node, r.code, r.message);
   }
 }
 
@@ -3269,9 +3269,9 @@ export class HttpApi {
     const path = (req.url ?? "/").split("?")[0];
     if (path === "/v1/events" && req.method === "POST") return this.route(path, req, res);
     const remote = remoteOf(req);
-    const wait = this.pacer.wait(hostOf(remote), Date.now());
+    const wait = this.pacer.wait(remoteHost(remote), Date.now());
     if (wait === undefined) {
-      const message = `Too many requests: more than ${this.pacer.rate}/s (${this.pacer.burst} at once) from ${hostOf(remote)}; slow down`;
+      const message = `Too many requests: more than ${this.pacer.rate}/s (${this.pacer.burst} at once) from ${remoteHost(remote)}; slow down`;
       return this.refusals.refuse({ code: "rate_limited", message, remote, http: true }, (status, f) => {
         res.shouldKeepAlive = false;
         json(res, status, f);
