@@ -14,17 +14,19 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { HubClock } from "../agent.ts";
 import { CLOCK_TOLERANCE_MS, hubDetectedAt, type BanList, type NodeList } from "../messages.ts";
-import { enrol, freePort, rows, waitFor } from "./lib/fleet.ts";
-import { REPO_ROOT, spawnProc, stopAll, type Proc } from "./lib/proc.ts";
+import { enrol, freePort, rows, startHubProc, waitFor } from "./lib/fleet.ts";
+import { createTopology, type Topology } from "./lib/netns.ts";
+import { REPO_ROOT, spawnProc, stopAll, tsx, type Proc } from "./lib/proc.ts";
+import { needs } from "./lib/skip.ts";
 
 const SHIFT_PRELOAD = join(REPO_ROOT, "test", "fixtures", "clock-shift.mjs");
 const MIN = 60_000;
 const HOUR = 60 * MIN;
 
-/** Runs one of the scripts with its wall clock `shiftMs` off the machine's (0: as it is). */
-function shifted(script: string, args: string[], shiftMs: number, name: string): Proc {
+/** Runs one of the scripts with its wall clock `shiftMs` off the machine's (0: as it is), in `netns` if given. */
+function shifted(script: string, args: string[], shiftMs: number, name: string, netns?: string): Proc {
   const preload = shiftMs ? ["--import", SHIFT_PRELOAD] : [];
-  return spawnProc(process.execPath, [...preload, "--import", import.meta.resolve("tsx"), join(REPO_ROOT, script), ...args], { name, cwd: REPO_ROOT, env: { BANSHARE_TEST_CLOCK_SHIFT_MS: String(shiftMs) } });
+  return spawnProc(process.execPath, [...preload, "--import", import.meta.resolve("tsx"), join(REPO_ROOT, script), ...args], { name, cwd: REPO_ROOT, netns, env: { BANSHARE_TEST_CLOCK_SHIFT_MS: String(shiftMs) } });
 }
 
 /** A hub whose clock is `hubShift` off, nodes a, b, c (node role) and ops (admin), in a scratch directory. */
@@ -200,6 +202,33 @@ describe("senders and receivers with wrong clocks, the hub's right", () => {
     const nodes = await f.get<NodeList>("/v1/nodes");
     const skew = nodes.nodes.find((n) => n.node === "c")?.clockSkewMs;
     assert.ok(skew !== null && skew !== undefined && Math.abs(skew - HOUR) < 10_000, `c's skew on the hub: ${skew} ms`);
+  });
+});
+
+describe("a receiver 1 h behind on the real kernel (ipset)", needs(["root", "netns", "ipset"], "ipset in a namespace"), () => {
+  let topo: Topology;
+  let dir: string;
+  after(async () => {
+    await stopAll();
+    await topo?.destroy();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  test("its kernel entry of a 600 s ban times out in about 600 s, not 4,200", async () => {
+    dir = await mkdtemp(join(tmpdir(), "banshare-clock-kernel-"));
+    topo = await createTopology(["hub", "rx"], { prefix: "bsclk" });
+    const tokens = await enrol(dir, [["a", "node"], ["rx", "node"]]);
+    const hub = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
+    const agent = shifted("agent.ts", ["--hub", hub.url, "--token-file", tokens.rx, "--backend", "ipset", "--hook", "none"], -HOUR, "rx", topo.ns("rx"));
+    await agent.waitForLine(/synced: \d+ address/, 20_000);
+    const ban = tsx("ban.ts", ["ban", "198.51.100.80", "--jail", "sshd", "--bantime", "600", "--hub", hub.url, "--token-file", tokens.a, "--spool", join(dir, "spool")], { netns: topo.ns("hub"), name: "ban" });
+    assert.equal((await ban.closed).code, 0, ban.output());
+    const timeout = await waitFor(async () => {
+      const r = await topo.exec("rx", "ipset", ["list", "banshare-v4"], { reject: false });
+      return Number(/^198\.51\.100\.80 timeout (\d+)/m.exec(String(r.stdout))?.[1]) || undefined;
+    }, "198.51.100.80 in rx's kernel set");
+    assert.ok(timeout > 590 && timeout <= 600, `the kernel entry times out in ${timeout} s`);
+    // The set goes with the namespace (after()).
   });
 });
 
