@@ -1426,19 +1426,24 @@ export class HubClock {
   /** The hub's time now, ms. */
   now(): number {
     const wall = this.wall();
-    if (this.base === undefined) return wall;
-    const hub = Math.round(this.mono() + this.base);
-    return Math.abs(hub - wall) > CLOCK_TOLERANCE_MS ? hub : wall;
+    return wall + this.offset(wall);
   }
 
   /** A time on the hub's clock as the local clock reads it (for the CSV, whose rows carry local times). */
   toLocal(t: number): number {
-    return t - (this.now() - this.wall());
+    return t - this.offset(this.wall());
   }
 
   /** A time on the local clock as the hub's clock reads it (for the times the agent reports to the hub). */
   toHub(t: number): number {
-    return t + (this.now() - this.wall());
+    return t + this.offset(this.wall());
+  }
+
+  /** The hub's clock minus the local clock reading `wall`, ms: 0 while they agree within the tolerance (one reading, so no ms ticks in between). */
+  private offset(wall: number): number {
+    if (this.base === undefined) return 0;
+    const d = Math.round(this.mono() + this.base) - wall;
+    return Math.abs(d) > CLOCK_TOLERANCE_MS ? d : 0;
   }
 
   /** The welcome's `now`, answering a hello sent at monotonic `sentMono`: a new connection, a new estimate. */

@@ -353,14 +353,17 @@ export function comparePositions(a: string, b: string): number {
 
 /**
  * Turns an accepted ban or unban frame into the event the fleet stores, given the claims it
- * joins. Its times are on the hub's clock (`now`): the detection as `hubDetectedAt` places it,
- * and `until` counted from there, so a sender's wrong clock neither shortens nor stretches it.
+ * joins. Its times are on the hub's clock (`now`): the detection as `hubDetectedAt` places it
+ * (an admin unban's: `now`), and `until` counted from there, so a sender's wrong clock neither
+ * shortens nor stretches it.
  */
 export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | string, claims: Claims, now: number): FleetEvent {
   const byOrigin = claims.get(f.ip);
   const isAll = f.type === "unban" && f.all === true;
   const previous = isAll ? blockedUntil(byOrigin, now) : byOrigin?.get(origin)?.kind === "ban" ? byOrigin.get(origin)!.until : undefined;
-  const detectedAt = hubDetectedAt(f.detectedAt, f.sentAt, now);
+  // An admin's unban for every node is typed by hand and never spooled: it means now, and lifts
+  // every claim the hub received before it, whatever the clocks said.
+  const detectedAt = isAll ? now : hubDetectedAt(f.detectedAt, f.sentAt, now);
   return {
     seq: String(seq),
     kind: f.type,

@@ -928,16 +928,17 @@ export function clockSkew(sentAt: number | undefined, now: number): number {
  * is trusted only to measure how long before sending it detected (`sentAt - detectedAt`, the
  * time a spooled event waited), never as a time: beyond CLOCK_TOLERANCE_MS of skew the
  * detection is placed that long before the hub received it, so a sender hours off neither
- * loses its bans nor stretches them, and its claim is never in the hub's future (an unban
- * sent after it, from its own fixed clock or by an admin, always lifts it). Within the
- * tolerance the sender's time is kept as it is (network delay and skew cannot be told apart,
- * and the response times stay the origin's own measurement), yet never later than `sentAt`.
+ * loses its bans nor stretches them. Within the tolerance the sender's time is kept as it is
+ * (network delay and skew cannot be told apart, and the response times stay the origin's own
+ * measurement). Either way it is never later than `sentAt`, nor than `now`: no claim is in the
+ * hub's future, so an unban sent after it (from the origin's clock once fixed, or by an admin)
+ * always lifts it.
  */
 export function hubDetectedAt(detectedAt: number, sentAt: number | undefined, now: number): number {
   const sent = sentAt ?? now;
   const first = Math.min(detectedAt, sent);
   const skew = clockSkew(sent, now);
-  return Math.abs(skew) > CLOCK_TOLERANCE_MS ? first + skew : first;
+  return Math.min(now, Math.abs(skew) > CLOCK_TOLERANCE_MS ? first + skew : first);
 }
 
 // ---------------------------------------------------------------------------------------------
