@@ -219,6 +219,15 @@ describe("senders and receivers with wrong clocks, the hub's right", () => {
     const nodes = await f.get<NodeList>("/v1/nodes");
     const skew = nodes.nodes.find((n) => n.node === "c")?.clockSkewMs;
     assert.ok(skew !== null && skew !== undefined && Math.abs(skew - HOUR) < 10_000, `c's skew on the hub: ${skew} ms`);
+    // The status page's feed: the Clock column's value.
+    const page = await connectNode(f.url, { file: f.token("ops") }, { hello: { want: "status" } });
+    try {
+      const status = await page.next((x) => x.type === "status", "a status frame");
+      const conn = status.conns.find((x: { name: string; kind: string }) => x.name === "c" && x.kind === "events");
+      assert.ok(Math.abs(conn?.clockSkewMs - HOUR) < 10_000, `c's skew in the status frame: ${conn?.clockSkewMs} ms`);
+    } finally {
+      page.close();
+    }
   });
 });
 
