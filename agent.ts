@@ -1663,8 +1663,8 @@ export class Applier {
   private readonly sweeper: NodeJS.Timeout;
   private retryTimer: NodeJS.Timeout | undefined;
 
-  /** The hub's clock: every `until` is on it, so every expiry and kernel timeout is counted by it. */
-  private readonly now: () => number;
+  /** The hub's clock: every `until` is on it, so every expiry and kernel timeout is counted by it (the Guard's count too). */
+  readonly now: () => number;
 
   constructor(private readonly opts: ApplierOptions) {
     this.now = opts.now ?? (() => Date.now());
@@ -2283,7 +2283,8 @@ export class Guard {
       const settled = before.idle && !applier.busy && applier.epoch === before.epoch;
       if (this.counted.due && settled) {
         this.counted = { last: found.entries, comparedAt: now, due: false };
-        const drift = countDrift(found.entries, applier.held(), now, BACKENDS[this.opts.backendName].expires === true);
+        // What should have expired by now is counted by the hub's clock, as the kernel timeouts were set.
+        const drift = countDrift(found.entries, applier.held(), applier.now(), BACKENDS[this.opts.backendName].expires === true);
         this.drift = drift ? Math.max(1, Math.abs(this.entries - applier.held().size)) : 0;
         if (drift) problems.push(drift);
       }

@@ -231,30 +231,55 @@ describe("senders and receivers with wrong clocks, the hub's right", () => {
   });
 });
 
-describe("a receiver 1 h behind on the real kernel (ipset)", needs(["root", "netns", "ipset"], "ipset in a namespace"), () => {
+describe("receivers 1 h behind and 1 h ahead on the real kernel (ipset)", needs(["root", "netns", "ipset", "iptables", "ip6tables"], "ipset and iptables in a namespace"), () => {
   let topo: Topology;
   let dir: string;
+  let hubUrl = "";
+  let tokens: Record<string, string> = {};
+  const agents: Record<string, Proc> = {};
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "banshare-clock-kernel-"));
+    topo = await createTopology(["hub", "rx", "ax"], { prefix: "bsclk" });
+    tokens = await enrol(dir, [["a", "node"], ["rx", "node"], ["ax", "node"], ["ops", "admin"]]);
+    hubUrl = (await startHubProc(["--tokens", join(dir, "tokens"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") })).url;
+    for (const [n, shift] of [["rx", -HOUR], ["ax", HOUR]] as const) {
+      agents[n] = shifted("agent.ts", ["--hub", hubUrl, "--token-file", tokens[n], "--backend", "ipset"], shift, n, topo.ns(n));
+      await agents[n].waitForLine(/synced: \d+ address/, 20_000);
+    }
+    const ban = tsx("ban.ts", ["ban", "198.51.100.80", "--jail", "sshd", "--bantime", "600", "--hub", hubUrl, "--token-file", tokens.a, "--spool", join(dir, "spool")], { netns: topo.ns("hub"), name: "ban" });
+    assert.equal((await ban.closed).code, 0, ban.output());
+  });
   after(async () => {
     await stopAll();
-    await topo?.destroy();
+    await topo?.destroy(); // the sets and rules go with the namespaces
     if (dir) await rm(dir, { recursive: true, force: true });
   });
 
-  test("its kernel entry of a 600 s ban times out in about 600 s, not 4,200", async () => {
-    dir = await mkdtemp(join(tmpdir(), "banshare-clock-kernel-"));
-    topo = await createTopology(["hub", "rx"], { prefix: "bsclk" });
-    const tokens = await enrol(dir, [["a", "node"], ["rx", "node"]]);
-    const hub = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") });
-    const agent = shifted("agent.ts", ["--hub", hub.url, "--token-file", tokens.rx, "--backend", "ipset", "--hook", "none"], -HOUR, "rx", topo.ns("rx"));
-    await agent.waitForLine(/synced: \d+ address/, 20_000);
-    const ban = tsx("ban.ts", ["ban", "198.51.100.80", "--jail", "sshd", "--bantime", "600", "--hub", hub.url, "--token-file", tokens.a, "--spool", join(dir, "spool")], { netns: topo.ns("hub"), name: "ban" });
-    assert.equal((await ban.closed).code, 0, ban.output());
-    const timeout = await waitFor(async () => {
-      const r = await topo.exec("rx", "ipset", ["list", "banshare-v4"], { reject: false });
+  /** The kernel timeout of 198.51.100.80 in `node`'s set, s. */
+  const kernelTimeout = (node: string) =>
+    waitFor(async () => {
+      const r = await topo.exec(node, "ipset", ["list", "banshare-v4"], { reject: false });
       return Number(/^198\.51\.100\.80 timeout (\d+)/m.exec(String(r.stdout))?.[1]) || undefined;
-    }, "198.51.100.80 in rx's kernel set");
+    }, `198.51.100.80 in ${node}'s kernel set`);
+
+  test("1 h behind: the kernel entry of a 600 s ban times out in about 600 s, not 4,200", async () => {
+    const timeout = await kernelTimeout("rx");
     assert.ok(timeout > 590 && timeout <= 600, `the kernel entry times out in ${timeout} s`);
-    // The set goes with the namespace (after()).
+  });
+
+  test("1 h ahead: the 600 s ban is in the kernel for about 600 s, not already over", async () => {
+    const timeout = await kernelTimeout("ax");
+    assert.ok(timeout > 590 && timeout <= 600, `the kernel entry times out in ${timeout} s`);
+  });
+
+  test("1 h ahead: its enforcement reports are taken (their times on the hub's clock), and status --fleet says enforcing", async () => {
+    const line = await waitFor(async () => {
+      const p = tsx("ban.ts", ["status", "--fleet", "--hub", hubUrl, "--token-file", tokens.ops], { netns: topo.ns("hub"), name: "status" });
+      await p.closed;
+      return p.lines().find((l) => /^ax\s+enforcing\s+\(ipset, 1 entry \/ 1 claim/.test(l));
+    }, "ax enforcing its one ban in status --fleet");
+    assert.match(line, /reported \d+s ago/);
+    assert.doesNotMatch(agents.ax.output(), /hub refused/, "no report of ax was refused");
   });
 });
 
