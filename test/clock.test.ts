@@ -1,10 +1,11 @@
 /**
  * Wrong clocks (a VPS without NTP): one process's wall clock is shifted by a preload
  * (test/fixtures/clock-shift.mjs on that child's node command line; the machine's clock is never
- * touched), with a real hub, real agents (dry-run backend) and real ban.ts processes on loopback.
- * What is checked: the hub's claims (`GET /v1/bans`, its `until` against its own `now`) and the
- * agents' CSV rows (`SCHEDULE_UNBLOCK`'s `until` against the row's `time`, both on the agent's
- * clock), so that no skew of minutes to hours loses a ban, stretches it or makes it unliftable.
+ * touched), with a real hub, real agents and real ban.ts processes: dry-run agents on loopback,
+ * and ipset agents in network namespaces. What is checked: the hub's claims (`GET /v1/bans`, its
+ * `until` against its own `now`), the agents' CSV rows (`SCHEDULE_UNBLOCK`'s `until` against the
+ * row's `time`, both on the agent's clock) and the kernel's timeouts, so that no skew of minutes
+ * to hours loses a ban, stretches it or makes it unliftable.
  */
 
 import assert from "node:assert/strict";
