@@ -242,12 +242,13 @@ describe("receivers 1 h behind and 1 h ahead on the real kernel (ipset)", needs(
     dir = await mkdtemp(join(tmpdir(), "banshare-clock-kernel-"));
     topo = await createTopology(["hub", "rx", "ax"], { prefix: "bsclk" });
     tokens = await enrol(dir, [["a", "node"], ["rx", "node"], ["ax", "node"], ["ops", "admin"]]);
+    // A private bridge the test made: plain ws:// with --insecure.
     hubUrl = (await startHubProc(["--tokens", join(dir, "tokens"), "--listen", `${topo.ip("hub")}:7700`], { netns: topo.ns("hub") })).url;
     for (const [n, shift] of [["rx", -HOUR], ["ax", HOUR]] as const) {
-      agents[n] = shifted("agent.ts", ["--hub", hubUrl, "--token-file", tokens[n], "--backend", "ipset"], shift, n, topo.ns(n));
+      agents[n] = shifted("agent.ts", ["--hub", hubUrl, "--token-file", tokens[n], "--backend", "ipset", "--insecure"], shift, n, topo.ns(n));
       await agents[n].waitForLine(/synced: \d+ address/, 20_000);
     }
-    const ban = tsx("ban.ts", ["ban", "198.51.100.80", "--jail", "sshd", "--bantime", "600", "--hub", hubUrl, "--token-file", tokens.a, "--spool", join(dir, "spool")], { netns: topo.ns("hub"), name: "ban" });
+    const ban = tsx("ban.ts", ["ban", "198.51.100.80", "--jail", "sshd", "--bantime", "600", "--hub", hubUrl, "--token-file", tokens.a, "--spool", join(dir, "spool"), "--insecure"], { netns: topo.ns("hub"), name: "ban" });
     assert.equal((await ban.closed).code, 0, ban.output());
   });
   after(async () => {
@@ -275,7 +276,7 @@ describe("receivers 1 h behind and 1 h ahead on the real kernel (ipset)", needs(
 
   test("1 h ahead: its enforcement reports are taken (their times on the hub's clock), and status --fleet says enforcing", async () => {
     const line = await waitFor(async () => {
-      const p = tsx("ban.ts", ["status", "--fleet", "--hub", hubUrl, "--token-file", tokens.ops], { netns: topo.ns("hub"), name: "status" });
+      const p = tsx("ban.ts", ["status", "--fleet", "--hub", hubUrl, "--token-file", tokens.ops, "--insecure"], { netns: topo.ns("hub"), name: "status" });
       await p.closed;
       return p.lines().find((l) => /^ax\s+enforcing\s+\(ipset, 1 entry \/ 1 claim/.test(l));
     }, "ax enforcing its one ban in status --fleet");
