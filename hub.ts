@@ -545,10 +545,11 @@ export function decideRules(rules: FleetRules, sender: string, e: FleetEvent, by
 /**
  * What an admin's unban for every node (`admin`, origin `*`) must add to lift every ban claim on
  * the address whatever its timestamp: the `*` claim lifts the claims older than it, so each
- * claim dated after it (an origin whose clock runs ahead, up to MAX_CLOCK_SKEW_MS, or a
- * compromised node dating its bans ahead) gets a tombstone of its own origin, at its own
+ * claim dated after it gets a tombstone of its own origin, at its own
  * detection time and newer by its id alone. A later ban from that origin still counts, and no
- * other origin's claims are touched.
+ * other origin's claims are touched. The hub dates claims no later than it received them and an
+ * all-nodes unban at its arrival (`toEvent`), so only a claim received in the same millisecond,
+ * or stored by an older hub with its sender's time (an origin whose clock ran ahead), is not older.
  */
 export function adminLifts(byOrigin: AddressClaims, admin: FleetEvent, now: number): FleetEvent[] {
   const out: FleetEvent[] = [];
