@@ -696,7 +696,7 @@ describe("security: hostile frames, crafted WebSocket frames and bans of protect
     const before = await healthz();
     const spool = join(dir, "inject-spool");
     const results = await Promise.all(
-      INJECTIONS.map((ip, i) => runBan([i % 3 ? "ban" : "unban", ip, "--hub", hubUrl(), "--token-file", tokens.web, "--spool", spool])),
+      INJECTIONS.map((ip, i) => runBan([i % 3 ? "ban" : "unban", ip, "--hub", hubUrl(), "--token-file", tokens.web, "--spool", spool, "--insecure"])),
     );
     results.forEach((r, i) => {
       const what = JSON.stringify(INJECTIONS[i]).slice(0, 60);
