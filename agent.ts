@@ -49,6 +49,7 @@ import { execa } from "execa";
 import WebSocket from "ws";
 import yargs from "yargs";
 import {
+  CLOCK_TOLERANCE_MS,
   CSV_HEADER,
   MAX_APPLIED_BATCH,
   MAX_ENFORCEMENT_HOOKS,
@@ -1395,9 +1396,95 @@ export class StateFile {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The hub's clock: what bans are timed by
+
+/** How long one sample of the hub's clock counts towards `HubClock`'s estimate, ms. */
+const CLOCK_WINDOW_MS = 10 * 60_000;
+
+/**
+ * The hub's clock as this agent reads it. A ban's `until` is on the hub's clock, the fleet's
+ * reference, so the agent times bans by it: a server hours behind still holds a 600 s ban for
+ * 600 s. Each `now` the hub sends (its welcome, placed at the midpoint of the hello's round
+ * trip; its sync and event frames, a lower bound, network delay being in it) is kept as an
+ * offset to the monotonic clock, the best of the last CLOCK_WINDOW_MS; a step of the local
+ * clock changes nothing. While the local clock agrees within CLOCK_TOLERANCE_MS it is used as
+ * it is (below that, skew and network delay cannot be told apart); before any hub answered too.
+ */
+export class HubClock {
+  /** Samples of the hub's clock minus the monotonic clock, ms, with when (monotonic) each was taken. */
+  private samples: Array<{ base: number; at: number }> = [];
+  private base: number | undefined;
+  /** The local clock was off when last told (for the log line when it changes). */
+  private off = false;
+
+  constructor(
+    private readonly log: (line: string) => void,
+    private readonly mono: () => number = () => performance.now(),
+    private readonly wall: () => number = () => Date.now(),
+  ) {}
+
+  /** The hub's time now, ms. */
+  now(): number {
+    const wall = this.wall();
+    return wall + this.offset(wall);
+  }
+
+  /** A time on the hub's clock as the local clock reads it (for the CSV, whose rows carry local times). */
+  toLocal(t: number): number {
+    return t - this.offset(this.wall());
+  }
+
+  /** A time on the local clock as the hub's clock reads it (for the times the agent reports to the hub). */
+  toHub(t: number): number {
+    return t + this.offset(this.wall());
+  }
+
+  /** The hub's clock minus the local clock reading `wall`, ms: 0 while they agree within the tolerance (one reading, so no ms ticks in between). */
+  private offset(wall: number): number {
+    if (this.base === undefined) return 0;
+    const d = Math.round(this.mono() + this.base) - wall;
+    return Math.abs(d) > CLOCK_TOLERANCE_MS ? d : 0;
+  }
+
+  /** The welcome's `now`, answering a hello sent at monotonic `sentMono`: a new connection, a new estimate. */
+  welcomed(hubNow: number, sentMono: number): void {
+    const at = this.mono();
+    this.samples = [{ base: hubNow - (sentMono + at) / 2, at }];
+    this.update();
+  }
+
+  /** A sync or event frame's `now`, received just now. */
+  heard(hubNow: number): void {
+    const at = this.mono();
+    const last = this.samples[this.samples.length - 1];
+    const base = hubNow - at;
+    // One sample per second is plenty: a burst of events costs nothing here.
+    if (last && at - last.at < 1000) {
+      if (base <= last.base) return;
+      last.base = base;
+    } else this.samples.push({ base, at });
+    while (this.samples.length > 1 && this.samples[0].at < at - CLOCK_WINDOW_MS) this.samples.shift();
+    this.update();
+  }
+
+  private update(): void {
+    this.base = Math.max(...this.samples.map((x) => x.base));
+    const skew = this.mono() + this.base - this.wall();
+    const off = Math.abs(skew) > CLOCK_TOLERANCE_MS;
+    if (off && !this.off) this.log(`warning: this server's clock is ${(Math.abs(skew) / 1000).toFixed(1)} s ${skew > 0 ? "behind" : "ahead of"} the hub's; bans are timed by the hub's clock`);
+    else if (!off && this.off) this.log(`this server's clock is back within ${CLOCK_TOLERANCE_MS} ms of the hub's`);
+    this.off = off;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // CSV log (--csv)
 
-/** The structured log: one row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT; a no-op without a path. */
+/**
+ * The structured log: one row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT; a no-op without a
+ * path. Rows are on the local clock, `until` too (moved from the hub's clock by `clock`), so
+ * `until - time` is how long the ban has left on this server.
+ */
 export class CsvLog {
   /** The node name the rows carry: the hub's name for this node once welcomed. */
   node: string;
@@ -1405,15 +1492,16 @@ export class CsvLog {
   private constructor(
     private readonly out: CsvFile | undefined,
     node: string,
+    private readonly clock?: HubClock,
   ) {
     this.node = node;
   }
 
   /** Opens `path` for appending, writing the header first when the file is new. */
-  static async open(path: string | undefined, node: string, log: (line: string) => void): Promise<CsvLog> {
+  static async open(path: string | undefined, node: string, log: (line: string) => void, clock?: HubClock): Promise<CsvLog> {
     if (!path) return new CsvLog(undefined, node);
     if (!existsSync(path)) await appendFile(path, CSV_HEADER + "\n");
-    return new CsvLog(new CsvFile(path, log), node);
+    return new CsvLog(new CsvFile(path, log), node, clock);
   }
 
   /** Rows recorded and not yet written. */
@@ -1424,7 +1512,8 @@ export class CsvLog {
     // The rows of one batch (a BLOCK and its SCHEDULE_UNBLOCK) go in one write, so that a reader
     // of the file never sees one without the other.
     if (!this.pending) queueMicrotask(() => this.flush());
-    this.pending += csvRow({ time: Date.now(), node: this.node, ...r });
+    const until = r.until && this.clock ? { until: this.clock.toLocal(r.until) } : {};
+    this.pending += csvRow({ time: Date.now(), node: this.node, ...r, ...until });
   }
 
   close(): Promise<void> {
@@ -1534,6 +1623,8 @@ export interface ApplierOptions {
   log: (line: string) => void;
   /** Told after each batch, with the live events (relayed, not synced) it applied: the hub's response-time reports. */
   onApplied?: (changes: Change[], live: Map<string, FleetEvent>) => void;
+  /** The clock bans are timed by: the hub's (default: the local clock). */
+  now?: () => number;
 }
 
 /** How long a failed kernel command waits before the kernel is reconciled again, ms. */
@@ -1572,10 +1663,14 @@ export class Applier {
   private readonly sweeper: NodeJS.Timeout;
   private retryTimer: NodeJS.Timeout | undefined;
 
+  /** The hub's clock: every `until` is on it, so every expiry and kernel timeout is counted by it (the Guard's count too). */
+  readonly now: () => number;
+
   constructor(private readonly opts: ApplierOptions) {
+    this.now = opts.now ?? (() => Date.now());
     // The kernel drops expired entries by itself; the sweep keeps memory and the log in step
     // (and does the expiring for the iptables backend, whose rules have no timeout).
-    this.sweeper = setInterval(() => this.sweep(Date.now()), 1000);
+    this.sweeper = setInterval(() => this.sweep(this.now()), 1000);
     this.sweeper.unref();
   }
 
@@ -1614,7 +1709,7 @@ export class Applier {
    */
   async refill(): Promise<number> {
     const held = new Map(this.applied);
-    const refused = await this.exclusive(() => this.opts.backend.reconcile(held, Date.now()));
+    const refused = await this.exclusive(() => this.opts.backend.reconcile(held, this.now()));
     this.refuse(refused);
     return held.size - refused.length;
   }
@@ -1729,7 +1824,7 @@ export class Applier {
 
   private async work(): Promise<void> {
     while ((this.dirty.size || this.pendingReconcile) && !this.working) {
-      const now = Date.now();
+      const now = this.now();
       this.epochs++;
       if (this.pendingReconcile) await this.reconcile(now);
       else await this.applyDirty(now);
@@ -1886,7 +1981,7 @@ export class Applier {
     this.refuse(refused);
     const failed = new Set(refused.map((r) => r.change));
     const done = failed.size ? changes.filter((c) => !failed.has(c)) : changes;
-    const at = Date.now();
+    const at = this.now();
     for (const c of done) {
       this.logApplied(c.ip, this.applied.get(c.ip), c.until, at, "event");
       if (c.until === undefined) this.applied.delete(c.ip);
@@ -2188,7 +2283,8 @@ export class Guard {
       const settled = before.idle && !applier.busy && applier.epoch === before.epoch;
       if (this.counted.due && settled) {
         this.counted = { last: found.entries, comparedAt: now, due: false };
-        const drift = countDrift(found.entries, applier.held(), now, BACKENDS[this.opts.backendName].expires === true);
+        // What should have expired by now is counted by the hub's clock, as the kernel timeouts were set.
+        const drift = countDrift(found.entries, applier.held(), applier.now(), BACKENDS[this.opts.backendName].expires === true);
         this.drift = drift ? Math.max(1, Math.abs(this.entries - applier.held().size)) : 0;
         if (drift) problems.push(drift);
       }
@@ -2340,20 +2436,22 @@ export class Spool {
 export type EnforcementState = Enforcement;
 
 /** The `enforcement` frame of a snapshot, cut to what messages.ts accepts (pure). */
-export function enforcementFrame(s: EnforcementState): EnforcementFrame {
+export function enforcementFrame(s: EnforcementState, clock?: HubClock): EnforcementFrame {
   const text = (t: string) => t.replace(/[^\x20-\x7e]/g, "?").slice(0, MAX_ENFORCEMENT_TEXT) || "?";
+  // The hub checks the times against its clock: they go on it.
+  const hub = (t: number) => (clock ? Math.round(clock.toHub(t)) : t);
   const frame: EnforcementFrame = {
     type: "enforcement",
     backend: s.backend,
-    hooks: s.hooks.slice(0, MAX_ENFORCEMENT_HOOKS).map((h) => ({ name: h.hook.slice(0, 64), state: h.state, since: h.since })),
+    hooks: s.hooks.slice(0, MAX_ENFORCEMENT_HOOKS).map((h) => ({ name: h.hook.slice(0, 64), state: h.state, since: hub(h.since) })),
     claims: s.expected,
     drift: s.drift ?? 0,
     missing: s.missing.slice(0, MAX_ENFORCEMENT_HOOKS).map(text),
     repairs: s.repairs,
   };
   if (s.entries !== undefined) frame.entries = s.entries;
-  if (s.missingSince !== undefined) frame.missingSince = s.missingSince;
-  if (s.lastRepair) frame.lastRepair = { at: s.lastRepair.at, what: text(s.lastRepair.what) };
+  if (s.missingSince !== undefined) frame.missingSince = hub(s.missingSince);
+  if (s.lastRepair) frame.lastRepair = { at: hub(s.lastRepair.at), what: text(s.lastRepair.what) };
   return frame;
 }
 
@@ -2440,6 +2538,8 @@ export interface HubLinkOptions extends Pick<AgentOptions, "hubs" | "node" | "sp
   enforcement?: () => EnforcementState;
   /** Told when a connection closed, before the reconnect's delay: the hubs' names are resolved again. */
   disconnected?: () => void;
+  /** Set from the `now` of the hub's frames; the times reported to the hub are on it (default: the local clock). */
+  clock?: HubClock;
 }
 
 /** What a `Session` is given by its `HubLink`. */
@@ -2479,6 +2579,8 @@ export class Session {
   private appliedTimer: NodeJS.Timeout | undefined;
   private pingTimer: NodeJS.Timeout | undefined;
   private spool: Spool | undefined;
+  /** When the hello went, on the monotonic clock: the welcome's `now` is placed at the middle of the round trip. */
+  private helloAt = 0;
 
   constructor(
     private readonly sock: WebSocket,
@@ -2493,7 +2595,8 @@ export class Session {
    */
   open(): void {
     const { opts } = this.host;
-    this.send({ type: "hello", v: PROTOCOL_VERSION, node: opts.node, want: "events", cursor: this.host.cursor });
+    this.helloAt = performance.now();
+    this.send({ type: "hello", v: PROTOCOL_VERSION, node: opts.node, want: "events", cursor: this.host.cursor, sentAt: Date.now() });
     const every = Math.max(1, Math.round(opts.heartbeatMs / 2));
     this.pingTimer = setInterval(() => {
       if (!this.alive) {
@@ -2519,6 +2622,11 @@ export class Session {
     const parsed = parseHubFrame(data.toString("utf8"));
     if (!parsed.ok) return this.host.opts.log(`warning: ignoring a frame from the hub: ${parsed.message}`);
     const f = parsed.value;
+    const clock = this.host.opts.clock;
+    if (clock && (f.type === "welcome" || f.type === "sync" || f.type === "event") && f.now !== undefined) {
+      if (f.type === "welcome") clock.welcomed(f.now, this.helloAt);
+      else clock.heard(f.now);
+    }
     if (f.type === "welcome") this.onWelcome(f);
     else if (f.type === "sync") this.onSync(f);
     else if (f.type === "event") this.onEvents(this.admit([f]), f.seq);
@@ -2528,7 +2636,7 @@ export class Session {
 
   /** Queues a response time for each applied change a live event caused; one frame goes out shortly. */
   reportApplied(changes: Change[], live: Map<string, FleetEvent>): void {
-    const at = Date.now();
+    const at = this.host.opts.clock?.now() ?? Date.now();
     for (const c of changes) {
       const e = live.get(c.ip);
       if (!e || !/^\d{1,20}$/.test(e.seq)) continue;
@@ -2565,7 +2673,8 @@ export class Session {
     this.syncBuffer = [];
     this.syncBytes = 0;
     if (this.host.opts.spoolDir) {
-      this.spool = new Spool(this.host.opts.spoolDir, (frame) => this.send(frame), this.host.opts.log);
+      // Sent now, on this server's clock: the hub measures with it how long the event waited (its age), not when.
+      this.spool = new Spool(this.host.opts.spoolDir, (frame) => this.send({ ...frame, sentAt: Date.now() }), this.host.opts.log);
       this.spool.start();
     }
   }
@@ -2608,7 +2717,7 @@ export class Session {
     const snapshot = this.host.opts.enforcement;
     if (!snapshot || !this.hubTakesEnforcement || this.reportTimer) return;
     const report = () => {
-      const frame = JSON.stringify(enforcementFrame(snapshot()));
+      const frame = JSON.stringify(enforcementFrame(snapshot(), this.host.opts.clock));
       if (frame === this.lastReport || this.sock.readyState !== WebSocket.OPEN || this.sock.bufferedAmount > 1 << 20) return;
       this.lastReport = frame;
       this.sock.send(frame);
@@ -2880,7 +2989,8 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   for (const w of warnings(opts)) log(w);
   const backend = makeBackend(opts.backend, cfg, log);
   await backend.setup();
-  const csv = await CsvLog.open(opts.csvPath, opts.node ?? "agent", log);
+  const clock = new HubClock(log);
+  const csv = await CsvLog.open(opts.csvPath, opts.node ?? "agent", log, clock);
 
   const allow = new Allowlist(never, () => 2 * applier.claims.size + 10_000);
   const applier: Applier = new Applier({
@@ -2890,17 +3000,18 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     record: (r) => csv.record(r),
     log,
     onApplied: (changes, live) => link.reportApplied(changes, live),
+    now: () => clock.now(),
   });
   const state: StateFile = new StateFile(opts.statePath, log, () => ({ cursor: link.cursor, claims: applier.claims }));
   // What the hub's `enforcement` reports and --metrics show: the Guard's view of the kernel.
   const enforcementSnapshot = (): EnforcementState => guard.snapshot();
   const resolver = hubAddresses.watch((a) => allow.add(a) && applier.allowed(a));
-  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot, disconnected: resolver.poke });
+  const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot, disconnected: resolver.poke, clock });
   const saved = await state.load();
   if (saved) {
     link.cursor = saved.cursor;
     // Before any hub answers: after a reboot the kernel holds nothing, and the hub may be away.
-    const n = await applier.restore(saved.claims, Date.now());
+    const n = await applier.restore(saved.claims, clock.now());
     log(`loaded ${applier.claims.size} address(es) and ${saved.cursor ? `cursor ${saved.cursor.hub}:${saved.cursor.seq}` : "no cursor"} from ${opts.statePath}`);
     log(`restored: ${n} address(es) blocked from the state file before any hub answered (${opts.backend})`);
   }

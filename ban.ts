@@ -308,7 +308,9 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
   const secure = u.protocol === "wss:";
   // https (and with it tls) is loaded only for a wss:// hub.
   const { request } = secure ? await import("node:https") : await import("node:http");
-  const body = JSON.stringify(frame);
+  // Stamped as it goes, on this server's clock: the hub measures this clock's skew with it, and
+  // how long before sending the ban was detected, and times the ban by its own clock.
+  const body = JSON.stringify({ ...frame, sentAt: Date.now() });
   return new Promise((resolve) => {
     let done = false;
     const finish = (r: SendResult, answered = false) => {

@@ -37,6 +37,7 @@ import { WebSocketServer, type WebSocket } from "ws";
 import yargs from "yargs";
 import {
   ALL_ORIGINS,
+  CLOCK_TOLERANCE_MS,
   ESCALATION_ORIGIN,
   CSV_HEADER,
   DEFAULT_MAX_PREFIX,
@@ -46,9 +47,11 @@ import {
   PROTOCOL_VERSION,
   blockedUntil,
   checkEvent,
+  clockSkew,
   csvRow,
   printable,
   eventUntil,
+  hubDetectedAt,
   isName,
   isNewer,
   isExpired,
@@ -371,19 +374,27 @@ export function comparePositions(a: string, b: string): number {
   return Number(x[1]) - Number(y[1]) || Number(x[2] ?? 0) - Number(y[2] ?? 0);
 }
 
-/** Turns an accepted ban or unban frame into the event the fleet stores, given the claims it joins. */
+/**
+ * Turns an accepted ban or unban frame into the event the fleet stores, given the claims it
+ * joins. Its times are on the hub's clock (`now`): the detection as `hubDetectedAt` places it
+ * (an admin unban's: `now`), and `until` counted from there, so a sender's wrong clock neither
+ * shortens nor stretches it.
+ */
 export function toEvent(f: BanFrame | UnbanFrame, origin: string, seq: number | string, claims: Claims, now: number): FleetEvent {
   const byOrigin = claims.get(f.ip);
   const isAll = f.type === "unban" && f.all === true;
   const previous = isAll ? blockedUntil(byOrigin, now) : byOrigin?.get(origin)?.kind === "ban" ? byOrigin.get(origin)!.until : undefined;
+  // An admin's unban for every node is typed by hand and never spooled: it means now, and lifts
+  // every claim the hub received before it, whatever the clocks said.
+  const detectedAt = isAll ? now : hubDetectedAt(f.detectedAt, f.sentAt, now);
   return {
     seq: String(seq),
     kind: f.type,
     ip: f.ip,
     origin: isAll ? ALL_ORIGINS : origin,
     jail: f.jail,
-    until: eventUntil(f.type, f.detectedAt, f.type === "ban" ? f.bantime : undefined, previous),
-    detectedAt: f.detectedAt,
+    until: eventUntil(f.type, detectedAt, f.type === "ban" ? f.bantime : undefined, previous),
+    detectedAt,
     id: f.id,
     relayedAt: now,
   };
@@ -676,10 +687,11 @@ export class ClaimCounts {
 /**
  * What an admin's unban for every node (`admin`, origin `*`) must add to lift every ban claim on
  * the address whatever its timestamp: the `*` claim lifts the claims older than it, so each
- * claim dated after it (an origin whose clock runs ahead, up to MAX_CLOCK_SKEW_MS, or a
- * compromised node dating its bans ahead) gets a tombstone of its own origin, at its own
+ * claim dated after it gets a tombstone of its own origin, at its own
  * detection time and newer by its id alone. A later ban from that origin still counts, and no
- * other origin's claims are touched.
+ * other origin's claims are touched. The hub dates claims no later than it received them and an
+ * all-nodes unban at its arrival (`toEvent`), so only a claim received in the same millisecond,
+ * or stored by an older hub with its sender's time (an origin whose clock ran ahead), is not older.
  */
 export function adminLifts(byOrigin: AddressClaims, admin: FleetEvent, now: number): FleetEvent[] {
   const out: FleetEvent[] = [];
@@ -738,6 +750,10 @@ export class FleetState {
   decide(sender: string, f: BanFrame | UnbanFrame, now: number): { standing: FleetEvent; event: FleetEvent } | { event: FleetEvent; batch: FleetEvent[]; decision: RuleDecision } {
     const view: Claims = new Map([[f.ip, new Map([...(this.claims.get(f.ip) ?? []), ...(this.pending.get(f.ip) ?? [])])]]);
     const event = toEvent(f, sender, "", view, now);
+    // A frame sent again (a retry, a spool delivered twice) is the claim that stands, even when
+    // the hub placed its detection a few ms apart from the first time (a skewed sender's clock).
+    const prior = view.get(f.ip)!.get(event.origin);
+    if (prior?.id === event.id) return { standing: prior, event: prior };
     if (!mergeClaim(view, event)) return { standing: view.get(f.ip)!.get(event.origin)!, event };
     const decision = decideRules(this.rules, sender, event, view.get(f.ip)!, this.offenses.get(f.ip) ?? [], now);
     if (decision.hold) event.held = true;
@@ -2046,6 +2062,8 @@ interface Gauges {
   store: string[];
   /** Each node's newest `enforcement` report. */
   enforcement: Map<string, EnforcementReport>;
+  /** Each node's clock skew (hub minus node), ms. */
+  skews?: Map<string, number>;
 }
 
 /** The hub's counters, one writer each, and the Prometheus text they make with the gauges. */
@@ -2103,6 +2121,7 @@ export class Metrics {
       ...metric("banshare_seq", "gauge", "Sequence number of the last accepted event; with --store, stream entries this hub has read since it started (the stream position is /healthz's seq).", [["", g.seq]]),
       ...g.store,
       ...nodeMetrics(g.enforcement),
+      ...metric("banshare_node_clock_skew_seconds", "gauge", "The hub's clock minus the node's, as last measured (one-way: network delay is in it); the hub times events by its own clock.", [...(g.skews ?? [])].sort(([a], [b]) => (a < b ? -1 : 1)).map(([node, ms]): [string, number] => [`{node="${node}"}`, ms / 1000])),
     ];
     return lines.join("\n") + "\n";
   }
@@ -2279,6 +2298,52 @@ export class Pacer {
     this.next.set(host, due + interval);
     if (this.next.size > 4096) for (const [h, t] of this.next) if (t <= now) this.next.delete(h);
     return wait;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clocks
+
+/** A node's clock is said again in the log when its skew moved this far (ms) from what was logged. */
+const SKEW_RELOG_MS = 60_000;
+
+/**
+ * How far each node's clock is from the hub's (hub minus node, ms), from the `sentAt` of its
+ * hellos and events: one-way, so network delay is in it. It measures and warns, nothing more:
+ * the hub times every event by its own clock whatever the skew. One log line when a node's skew
+ * goes beyond CLOCK_TOLERANCE_MS (again when it moves by another minute), one when it is back
+ * within; `/metrics`, `GET /v1/nodes` and the status page show the latest.
+ */
+export class ClockWatch {
+  private readonly skews = new Map<string, { ms: number; logged?: number }>();
+
+  constructor(private readonly log: (line: string) => void) {}
+
+  /** A frame from `node`, stamped `sentAt` on its clock, arrived at `now` on the hub's; `what` names it for the log. */
+  observe(node: string, sentAt: number | undefined, now: number, what: string): void {
+    if (sentAt === undefined) return;
+    const ms = clockSkew(sentAt, now);
+    const s = this.skews.get(node) ?? { ms };
+    s.ms = ms;
+    this.skews.set(node, s);
+    const off = Math.abs(ms) > CLOCK_TOLERANCE_MS;
+    if (off && (s.logged === undefined || Math.abs(ms - s.logged) > SKEW_RELOG_MS)) {
+      s.logged = ms;
+      this.log(`warning: node ${node}'s clock is ${(Math.abs(ms) / 1000).toFixed(1)} s ${ms < 0 ? "ahead of" : "behind"} the hub's (measured on its ${what}); its events are timed by the hub's clock. If every node shows the same skew, the hub's clock is the wrong one`);
+    } else if (!off && s.logged !== undefined) {
+      s.logged = undefined;
+      this.log(`node ${node}'s clock is back within ${CLOCK_TOLERANCE_MS} ms of the hub's (${ms} ms, measured on its ${what})`);
+    }
+  }
+
+  /** The latest skew of `node`, ms; undefined when it sent no `sentAt`. */
+  of(node: string): number | undefined {
+    return this.skews.get(node)?.ms;
+  }
+
+  /** Every node's latest skew, ms. */
+  all(): Map<string, number> {
+    return new Map([...this.skews].map(([node, s]) => [node, s.ms]));
   }
 }
 
@@ -2463,9 +2528,9 @@ export class Connections implements Iterable<Conn> {
   }
 }
 
-/** The frame that carries relayed events: one `event`, or an incremental `sync` for several. */
-function eventsFrame(events: FleetEvent[]): HubFrame {
-  return events.length === 1 ? { type: "event", ...events[0] } : { type: "sync", full: false, events, seq: events[events.length - 1].seq };
+/** The frame that carries relayed events: one `event`, or an incremental `sync` for several; `now` is the hub's clock. */
+function eventsFrame(events: FleetEvent[], now: number): HubFrame {
+  return events.length === 1 ? { type: "event", ...events[0], now } : { type: "sync", full: false, events, seq: events[events.length - 1].seq, now };
 }
 
 /** The durable claims as syncs send them: built once, shared by every sync that starts while it is fresh. */
@@ -2712,7 +2777,8 @@ export class Syncs {
 
 /** One `sync` frame, serialised. */
 function syncFrame(full: boolean, events: FleetEvent[], seq: string, more: boolean): Buffer {
-  return Buffer.from(JSON.stringify({ type: "sync", full, events, seq, more: more || undefined }));
+  // `now` when serialised: a shared snapshot frame sent later carries an older one, still a lower bound of the hub's clock, as the agent takes it.
+  return Buffer.from(JSON.stringify({ type: "sync", full, events, seq, more: more || undefined, now: Date.now() }));
 }
 
 /**
@@ -2728,6 +2794,7 @@ export class StatusFeed {
     private readonly conns: Connections,
     private readonly state: () => { hub: string; seq: string; claims: Claims },
     private readonly log: (line: string) => void,
+    private readonly clocks: ClockWatch,
   ) {}
 
   watch(c: Conn): void {
@@ -2757,7 +2824,7 @@ export class StatusFeed {
     const shown = all.filter((e) => !e.held).slice(-MAX_STATUS_EVENTS);
     if (!shown.length) return;
     let frame: Buffer | undefined;
-    for (const c of this.conns) if (c.watching) c.send((frame ??= Buffer.from(JSON.stringify(eventsFrame(shown)))));
+    for (const c of this.conns) if (c.watching) c.send((frame ??= Buffer.from(JSON.stringify(eventsFrame(shown, Date.now())))));
   }
 
   frame(): StatusFrame {
@@ -2778,7 +2845,7 @@ export class StatusFeed {
       hub,
       seq,
       at: now,
-      conns: conns.map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: c.kind, since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : lagOf(c.sentSeq), appliedSeq: c.appliedSeq, enforcement: c.enforcement, verdict: c.enforcement && enforcementVerdict(c.enforcement) })),
+      conns: conns.map((c) => ({ name: c.entry.name, role: c.entry.role, remote: c.remote, kind: c.kind, since: c.since, lastSeen: c.lastSeen, lag: c.sentSeq === undefined ? undefined : lagOf(c.sentSeq), appliedSeq: c.appliedSeq, enforcement: c.enforcement, verdict: c.enforcement && enforcementVerdict(c.enforcement), clockSkewMs: this.clocks.of(c.entry.name) })),
       bans,
       bansTotal: total,
       rt: rt.slice(-MAX_STATUS_RT),
@@ -2824,8 +2891,8 @@ export class Relay {
     for (const e of events) sent[e.kind] += receiving.length;
     // One frame for every agent: serialised once, not once per agent (1,000 agents).
     let frame: Buffer | undefined;
-    for (const c of receiving) c.send((frame ??= Buffer.from(JSON.stringify(eventsFrame(events)))));
     const now = Date.now();
+    for (const c of receiving) c.send((frame ??= Buffer.from(JSON.stringify(eventsFrame(events, now)))));
     this.metrics.relayed(events, sent, now);
     for (const e of events) this.recorder.row({ action: "RELAY", ip: e.ip, origin: e.origin, jail: e.jail, until: e.until, rtMs: now - e.detectedAt, detail: `${e.kind} seq ${e.seq} to ${receiving.length} agent(s)` });
   }
@@ -2845,6 +2912,7 @@ export class Publisher {
     private readonly metrics: Metrics,
     private readonly recorder: Recorder,
     private readonly log: (line: string) => void,
+    private readonly clocks: ClockWatch,
   ) {}
 
   /** Publishes `f` from `entry`: answers its ack once durable, or its refusal. */
@@ -2880,6 +2948,7 @@ export class Publisher {
     const unavailable = this.store.unavailable();
     if (unavailable) throw new Error(unavailable);
     const now = Date.now();
+    this.clocks.observe(entry.name, f.sentAt, now, f.type);
     const d = this.fleet.decide(entry.name, f, now);
     const all = f.type === "unban" && f.all === true;
     // A replay or an older event: nothing changes, but the sender still gets its ack.
@@ -3092,6 +3161,7 @@ export class Sessions {
     private readonly feed: StatusFeed,
     private readonly syncs: Syncs,
     private readonly log: (line: string) => void,
+    private readonly clocks: ClockWatch,
   ) {}
 
   /** An HTTP upgrade: authenticated before the WebSocket handshake, refused in plain HTTP. */
@@ -3185,7 +3255,9 @@ export class Sessions {
       return;
     }
     c.hello = true;
-    c.send({ type: "welcome", v: PROTOCOL_VERSION, hub: this.store.hubId, node: c.entry.name, role: c.entry.role, seq: this.store.position(), accepts: ["applied", "enforcement"] });
+    const now = Date.now();
+    this.clocks.observe(c.entry.name, f.sentAt, now, "hello");
+    c.send({ type: "welcome", v: PROTOCOL_VERSION, hub: this.store.hubId, node: c.entry.name, role: c.entry.role, seq: this.store.position(), accepts: ["applied", "enforcement"], now });
     if (f.want === "events") {
       void this.sync(c, f.cursor).catch((e: Error) => {
         this.log(`error: sync for ${c.who} failed, closing its connection for a retry: ${e.message}`);
@@ -3243,6 +3315,7 @@ export class HttpApi {
     private readonly publisher: Publisher,
     private readonly refusals: Refusals,
     private readonly metrics: Metrics,
+    private readonly clocks: ClockWatch,
     private readonly admission: Admission,
   ) {
     // POST /v1/events: one ban or unban per request, answered with its ack or error frame. This is
@@ -3384,7 +3457,7 @@ export class HttpApi {
       const message = `Only an admin can list the fleet's nodes; ${entry.name} is a ${entry.role}`;
       return this.refusals.refuse({ code: "forbidden", message, node: entry.name, remote, http: true }, (status, f) => json(res, status, f));
     }
-    const nodes = this.conns.receiving().map((c) => ({ node: c.entry.name, remote: c.remote, since: c.since, lastSeen: c.lastSeen, enforcement: c.enforcement ?? null, verdict: c.enforcement ? enforcementVerdict(c.enforcement) : null }));
+    const nodes = this.conns.receiving().map((c) => ({ node: c.entry.name, remote: c.remote, since: c.since, lastSeen: c.lastSeen, enforcement: c.enforcement ?? null, verdict: c.enforcement ? enforcementVerdict(c.enforcement) : null, clockSkewMs: this.clocks.of(c.entry.name) ?? null }));
     nodes.sort((a, b) => (a.node < b.node ? -1 : a.node > b.node ? 1 : a.since - b.since));
     const body: NodeList = { hub: this.store.hubId, now: Date.now(), nodes };
     json(res, 200, body);
@@ -3437,7 +3510,7 @@ export class HttpApi {
     }
     const h = this.store.health();
     const t = this.fleet.totals(Date.now());
-    const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: t.held, blocked: t.blocked, byOrigin: t.byOrigin, pending: this.admission.size, seq: h.count, store: h.metrics, enforcement: this.conns.enforcementByNode() };
+    const gauges: Gauges = { roles: this.conns.roles(), agents: this.conns.receiving().length, held: t.held, blocked: t.blocked, byOrigin: t.byOrigin, pending: this.admission.size, seq: h.count, store: h.metrics, enforcement: this.conns.enforcementByNode(), skews: this.clocks.all() };
     res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
     res.end(this.metrics.text(gauges));
   }
@@ -3521,16 +3594,17 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const admission = new Admission(opts.maxPending ?? defaultMaxPending(), opts.maxPendingPerAddress ?? DEFAULT_MAX_PENDING_PER_ADDRESS, refusals);
   const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, admission, refusals, log);
   const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate, maxClaimsPerNode: opts.maxClaimsPerNode ?? DEFAULT_MAX_CLAIMS_PER_NODE });
-  const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log);
+  const clocks = new ClockWatch(log);
+  const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log, clocks);
   const syncs = new Syncs(fleet, opts.syncChunk, log);
   const relay = new Relay(conns, metrics, recorder, feed, syncs);
   const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
   fleet.durable = store.position();
   fleet.totals(Date.now());
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
-  const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log);
-  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, syncs, log);
-  const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics, admission);
+  const publisher = new Publisher(fleet, store, new RateLimiter(opts.rate, opts.burst), protectedNets, refusals, metrics, recorder, log, clocks);
+  const sessions = new Sessions(opts, gate, conns, fleet, store, publisher, refusals, feed, syncs, log, clocks);
+  const http = new HttpApi(opts.maxPrefix, gate, conns, fleet, store, publisher, refusals, metrics, clocks, admission);
   const server = await listen(opts, http, sessions, refusals, admission).catch(async (e: Error) => {
     admission.close();
     await Promise.all([store.close(), recorder.close()]);
@@ -3879,7 +3953,7 @@ const STATUS_HTML = `<!doctype html>
   </section>
   <section class="wide">
     <h2>Nodes</h2>
-    <div class="scroll"><table id="nodes"><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>Address</th><th>Connected</th><th>Last seen</th><th>Lag</th><th>Response</th><th>Enforcement</th></tr></thead><tbody></tbody></table></div>
+    <div class="scroll"><table id="nodes"><thead><tr><th>Name</th><th>Role</th><th>Kind</th><th>Address</th><th>Connected</th><th>Last seen</th><th>Lag</th><th>Response</th><th>Enforcement</th><th>Clock</th></tr></thead><tbody></tbody></table></div>
   </section>
   <section>
     <h2>Response times</h2>
@@ -4097,6 +4171,11 @@ const STATUS_JS = String.raw`"use strict";
       var enf = el("td", c.verdict ? c.verdict.text : c.kind === "events" ? "no report" : "-", "enforcement " + (c.verdict ? (c.verdict.ok ? "unban" : "ban") : "muted"));
       if (c.enforcement) enf.title = c.enforcement.backend + ": " + (c.enforcement.entries === undefined ? "entries not counted" : c.enforcement.entries + " entries") + " / " + c.enforcement.claims + " claims, " + c.enforcement.repairs + " repairs";
       tr.appendChild(enf);
+      // The hub's clock minus the node's (one-way): beyond a second the node's clock is off, and the hub times its events by its own.
+      var sk = c.clockSkewMs;
+      var clk = el("td", sk === undefined ? "-" : Math.abs(sk) <= 1000 ? "in step" : dur(Math.abs(sk)) + (sk < 0 ? " ahead" : " behind"), "clock " + (sk !== undefined && Math.abs(sk) > 1000 ? "ban" : "muted"));
+      clk.title = sk === undefined ? "not measured (an older node)" : "hub minus node: " + sk + " ms";
+      tr.appendChild(clk);
       tbody.appendChild(tr);
     });
 

@@ -22,8 +22,18 @@ export const MAX_HUB_FRAME_BYTES = 64 * 1024 * 1024;
 /** Longest ban accepted, in seconds (10 years). Fail2Ban's permanent ban is `-1`. */
 export const MAX_BANTIME_S = 10 * 365 * 24 * 3600;
 
-/** How far into the future an origin's `detectedAt` may be before it is refused (clock skew). */
+/**
+ * How far into the future a time an agent reports (`applied`, `enforcement`) may be, in ms. The
+ * agent reports them on the hub's clock, so this only bounds a confused or hostile peer.
+ */
 export const MAX_CLOCK_SKEW_MS = 5 * 60 * 1000;
+
+/**
+ * Two clocks this close (ms) are taken to agree: a one-way measurement cannot tell a smaller
+ * skew from network delay. Beyond it the hub times a node's events by its own clock, and an
+ * agent times bans by the hub's.
+ */
+export const CLOCK_TOLERANCE_MS = 1000;
 
 /** How long a tombstone of a permanent ban is kept, in ms. */
 export const PERMANENT_TOMBSTONE_MS = 30 * 24 * 3600 * 1000;
@@ -58,6 +68,8 @@ export interface HelloFrame {
   /** `events`: an agent that applies the fleet's bans; `status`: a status page watching the hub (reader or admin). */
   want?: "events" | "status";
   cursor?: Cursor;
+  /** The node's clock when it sent this, ms: the hub measures the node's clock skew with it. */
+  sentAt?: number;
 }
 
 /** Node -> hub: one Fail2Ban ban. */
@@ -68,6 +80,8 @@ export interface BanFrame {
   jail: string;
   bantime: number;
   detectedAt: number;
+  /** The sender's clock when it sent this, ms (later than `detectedAt` by the time it waited in a spool). */
+  sentAt?: number;
 }
 
 /** Node -> hub: one Fail2Ban unban; `all` (admin only) lifts every node's older claim. */
@@ -78,6 +92,8 @@ export interface UnbanFrame {
   jail: string;
   detectedAt: number;
   all?: boolean;
+  /** As on a ban. */
+  sentAt?: number;
 }
 
 /** One event an agent applied to its kernel, and how long after its detection that happened. */
@@ -149,6 +165,8 @@ export type NodeFrame = HelloFrame | BanFrame | UnbanFrame | AppliedFrame | Enfo
 /**
  * One accepted event: a claim by `origin` on `ip`. For a ban, `until` is when it ends
  * (ms, null for permanent); for an unban (a tombstone), when the tombstone may be dropped.
+ * `until`, `detectedAt` and `relayedAt` are on the hub's clock (`detectedAt`: the origin's
+ * detection as the hub places it, `hubDetectedAt`), the fleet's one reference.
  */
 export interface FleetEvent {
   seq: string;
@@ -175,6 +193,8 @@ export interface WelcomeFrame {
   seq: string;
   /** Node frames beyond v1's that this hub takes (`applied`); absent on older hubs. */
   accepts?: string[];
+  /** The hub's clock when it sent this, ms; absent on older hubs (as on `sync` and `event`). */
+  now?: number;
 }
 
 export interface SyncFrame {
@@ -184,6 +204,8 @@ export interface SyncFrame {
   seq: string;
   /** More `sync` frames follow (a large state is streamed in chunks). */
   more?: boolean;
+  /** The hub's clock when it sent this, ms. */
+  now?: number;
   /**
    * Set by `parseHubFrame`, never sent: the events of the frame it left out because they are
    * malformed (`events` holds the others), with the reasons of the first `MAX_DROPPED_REASONS`.
@@ -196,6 +218,8 @@ export const MAX_DROPPED_REASONS = 10;
 
 export interface EventFrame extends FleetEvent {
   type: "event";
+  /** The hub's clock when it sent this, ms. */
+  now?: number;
 }
 
 export interface AckFrame {
@@ -234,6 +258,8 @@ export interface StatusConn {
   enforcement?: EnforcementReport;
   /** `enforcementVerdict` of that report: what the status page shows. */
   verdict?: { ok: boolean; text: string };
+  /** The hub's clock minus the node's, ms, as last measured; absent: not measured. */
+  clockSkewMs?: number;
 }
 
 /** An agent's `enforcement` report as the hub keeps and shows it: the frame's fields and when it came (ms). */
@@ -249,6 +275,8 @@ export interface NodeState {
   enforcement: EnforcementReport | null;
   /** `enforcementVerdict` of the report; null without one. */
   verdict: { ok: boolean; text: string } | null;
+  /** The hub's clock minus the node's, ms, as last measured (one-way: network delay is in it); null: not measured (an older agent). */
+  clockSkewMs: number | null;
 }
 
 /** The document `GET /v1/nodes` answers; `now` is the hub's clock. */
@@ -587,7 +615,8 @@ function isInt(v: unknown): v is number {
 }
 
 /**
- * Parses and validates one frame a node sent to the hub. `now` bounds `detectedAt`.
+ * Parses and validates one frame a node sent to the hub. `now` (the hub's clock) bounds the
+ * times an agent reports; a sender's `detectedAt` and `sentAt` are not bounded by it.
  * Unknown fields are ignored; missing or mistyped ones are refused.
  */
 export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits): Checked<NodeFrame> {
@@ -613,7 +642,10 @@ export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits)
         }
         cursor = { hub: c.hub, seq: c.seq };
       }
-      return { ok: true, value: { type: "hello", v: PROTOCOL_VERSION, node: o.node as string | undefined, want: o.want as "events" | "status" | undefined, cursor } };
+      if (!isSentAt(o.sentAt)) return bad(`Expected "sentAt" to be a time in ms or absent, got ${quote(o.sentAt)}`);
+      const hello: HelloFrame = { type: "hello", v: PROTOCOL_VERSION, node: o.node as string | undefined, want: o.want as "events" | "status" | undefined, cursor };
+      if (o.sentAt !== undefined) hello.sentAt = o.sentAt;
+      return { ok: true, value: hello };
     }
     case "ban":
     case "unban": {
@@ -621,16 +653,19 @@ export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits)
       const ip = checkBannable(o.ip, limits);
       if (!ip.ok) return { ...ip, id };
       if (!isName(o.jail)) return bad(`Expected "jail" to be a jail name, got ${quote(o.jail)}`, id);
+      // No bound against the hub's clock: the sender's clock may be off by hours, and the hub
+      // places the detection on its own clock (`hubDetectedAt`) instead of refusing the ban.
       if (!isInt(o.detectedAt) || o.detectedAt <= 0) return bad(`Expected "detectedAt" to be a time in ms, got ${quote(o.detectedAt)}`, id);
-      if (o.detectedAt > now + MAX_CLOCK_SKEW_MS) return bad(`Expected "detectedAt" not to be in the future, got ${o.detectedAt - now} ms ahead of the hub's clock`, id);
+      if (!isSentAt(o.sentAt)) return bad(`Expected "sentAt" to be a time in ms or absent, got ${quote(o.sentAt)}`, id);
+      const sentAt = o.sentAt === undefined ? {} : { sentAt: o.sentAt };
       if (o.type === "unban") {
         if (o.all !== undefined && typeof o.all !== "boolean") return bad(`Expected "all" to be a boolean, got ${quote(o.all)}`, id);
-        return { ok: true, value: { type: "unban", id, ip: ip.value.text, jail: o.jail, detectedAt: o.detectedAt, all: o.all === true || undefined } };
+        return { ok: true, value: { type: "unban", id, ip: ip.value.text, jail: o.jail, detectedAt: o.detectedAt, all: o.all === true || undefined, ...sentAt } };
       }
       if (!isInt(o.bantime) || (o.bantime !== -1 && (o.bantime < 1 || o.bantime > MAX_BANTIME_S))) {
         return bad(`Expected "bantime" to be -1 or 1-${MAX_BANTIME_S} seconds, got ${quote(o.bantime)}`, id);
       }
-      return { ok: true, value: { type: "ban", id, ip: ip.value.text, jail: o.jail, bantime: o.bantime, detectedAt: o.detectedAt } };
+      return { ok: true, value: { type: "ban", id, ip: ip.value.text, jail: o.jail, bantime: o.bantime, detectedAt: o.detectedAt, ...sentAt } };
     }
     case "applied":
       return checkApplied(o.events, now);
@@ -641,6 +676,11 @@ export function parseNodeFrame(data: string, now: number, limits?: PrefixLimits)
     default:
       return bad(`Expected "type" to be hello, ban, unban, applied or enforcement, got ${quote(o.type)}`, id);
   }
+}
+
+/** True for an absent `sentAt` or a time in ms. */
+function isSentAt(v: unknown): v is number | undefined {
+  return v === undefined || (isInt(v) && v > 0);
 }
 
 /** Validates the records of an `applied` frame; returns a frame holding only the known fields. */
@@ -745,6 +785,8 @@ export function parseHubFrame(data: string): Checked<HubFrame> {
     return bad("Expected a JSON frame from the hub, got text that is not JSON");
   }
   if (typeof f !== "object" || f === null) return bad("Expected a JSON object from the hub");
+  // The hub's clock is optional (older hubs send none): one that is not a time is left out, and the frame still counts.
+  if (f.now !== undefined && !(isInt(f.now) && f.now > 0)) delete f.now;
   switch (f.type) {
     case "welcome":
       if (typeof f.hub !== "string" || typeof f.node !== "string" || typeof f.seq !== "string") return bad("Malformed welcome frame");
@@ -764,6 +806,7 @@ export function parseHubFrame(data: string): Checked<HubFrame> {
         }
       }
       const frame: SyncFrame = { type: "sync", full: f.full, events, seq: f.seq, more: f.more === true || undefined };
+      if (f.now !== undefined) frame.now = f.now as number;
       if (dropped) frame.dropped = dropped;
       return { ok: true, value: frame };
     }
@@ -865,6 +908,37 @@ export function eventUntil(kind: Kind, detectedAt: number, bantime: number | und
   // No claim known yet (the ban may still be on its way from a spool): keep it a day.
   if (previousUntil === undefined) return detectedAt + UNKNOWN_TOMBSTONE_MS;
   return Math.max(previousUntil, detectedAt + 60_000);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clocks: the hub's is the fleet's reference for lifetimes and order; a sender's measures only
+
+/**
+ * How far the hub's clock is from a sender's (hub minus sender, ms) when a frame stamped
+ * `sentAt` on the sender's clock arrives at `now` on the hub's: one-way, so the network delay
+ * is in it. 0 without `sentAt` (an older sender: taken to agree).
+ */
+export function clockSkew(sentAt: number | undefined, now: number): number {
+  return sentAt === undefined ? 0 : now - sentAt;
+}
+
+/**
+ * The detection time of a node's event on the hub's clock (`now` is the hub's clock when the
+ * frame arrived): what its claim is ordered by and its `until` counts from. The sender's clock
+ * is trusted only to measure how long before sending it detected (`sentAt - detectedAt`, the
+ * time a spooled event waited), never as a time: beyond CLOCK_TOLERANCE_MS of skew the
+ * detection is placed that long before the hub received it, so a sender hours off neither
+ * loses its bans nor stretches them. Within the tolerance the sender's time is kept as it is
+ * (network delay and skew cannot be told apart, and the response times stay the origin's own
+ * measurement). Either way it is never later than `sentAt`, nor than `now`: no claim is in the
+ * hub's future, so an unban sent after it (from the origin's clock once fixed, or by an admin)
+ * always lifts it.
+ */
+export function hubDetectedAt(detectedAt: number, sentAt: number | undefined, now: number): number {
+  const sent = sentAt ?? now;
+  const first = Math.min(detectedAt, sent);
+  const skew = clockSkew(sent, now);
+  return Math.min(now, Math.abs(skew) > CLOCK_TOLERANCE_MS ? first + skew : first);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -104,7 +104,9 @@ describe("parseNodeFrame(): a node's frame is accepted only well-formed, and ref
       [{ ...ban, bantime: "600" }, "bad_frame", /bantime/],
       [{ ...ban, bantime: 1.5 }, "bad_frame", /bantime/],
       [{ ...ban, detectedAt: "now" }, "bad_frame", /detectedAt/],
-      [{ ...ban, detectedAt: NOW + 3_600_000 }, "bad_frame", /future/],
+      [{ ...ban, sentAt: "now" }, "bad_frame", /sentAt/],
+      [{ ...ban, sentAt: -1 }, "bad_frame", /sentAt/],
+      [{ type: "hello", v: 1, sentAt: 1.5 }, "bad_frame", /sentAt/],
       [{ type: "unban", id: "u", ip: "203.0.113.7", jail: "sshd", detectedAt: NOW, all: "yes" }, "bad_frame", /all/],
     ];
     for (const [frame, code, re] of cases) {
@@ -117,6 +119,11 @@ describe("parseNodeFrame(): a node's frame is accepted only well-formed, and ref
     }
     const withId = parseNodeFrame(JSON.stringify({ ...ban, ip: "x" }), NOW);
     assert.equal(!withId.ok && withId.id, "a1");
+  });
+
+  test("takes a sender's times whatever its clock says: an hour ahead is placed by the hub, not refused", () => {
+    const r = parseNodeFrame(JSON.stringify({ type: "ban", id: "a1", ip: "203.0.113.7", jail: "sshd", bantime: 600, detectedAt: NOW + 3_600_000, sentAt: NOW + 3_600_010 }), NOW);
+    assert.ok(r.ok && r.value.type === "ban" && r.value.sentAt === NOW + 3_600_010);
   });
 
   test("accepts want \"status\" (a status page) and refuses other wants", () => {

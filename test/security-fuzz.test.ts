@@ -133,7 +133,10 @@ function makeFuzzer(seed: number, ctx: FuzzContext) {
         return { v: chance(0.25) ? pick<unknown>(["600", "-1", "1e3", nonString()]) : pick([0, -2, -3600, 0.5, 599.5, MAX_BANTIME_S + 1, 2 ** 53, 1e21, -1e21, Number.MAX_VALUE, new Raw("1e999")]) };
       case "detectedAt":
         if (chance(0.15)) return { v: undefined, del: true };
-        return { v: chance(0.25) ? pick<unknown>([String(now), "1700000000000", nonString()]) : pick([0, -1, -now, now + 3_600_000, now + 1e9, now + 0.5, 1.5, 2 ** 53, 1e21, Number.MAX_VALUE, new Raw("1e999")]) };
+        return { v: chance(0.25) ? pick<unknown>([String(now), "1700000000000", nonString()]) : pick([0, -1, -now, now + 0.5, 1.5, 2 ** 53, 1e21, Number.MAX_VALUE, new Raw("1e999")]) };
+      case "sentAt":
+        // Optional: absent is valid, so it is never deleted; present, it must be a time in ms.
+        return { v: pick<unknown>([0, -1, 1.5, "1700000000000", null, true, [], {}, 2 ** 53, 1e21, new Raw("1e999")]) };
       case "all": {
         const v = pick<unknown>([null, 0, 1, "true", "false", "yes", [], {}, [true], true]);
         return { v, expect: v === true ? "forbidden" : "bad_frame" };
@@ -149,9 +152,9 @@ function makeFuzzer(seed: number, ctx: FuzzContext) {
   };
   /** Fields whose invalid value (or absence) makes a frame of that kind invalid. */
   const FIELDS: Record<string, string[]> = {
-    ban: ["type", "id", "ip", "jail", "bantime", "detectedAt"],
-    unban: ["type", "id", "ip", "jail", "detectedAt", "all"],
-    hello: ["type", "v", "node", "want", "cursor"],
+    ban: ["type", "id", "ip", "jail", "bantime", "detectedAt", "sentAt"],
+    unban: ["type", "id", "ip", "jail", "detectedAt", "all", "sentAt"],
+    hello: ["type", "v", "node", "want", "cursor", "sentAt"],
   };
   const mutateFields = (): { frame: Frame; expect?: string } => {
     const kind = pick(["ban", "ban", "unban", "hello"] as const);
@@ -694,7 +697,7 @@ describe("security: hostile frames, crafted WebSocket frames and bans of protect
     const before = await healthz();
     const spool = join(dir, "inject-spool");
     const results = await Promise.all(
-      INJECTIONS.map((ip, i) => runBan([i % 3 ? "ban" : "unban", ip, "--hub", hubUrl(), "--token-file", tokens.web, "--spool", spool])),
+      INJECTIONS.map((ip, i) => runBan([i % 3 ? "ban" : "unban", ip, "--hub", hubUrl(), "--token-file", tokens.web, "--spool", spool, "--insecure"])),
     );
     results.forEach((r, i) => {
       const what = JSON.stringify(INJECTIONS[i]).slice(0, 60);

@@ -72,7 +72,8 @@ export function readCsv(path: string): Row[] {
       } else cur += ch;
     }
     cells.push(cur);
-    return Object.fromEntries(cols.map((c, i) => [c, cells[i] ?? ""])) as Row;
+    // As a spreadsheet shows it: the `'` that keeps a cell such as `+escalation` from being a formula is not part of its text.
+    return Object.fromEntries(cols.map((c, i) => [c, (cells[i] ?? "").replace(/^'(?=[=+\-@\t\r])/, "")])) as Row;
   });
 }
 
