@@ -569,7 +569,7 @@ export function decideRules(rules: FleetRules, sender: string, e: FleetEvent, by
  * The counts /metrics, /v1/whoami and /healthz report, kept up to date as claims change and end
  * instead of walked per request: per address, the origins whose ban claim is live, relayed and
  * lifted by no newer admin unban; per origin, how many such claims it holds; the addresses they
- * block; the claims `--quorum` holds back. An address is recounted when its claims change and
+ * block; the claims `--quorum` holds back (until pruned). An address is recounted when its claims change and
  * when its next claim ends (a heap of end times), so a read costs the claims that ended since
  * the last read plus one entry per origin: O(nodes), not O(claims).
  */
@@ -604,9 +604,10 @@ export class ClaimCounts {
     let held = 0;
     let ends = Infinity;
     for (const c of byOrigin.values()) {
-      if (c.kind !== "ban" || isExpired(c, now) || (admin && !isNewer(c, admin))) continue;
+      // Held claims count as /metrics always counted them: every one the hub holds until pruned.
       if (c.held) held++;
-      else live.push(c.origin);
+      if (c.held || c.kind !== "ban" || isExpired(c, now) || (admin && !isNewer(c, admin))) continue;
+      live.push(c.origin);
       if (c.until !== null) ends = Math.min(ends, c.until);
     }
     if (!live.length && !held) return;
