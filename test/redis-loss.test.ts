@@ -9,6 +9,7 @@
  * agent all hold exactly the fleet state, and an acked unban stays lifted.
  */
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { copyFile, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -57,7 +58,7 @@ async function world(t: TestContext, prefix: string): Promise<World> {
     await rm(dir, { recursive: true, force: true });
   });
   topo = await createTopology(["hub", "a1", "a2", "a3", "s1"], { prefix });
-  const tokens = await enrol(dir, ["a1", "a2", "a3", "s1"].map((n) => [n, "node"] as [string, "node"]));
+  const tokens = await enrol(dir, [...["a1", "a2", "a3", "s1"].map((n) => [n, "node"] as [string, "node"]), ["ops", "reader"]]);
   const redis = await startRedis(t, [], { netns: topo.ns("hub") });
   const w: World = { topo, dir, redis, tokens, hubs: {} as World["hubs"] };
   for (const h of ["hub1", "hub2"] as const) w.hubs[h] = await startHub(w, h);
@@ -119,7 +120,9 @@ async function assertKernel(w: World, node: string, want: Set<string>, what: str
 
 /** GET `path` of a hub, from inside the hubs' namespace (the test itself runs outside it). */
 async function hubHttp(w: World, h: HubProc, path: string): Promise<string> {
-  const r = await w.topo.exec("hub", "curl", ["-sS", "--max-time", "10", h.url.replace(/^ws/, "http") + path]);
+  // A reader's token: /metrics and /healthz's details are for the fleet's readers, not strangers.
+  const auth = `Authorization: Bearer ${readFileSync(w.tokens.ops, "utf8").trim()}`;
+  const r = await w.topo.exec("hub", "curl", ["-sS", "--max-time", "10", "-H", auth, h.url.replace(/^ws/, "http") + path]);
   return String(r.stdout);
 }
 

@@ -33,7 +33,7 @@ async function measure(conns: number, bans: number): Promise<Result> {
   const dir = mkdtempSync(join(tmpdir(), "banshare-bench-herd-"));
   await enrolMany(dir, ["herd", "s1"]);
   await seedJournal(dir, bans, 54);
-  const hub = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", "127.0.0.1:0", "--state", join(dir, "journal.jsonl"), "--heartbeat", "600", "--rate", "1000", "--burst", "1000", "--max-conns-per-node", String(conns + 10)]);
+  const hub = await startHubProc(["--tokens", join(dir, "tokens"), "--listen", "127.0.0.1:0", "--state", join(dir, "journal.jsonl"), "--heartbeat", "600", "--rate", "1000", "--burst", "1000", "--max-conns-per-node", String(conns + 10), "--max-pending-per-address", String(conns + 10)]);
   const sender = await connectNode(hub.url, { file: join(dir, "s1.token") }, { hello: true, timeoutMs: 180_000 });
   const herd = tsx("test/fixtures/herd-clients.ts", [hub.url, join(dir, "herd.token"), String(conns), "0"], { name: "herd" });
   const r: Result = { conns, bans, ackMs: [], healthMs: [], ackedDuring: 0, herdMs: NaN, gb: NaN };
