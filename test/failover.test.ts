@@ -8,14 +8,12 @@
  * the test fails.
  */
 import assert from "node:assert/strict";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
 import { handshakeTimeoutMs, hungMemoryMs, nextHub } from "../agent.ts";
-import { enrol, freePort, readCsv, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
-import { stopAll, type Proc } from "./lib/proc.ts";
-import { startRedis, type TestRedis } from "./lib/redis.ts";
+import { freePort, readCsv, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import type { Proc } from "./lib/proc.ts";
+import { redisWorld, type RedisWorld } from "./lib/redis.ts";
 import { needs } from "./lib/skip.ts";
 
 const SLOW = 60_000;
@@ -48,24 +46,9 @@ describe("nextHub(): after a failure the next hub is tried first, and a hub that
   });
 });
 
-interface World {
-  dir: string;
-  redis: TestRedis;
-  tokens: Record<string, string>;
-}
+const world = (t: TestContext, nodes: string[]) => redisWorld(t, nodes, "banshare-failover-");
 
-async function world(t: TestContext, nodes: string[]): Promise<World> {
-  const dir = await mkdtemp(join(tmpdir(), "banshare-failover-"));
-  t.after(async () => {
-    await stopAll(5000);
-    await rm(dir, { recursive: true, force: true });
-  });
-  const redis = await startRedis(t);
-  const tokens = await enrol(dir, nodes.map((n) => [n, "node"] as [string, "node"]));
-  return { dir, redis, tokens };
-}
-
-function startHub(w: World, name: string, port = 0): Promise<HubProc> {
+function startHub(w: RedisWorld, name: string, port = 0): Promise<HubProc> {
   return startHubProc(["--tokens", join(w.dir, "tokens"), "--listen", `127.0.0.1:${port}`, "--store", w.redis.url, "--heartbeat", String(HEARTBEAT_S)], { name });
 }
 
@@ -75,7 +58,7 @@ function freeze(t: TestContext, hub: HubProc): void {
   hub.proc.signal("SIGSTOP");
 }
 
-function blockedBy(w: World, n: string): Set<string> {
+function blockedBy(w: RedisWorld, n: string): Set<string> {
   const set = new Set<string>();
   for (const r of readCsv(join(w.dir, `${n}.csv`))) {
     if (r.action === "BLOCK") set.add(r.ip);

@@ -9,7 +9,7 @@
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
@@ -18,7 +18,8 @@ import { readJournal } from "../hub.ts";
 import type { BanFrame, UnbanFrame } from "../messages.ts";
 import { enrol, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
 import { createTopology, type Topology } from "./lib/netns.ts";
-import { REPO_ROOT, spawnProc, stopAll, tsx, type Proc } from "./lib/proc.ts";
+import { REPO_ROOT, spawnProc, stopAll, type Proc } from "./lib/proc.ts";
+import { frameMaker, startWsSender } from "./lib/frames.ts";
 import { needs } from "./lib/skip.ts";
 
 const PORT = 7700;
@@ -33,15 +34,7 @@ function addr(block: number, n: number): string {
   return `10.200.${block + Math.floor(n / 250)}.${1 + (n % 250)}`;
 }
 
-let frameNo = 0;
-/** Ban frames for `ips`, detected one ms apart from `at` on (ids unique in the run). */
-function bans(ips: string[], at = Date.now()): BanFrame[] {
-  return ips.map((ip, i) => ({ type: "ban", id: `f${process.pid}-${++frameNo}`, ip, jail: "sshd", bantime: BANTIME, detectedAt: at + i }));
-}
-/** Unban frames for `ips`, detected after every ban made so far (newest wins per address and origin). */
-function unbans(ips: string[], at = Date.now() + 1000): UnbanFrame[] {
-  return ips.map((ip, i) => ({ type: "unban", id: `f${process.pid}-${++frameNo}`, ip, jail: "sshd", detectedAt: at + i }));
-}
+const { bans, unbans } = frameMaker("f", BANTIME);
 
 /** One test's world: a topology, a scratch folder, enrolled tokens; all removed after the test, also on failure. */
 interface World {
@@ -89,10 +82,8 @@ function startAgent(w: World, n: string, hubs: string, extra: string[] = []): Pr
  * Starts the raw WebSocket sender (test/fixtures/ws-sender.ts) in `node`'s namespace with `node`'s
  * token. It keeps up to `window` frames unacked; with `hold` it waits for SIGUSR1 after the welcome.
  */
-async function startSender(w: World, node: string, url: string, frames: Frame[], opts: { window?: number; hold?: boolean } = {}): Promise<Proc> {
-  const file = join(w.dir, `frames-${++frameNo}.json`);
-  await writeFile(file, JSON.stringify(frames));
-  return tsx("test/fixtures/ws-sender.ts", [url, w.tokens[node], file, String(opts.window ?? 16), ...(opts.hold ? ["hold"] : [])], { netns: w.topo.ns(node), name: `sender ${node}` });
+function startSender(w: World, node: string, url: string, frames: Frame[], opts: { window?: number; hold?: boolean } = {}): Promise<Proc> {
+  return startWsSender(w.dir, url, w.tokens[node], frames, { ...opts, netns: w.topo.ns(node), name: `sender ${node}` });
 }
 
 /** Sends `frames` from `node` and asserts the hub acked every one. */

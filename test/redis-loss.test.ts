@@ -10,15 +10,16 @@
  */
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { copyFile, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
+import { copyFile, mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
 import type { BanFrame, UnbanFrame } from "../messages.ts";
 import { enrol, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
 import { createTopology, type Topology } from "./lib/netns.ts";
-import { stopAll, tsx, type Proc } from "./lib/proc.ts";
+import { stopAll, type Proc } from "./lib/proc.ts";
 import { startRedis, type TestRedis } from "./lib/redis.ts";
+import { frameMaker, startWsSender } from "./lib/frames.ts";
 import { needs } from "./lib/skip.ts";
 
 const PORTS = { hub1: 7700, hub2: 7701 };
@@ -32,13 +33,7 @@ function addr(block: number, n: number): string {
   return `10.210.${block}.${1 + n}`;
 }
 
-let frameNo = 0;
-function bans(ips: string[], at = Date.now()): BanFrame[] {
-  return ips.map((ip, i) => ({ type: "ban", id: `l${process.pid}-${++frameNo}`, ip, jail: "sshd", bantime: BANTIME, detectedAt: at + i }));
-}
-function unbans(ips: string[], at = Date.now() + 1000): UnbanFrame[] {
-  return ips.map((ip, i) => ({ type: "unban", id: `l${process.pid}-${++frameNo}`, ip, jail: "sshd", detectedAt: at + i }));
-}
+const { bans, unbans } = frameMaker("l", BANTIME);
 
 interface World {
   topo: Topology;
@@ -81,9 +76,7 @@ function startAgent(w: World, n: string, first: "hub1" | "hub2", extra: string[]
 
 /** Sends `frames` from s1 to hub 1 and asserts every one was acked. */
 async function sendAll(w: World, frames: Frame[]): Promise<void> {
-  const file = join(w.dir, `frames-${++frameNo}.json`);
-  await writeFile(file, JSON.stringify(frames));
-  const p = tsx("test/fixtures/ws-sender.ts", [w.hubs.hub1.url, w.tokens.s1, file, "8"], { netns: w.topo.ns("s1"), name: "sender s1" });
+  const p = await startWsSender(w.dir, w.hubs.hub1.url, w.tokens.s1, frames, { window: 8, netns: w.topo.ns("s1"), name: "sender s1" });
   const info = await p.closed;
   assert.equal(info.code, 0, p.output().slice(-2000));
   assert.equal(p.lines().filter((l) => l.startsWith("ack ")).length, frames.length, p.output().slice(-2000));

@@ -9,71 +9,44 @@
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test, type TestContext } from "node:test";
 import { comparePositions, isPosition, parseStoreUrl } from "../hub.ts";
-import { enrol, freePort, readCsv, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
-import { spawnProc, stopAll, tsx, type Proc } from "./lib/proc.ts";
-import { startRedis, type TestRedis } from "./lib/redis.ts";
+import { freePort, readCsv, runBan, startAgentProc, startHubProc, waitFor, type HubProc } from "./lib/fleet.ts";
+import { spawnProc, type Proc } from "./lib/proc.ts";
+import type { BanFrame, UnbanFrame } from "../messages.ts";
+import { frameMaker, startWsSender } from "./lib/frames.ts";
+import { redisWorld, startRedis, type RedisWorld } from "./lib/redis.ts";
 import { needs } from "./lib/skip.ts";
 
 const SLOW = 60_000;
 const BANTIME = 3600;
 
-interface Frame {
-  type: "ban" | "unban";
-  id: string;
-  ip: string;
-  jail: string;
-  bantime?: number;
-  detectedAt: number;
-}
+type Frame = BanFrame | UnbanFrame;
 
-let frameNo = 0;
 /** The n-th test address of block `block` (TEST-NET-2 and -3 style ranges, never .0 or .255). */
 function addr(block: number, n: number): string {
   return `10.${block}.${Math.floor(n / 250)}.${1 + (n % 250)}`;
 }
-function bans(ips: string[], at = Date.now()): Frame[] {
-  return ips.map((ip, i) => ({ type: "ban", id: `r${process.pid}-${++frameNo}`, ip, jail: "sshd", bantime: BANTIME, detectedAt: at + i }));
-}
-function unbans(ips: string[], at = Date.now() + 1000): Frame[] {
-  return ips.map((ip, i) => ({ type: "unban", id: `r${process.pid}-${++frameNo}`, ip, jail: "sshd", detectedAt: at + i }));
-}
+const { bans, unbans } = frameMaker("r", BANTIME);
 
-interface World {
-  dir: string;
-  redis: TestRedis;
-  tokens: Record<string, string>;
-}
+const world = (t: TestContext, nodes: string[]) => redisWorld(t, nodes, "banshare-redis-test-");
 
-async function world(t: TestContext, nodes: string[]): Promise<World> {
-  const dir = await mkdtemp(join(tmpdir(), "banshare-redis-test-"));
-  t.after(async () => {
-    await stopAll(5000);
-    await rm(dir, { recursive: true, force: true });
-  });
-  const redis = await startRedis(t);
-  const tokens = await enrol(dir, nodes.map((n) => [n, "node"] as [string, "node"]));
-  return { dir, redis, tokens };
-}
-
-function startHub(w: World, name: string, extra: string[] = []): Promise<HubProc> {
+function startHub(w: RedisWorld, name: string, extra: string[] = []): Promise<HubProc> {
   return startHubProc(["--tokens", join(w.dir, "tokens"), "--listen", "127.0.0.1:0", "--store", w.redis.url, "--heartbeat", "2", ...extra], { name });
 }
 
-function csvOf(w: World, n: string): string {
+function csvOf(w: RedisWorld, n: string): string {
   return join(w.dir, `${n}.csv`);
 }
 
-function startAgent(w: World, n: string, hubs: string, extra: string[] = []): Promise<Proc> {
+function startAgent(w: RedisWorld, n: string, hubs: string, extra: string[] = []): Promise<Proc> {
   return startAgentProc(n, ["--hub", hubs, "--token-file", w.tokens[n], "--node", n, "--backend", "dry-run", "--csv", csvOf(w, n), "--heartbeat", "2", ...extra]);
 }
 
 /** What an agent holds blocked now: its BLOCK and UNBLOCK rows, replayed in order. */
-function blocked(w: World, n: string): Set<string> {
+function blocked(w: RedisWorld, n: string): Set<string> {
   const set = new Set<string>();
   for (const r of readCsv(csvOf(w, n))) {
     if (r.action === "BLOCK") set.add(r.ip);
@@ -89,7 +62,7 @@ function diff(have: Set<string>, want: Set<string>): string {
 }
 
 /** Waits until agent `n` holds exactly `want`. */
-async function waitForSet(w: World, n: string, want: Set<string>, timeoutMs = SLOW): Promise<void> {
+async function waitForSet(w: RedisWorld, n: string, want: Set<string>, timeoutMs = SLOW): Promise<void> {
   let last = "";
   try {
     await waitFor(() => {
@@ -102,10 +75,8 @@ async function waitForSet(w: World, n: string, want: Set<string>, timeoutMs = SL
   }
 }
 
-async function startSender(w: World, node: string, url: string, frames: Frame[], window = 16): Promise<Proc> {
-  const file = join(w.dir, `frames-${++frameNo}.json`);
-  await writeFile(file, JSON.stringify(frames));
-  return tsx("test/fixtures/ws-sender.ts", [url, w.tokens[node], file, String(window)], { name: `sender ${node}` });
+function startSender(w: RedisWorld, node: string, url: string, frames: Frame[], window = 16): Promise<Proc> {
+  return startWsSender(w.dir, url, w.tokens[node], frames, { window, name: `sender ${node}` });
 }
 
 /** Ids the sender printed an ack for, with the seq of each. */
@@ -118,7 +89,7 @@ function acks(p: Proc): Map<string, string> {
   return out;
 }
 
-async function sendAll(w: World, node: string, url: string, frames: Frame[]): Promise<void> {
+async function sendAll(w: RedisWorld, node: string, url: string, frames: Frame[]): Promise<void> {
   const p = await startSender(w, node, url, frames);
   const info = await p.closed;
   assert.equal(info.code, 0, p.output().slice(-2000));

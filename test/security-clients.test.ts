@@ -14,7 +14,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { csvRow, type FleetEvent } from "../messages.ts";
-import { enrol, freePort, readCsv, rows, runBan, startAgentProc, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
+import { enrol, freePort, readCsv, rows, runBan, startAgentProc, startFleet, startHubProc, waitFor, type Fleet } from "./lib/fleet.ts";
 import { createTopology, type Topology } from "./lib/netns.ts";
 import { onCleanup, REPO_ROOT, spawnProc, stopAll, tsx } from "./lib/proc.ts";
 import { needs } from "./lib/skip.ts";
@@ -58,7 +58,6 @@ describe("security: no token over plain ws:// off loopback without --insecure, a
   let topo: Topology;
   let dir: string;
   let tokens: Record<string, string>;
-  let plain: HubProc;
   let capture: string;
   const hubIp = () => topo.ip("hub");
   const strict = { BANSHARE_INSECURE: null };
@@ -69,7 +68,7 @@ describe("security: no token over plain ws:// off loopback without --insecure, a
     tokens = await enrol(dir, [["web", "node"], ["tls", "node"]]);
     const cert = tsx("hub.ts", ["gen-cert", "--dir", join(dir, "tls"), "--host", hubIp(), "--days", "2"], { name: "gen-cert" });
     assert.equal((await cert.closed).code, 0, cert.output());
-    plain = await startHubProc(["--tokens", join(dir, "tokens"), "--csv", join(dir, "hub.csv"), "--listen", `${hubIp()}:7700`], { netns: topo.ns("hub") });
+    await startHubProc(["--tokens", join(dir, "tokens"), "--csv", join(dir, "hub.csv"), "--listen", `${hubIp()}:7700`], { netns: topo.ns("hub") });
     await startHubProc(["--tokens", join(dir, "tokens"), "--listen", `${hubIp()}:7702`, "--tls-cert", join(dir, "tls", "hub.pem"), "--tls-key", join(dir, "tls", "hub.key")], { netns: topo.ns("hub"), name: "tls-hub" });
     // A TCP relay in front of the TLS hub that keeps every byte the client sends.
     capture = join(dir, "wire.bin");

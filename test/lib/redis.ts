@@ -9,8 +9,8 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { TestContext } from "node:test";
-import { freePort } from "./fleet.ts";
-import { spawnProc, type Proc } from "./proc.ts";
+import { enrol, freePort } from "./fleet.ts";
+import { spawnProc, stopAll, type Proc } from "./proc.ts";
 
 /** A running test Redis. */
 export interface TestRedis {
@@ -61,4 +61,23 @@ export async function startRedis(t: TestContext, extra: string[] = [], opts: { n
     await rm(dir, { recursive: true, force: true });
   });
   return r;
+}
+
+/** A test's scratch folder, a real Redis and enrolled node tokens; all removed after the test, also on failure. */
+export interface RedisWorld {
+  dir: string;
+  redis: TestRedis;
+  tokens: Record<string, string>;
+}
+
+/** Makes a {@link RedisWorld} for `nodes` (each a node token), its folder named with `prefix`. */
+export async function redisWorld(t: TestContext, nodes: string[], prefix: string): Promise<RedisWorld> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  t.after(async () => {
+    await stopAll(5000);
+    await rm(dir, { recursive: true, force: true });
+  });
+  const redis = await startRedis(t);
+  const tokens = await enrol(dir, nodes.map((n) => [n, "node"] as [string, "node"]));
+  return { dir, redis, tokens };
 }
