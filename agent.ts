@@ -40,8 +40,9 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { lookup } from "node:dns/promises";
 import { once } from "node:events";
 import { createServer, type Server } from "node:http";
+import { createServer as createLocalServer, type Server as LocalServer, type Socket } from "node:net";
 import { existsSync, readFileSync, realpathSync, statSync } from "node:fs";
-import { appendFile, lstat, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { appendFile, chmod, lstat, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -51,6 +52,7 @@ import yargs from "yargs";
 import {
   CLOCK_TOLERANCE_MS,
   CSV_HEADER,
+  HANDOFF_SOCKET,
   MAX_APPLIED_BATCH,
   MAX_ENFORCEMENT_HOOKS,
   MAX_ENFORCEMENT_TEXT,
@@ -58,6 +60,7 @@ import {
   MAX_CLOCK_SKEW_MS,
   DEFAULT_MAX_PREFIX,
   MAX_HUB_FRAME_BYTES,
+  MAX_NODE_FRAME_BYTES,
   PROTOCOL_VERSION,
   blockedUntil,
   checkBannable,
@@ -73,6 +76,7 @@ import {
   parseHubFrame,
   parseNodeFrame,
   pruneClaims,
+  tlsProblem,
   type AckFrame,
   type Address,
   type AppliedRecord,
@@ -83,6 +87,7 @@ import {
   type EnforcementFrame,
   type ErrorFrame,
   type FleetEvent,
+  type HandoffAnswer,
   type PrefixLimits,
   type SyncFrame,
   type UnbanFrame,
@@ -2393,6 +2398,11 @@ export class Spool {
     }
   }
 
+  /** The event `id`, in `path`, went on this connection by other means (the hand-off): not sent again from here, and its answer is the file's. */
+  track(id: string, path: string): void {
+    this.sent.set(id, path);
+  }
+
   /** The hub has the event `id` in its journal: its file goes. */
   acked(id: string): void {
     const path = this.sent.get(id);
@@ -2426,6 +2436,165 @@ export class Spool {
   private async reject(path: string): Promise<void> {
     await mkdir(join(this.dir, "rejected"), { recursive: true, mode: 0o700 });
     await rename(path, join(this.dir, "rejected", path.split("/").pop()!)).catch(() => {});
+  }
+}
+
+/** Writes the frame into the spool directory atomically: temp file, fsync, rename, fsync the folder. */
+export async function spool(dir: string, frame: BanFrame | UnbanFrame): Promise<string> {
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  // The agent forwards only from a directory no one else can write to: an event spooled anywhere
+  // else would never be delivered, so it is an error here, not a warning later.
+  const unsafe = spoolDirProblem(dir, await lstat(dir), process.getuid?.());
+  if (unsafe) throw new Error(unsafe);
+  const name = `${frame.detectedAt}-${frame.id}.json`;
+  const tmp = join(dir, `.${name}.tmp`);
+  // "wx": never through a file or link someone else put there.
+  const fh = await open(tmp, "wx", 0o600);
+  try {
+    await fh.writeFile(JSON.stringify(frame) + "\n");
+    await fh.sync();
+  } catch (e) {
+    // A full disk: no half-written temp file stays behind.
+    await fh.close().catch(() => {});
+    await unlink(tmp).catch(() => {});
+    throw e;
+  }
+  await fh.close();
+  await rename(tmp, join(dir, name));
+  const d = await open(dir, "r");
+  await d.sync().finally(() => d.close());
+  return join(dir, name);
+}
+
+/** How the hub answered one event the agent published for ban.ts: `lost` when the connection went first. */
+export type PublishResult = { status: "acked"; seq: string } | { status: "refused"; code: ErrorFrame["code"]; message: string } | { status: "lost" };
+
+/** What the hand-off needs of the hub link. */
+export interface Publisher {
+  /** Sends the event on the live connection and resolves with the hub's answer; undefined when no connection is up. */
+  publish(frame: BanFrame | UnbanFrame, file: string): Promise<PublishResult> | undefined;
+  /** Why the link cannot deliver for now and needs a hand (TLS, token), or undefined. */
+  readonly problem: string | undefined;
+}
+
+/** Connections the hand-off socket serves at once. */
+const HANDOFF_MAX_CONNS = 64;
+/** A ban.ts that has not sent its line within this long is dropped. */
+const HANDOFF_READ_MS = 2000;
+
+/**
+ * The agent's side of ban.ts's hand-off (`<spool>/agent.sock`): takes one ban or unban per
+ * connection, sends it to the hub over the link's live connection and writes it to the spool at
+ * the same time, and answers once either holds it: the hub's ack, or the spool file fsynced. So
+ * Fail2Ban's action waits milliseconds, never on the network, and the event is never only in
+ * memory. The file goes once the hub acked; a file left (hub away) is what the spool forwards.
+ * The socket is 0600 in the spool directory the agent already requires to be its own and not
+ * writable by others (`spoolDirProblem`), so only this user (root) hands events in.
+ */
+export class Handoff {
+  private server: LocalServer | undefined;
+  readonly path: string;
+
+  constructor(
+    readonly dir: string,
+    private readonly link: Publisher,
+    private readonly log: (line: string) => void,
+    private readonly now: () => number = Date.now,
+  ) {
+    this.path = join(dir, HANDOFF_SOCKET);
+  }
+
+  /** Listens on the socket; a failure is one log line, and ban.ts falls back to the hub and the spool. */
+  async start(): Promise<void> {
+    try {
+      await mkdir(this.dir, { recursive: true, mode: 0o700 });
+      const unsafe = spoolDirProblem(this.dir, await lstat(this.dir), process.getuid?.());
+      if (unsafe) throw new Error(unsafe);
+      const old = await lstat(this.path).catch(() => undefined);
+      // A socket left by an agent that ended without closing it; anything else is not ours to remove.
+      if (old && !old.isSocket()) throw new Error(`${this.path} exists and is not a socket`);
+      if (old) await unlink(this.path);
+      const server = createLocalServer((conn) => this.serve(conn));
+      server.maxConnections = HANDOFF_MAX_CONNS;
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(this.path, () => resolve());
+      });
+      server.on("error", (e) => this.log(`warning: hand-off socket ${this.path}: ${e.message}`));
+      await chmod(this.path, 0o600);
+      this.server = server;
+      this.log(`taking events from ban.ts on ${this.path}`);
+    } catch (e) {
+      this.log(`warning: not taking events from ban.ts on ${this.path} (${(e as Error).message}); ban.ts sends to the hub itself, then spools`);
+    }
+  }
+
+  async close(): Promise<void> {
+    const server = this.server;
+    if (!server) return;
+    this.server = undefined;
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    await unlink(this.path).catch(() => {});
+  }
+
+  private serve(conn: Socket): void {
+    let text = "";
+    let taken = false;
+    conn.setEncoding("utf8");
+    conn.setTimeout(HANDOFF_READ_MS, () => conn.destroy());
+    conn.on("error", () => {});
+    const answer = (a: HandoffAnswer) => {
+      if (!conn.destroyed) conn.end(JSON.stringify(a) + "\n");
+    };
+    conn.on("data", (d: string) => {
+      if (taken) return;
+      text += d;
+      const nl = text.indexOf("\n");
+      if (nl < 0 && text.length <= MAX_NODE_FRAME_BYTES) return;
+      taken = true;
+      conn.setTimeout(0);
+      const parsed = parseNodeFrame(nl < 0 ? text : text.slice(0, nl), this.now());
+      if (!parsed.ok) return answer({ type: "error", code: parsed.code, message: parsed.message, ...(parsed.id ? { id: parsed.id } : {}) });
+      const f = parsed.value;
+      if ((f.type !== "ban" && f.type !== "unban") || (f.type === "unban" && f.all)) return answer({ type: "error", code: "bad_frame", message: `Expected a ban or an unban of this node, got ${f.type === "unban" ? "an unban for every node" : `a ${f.type} frame`}` });
+      void this.take(f).then(answer);
+    });
+  }
+
+  /** Publishes and spools `frame` at once; resolves with the answer for ban.ts as soon as one holds it. */
+  async take(frame: BanFrame | UnbanFrame): Promise<HandoffAnswer> {
+    const file = join(this.dir, `${frame.detectedAt}-${frame.id}.json`);
+    const sent = this.link.publish(frame, file);
+    const written = spool(this.dir, frame).then(
+      () => ({ status: "written" as const }),
+      (e: Error) => ({ status: "unwritten" as const, message: e.message }),
+    );
+    const hub = sent ?? new Promise<PublishResult>(() => {});
+    // The file goes once the hub has the event, or refused it for good; until then it is what the spool forwards.
+    let refusedForGood = false;
+    void Promise.all([sent ?? { status: "lost" as const }, written]).then(([h, w]) => {
+      if (w.status === "written" && (h.status === "acked" || refusedForGood)) void unlink(file).catch(() => {});
+    });
+    const first = await Promise.race([hub, written]);
+    if (first.status === "acked") return { type: "queued", id: frame.id, via: "hub", seq: first.seq };
+    if (first.status === "refused" && first.code !== "rate_limited" && first.code !== "internal") {
+      // ban.ts says so in Fail2Ban's log; nothing is left to deliver.
+      refusedForGood = true;
+      return { type: "error", id: frame.id, code: first.code, message: first.message };
+    }
+    if (first.status === "written") return this.queued(frame.id);
+    // Not on disk (a full or read-only disk): only the hub's ack can still hold it.
+    const w = await written;
+    if (w.status === "written") return this.queued(frame.id);
+    const h = sent ? await sent : ({ status: "lost" } as const);
+    if (h.status === "acked") return { type: "queued", id: frame.id, via: "hub", seq: h.seq };
+    this.log(`error: could not keep the ${frame.type} of ${frame.ip} from ban.ts: ${w.status === "unwritten" ? w.message : "?"}`);
+    return { type: "error", id: frame.id, code: "unavailable", message: `the agent could not spool it (${w.status === "unwritten" ? w.message : "?"}) and the hub has not acked it` };
+  }
+
+  private queued(id: string): HandoffAnswer {
+    const problem = this.link.problem;
+    return { type: "queued", id, via: "spool", ...(problem ? { problem } : {}) };
   }
 }
 
@@ -2579,6 +2748,8 @@ export class Session {
   private appliedTimer: NodeJS.Timeout | undefined;
   private pingTimer: NodeJS.Timeout | undefined;
   private spool: Spool | undefined;
+  /** Events handed in by ban.ts and sent on this connection, waiting for the hub's answer. */
+  private readonly waiting = new Map<string, (r: PublishResult) => void>();
   /** When the hello went, on the monotonic clock: the welcome's `now` is placed at the middle of the round trip. */
   private helloAt = 0;
 
@@ -2650,8 +2821,21 @@ export class Session {
     }
   }
 
+  /**
+   * Sends an event handed in by ban.ts, once welcomed; resolves with the hub's answer, or `lost`
+   * when the connection ends first. Its spool `file` is tracked so the spool does not send it again.
+   */
+  publish(frame: BanFrame | UnbanFrame, file: string): Promise<PublishResult> | undefined {
+    if (!this.hubId || this.sock.readyState !== WebSocket.OPEN || this.waiting.has(frame.id)) return undefined;
+    this.spool?.track(frame.id, file);
+    this.send({ ...frame, sentAt: Date.now() });
+    return new Promise((resolve) => this.waiting.set(frame.id, resolve));
+  }
+
   /** Stops the session's timers; what it had not sent is dropped. */
   close(): void {
+    for (const resolve of this.waiting.values()) resolve({ status: "lost" });
+    this.waiting.clear();
     clearInterval(this.pingTimer);
     clearInterval(this.reportTimer);
     clearTimeout(this.appliedTimer);
@@ -2765,12 +2949,22 @@ export class Session {
   }
 
   private onAck(f: AckFrame): void {
+    this.answered(f.id, { status: "acked", seq: f.seq });
     this.spool?.acked(f.id);
   }
 
   private onError(f: ErrorFrame): void {
     this.host.opts.log(`hub refused${f.id ? ` ${f.id}` : ""}: ${f.code}: ${f.message}`);
-    if (f.id) this.spool?.refused(f.id, f.code);
+    if (!f.id) return;
+    this.answered(f.id, { status: "refused", code: f.code, message: f.message });
+    this.spool?.refused(f.id, f.code);
+  }
+
+  private answered(id: string, r: PublishResult): void {
+    const resolve = this.waiting.get(id);
+    if (!resolve) return;
+    this.waiting.delete(id);
+    resolve(r);
   }
 
   private flushApplied(): void {
@@ -2788,9 +2982,12 @@ export class Session {
  * connection ends, passing over a hub that hung recently; reconnects with `nextDelay` backoff,
  * and makes a `Session` for each connection. The cursor outlives the sessions.
  */
-export class HubLink implements SessionHost {
+export class HubLink implements SessionHost, Publisher {
   /** Where the agent is in the hub's stream: set from the state file, moved on by each session. */
   cursor: Cursor | undefined;
+  /** Why the last connection failed in a way retrying does not fix (TLS, token); cleared by a welcome. */
+  problem: string | undefined;
+  private welcomedSession: Session | undefined;
   private session: Session | undefined;
   private sock: WebSocket | undefined;
   private attempt = 0;
@@ -2806,6 +3003,12 @@ export class HubLink implements SessionHost {
 
   welcomed(): void {
     this.attempt = this.strikes;
+    this.problem = undefined;
+    this.welcomedSession = this.session;
+  }
+
+  publish(frame: BanFrame | UnbanFrame, file: string): Promise<PublishResult> | undefined {
+    return this.welcomedSession === this.session ? this.session?.publish(frame, file) : undefined;
   }
 
   synced(): void {
@@ -2832,7 +3035,9 @@ export class HubLink implements SessionHost {
     this.sock = sock;
     this.session = session;
     sock.on("unexpected-response", (_req, res) => {
-      opts.log(`error: ${url} refused the connection: HTTP ${res.statusCode}${res.statusMessage ? ` ${res.statusMessage}` : ""}${res.statusCode === 401 ? " (token not accepted: check --token-file and the hub's token list)" : ""}`);
+      const line = `${url} refused the connection: HTTP ${res.statusCode}${res.statusMessage ? ` ${res.statusMessage}` : ""}${res.statusCode === 401 || res.statusCode === 403 ? " (token not accepted: check --token-file and the hub's token list)" : ""}`;
+      if (res.statusCode === 401 || res.statusCode === 403) this.problem = line;
+      opts.log(`error: ${line}`);
       sock.terminate();
     });
     sock.on("open", () => session.open());
@@ -2840,7 +3045,10 @@ export class HubLink implements SessionHost {
     sock.on("message", (data: Buffer) => session.receive(data));
     sock.on("error", (e) => {
       if (/handshake has timed out/.test(e.message)) session.hung = true;
-      opts.log(`${url}: ${e.message}`);
+      // A certificate this agent cannot verify is its set-up, not the network: say what to fix.
+      const tls = tlsProblem(e as NodeJS.ErrnoException, url);
+      if (tls) this.problem = tls;
+      opts.log(tls ? `error: ${tls}` : `${url}: ${e.message}`);
     });
     sock.on("close", (code, reason) => this.closed(session, code, reason));
   }
@@ -2857,6 +3065,7 @@ export class HubLink implements SessionHost {
     session.close();
     if (session.overflowed) this.attempt = ++this.strikes;
     if (this.session === session) this.session = undefined;
+    if (this.welcomedSession === session) this.welcomedSession = undefined;
     this.opts.applier.forgetLive();
     if (this.closing) return;
     this.opts.disconnected?.();
@@ -3007,6 +3216,9 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const enforcementSnapshot = (): EnforcementState => guard.snapshot();
   const resolver = hubAddresses.watch((a) => allow.add(a) && applier.allowed(a));
   const link: HubLink = new HubLink({ ...opts, token, applier, state, csv, enforcement: enforcementSnapshot, disconnected: resolver.poke, clock });
+  // ban.ts hands its events in here from now on, hub or no hub: they wait in the spool.
+  const handoff = opts.spoolDir ? new Handoff(opts.spoolDir, link, log) : undefined;
+  await handoff?.start();
   const saved = await state.load();
   if (saved) {
     link.cursor = saved.cursor;
@@ -3027,6 +3239,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
     enforcement: enforcementSnapshot,
     close() {
       closed ??= (async () => {
+        await handoff?.close();
         link.close();
         hubAddresses.stop();
         metrics?.close();
@@ -3116,7 +3329,7 @@ export function parseArgs(argv: string[]): ParsedArgs {
       .option("allow", { type: "string", array: true, default: [] as string[], describe: "Address or CIDR never to block (repeatable); this host's and the hub's addresses are always allowed" })
       .option("ports", { type: "string", default: "", describe: "Block only these TCP ports, e.g. 22,2222 (default: all traffic from a banned address)" })
       .option("csv", { type: "string", describe: "Structured log: one CSV row per BLOCK, SCHEDULE_UNBLOCK, UNBLOCK, REJECT, REPAIR" })
-      .option("spool", { type: "string", describe: "Spool directory of ban.ts: events it could not deliver are forwarded from here" })
+      .option("spool", { type: "string", describe: "Spool directory of ban.ts: events it could not deliver are forwarded from here, and ban.ts hands its events in on the socket agent.sock there" })
       .option("state", { type: "string", describe: "State file (cursor and claims): at start its bans go back into the kernel before any hub answers (a reboot leaves no gap), then the agent resumes where it stopped instead of a full sync" })
       .option("ca", { type: "string", describe: "PEM CA certificate to verify a wss:// hub with (self-signed fleets)" })
       .option("heartbeat", { type: "number", default: 15, describe: "Seconds between pings to the hub; no answer within one interval means reconnect" })

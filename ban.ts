@@ -11,9 +11,15 @@
  *   node --import tsx ban.ts unban 203.0.113.7 --all-nodes  # lift every node's claim (admin token)
  *   node --import tsx ban.ts import banned.txt              # publish bans Fail2Ban already holds
  *
- * Exit 0 once the hub acked the event (it is in the hub's journal), or when the hub could not
- * be reached within --timeout and the event was spooled for the agent to forward. Exit 2 on
- * invalid input, 1 when the hub refused the event or it could neither be sent nor spooled.
+ * A ban or unban goes first to this server's agent, on the socket it keeps in the spool
+ * directory (`agent.sock`): the agent holds a live connection to the hub and the spool, so the
+ * action ends in milliseconds whatever the network does. With no agent answering, it goes as one
+ * POST to the hubs in order (a hub whose TCP connection is not up within --connect-timeout is
+ * passed over), and into the spool when none acks within --timeout.
+ * Exit 0 once the event is durable somewhere that delivers it: acked by the hub (in its journal),
+ * fsynced by the agent, or spooled for the agent. Exit 2 on invalid input; 1 when the hub refused
+ * the event, when something set up wrong must be fixed (token file, CA, the hub's certificate;
+ * the event is still spooled then), or when it could neither be sent nor spooled.
  * Start-up time is the floor of the fleet's reaction time, so this file imports only node
  * built-ins and messages.ts: no yargs (node:util parseArgs costs nothing to load) and no ws
  * (the event goes as one HTTP POST to the hub's /v1/events). What only the operator's commands
@@ -25,20 +31,30 @@
 import { createHash, randomBytes } from "node:crypto";
 import { realpathSync } from "node:fs";
 import { lstat, mkdir, open, readFile, rename, unlink } from "node:fs/promises";
+import { createConnection } from "node:net";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs as parseCli } from "node:util";
 import type { Agent, IncomingMessage } from "node:http";
-import { MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_NODE_FRAME_BYTES, checkBannable, contains, isLoopbackHost, isName, parseAddress, parseHubFrame, printable, spoolDirProblem, type BanFrame, type BanList, type ListedBan, type NodeList, type NodeState, type UnbanFrame } from "./messages.ts";
+import { HANDOFF_SOCKET, MAX_BANTIME_S, MAX_CLOCK_SKEW_MS, MAX_HANDOFF_ANSWER_BYTES, MAX_NODE_FRAME_BYTES, checkBannable, contains, isLoopbackHost, isName, parseAddress, parseHandoffAnswer, parseHubFrame, printable, spoolDirProblem, tlsProblem, type BanFrame, type BanList, type ListedBan, type NodeList, type NodeState, type UnbanFrame } from "./messages.ts";
 
-/** Default spool directory: the agent's --spool must name the same one to deliver what waits there. */
+/** Default spool directory: the agent's --spool must name the same one to deliver what waits there, and to take events on its hand-off socket there. */
 export const DEFAULT_SPOOL = "/var/lib/banshare/spool";
+
+/** --timeout: how long a hub may take to ack once connected (seconds). */
+const DEFAULT_TIMEOUT_S = 2;
+/** --connect-timeout: how long a hub's TCP connection may take (seconds); a hub one continent away connects in a fraction of it. */
+const DEFAULT_CONNECT_TIMEOUT_S = 0.3;
+/** How long the local agent may take to answer a hand-off (it answers once the event is fsynced or acked). */
+const HANDOFF_ANSWER_MS = 1000;
 
 /** Where the hub is and how to reach it: what every command needs. */
 export interface HubAccess {
   hubs: string[];
   tokenFile: string;
   timeoutMs: number;
+  /** Give up on a hub whose TCP connection is not up after this long: a blackholed hub costs no more. */
+  connectTimeoutMs: number;
   ca?: string;
 }
 
@@ -120,15 +136,21 @@ Options (each also from the environment, e.g. BANSHARE_HUB, or a JSON --config f
   --concurrency N      import: requests in flight at once (default: 8)
   --hub URL[,URL]      hub URL(s), ws:// or wss://, tried in order
   --token-file FILE    file holding this node's token
-  --timeout SECONDS    give up on the hub after this long (ban, unban: and spool; default: 5)
-  --spool DIR          where undeliverable events wait for the agent (default: ${DEFAULT_SPOOL})
+  --timeout SECONDS    give up on a connected hub that has not answered after this long
+                       (ban, unban: then spool; default: ${DEFAULT_TIMEOUT_S})
+  --connect-timeout SECONDS
+                       give up on a hub whose TCP connection is not up after this long: a
+                       blackholed hub costs no more (default: ${DEFAULT_CONNECT_TIMEOUT_S})
+  --spool DIR          the agent's --spool: ban and unban are handed to the agent on its
+                       socket there, or wait there as files for it (default: ${DEFAULT_SPOOL})
   --ca FILE            PEM CA certificate for a wss:// hub with a private CA
   --insecure           allow a plain ws:// hub off this host (the token crosses the network in clear)
   --config FILE        JSON file with any of the options above
   --help               show this text
 
-Exit status: 0 acked or spooled (ban, unban), listed, hub reachable (status), every node
-enforcing (status --fleet), all imported; 1 refused by the hub or not sent, hub unreachable,
+Exit status: 0 acked, taken by the agent or spooled (ban, unban), listed, hub reachable (status), every node
+enforcing (status --fleet), all imported; 1 refused by the hub or not sent, a set-up error
+to fix (token file, --ca, the hub's certificate; ban, unban: the event is still kept), hub unreachable,
 a node that drifts, misses a hook or has not reported (status --fleet), no agent connected, or
 a bad import line; 2 invalid input.`;
 
@@ -139,6 +161,7 @@ const OPTIONS = {
   hub: { type: "string" },
   "token-file": { type: "string" },
   timeout: { type: "string" },
+  "connect-timeout": { type: "string" },
   spool: { type: "string" },
   ca: { type: "string" },
   config: { type: "string" },
@@ -228,7 +251,8 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
     const owner = COMMANDS.find((c) => COMMAND_FLAGS[c].includes(flag));
     if (owner && !COMMAND_FLAGS[cmd].includes(flag)) throw new UsageError(`Expected no --${flag} with ${cmd}: it is an option of ${COMMANDS.filter((c) => COMMAND_FLAGS[c].includes(flag)).join(" and ")}`);
   }
-  const timeout = num("timeout", get("timeout"), (n) => n > 0 && n <= 300, "0-300 seconds") ?? 5;
+  const timeout = num("timeout", get("timeout"), (n) => n > 0 && n <= 300, "0-300 seconds") ?? DEFAULT_TIMEOUT_S;
+  const connectTimeout = num("connect-timeout", get("connect-timeout"), (n) => n > 0 && n <= 300, "0-300 seconds") ?? DEFAULT_CONNECT_TIMEOUT_S;
   const hub = get("hub");
   if (!hub) throw new UsageError(`Expected --hub URL (or ${envName("hub")}, or "hub" in --config), got none`);
   const hubs = hub.split(",").map((s) => s.trim()).filter(Boolean);
@@ -240,7 +264,7 @@ export function parseArgs(argv: string[], env: Record<string, string | undefined
   }
   const tokenFile = get("token-file");
   if (!tokenFile) throw new UsageError(`Expected --token-file FILE (or ${envName("token-file")}, or "tokenFile" in --config), got none`);
-  const access: HubAccess = { hubs, tokenFile, timeoutMs: timeout * 1000, ca: get("ca") };
+  const access: HubAccess = { hubs, tokenFile, timeoutMs: timeout * 1000, connectTimeoutMs: Math.min(connectTimeout, timeout) * 1000, ca: get("ca") };
   const jail = () => {
     const j = get("jail") ?? "sshd";
     if (!isName(j)) throw new UsageError(`Expected --jail to be a jail name of A-Z a-z 0-9 _ . : -, got ${JSON.stringify(j)}`);
@@ -294,8 +318,12 @@ export function toFrame(o: SendOptions, id: string): BanFrame | UnbanFrame {
     : { type: "unban", id, ip: o.ip, jail: o.jail, detectedAt: o.detectedAt, ...(o.all ? { all: true } : {}) };
 }
 
-/** How a send ended. `unreachable` is worth spooling; `refused` is not. */
-export type SendResult = { status: "acked"; seq: string; remaining?: number } | { status: "refused"; reason: string; code?: string } | { status: "unreachable"; reason: string; code?: string };
+/**
+ * How a send ended. `unreachable` is worth spooling; `refused` is not; `untrusted` (a TLS
+ * failure: this side cannot verify the hub, or the port speaks no TLS) is an error to fix by
+ * hand, though the event is still spooled for an agent that may be set up right.
+ */
+export type SendResult = { status: "acked"; seq: string; remaining?: number } | { status: "refused"; reason: string; code?: string } | { status: "unreachable"; reason: string; code?: string } | { status: "untrusted"; reason: string };
 
 /**
  * Sends one frame to one hub as `POST /v1/events` and waits for its ack. Never throws.
@@ -303,7 +331,7 @@ export type SendResult = { status: "acked"; seq: string; remaining?: number } | 
  * welcome) and no WebSocket library to load, which is most of what a sender costs to start.
  * With a keep-alive `agent` (import), a socket whose answer was read goes back to it.
  */
-export async function sendOnce(url: string, token: string, frame: BanFrame | UnbanFrame, timeoutMs: number, ca?: string, agent?: Agent): Promise<SendResult> {
+export async function sendOnce(url: string, token: string, frame: BanFrame | UnbanFrame, timeoutMs: number, ca?: string, agent?: Agent, connectTimeoutMs = timeoutMs): Promise<SendResult> {
   const u = new URL(url);
   const secure = u.protocol === "wss:";
   // https (and with it tls) is loaded only for a wss:// hub.
@@ -313,10 +341,12 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
   const body = JSON.stringify({ ...frame, sentAt: Date.now() });
   return new Promise((resolve) => {
     let done = false;
+    let connectTimer: NodeJS.Timeout | undefined;
     const finish = (r: SendResult, answered = false) => {
       if (done) return;
       done = true;
       clearTimeout(timer);
+      clearTimeout(connectTimer);
       resolve(r);
       if (!answered || !agent) req.destroy();
     };
@@ -356,7 +386,17 @@ export async function sendOnce(url: string, token: string, frame: BanFrame | Unb
         });
       },
     );
-    req.on("error", (e) => finish({ status: "unreachable", reason: `${url}: ${e.message}` }));
+    // A hub that swallows packets (machine gone, route dropped) never answers the SYN: give up
+    // on it at --connect-timeout instead of waiting out --timeout, so Fail2Ban is not held up.
+    req.on("socket", (sock) => {
+      if (!sock.connecting) return;
+      connectTimer = setTimeout(() => finish({ status: "unreachable", reason: `no connection to ${url} within ${connectTimeoutMs} ms (--connect-timeout)` }), connectTimeoutMs);
+      sock.once("connect", () => clearTimeout(connectTimer));
+    });
+    req.on("error", (e) => {
+      const tls = tlsProblem(e as NodeJS.ErrnoException, url);
+      finish(tls ? { status: "untrusted", reason: tls } : { status: "unreachable", reason: `${url}: ${e.message}` });
+    });
     req.end(body);
   });
 }
@@ -386,6 +426,58 @@ export async function spool(dir: string, frame: BanFrame | UnbanFrame): Promise<
   const d = await open(dir, "r");
   await d.sync().finally(() => d.close());
   return join(dir, name);
+}
+
+/** How a hand-off to the local agent ended: `absent` (no agent answered) falls back to the hub, then the spool. */
+export type HandoffResult = { status: "queued"; via: "hub" | "spool"; problem?: string } | { status: "refused"; reason: string } | { status: "absent"; reason: string };
+
+/**
+ * Hands one event to the local agent on `<spool>/agent.sock` and waits for its answer: the agent
+ * answers once the event is durable (acked by the hub over the connection it holds, or fsynced in
+ * the spool it delivers), so Fail2Ban's action ends in milliseconds whatever the network does.
+ * Only a socket of this user (or root's) in a spool directory `spoolDirProblem` accepts is used:
+ * anyone else's could swallow the bans. Never throws.
+ */
+export async function handOff(spoolDir: string, frame: BanFrame | UnbanFrame, answerMs = HANDOFF_ANSWER_MS): Promise<HandoffResult> {
+  const path = join(spoolDir, HANDOFF_SOCKET);
+  const uid = process.getuid?.();
+  const dir = await lstat(spoolDir).catch(() => undefined);
+  if (!dir) return { status: "absent", reason: `no agent: ${spoolDir} does not exist` };
+  const unsafe = spoolDirProblem(spoolDir, dir, uid);
+  if (unsafe) return { status: "absent", reason: `not handing the event to the agent: ${unsafe}` };
+  const sock = await lstat(path).catch(() => undefined);
+  if (!sock) return { status: "absent", reason: `no agent listens at ${path}` };
+  if (!sock.isSocket() || (uid !== undefined && sock.uid !== uid && sock.uid !== 0)) return { status: "absent", reason: `not handing the event to ${path}: it is not a socket of this user or root` };
+  return new Promise((resolve) => {
+    let text = "";
+    let done = false;
+    const finish = (r: HandoffResult) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      conn.destroy();
+      resolve(r);
+    };
+    const timer = setTimeout(() => finish({ status: "absent", reason: `the agent at ${path} did not answer within ${answerMs} ms` }), answerMs);
+    const conn = createConnection(path);
+    conn.setEncoding("utf8");
+    // ECONNREFUSED: a socket left by an agent that is not running.
+    conn.on("error", (e) => finish({ status: "absent", reason: `no agent answers at ${path}: ${e.message}` }));
+    conn.on("data", (d: string) => {
+      text += d;
+      const nl = text.indexOf("\n");
+      if (nl < 0 && text.length <= MAX_HANDOFF_ANSWER_BYTES) return;
+      const parsed = parseHandoffAnswer(nl < 0 ? text : text.slice(0, nl));
+      if (!parsed.ok) return finish({ status: "absent", reason: `the agent at ${path} answered something else: ${parsed.message}` });
+      const a = parsed.value;
+      if (a.id !== undefined && a.id !== frame.id) return finish({ status: "absent", reason: `the agent at ${path} answered for another event` });
+      if (a.type === "queued") return finish({ status: "queued", via: a.via, ...(a.problem ? { problem: a.problem } : {}) });
+      finish(a.code === "unavailable" ? { status: "absent", reason: `the agent could not keep it: ${a.message}` } : { status: "refused", reason: `hub refused the ${frame.type}: ${a.code}: ${a.message}` });
+    });
+    conn.on("end", () => finish({ status: "absent", reason: `the agent at ${path} closed the connection without an answer` }));
+    // Not end(): the agent answers on this connection, which a half-close would end.
+    conn.write(JSON.stringify(frame) + "\n");
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -460,7 +552,8 @@ async function hubGet(url: string, path: string, token: string, timeoutMs: numbe
     const timer = setTimeout(() => req.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
     req.on("error", (e) => {
       clearTimeout(timer);
-      reject(new Error(`${url}: ${e.message}`));
+      const tls = tlsProblem(e as NodeJS.ErrnoException, url);
+      reject(Object.assign(new Error(tls ?? `${url}: ${e.message}`), { untrusted: tls !== undefined }));
     });
     req.end();
   });
@@ -487,6 +580,7 @@ async function refusal(url: string, path: string, res: IncomingMessage): Promise
 /** Asks the hubs in order for `path`; the first that answers at all is the one. Rejects with every hub's reason. */
 async function firstAnswer(o: HubAccess, path: string, token: string, ca?: string): Promise<{ url: string; res: IncomingMessage; ms: number }> {
   const reasons: string[] = [];
+  let untrusted = false;
   for (const url of o.hubs) {
     const t0 = performance.now();
     try {
@@ -494,9 +588,11 @@ async function firstAnswer(o: HubAccess, path: string, token: string, ca?: strin
       return { url, res, ms: Math.round(performance.now() - t0) };
     } catch (e) {
       reasons.push((e as Error).message);
+      untrusted ||= (e as { untrusted?: boolean }).untrusted === true;
     }
   }
-  throw new Error(`could not reach the hub: ${reasons.join("; ")}`);
+  // A hub that answered with a certificate this side refuses was reached: say what to fix, not that it is away.
+  throw new Error(`${untrusted ? "could not talk to the hub safely" : "could not reach the hub"}: ${reasons.join("; ")}`);
 }
 
 async function runList(o: ListOptions, token: string, ca?: string): Promise<void> {
@@ -930,6 +1026,10 @@ async function runImport(o: ImportOptions, token: string, text: string, ca?: str
           backoff = 250;
           break;
         }
+        if (r.status === "untrusted") {
+          stopped = r.reason;
+          break;
+        }
         if (r.code === "rate_limited") {
           // Over the hub's --rate: every worker waits, longer each time in a row, then retries.
           pauseUntil = Math.max(pauseUntil, Date.now() + backoff);
@@ -1001,43 +1101,71 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
     return;
   }
   if (opts.command === "list" || opts.command === "status" || opts.command === "import") return runOperator(opts);
-  const frame = toFrame(opts, randomBytes(12).toString("base64url"));
+  return send(opts, toFrame(opts, randomBytes(12).toString("base64url")));
+}
+
+/**
+ * Delivers one ban or unban: to the local agent first (it holds the hub connection and the
+ * spool), else to the hubs in order, else into the spool. Exit 0 only once the event is durable
+ * somewhere that delivers it; 1 when it was refused, or when something set up wrong (token, CA,
+ * certificate) needs fixing, even if the event could still be kept.
+ */
+async function send(opts: SendOptions, frame: BanFrame | UnbanFrame): Promise<void> {
+  const notes: string[] = [];
+  // An admin's unban for every node needs the admin token, which the agent does not hold.
+  if (!opts.all) {
+    const h = await handOff(opts.spoolDir, frame);
+    if (h.status === "queued") return h.problem ? fail(1, `the agent holds the ${frame.type} of ${frame.ip} but cannot deliver it: ${h.problem}`) : undefined;
+    if (h.status === "refused") return fail(1, h.reason);
+    notes.push(h.reason);
+  }
   const deadline = Date.now() + opts.timeoutMs;
   let reason = "";
-  let exitCode = 0;
+  let broken = "";
   try {
     let token: string;
     try {
       token = (await readFile(opts.tokenFile, "utf8")).trim();
     } catch (e) {
       // A broken install must show in Fail2Ban's log, but the ban is still kept for the agent.
-      exitCode = 1;
-      throw e;
+      throw Object.assign(new Error(`cannot read --token-file ${opts.tokenFile}: ${(e as Error).message}`), { broken: true });
     }
-    const ca = opts.ca ? await readFile(opts.ca, "utf8") : undefined;
+    let ca: string | undefined;
+    try {
+      ca = opts.ca ? await readFile(opts.ca, "utf8") : undefined;
+    } catch (e) {
+      throw Object.assign(new Error(`cannot read --ca ${opts.ca}: ${(e as Error).message} (copy the hub's ca.pem there, or fix "ca" in --config)`), { broken: true });
+    }
     // Fail over in the order given, sharing one --timeout between the hubs. Each hub gets an
     // equal share of what is left, so one that swallows packets (host gone behind a router)
     // cannot use up the time of the hubs after it.
     for (const [i, url] of opts.hubs.entries()) {
       const left = deadline - Date.now();
       if (left <= 0) break;
-      const r = await sendOnce(url, token, frame, Math.ceil(left / (opts.hubs.length - i)), ca);
-      if (r.status === "acked") return opts.all ? checkLifted(frame.ip, r.remaining) : undefined;
+      const share = Math.ceil(left / (opts.hubs.length - i));
+      const r = await sendOnce(url, token, frame, share, ca, undefined, Math.min(share, opts.connectTimeoutMs));
+      if (r.status === "acked") {
+        if (broken) process.stderr.write(`ban.ts: warning: ${printable(broken)}\n`);
+        return opts.all ? checkLifted(frame.ip, r.remaining) : undefined;
+      }
       if (r.status === "refused") return fail(1, r.reason);
+      if (r.status === "untrusted") broken ||= r.reason;
       reason = r.reason;
     }
   } catch (e) {
     reason = (e as Error).message;
+    if ((e as { broken?: boolean }).broken) broken = reason;
   }
   // An admin's unban for every node is typed by hand: say so now rather than leave it to an agent
   // whose node token the hub would refuse it from.
-  if (opts.all) return fail(1, `could not send the unban of ${frame.ip} for every node (${reason}); it is not spooled: run it again`);
+  if (opts.all) return fail(1, `could not send the unban of ${frame.ip} for every node (${broken || reason}); it is not spooled: run it again`);
   try {
     const file = await spool(opts.spoolDir, frame);
-    process.stderr.write(`ban.ts: ${exitCode ? "error" : "warning"}: ${printable(`could not send (${reason}); spooled the ${frame.type} of ${frame.ip} to ${file} for the agent to deliver`)}\n`);
-    process.exitCode = exitCode;
+    const why = [broken || reason, ...notes].filter(Boolean).join("; ");
+    process.stderr.write(`ban.ts: ${broken ? "error" : "warning"}: ${printable(`could not send (${why}); spooled the ${frame.type} of ${frame.ip} to ${file} for the agent to deliver`)}\n`);
+    process.exitCode = broken ? 1 : 0;
   } catch (e) {
-    fail(1, `could not send the ${frame.type} of ${frame.ip} (${reason}) nor spool it: ${(e as Error).message}`);
+    fail(1, `could not send the ${frame.type} of ${frame.ip} (${broken || reason}) nor spool it: ${(e as Error).message}`);
   }
 }
 

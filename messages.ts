@@ -401,6 +401,68 @@ export function spoolDirProblem(dir: string, info: { isDirectory(): boolean; uid
 }
 
 /**
+ * The agent's hand-off socket, inside the spool directory that ban.ts and the agent are both
+ * given: the directory's owner and mode (`spoolDirProblem`) are what guard it, as they guard the
+ * spool. ban.ts writes one ban or unban frame as a JSON line; the agent answers one
+ * `HandoffAnswer` line once the event is durable (acked by the hub, or fsynced in the spool).
+ */
+export const HANDOFF_SOCKET = "agent.sock";
+
+/**
+ * The agent's answer on the hand-off socket. `queued`: the event is durable and the agent will
+ * deliver it (`via` says where it is now); `problem`, when present, is why the agent cannot
+ * deliver for now (a TLS or token failure on its hub link), which needs fixing by hand.
+ * `error`: the event is not kept; `code` is the hub's refusal code or `unavailable`.
+ */
+export type HandoffAnswer = { type: "queued"; id: string; via: "hub" | "spool"; seq?: string; problem?: string } | { type: "error"; id?: string; code: string; message: string };
+
+/** Longest hand-off answer line, bytes. */
+export const MAX_HANDOFF_ANSWER_BYTES = 4096;
+
+/** Checks one hand-off answer line (from the agent, to ban.ts). */
+export function parseHandoffAnswer(text: string): Checked<HandoffAnswer> {
+  let o: Record<string, unknown>;
+  try {
+    o = JSON.parse(text);
+  } catch {
+    return bad("Expected a JSON answer from the agent, got text that is not JSON");
+  }
+  if (typeof o !== "object" || o === null) return bad("Expected a JSON object from the agent");
+  const short = (v: unknown) => typeof v === "string" && v.length <= 1000;
+  if (o.type === "queued" && typeof o.id === "string" && ID_RE.test(o.id) && (o.via === "hub" || o.via === "spool") && (o.seq === undefined || (typeof o.seq === "string" && /^\d{1,20}$/.test(o.seq))) && (o.problem === undefined || short(o.problem))) {
+    return { ok: true, value: { type: "queued", id: o.id, via: o.via, ...(o.seq !== undefined ? { seq: o.seq as string } : {}), ...(o.problem !== undefined ? { problem: o.problem as string } : {}) } };
+  }
+  if (o.type === "error" && typeof o.code === "string" && /^[a-z_]{1,32}$/.test(o.code) && short(o.message) && (o.id === undefined || (typeof o.id === "string" && ID_RE.test(o.id)))) {
+    return { ok: true, value: { type: "error", code: o.code, message: o.message as string, ...(o.id !== undefined ? { id: o.id as string } : {}) } };
+  }
+  return bad(`Expected a "queued" or "error" answer from the agent, got ${quote(JSON.stringify(o).slice(0, 80))}`);
+}
+
+/** Certificate codes that mean: this side does not trust whoever signed the hub's certificate. */
+const UNTRUSTED_CERT = new Set(["UNABLE_TO_VERIFY_LEAF_SIGNATURE", "SELF_SIGNED_CERT_IN_CHAIN", "DEPTH_ZERO_SELF_SIGNED_CERT", "UNABLE_TO_GET_ISSUER_CERT", "UNABLE_TO_GET_ISSUER_CERT_LOCALLY", "CERT_UNTRUSTED", "CERT_SIGNATURE_FAILURE", "CERT_CHAIN_TOO_LONG", "INVALID_CA"]);
+
+/**
+ * What a TLS failure reaching `url` means and which option fixes it, or undefined when `e` is
+ * no TLS failure (a refused or timed-out connection is the network's, and worth retrying).
+ * A certificate this side cannot verify is a set-up error: retrying or spooling does not fix it.
+ */
+export function tlsProblem(e: { code?: string; message: string }, url: string): string | undefined {
+  let host = url;
+  try {
+    host = new URL(url).hostname.replace(/^\[|\]$/g, "");
+  } catch {
+    /* keep the URL as given */
+  }
+  const code = e.code ?? "";
+  if (code === "ERR_TLS_CERT_ALTNAME_INVALID") return `${url}: the hub's certificate does not cover ${host} (${e.message.replace(/^Hostname\/IP does not match certificate's altnames: /, "")}): use a name it covers in --hub, or make one that covers ${host} (hub.ts gen-cert --host ${host})`;
+  if (UNTRUSTED_CERT.has(code)) return `${url}: the hub's certificate is not signed by a CA this side trusts (${code}): give --ca the hub's ca.pem (see hub.ts gen-cert)`;
+  if (code === "CERT_HAS_EXPIRED") return `${url}: the hub's certificate has expired (${code}): make a new one on the hub (hub.ts gen-cert) and check both clocks`;
+  if (code === "CERT_NOT_YET_VALID") return `${url}: the hub's certificate is not valid yet (${code}): check this server's clock`;
+  if (code === "ERR_SSL_WRONG_VERSION_NUMBER" || /wrong version number|packet length too long/.test(e.message)) return `${url}: the hub does not speak TLS on that port: check the port in --hub, or use ws:// for a hub without --tls-cert`;
+  return undefined;
+}
+
+/**
  * True when a URL's host (`new URL(u).hostname`, brackets or not) is this machine's loopback:
  * `localhost`, 127.0.0.0/8 or ::1. Only there may a token go over plain ws:// or http://
  * without `--insecure`: a name that must be resolved first could lead anywhere.

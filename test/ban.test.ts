@@ -32,7 +32,8 @@ describe("ban.ts parseArgs(): a Fail2Ban call becomes send options, and bad inpu
     assert.equal(o.bantime, 3600);
     assert.equal(o.detectedAt, 1_799_999_999_500);
     assert.deepEqual(o.hubs, ["ws://127.0.0.1:7700"]);
-    assert.equal(o.timeoutMs, 5000);
+    assert.equal(o.timeoutMs, 2000);
+    assert.equal(o.connectTimeoutMs, 300);
     assert.deepEqual(toFrame(o, "x1"), { type: "ban", id: "x1", ip: "203.0.113.7", jail: "sshd", bantime: 3600, detectedAt: 1_799_999_999_500 });
   });
 
@@ -198,11 +199,11 @@ describe("ban.ts pure helpers: import, list and status turn text into frames and
 
 describe("ban.ts parseArgs(): the operator's commands take their own flags only", () => {
   test("list, status and import get their options and defaults", () => {
-    assert.deepEqual(parseArgs(["list", "--json", ...base], {}, {}, NOW), { command: "list", json: true, hubs: ["ws://127.0.0.1:7700"], tokenFile: "/etc/banshare/token", timeoutMs: 5000, ca: undefined });
-    assert.deepEqual(parseArgs(["status", "--state", "/s", "--backend", "nftables", "--prefix", "bs", ...base], {}, {}, NOW), { command: "status", statePath: "/s", backend: "nftables", prefix: "bs", hubs: ["ws://127.0.0.1:7700"], tokenFile: "/etc/banshare/token", timeoutMs: 5000, ca: undefined });
+    assert.deepEqual(parseArgs(["list", "--json", ...base], {}, {}, NOW), { command: "list", json: true, hubs: ["ws://127.0.0.1:7700"], tokenFile: "/etc/banshare/token", timeoutMs: 2000, connectTimeoutMs: 300, ca: undefined });
+    assert.deepEqual(parseArgs(["status", "--state", "/s", "--backend", "nftables", "--prefix", "bs", ...base], {}, {}, NOW), { command: "status", statePath: "/s", backend: "nftables", prefix: "bs", hubs: ["ws://127.0.0.1:7700"], tokenFile: "/etc/banshare/token", timeoutMs: 2000, connectTimeoutMs: 300, ca: undefined });
     const status = parseArgs(["status", ...base], { BANSHARE_BACKEND: "iptables" }, {}, NOW);
     assert.ok(status !== "help" && status.command === "status" && status.backend === "iptables" && status.prefix === "banshare");
-    assert.deepEqual(parseArgs(["import", "bans.txt", "--jail", "recidive", "--bantime", "-1", "--concurrency", "2", ...base], {}, {}, NOW), { command: "import", file: "bans.txt", jail: "recidive", bantime: -1, concurrency: 2, hubs: ["ws://127.0.0.1:7700"], tokenFile: "/etc/banshare/token", timeoutMs: 5000, ca: undefined });
+    assert.deepEqual(parseArgs(["import", "bans.txt", "--jail", "recidive", "--bantime", "-1", "--concurrency", "2", ...base], {}, {}, NOW), { command: "import", file: "bans.txt", jail: "recidive", bantime: -1, concurrency: 2, hubs: ["ws://127.0.0.1:7700"], tokenFile: "/etc/banshare/token", timeoutMs: 2000, connectTimeoutMs: 300, ca: undefined });
     const stdin = parseArgs(["import", ...base], {}, {}, NOW);
     assert.ok(stdin !== "help" && stdin.command === "import" && stdin.file === "-" && stdin.concurrency === 8 && stdin.bantime === 600);
     assert.equal(parseArgs(["--help"]), "help");

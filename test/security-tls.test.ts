@@ -67,18 +67,26 @@ describe("security: over TLS only a hub certified by the given CA is trusted, an
     await waitFor(() => rows(csv("good"), "BLOCK", "203.0.113.10").length, "the agent to block the ban it got over wss://");
   });
 
-  test("with another CA's certificate the agent logs a certificate error and gets nothing; ban.ts spools", async () => {
+  test("with another CA's certificate the agent logs what to fix and gets nothing; ban.ts fails (exit 1) naming --ca, and keeps the ban", async () => {
     const before = await healthz();
-    const agent = tsx("agent.ts", ["--hub", hub.url, "--token-file", tokens.wrongca, "--ca", join(dir, "other", "ca.pem"), "--backend", "dry-run", "--csv", csv("wrongca"), "--heartbeat", "5"], { name: "wrongca" });
-    await agent.waitForLine(/certificate/i, 15_000);
-    // Documented: a hub that cannot be reached (here: cannot be verified) makes ban.ts spool and exit 0 with a warning.
+    const agentSpool = join(dir, "wrongca-agent-spool");
+    const agent = tsx("agent.ts", ["--hub", hub.url, "--token-file", tokens.wrongca, "--ca", join(dir, "other", "ca.pem"), "--backend", "dry-run", "--csv", csv("wrongca"), "--heartbeat", "5", "--spool", agentSpool], { name: "wrongca" });
+    await agent.waitForLine(/error: wss:\/\/127\.0\.0\.1:\d+: the hub's certificate is not signed by a CA this side trusts \(\w+\): give --ca/, 15_000);
+    // A certificate this side cannot verify is a set-up error, not an outage: Fail2Ban's log must
+    // show it (exit 1, one line naming --ca), though the ban is still spooled for an agent set up right.
     for (const extra of [["--ca", join(dir, "other", "ca.pem")], []]) {
       const spool = `wrong-ca-spool-${extra.length}`;
       const r = await ban(["ban", "203.0.113.11", "--hub", hub.url, ...extra], spool);
-      assert.equal(r.code, 0, r.output);
-      assert.match(r.output, /^ban\.ts: warning: could not send \(wss:\/\/127\.0\.0\.1:\d+: [^)]*certificate[^)]*\); spooled the ban of 203\.0\.113\.11/);
+      assert.equal(r.code, 1, r.output);
+      assert.match(r.output, /^ban\.ts: error: could not send \(wss:\/\/127\.0\.0\.1:\d+: the hub's certificate is not signed by a CA this side trusts \(\w+\): give --ca the hub's ca\.pem[^\n]*; spooled the ban of 203\.0\.113\.11/);
+      assert.equal(r.output.trim().split("\n").length, 1);
       assert.equal((await readdir(join(dir, spool))).filter((f) => f.endsWith(".json")).length, 1);
     }
+    // Handed to the agent with the wrong CA: it keeps the ban, and ban.ts says why it cannot go on.
+    const h = await ban(["ban", "203.0.113.14", "--hub", hub.url], "wrongca-agent-spool");
+    assert.equal(h.code, 1, h.output);
+    assert.match(h.output, /^ban\.ts: the agent holds the ban of 203\.0\.113\.14 but cannot deliver it: wss:\/\/127\.0\.0\.1:\d+: the hub's certificate is not signed by a CA this side trusts \(\w+\): give --ca/);
+    assert.equal((await readdir(agentSpool)).filter((f) => f.endsWith(".json")).length, 1);
     // A ban from a node that does trust the hub: the wrong-CA agent never receives it.
     assert.equal((await ban(["ban", "203.0.113.12", "--hub", hub.url, "--ca", join(dir, "tls", "ca.pem")], "ok-spool")).code, 0);
     await waitFor(() => rows(csv("good"), "BLOCK", "203.0.113.12").length, "the trusting agent to get the ban");
