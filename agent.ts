@@ -3187,6 +3187,16 @@ function warnings(opts: AgentOptions): string[] {
   return out;
 }
 
+/** Puts the --state file's claims into the kernel before any hub answers: after a reboot the kernel holds nothing, and the hub may be away. */
+async function restoreSaved(state: StateFile, link: HubLink, applier: Applier, now: number, opts: AgentOptions): Promise<void> {
+  const saved = await state.load();
+  if (!saved) return;
+  link.cursor = saved.cursor;
+  const n = await applier.restore(saved.claims, now);
+  opts.log(`loaded ${applier.claims.size} address(es) and ${saved.cursor ? `cursor ${saved.cursor.hub}:${saved.cursor.seq}` : "no cursor"} from ${opts.statePath}`);
+  opts.log(`restored: ${n} address(es) blocked from the state file before any hub answered (${opts.backend})`);
+}
+
 /** Starts an agent: sets up the firewall objects, then connects and keeps connecting. */
 export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const log = opts.log;
@@ -3219,14 +3229,7 @@ export async function startAgent(opts: AgentOptions): Promise<Agent> {
   // ban.ts hands its events in here from now on, hub or no hub: they wait in the spool.
   const handoff = opts.spoolDir ? new Handoff(opts.spoolDir, link, log) : undefined;
   await handoff?.start();
-  const saved = await state.load();
-  if (saved) {
-    link.cursor = saved.cursor;
-    // Before any hub answers: after a reboot the kernel holds nothing, and the hub may be away.
-    const n = await applier.restore(saved.claims, clock.now());
-    log(`loaded ${applier.claims.size} address(es) and ${saved.cursor ? `cursor ${saved.cursor.hub}:${saved.cursor.seq}` : "no cursor"} from ${opts.statePath}`);
-    log(`restored: ${n} address(es) blocked from the state file before any hub answered (${opts.backend})`);
-  }
+  await restoreSaved(state, link, applier, clock.now(), opts);
   const guard = new Guard({ backend, backendName: opts.backend, applier, prefix: opts.prefix, record: (r) => csv.record(r), log, checkMs: opts.checkMs ?? 10_000 });
   guard.start();
   const metrics = opts.metrics ? await serveMetrics(opts.metrics, opts.backend, opts.prefix, enforcementSnapshot, log) : undefined;

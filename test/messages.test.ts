@@ -15,8 +15,10 @@ import {
   mergeClaim,
   parseAddress,
   parseHubFrame,
+  parseHandoffAnswer,
   parseNodeFrame,
   pruneClaims,
+  tlsProblem,
   type Claims,
   type FleetEvent,
 } from "../messages.ts";
@@ -376,5 +378,27 @@ describe("enforcement frames", () => {
     assert.deepEqual(enforcementVerdict({ ...base, missing: ["banshare-v4 set"], missingSince: NOW }), { ok: false, text: `banshare-v4 set missing since ${new Date(NOW).toISOString()}` });
     assert.deepEqual(enforcementVerdict({ ...base, hooks: [hooks[2]] }), { ok: true, text: "enforcing" }, "an absent hook (no Docker) is no problem");
     assert.equal(enforcementVerdict({ ...base, backend: "dry-run" }).ok, false);
+  });
+});
+
+describe("tlsProblem() and parseHandoffAnswer(): what ban.ts and the agent tell the operator", () => {
+  test("a TLS failure names its cause and the option that fixes it; a network failure is none", () => {
+    const url = "wss://127.0.0.1:7700";
+    assert.match(tlsProblem({ code: "UNABLE_TO_VERIFY_LEAF_SIGNATURE", message: "unable to verify the first certificate" }, url)!, /not signed by a CA this side trusts \(UNABLE_TO_VERIFY_LEAF_SIGNATURE\): give --ca/);
+    assert.match(tlsProblem({ code: "DEPTH_ZERO_SELF_SIGNED_CERT", message: "self-signed certificate" }, url)!, /give --ca/);
+    assert.match(tlsProblem({ code: "ERR_TLS_CERT_ALTNAME_INVALID", message: "Hostname/IP does not match certificate's altnames: IP: 127.0.0.1 is not in the cert's list: " }, url)!, /does not cover 127\.0\.0\.1 .*gen-cert --host 127\.0\.0\.1/);
+    assert.match(tlsProblem({ code: "CERT_HAS_EXPIRED", message: "certificate has expired" }, url)!, /expired/);
+    assert.match(tlsProblem({ code: "ERR_SSL_WRONG_VERSION_NUMBER", message: "wrong version number" }, url)!, /does not speak TLS/);
+    assert.equal(tlsProblem({ code: "ECONNREFUSED", message: "connect ECONNREFUSED 127.0.0.1:7700" }, url), undefined);
+    assert.equal(tlsProblem({ code: "ETIMEDOUT", message: "timeout" }, url), undefined);
+  });
+
+  test("an agent's answer is taken only well-formed", () => {
+    assert.deepEqual(parseHandoffAnswer('{"type":"queued","id":"a1","via":"spool","problem":"x"}'), { ok: true, value: { type: "queued", id: "a1", via: "spool", problem: "x" } });
+    assert.deepEqual(parseHandoffAnswer('{"type":"queued","id":"a1","via":"hub","seq":"42"}'), { ok: true, value: { type: "queued", id: "a1", via: "hub", seq: "42" } });
+    assert.deepEqual(parseHandoffAnswer('{"type":"error","id":"a1","code":"protected","message":"no"}'), { ok: true, value: { type: "error", id: "a1", code: "protected", message: "no" } });
+    for (const bad of ["", "null", "[]", '{"type":"queued","id":"a 1","via":"hub"}', '{"type":"queued","id":"a1","via":"disk"}', '{"type":"queued","id":"a1","via":"hub","seq":"x"}', '{"type":"error","code":"NOT OK","message":"m"}', `{"type":"error","code":"x","message":"${"m".repeat(1001)}"}`]) {
+      assert.equal(parseHandoffAnswer(bad).ok, false, bad);
+    }
   });
 });
