@@ -2022,7 +2022,10 @@ export class Applier {
       return;
     }
     const c = this.cause(ip);
-    if (before === undefined) record({ action: "BLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, rtMs: c ? now - c.detectedAt : undefined, detail: `${via}: banned by ${c?.origin ?? "?"}` });
+    // A response time only for a live event: an entry a sync brings (a restart, a reconnect) was
+    // detected while this agent was away, and its age is no measure of how fast the fleet blocks.
+    const live = via === "event";
+    if (before === undefined) record({ action: "BLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, rtMs: live && c ? now - c.detectedAt : undefined, detail: live ? `${via}: banned by ${c?.origin ?? "?"}` : `${via}: banned by ${c?.origin ?? "?"} (already banned when this agent synced; no response time)` });
     // A timed block that becomes permanent cancels its scheduled unblock: say so (until "never").
     if (after !== before && (after !== null || before !== undefined)) record({ action: "SCHEDULE_UNBLOCK", ip, origin: c?.origin, jail: c?.jail, until: after, detail: after === null ? "none: blocked for good" : `in ${Math.round((after - now) / 1000)} s` });
   }

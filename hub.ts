@@ -43,6 +43,7 @@ import {
   DEFAULT_MAX_PREFIX,
   MAX_NODE_FRAME_BYTES,
   MAX_STATUS_BANS,
+  MAX_STATUS_EVENTS,
   MAX_STATUS_RT,
   PROTOCOL_VERSION,
   blockedUntil,
@@ -194,11 +195,10 @@ const SNAPSHOT_REUSE_MS = 2000;
 const SYNC_CONCURRENCY = 16;
 const SYNC_STALL_MS = 1000;
 const MAX_REFUSED_PER_CONN = 1000;
-/** Status page: ms between `status` frames, response times kept per node, how far back they are shown, events per frame. */
+/** Status page: ms between `status` frames, response times kept per node, how far back they are shown. */
 const STATUS_INTERVAL_MS = 1000;
 const RT_RING = 200;
-const STATUS_RT_WINDOW_MS = 15 * 60 * 1000;
-const MAX_STATUS_EVENTS = 200;
+const STATUS_RT_WINDOW_MS = 24 * 3600 * 1000;
 /** The subprotocol the status page speaks; the hub selects it, never the token's. */
 export const STATUS_PROTOCOL = "banshare.v1";
 /** A browser offers its token as the subprotocol `banshare.token.TOKEN`. */
@@ -2783,6 +2783,42 @@ function syncFrame(full: boolean, events: FleetEvent[], seq: string, more: boole
 }
 
 /**
+ * The status page's recent events: the newest MAX_STATUS_EVENTS relayed (held claims left out),
+ * seeded at start from what the store held, so a page opened later, or after a restart, shows
+ * what happened. Holds references to the events, no copies; `relayed` looks at no more of a
+ * burst than it keeps.
+ */
+export class History {
+  private items: FleetEvent[] = [];
+
+  /** Takes one event the store held at start (in any order; `loaded` puts them in time order). */
+  load(e: FleetEvent): void {
+    if (e.held) return;
+    this.items.push(e);
+    if (this.items.length >= 2 * MAX_STATUS_EVENTS) this.loaded();
+  }
+
+  /** The store is read: the newest by relay time are kept, oldest first. */
+  loaded(): void {
+    this.items.sort((a, b) => a.relayedAt - b.relayedAt);
+    if (this.items.length > MAX_STATUS_EVENTS) this.items = this.items.slice(-MAX_STATUS_EVENTS);
+  }
+
+  /** Events just relayed, in order: the last MAX_STATUS_EVENTS that are not held join the history. */
+  relayed(all: FleetEvent[]): void {
+    let i = all.length;
+    for (let kept = 0; i > 0 && kept < MAX_STATUS_EVENTS; ) if (!all[--i].held) kept++;
+    for (; i < all.length; i++) if (!all[i].held) this.items.push(all[i]);
+    if (this.items.length >= 2 * MAX_STATUS_EVENTS) this.items = this.items.slice(-MAX_STATUS_EVENTS);
+  }
+
+  /** The recent events, oldest first, at most MAX_STATUS_EVENTS. */
+  events(): FleetEvent[] {
+    return this.items.slice(-MAX_STATUS_EVENTS);
+  }
+}
+
+/**
  * The status page's feed: watchers get a `status` frame every STATUS_INTERVAL_MS, built once for
  * all of them and not at all while nobody watches, and every event as it is relayed; the agents'
  * `applied` reports fill each node's ring of response times.
@@ -2796,11 +2832,13 @@ export class StatusFeed {
     private readonly state: () => { hub: string; seq: string; claims: Claims },
     private readonly log: (line: string) => void,
     private readonly clocks: ClockWatch,
+    private readonly history: History,
   ) {}
 
   watch(c: Conn): void {
     c.watching = true;
     this.log(`${c.who} opened the status page`);
+    c.send({ type: "history", events: this.history.events() });
     this.broadcast();
     if (!this.timer) {
       this.timer = setInterval(() => this.broadcast(), STATUS_INTERVAL_MS);
@@ -2821,6 +2859,7 @@ export class StatusFeed {
 
   /** Shows relayed events to the watchers (a burst of 100k: the newest few hundred, as the page shows no more). */
   relayed(all: FleetEvent[]): void {
+    this.history.relayed(all);
     if (!this.timer) return;
     const shown = all.filter((e) => !e.held).slice(-MAX_STATUS_EVENTS);
     if (!shown.length) return;
@@ -3596,10 +3635,15 @@ export async function startHub(opts: HubOptions): Promise<Hub> {
   const gate = await Gate.open(opts.tokensFile, conns, opts.maxConnsPerNode, admission, refusals, log);
   const fleet = new FleetState({ quorum: opts.quorum ?? 1, trusted: opts.trusted ?? [], escalate: opts.escalate, maxClaimsPerNode: opts.maxClaimsPerNode ?? DEFAULT_MAX_CLAIMS_PER_NODE });
   const clocks = new ClockWatch(log);
-  const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log, clocks);
+  const history = new History();
+  const feed = new StatusFeed(conns, () => ({ hub: store.hubId, seq: store.position(), claims: fleet.claims }), log, clocks, history);
   const syncs = new Syncs(fleet, opts.syncChunk, log);
   const relay = new Relay(conns, metrics, recorder, feed, syncs);
-  const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => fleet.load(e));
+  const store = await openStore(opts, storeListener(fleet, relay, log, () => void hub.close()), fleet, (e) => {
+    fleet.load(e);
+    history.load(e);
+  });
+  history.loaded();
   fleet.durable = store.position();
   fleet.totals(Date.now());
   const protectedNets = [...opts.protect.map((p) => parseAddress(p)!), ...ownAddresses()];
@@ -3958,12 +4002,12 @@ const STATUS_HTML = `<!doctype html>
   </section>
   <section>
     <h2>Response times</h2>
-    <p class="muted">Detection on the origin to applied on each node, up to the last ${STATUS_RT_WINDOW_MS / 60_000} minutes.</p>
+    <p class="muted">Detection on the origin to applied on each node, as the agents report it, and to the hub for the recent events (kept across a restart), up to the last ${STATUS_RT_WINDOW_MS / 3_600_000} hours.</p>
     <div id="chart"></div>
     <ul id="legend"></ul>
   </section>
   <section>
-    <h2>Events</h2>
+    <h2>Events <span class="muted">(the newest ${MAX_STATUS_EVENTS})</span></h2>
     <ol id="events"></ol>
   </section>
   <section>
@@ -4014,11 +4058,14 @@ const STATUS_JS = String.raw`"use strict";
   var KEY = "banshare.token";
   var MAX_EVENTS = ${MAX_STATUS_EVENTS};
   var WINDOW_MS = ${STATUS_RT_WINDOW_MS};
+  // The chart's series of detection -> the hub, from the events: a space, so never a node's name.
+  var HUB_SERIES = "to the hub";
   var COLORS = ["#2459d1", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#0c8599", "#c2255c", "#5c940d"];
   var SVG = "http://www.w3.org/2000/svg";
   var ws = null, retry = null, attempt = 0, welcomed = false, hubError = "", skew = 0;
   var events = [];
   var colorOf = {};
+  var last = null;
 
   function $(id) { return document.getElementById(id); }
   function el(tag, text, cls) {
@@ -4125,6 +4172,11 @@ const STATUS_JS = String.raw`"use strict";
       case "sync":
         if (Array.isArray(f.events)) addEvents(f.events);
         return;
+      case "history":
+        // What the hub relayed before this page opened (and what its store held at start); live events follow.
+        events = [];
+        if (Array.isArray(f.events)) addEvents(f.events);
+        return;
       case "error":
         hubError = String(f.message);
         showError("The hub refused: " + hubError);
@@ -4146,9 +4198,14 @@ const STATUS_JS = String.raw`"use strict";
       li.appendChild(el("span", e.ip));
       li.appendChild(el("span", e.escalation ? "repeat offender: ban x" + e.escalation + " on every node (" + e.jail + ")" : "by " + e.origin + " (" + e.jail + ")", e.escalation ? "ban" : "muted"));
       li.appendChild(el("span", e.kind === "ban" ? "until " + (e.until === null ? "never" : clock(e.until)) : "", "muted"));
+      li.appendChild(el("span", "to the hub in " + hubRt(e) + " ms", "muted rt"));
       ol.appendChild(li);
     });
+    if (last) drawChart(last.rt, last.byNode);
   }
+
+  // Detection on the origin (as the hub places it) to the hub's receipt.
+  function hubRt(e) { return Math.max(0, e.relayedAt - e.detectedAt); }
 
   function render(f) {
     $("hub-id").textContent = f.hub;
@@ -4180,6 +4237,7 @@ const STATUS_JS = String.raw`"use strict";
       tbody.appendChild(tr);
     });
 
+    last = { rt: f.rt, byNode: byNode };
     drawChart(f.rt, byNode);
 
     $("ban-shown").textContent = f.bans.length < f.bansTotal ? "(newest " + f.bans.length + " of " + f.bansTotal + ")" : "(" + f.bansTotal + ")";
@@ -4193,8 +4251,15 @@ const STATUS_JS = String.raw`"use strict";
     });
   }
 
-  function drawChart(rt, byNode) {
+  function drawChart(nodeRt, nodeRts) {
     var box = $("chart");
+    // The agents' response times, and detection -> the hub for each recent event (seeded from the hub's history).
+    var rt = nodeRt.slice(), byNode = {};
+    for (var n in nodeRts) byNode[n] = nodeRts[n];
+    events.forEach(function (e) {
+      rt.push({ node: HUB_SERIES, at: e.relayedAt, rtMs: hubRt(e) });
+      (byNode[HUB_SERIES] = byNode[HUB_SERIES] || []).push(hubRt(e));
+    });
     var W = Math.max(280, Math.round(box.clientWidth || 600)), H = 200, L = 48, B = 22, T = 8, R = 8;
     var end = now(), first = end;
     rt.forEach(function (r) { if (r.at < first) first = r.at; });
@@ -4204,11 +4269,19 @@ const STATUS_JS = String.raw`"use strict";
     rt.forEach(function (r) { if (r.rtMs > max) max = r.rtMs; });
     max = Math.ceil(max * 1.1);
     var s = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "Response times, ms" });
+    // The y label sets the left margin: measured in the page, so "23332 ms" fits whole.
+    clear(box);
+    box.appendChild(s);
+    var top = svg("text", { x: L - 4, y: T + 10, "text-anchor": "end", "font-size": 11, fill: "currentColor", "class": "ymax" }, max + " ms");
+    s.appendChild(top);
+    var wide = 0;
+    try { wide = top.getComputedTextLength(); } catch (e) { wide = 0; }
+    L = Math.max(L, Math.ceil((wide || (max + " ms").length * 7) + 10));
+    top.setAttribute("x", String(L - 4));
     var x = function (t) { return L + ((t - start) / (end - start)) * (W - L - R); };
     var y = function (v) { return H - B - (Math.max(0, v) / max) * (H - B - T); };
     s.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "currentColor", "stroke-opacity": 0.4 }));
     s.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "currentColor", "stroke-opacity": 0.4 }));
-    s.appendChild(svg("text", { x: L - 4, y: T + 10, "text-anchor": "end", "font-size": 11, fill: "currentColor" }, max + " ms"));
     s.appendChild(svg("text", { x: L - 4, y: H - B, "text-anchor": "end", "font-size": 11, fill: "currentColor" }, "0"));
     s.appendChild(svg("text", { x: L, y: H - 6, "font-size": 11, fill: "currentColor" }, dur(end - start) + " ago"));
     s.appendChild(svg("text", { x: W - R, y: H - 6, "text-anchor": "end", "font-size": 11, fill: "currentColor" }, "now"));
@@ -4218,8 +4291,6 @@ const STATUS_JS = String.raw`"use strict";
       c.appendChild(svg("title", {}, r.node + ": " + r.rtMs + " ms at " + clock(r.at)));
       s.appendChild(c);
     });
-    clear(box);
-    box.appendChild(s);
     var legend = $("legend");
     clear(legend);
     Object.keys(byNode).sort().forEach(function (n) {

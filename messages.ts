@@ -352,7 +352,19 @@ export const MAX_STATUS_BANS = 500;
 /** Most response times a `status` frame carries. */
 export const MAX_STATUS_RT = 1000;
 
-export type HubFrame = WelcomeFrame | SyncFrame | EventFrame | AckFrame | ErrorFrame | StatusFrame;
+/**
+ * Hub -> status page, once when it starts watching: the hub's recent events, oldest first, at
+ * most `MAX_STATUS_EVENTS`, from what it relayed and what its store held at start; live events follow.
+ */
+export interface HistoryFrame {
+  type: "history";
+  events: FleetEvent[];
+}
+
+/** Most events the status page's history holds (the hub's and the page's). */
+export const MAX_STATUS_EVENTS = 200;
+
+export type HubFrame = WelcomeFrame | SyncFrame | EventFrame | AckFrame | ErrorFrame | StatusFrame | HistoryFrame;
 
 export type ErrorCode =
   | "bad_frame"

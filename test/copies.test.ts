@@ -139,14 +139,14 @@ describe("copies: the status page script carries the hub's protocol constants", 
     assert.equal(Number(m[1]), PROTOCOL_VERSION, "the status script's hello has another protocol version than messages.ts's PROTOCOL_VERSION");
   });
 
-  test("the served script keeps hub.ts's MAX_STATUS_EVENTS events and draws STATUS_RT_WINDOW_MS of response times; the page says so", () => {
+  test("the served script keeps MAX_STATUS_EVENTS events and draws STATUS_RT_WINDOW_MS of response times; the page says so", () => {
     const events = /var MAX_EVENTS = (\d+);/.exec(script);
     const windowMs = /var WINDOW_MS = (\d+);/.exec(script);
     assert.ok(events && windowMs, "the status script has no MAX_EVENTS or WINDOW_MS: update this test");
-    assert.equal(Number(events[1]), numericConst("hub.ts", "MAX_STATUS_EVENTS"), "the status script keeps another number of events than hub.ts's MAX_STATUS_EVENTS");
+    assert.equal(Number(events[1]), numericConst("messages.ts", "MAX_STATUS_EVENTS"), "the status script keeps another number of events than messages.ts's MAX_STATUS_EVENTS");
     const rtWindow = numericConst("hub.ts", "STATUS_RT_WINDOW_MS");
     assert.equal(Number(windowMs[1]), rtWindow, "the status script draws another window than hub.ts's STATUS_RT_WINDOW_MS");
-    assert.match(html, new RegExp(`up to the last ${rtWindow / 60_000} minutes`), "the page's text names another window than STATUS_RT_WINDOW_MS");
+    assert.match(html, new RegExp(`up to the last ${rtWindow / 3_600_000} hours`), "the page's text names another window than STATUS_RT_WINDOW_MS");
   });
 
   test("the login form accepts exactly the tokens the hub reads, and its error message says which", () => {

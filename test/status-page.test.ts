@@ -14,8 +14,10 @@ import { after, before, describe, test } from "node:test";
 import type { BrowserContext, Page } from "playwright-core";
 import WebSocket from "ws";
 import { connectNode } from "./lib/client.ts";
-import { runBan, startFleet, waitFor, type HubProc } from "./lib/fleet.ts";
+import { runBan, startFleet, startHubProc, waitFor, type Fleet, type HubProc } from "./lib/fleet.ts";
 import { REPO_ROOT, stopAll } from "./lib/proc.ts";
+import { History } from "../hub.ts";
+import { MAX_STATUS_EVENTS, type FleetEvent } from "../messages.ts";
 import { chromiumPath, needs } from "./lib/skip.ts";
 
 const IP = "192.0.2.10";
@@ -28,15 +30,36 @@ interface World {
   tokens: Record<string, string>;
 }
 
-/** Enrols web1 (the agent), web2 (a sender) and a reader; starts the hub and web1's dry-run agent. */
-async function startWorld(): Promise<World> {
-  const fleet = await startFleet({ nodes: [["web1", "node"], ["web2", "node"], ["viewer", "reader"]], agents: ["web1"], csv: false, heartbeat: 5, hubArgs: ["--escalate", "2"] });
+/** Enrols web1 (the agent), web2 (a sender) and a reader; starts the hub (with a journal: `journal`) and web1's dry-run agent. */
+async function startWorld(journal = false): Promise<World & { fleet: Fleet }> {
+  const fleet = await startFleet({ nodes: [["web1", "node"], ["web2", "node"], ["viewer", "reader"]], agents: ["web1"], csv: false, heartbeat: 5, hubArgs: ["--escalate", "2"], journal });
   const tokens = Object.fromEntries(Object.keys(fleet.tokenFiles).map((n) => [n, fleet.token(n)]));
-  return { dir: fleet.dir, hub: fleet.hub, http: fleet.http, tokens };
+  return { dir: fleet.dir, hub: fleet.hub, http: fleet.http, tokens, fleet };
 }
 
 /** A raw status-page socket: token as a subprotocol, frames collected. */
 const watcher = (url: string, token: string) => connectNode(url, token, { subprotocol: true, timeoutMs: 5000 });
+
+describe("History", () => {
+  const ev = (n: number, held = false): FleetEvent => ({ seq: String(n), kind: "ban", ip: `192.0.2.${n % 250}`, origin: "web1", jail: "sshd", until: null, detectedAt: n, relayedAt: n, id: `e${n}`, ...(held ? { held } : {}) });
+
+  test("load() keeps the newest by relay time from a store read in any order; relayed() keeps the newest of a burst; held claims never", () => {
+    const h = new History();
+    for (const n of [5, 1, 3, 2, 4]) h.load(ev(n));
+    h.load(ev(6, true));
+    h.loaded();
+    assert.deepEqual(h.events().map((e) => e.seq), ["1", "2", "3", "4", "5"]);
+    const burst = Array.from({ length: 100_000 }, (_, i) => ev(10 + i, i % 2 === 1));
+    h.relayed(burst);
+    const kept = h.events();
+    assert.equal(kept.length, MAX_STATUS_EVENTS);
+    assert.ok(kept.every((e) => !e.held));
+    assert.equal(kept.at(-1)!.seq, String(10 + 99_998));
+    for (let i = 0; i < 1000; i++) h.relayed([ev(200_000 + i)]);
+    assert.equal(h.events().length, MAX_STATUS_EVENTS);
+    assert.equal(h.events()[0].seq, String(200_800));
+  });
+});
 
 describe("status socket: a reader token as a subprotocol watches the fleet live; bad frames, node tokens and wrong tokens are refused, and no token is logged", () => {
   let w: World;
@@ -225,7 +248,8 @@ describe("status page: in Chromium a reader sees nodes, bans, events and respons
     const rt = page.locator('#nodes tr[data-name="web1"] td.rt');
     await waitFor(async () => /^\d+ ms \(median \d+\)$/.test(await rt.innerText()), "web1's response time on the page", 10_000);
     await page.locator('#legend li[data-node="web1"]').waitFor();
-    assert.equal(await page.locator("#chart svg circle").count(), 1);
+    // web1's response time, and the event's detection -> the hub.
+    assert.deepEqual((await page.locator("#chart svg circle title").allTextContents()).map((t) => t.replace(/: .*/, "")).sort(), ["to the hub", "web1"]);
     assert.equal(await page.evaluate(() => (window as unknown as { marker: number }).marker), 42, "the page reloaded");
 
     await mkdir(ARTIFACTS, { recursive: true });
@@ -298,6 +322,94 @@ describe("status page: in Chromium a reader sees nodes, bans, events and respons
     await logIn(page, "not-a-token-of-this-fleet");
     await page.locator("#error", { hasText: "refused" }).waitFor();
     await page.locator("#login").waitFor({ state: "visible" });
+    await page.close();
+  });
+});
+
+describe("status page history: a page opened after the events, and after a hub restart, shows them and charts them; a long y label fits", needs(["chromium"]), () => {
+  let w: World & { fleet: Fleet };
+  let profile: string;
+  let browser: BrowserContext;
+  const problems: string[] = [];
+  const BANNED = "198.51.100.61";
+  const LIFTED = "198.51.100.62";
+
+  const open = async (): Promise<Page> => {
+    const page = await browser.newPage();
+    page.on("console", (m) => {
+      if (m.type() === "error") problems.push(m.text());
+    });
+    page.on("pageerror", (e) => problems.push(e.message));
+    assert.equal((await page.goto(`${w.http}/`))?.status(), 200);
+    await page.locator("#token").fill(w.tokens.viewer);
+    await page.locator("#login button[type=submit]").click();
+    await page.locator("#conn", { hasText: "connected as viewer (reader)" }).waitFor();
+    return page;
+  };
+  /** The page's event list, as text, and its chart's series. */
+  const shows = async (page: Page, what: string) => {
+    await page.locator(`#events li[data-ip="${BANNED}"]`).waitFor({ timeout: 10_000 });
+    const lines = await page.locator("#events li").allInnerTexts();
+    assert.ok(lines.some((l) => /ban\s+198\.51\.100\.61\s+by web2 \(sshd\)[\s\S]*to the hub in \d+ ms/.test(l)), `${what}: the ban in ${JSON.stringify(lines)}`);
+    assert.ok(lines.some((l) => /unban\s+198\.51\.100\.62\s+by web2 \(recidive\)/.test(l)), `${what}: the unban in ${JSON.stringify(lines)}`);
+    await page.locator('#legend li[data-node="to the hub"]').waitFor({ timeout: 10_000 });
+    assert.ok((await page.locator("#chart svg circle").count()) >= 2, `${what}: the events on the chart`);
+  };
+
+  before(async () => {
+    w = await startWorld(true);
+    profile = await mkdtemp(join(tmpdir(), "banshare-chromium-"));
+    const { chromium } = await import("playwright-core");
+    browser = await chromium.launchPersistentContext(profile, {
+      executablePath: chromiumPath(),
+      headless: true,
+      args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+      viewport: { width: 1280, height: 900 },
+    });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await stopAll();
+    await rm(w.dir, { recursive: true, force: true });
+    await rm(profile, { recursive: true, force: true });
+  });
+
+  test("events that happened before the page opened are listed with origin, jail, time and response time, also after the hub restarts", async () => {
+    for (const args of [["ban", BANNED, "--jail", "sshd", "--bantime", "600"], ["ban", LIFTED, "--jail", "recidive", "--bantime", "600"], ["unban", LIFTED, "--jail", "recidive"]]) {
+      const r = await w.fleet.ban("web2", ...args);
+      assert.equal(r.code, 0, r.output);
+    }
+    const before = await open();
+    await shows(before, "a page opened after the events");
+    await before.close();
+
+    await w.hub.proc.stop();
+    w.hub = await startHubProc(w.fleet.hubArgs);
+    const after = await open();
+    await shows(after, "a page opened after the hub restarted");
+    assert.deepEqual(problems, [], "console errors or CSP violations");
+    await after.close();
+  });
+
+  test("a five-digit y-axis label is drawn whole inside the chart", async () => {
+    const page = await open();
+    // web2 as an agent over a real socket, reporting a response time of 23 s.
+    const agent = await connectNode(w.hub.url, w.tokens.web2, { timeoutMs: 5000 });
+    agent.ws.send(JSON.stringify({ type: "hello", v: 1, want: "events" }));
+    await agent.next((f) => f.type === "sync");
+    agent.ws.send(JSON.stringify({ type: "applied", events: [{ seq: "1", ip: BANNED, rtMs: 23332, at: Date.now() }] }));
+    await page.locator('#legend li[data-node="web2"]').waitFor({ timeout: 10_000 });
+    const label = page.locator("#chart svg text", { hasText: /^\d{5} ms$/ });
+    await label.waitFor({ timeout: 10_000 });
+    const [text, box, chart] = await Promise.all([label.textContent(), label.boundingBox(), page.locator("#chart svg").boundingBox()]);
+    assert.ok(box && chart, "the label and the chart are rendered");
+    assert.ok(box.x >= chart.x - 0.5, `the label "${text}" starts ${chart.x - box.x} px left of the chart: clipped`);
+    assert.ok(box.x + box.width <= chart.x + chart.width + 0.5, `the label "${text}" ends past the chart`);
+    await mkdir(ARTIFACTS, { recursive: true });
+    await page.screenshot({ path: join(ARTIFACTS, "status-page-history.png"), fullPage: true });
+    assert.deepEqual(problems, [], "console errors or CSP violations");
+    agent.ws.close();
     await page.close();
   });
 });
