@@ -217,10 +217,25 @@ const ENFORCEMENT_REPORT_MS = 1000;
 // ---------------------------------------------------------------------------------------------
 // Pure helpers and the backends' plans
 
-/** Delay before reconnect attempt `attempt` (0-based): exponential from `baseMs`, capped, with jitter in [50%, 100%]. */
-export function nextDelay(attempt: number, baseMs = 500, capMs = 30_000, random = Math.random): number {
+/** Exponential from `baseMs`, capped, with jitter in [50%, 100%]: attempt `attempt` (0-based) of a backoff that grows. */
+export function growingDelay(attempt: number, baseMs = 500, capMs = 30_000, random = Math.random): number {
   const ceiling = Math.min(capMs, baseMs * 2 ** Math.min(attempt, 30));
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
+}
+
+/** Reconnect attempts made at a hub restart's pace before the backoff grows: at 0.25-1 s apiece, about the first 20 s of an outage. */
+export const FAST_RECONNECTS = 32;
+
+/**
+ * Delay before reconnect attempt `attempt` (0-based) of an outage. Most outages are a hub
+ * restart of a few seconds, so the first FAST_RECONNECTS attempts come every 0.25-1 s, uniformly
+ * jittered (a fleet that lost the hub at one instant comes back spread over a second, not in
+ * lockstep), and an agent is back within a second of the hub listening again. A longer outage
+ * then backs off from 1 s, doubling, to `capMs`.
+ */
+export function nextDelay(attempt: number, random = Math.random, capMs = 30_000): number {
+  if (attempt < FAST_RECONNECTS) return Math.round(250 + random() * 750);
+  return growingDelay(attempt - FAST_RECONNECTS + 1, 1000, capMs, random);
 }
 
 /** How long the opening handshake may take: a third of the heartbeat, 2-10 s (a frozen hub accepts TCP and never answers the upgrade). */
@@ -3078,7 +3093,8 @@ export class HubLink implements SessionHost, Publisher {
     const failed = this.hubIndex % this.opts.hubs.length;
     if (session.hung) this.hungAt.set(failed, now);
     this.hubIndex = nextHub(this.opts.hubs.length, failed, this.hungAt, now, hungMemoryMs(this.opts.heartbeatMs));
-    const delay = nextDelay(this.attempt++);
+    // A hub whose syncs this agent keeps overflowing is given a growing pause at once; anything else is retried at a restart's pace first.
+    const delay = this.strikes ? growingDelay(this.attempt++) : nextDelay(this.attempt++);
     this.opts.log(`disconnected from ${session.url}${code ? ` (${code}${reason.length ? ` ${reason}` : ""})` : ""}; retrying ${this.opts.hubs[this.hubIndex % this.opts.hubs.length]} in ${delay} ms`);
     this.retryTimer = setTimeout(() => this.connect(), delay);
   }

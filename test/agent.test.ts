@@ -39,6 +39,8 @@ import {
   ipsetSession,
   ipsetSetupCommands,
   nextDelay,
+  growingDelay,
+  FAST_RECONNECTS,
   nftChangeScript,
   nftReconcileScript,
   nftSession,
@@ -69,15 +71,27 @@ import { contains, mergeClaim, parseAddress, parseNodeFrame, type BanFrame, type
 const NOW = 1_800_000_000_000;
 const cfg = { prefix: "banshare", ports: [] as number[], allow: [parseAddress("192.0.2.0/24")!, parseAddress("2001:db8::/32")!] };
 
-describe("nextDelay(): reconnect delays grow exponentially to a cap, with jitter", () => {
-  test("grows exponentially, is capped, and jitters within [50%, 100%] of the step", () => {
-    assert.equal(nextDelay(0, 500, 30_000, () => 1), 500);
-    assert.equal(nextDelay(0, 500, 30_000, () => 0), 250);
-    assert.equal(nextDelay(3, 500, 30_000, () => 1), 4000);
-    assert.equal(nextDelay(20, 500, 30_000, () => 1), 30_000);
-    assert.equal(nextDelay(1000, 500, 30_000, () => 0), 15_000);
-    const seen = new Set(Array.from({ length: 50 }, () => nextDelay(4)));
-    assert.ok(seen.size > 10, "jitter spreads reconnects");
+describe("nextDelay(): a hub restart is retried every 0.25-1 s, a long outage backs off to 30 s, always with jitter", () => {
+  test("the first FAST_RECONNECTS attempts are 0.25-1 s, uniformly jittered; then 1 s doubling to the cap", () => {
+    assert.equal(nextDelay(0, () => 0), 250);
+    assert.equal(nextDelay(0, () => 1), 1000);
+    assert.equal(nextDelay(FAST_RECONNECTS - 1, () => 1), 1000);
+    const fast = Array.from({ length: 200 }, () => nextDelay(3));
+    for (const d of fast) assert.ok(d >= 250 && d <= 1000, `${d}`);
+    assert.ok(new Set(fast).size > 50, "a fleet that lost its hub at once does not come back in lockstep");
+    assert.equal(nextDelay(FAST_RECONNECTS, () => 1), 2000);
+    assert.equal(nextDelay(FAST_RECONNECTS + 3, () => 1), 16_000);
+    assert.equal(nextDelay(FAST_RECONNECTS + 20, () => 1), 30_000);
+    assert.equal(nextDelay(10_000, () => 0), 15_000);
+  });
+
+  test("growingDelay() (after syncs that overflowed) grows exponentially at once, capped, jittered within [50%, 100%]", () => {
+    assert.equal(growingDelay(0, 500, 30_000, () => 1), 500);
+    assert.equal(growingDelay(0, 500, 30_000, () => 0), 250);
+    assert.equal(growingDelay(3, 500, 30_000, () => 1), 4000);
+    assert.equal(growingDelay(20, 500, 30_000, () => 1), 30_000);
+    const seen = new Set(Array.from({ length: 50 }, () => growingDelay(4)));
+    assert.ok(seen.size > 10);
     for (const d of seen) assert.ok(d >= 4000 && d <= 8000);
   });
 });
