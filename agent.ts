@@ -3186,9 +3186,18 @@ export class StartError extends Error {}
 
 /** Reads a token file: the token alone, surrounding whitespace ignored. */
 export async function readToken(file: string): Promise<string> {
-  const token = (await readFile(file, "utf8")).trim();
+  const token = (await readOptionFile("token-file", file)).trim();
   if (!/^[\x21-\x7e]{16,512}$/.test(token)) throw new StartError(`Expected ${file} to hold one token of 16-512 printable characters, got something else`);
   return token;
+}
+
+/** Reads the file an option names, or fails in one line naming the option: before the agent touches the kernel. */
+async function readOptionFile(flag: string, path: string): Promise<string> {
+  try {
+    return await readFile(path, "utf8");
+  } catch (e) {
+    throw new StartError(`Expected --${flag} ${path} (or "${flag}" in --config) to be a file the agent can read: ${(e as Error).message}`);
+  }
 }
 
 /** Warnings about how the agent was set up: a token file others can read, a hub over plain ws:// off this host. */
@@ -3220,6 +3229,7 @@ async function restoreSaved(state: StateFile, link: HubLink, applier: Applier, n
 export async function startAgent(opts: AgentOptions): Promise<Agent> {
   const log = opts.log;
   const token = await readToken(opts.tokenFile);
+  if (opts.ca) await readOptionFile("ca", opts.ca);
   const cfg: FirewallConfig = { prefix: opts.prefix, ports: opts.ports, allow: opts.allow.map((s) => parseAddress(s)!), hooks: opts.hooks ?? backendHooks(opts.backend) };
   const hubAddresses = new HubAddresses(opts.hubs, log);
   await hubAddresses.refresh();

@@ -2993,6 +2993,10 @@ export class Publisher {
     const all = f.type === "unban" && f.all === true;
     // A replay or an older event: nothing changes, but the sender still gets its ack.
     if ("standing" in d) {
+      // Still a trace: a Fail2Ban restart re-sends every ban it restores, and the operator looks for it here.
+      const again = d.standing.id === d.event.id ? "the same event again (a resend)" : `no newer than the claim ${d.standing.origin} holds (a ban Fail2Ban restored after a restart, or a late one)`;
+      this.recorder.row({ action: "RECEIVE", ip: f.ip, origin: entry.name, jail: f.jail, until: d.standing.until, detail: `${f.type} from ${entry.name} (${remote}): ${again}; nothing changes` });
+      this.log(`${f.type} of ${printable(f.ip)} from ${entry.name}: ${again}; nothing changes`);
       const seq = await this.store.replay(d.standing, d.event);
       return all ? { seq, remaining: this.fleet.remaining(f.ip, [], Date.now()) } : { seq };
     }

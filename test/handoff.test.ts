@@ -54,6 +54,23 @@ describe("ban.ts hands events to the local agent (loopback hub)", () => {
   });
 });
 
+describe("a ban Fail2Ban restores after a restart leaves a trace at the hub", () => {
+  test("the same ban sent again with --restored 1 is a RECEIVE row and a log line saying nothing changes", async () => {
+    const fleet = await startFleet({ nodes: [["web1", "node"]], journal: true });
+    try {
+      const t = String(Math.floor(Date.now() / 1000) - 60);
+      for (const restored of ["0", "1"]) assert.equal((await fleet.ban("web1", "ban", "203.0.113.60", "--time", t, "--restored", restored)).code, 0);
+      await waitFor(() => rows(fleet.csv("hub"), "RECEIVE", "203.0.113.60").length === 2, "two RECEIVE rows");
+      const [first, again] = rows(fleet.csv("hub"), "RECEIVE", "203.0.113.60");
+      assert.doesNotMatch(first.detail, /nothing changes/);
+      assert.match(again.detail, /^ban from web1 \(.*\): no newer than the claim web1 holds \(a ban Fail2Ban restored after a restart, or a late one\); nothing changes$/);
+      assert.ok(fleet.hub.proc.lines().some((l) => /ban of 203\.0\.113\.60 from web1: no newer than the claim web1 holds .*nothing changes/.test(l)));
+    } finally {
+      await fleet.stop();
+    }
+  });
+});
+
 describe("a blackholed hub never holds up Fail2Ban", needs(["root", "netns", "iptables", "fail2ban-server", "fail2ban-client"], "fail2ban"), () => {
   let topo: Topology;
   let dir: string;
