@@ -1060,7 +1060,7 @@ async function runOperator(o: ListOptions | StatusOptions | ImportOptions): Prom
   let ca: string | undefined;
   let input = "";
   try {
-    token = (await readFile(o.tokenFile, "utf8")).trim();
+    token = await readTokenFile(o.tokenFile);
     ca = o.ca ? await readFile(o.ca, "utf8") : undefined;
     if (o.command === "import") input = await readInput(o.file);
   } catch (e) {
@@ -1125,7 +1125,7 @@ async function send(opts: SendOptions, frame: BanFrame | UnbanFrame): Promise<vo
   try {
     let token: string;
     try {
-      token = (await readFile(opts.tokenFile, "utf8")).trim();
+      token = await readTokenFile(opts.tokenFile);
     } catch (e) {
       // A broken install must show in Fail2Ban's log, but the ban is still kept for the agent.
       throw Object.assign(new Error(`cannot read --token-file ${opts.tokenFile}: ${(e as Error).message}`), { broken: true });
@@ -1166,6 +1166,18 @@ async function send(opts: SendOptions, frame: BanFrame | UnbanFrame): Promise<vo
     process.exitCode = broken ? 1 : 0;
   } catch (e) {
     fail(1, `could not send the ${frame.type} of ${frame.ip} (${broken || reason}) nor spool it: ${(e as Error).message}`);
+  }
+}
+
+/** Reads this node's token; a token file other users can read is said once, on stderr (the hub cannot tell who sent with it). */
+async function readTokenFile(path: string): Promise<string> {
+  const fh = await open(path, "r");
+  try {
+    const mode = (await fh.stat()).mode;
+    if (mode & 0o077) process.stderr.write(`ban.ts: warning: ${printable(path)} is readable by ${mode & 0o007 ? "every user" : "its group"} (mode ${(mode & 0o777).toString(8).padStart(4, "0")}): chmod 600 it\n`);
+    return (await fh.readFile("utf8")).trim();
+  } finally {
+    await fh.close();
   }
 }
 

@@ -209,7 +209,7 @@ const TOKEN_PATTERN = String.raw`[\x21-\x7e]{1,512}`;
 const BEARER_RE = new RegExp(`^Bearer (${TOKEN_PATTERN})$`);
 const TOKEN_PROTOCOL_RE = new RegExp(`^${TOKEN_PROTOCOL_PREFIX.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}(${TOKEN_PATTERN})$`);
 
-const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "max-claims-per-node", "max-pending", "max-pending-per-address", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "dir", "host", "days"];
+const HUB_FLAGS = ["config", "tokens", "listen", "state", "store", "store-replicas", "stream-max-len", "stream-max-age", "csv", "heartbeat", "max-prefix-v4", "max-prefix-v6", "tls-cert", "tls-key", "max-buffered", "rate", "burst", "max-conns-per-node", "max-claims-per-node", "max-pending", "max-pending-per-address", "protect", "insecure", "escalate", "escalate-max", "quorum", "trust", "role", "out", "dir", "host", "days"];
 const JOURNAL_MAGIC = "banshare-journal";
 /** A week of a busy fleet (one event a second on average, bursts included) fits in it. */
 const DEFAULT_STREAM_MAX_LEN = 1_000_000;
@@ -3708,13 +3708,18 @@ export async function addNode(tokensFile: string, name: string, role: Role): Pro
  * Makes a private CA and a hub certificate signed by it, with openssl (argv, no shell). Nodes
  * verify the hub with `--ca DIR/ca.pem`; keep ca.key offline once the hub certificate exists.
  */
+/** The names a gen-cert certificate covers: the --host names, then this machine's own (so `ban.ts list --hub wss://127.0.0.1:7700` works on the hub), once each. */
+export function certNames(hosts: string[]): string[] {
+  return [...new Set([...hosts, "localhost", "127.0.0.1", "::1"])];
+}
+
 export async function genCert(dir: string, hosts: string[], days: number): Promise<string[]> {
   const { execFileSync } = await import("node:child_process");
   for (const h of hosts) if (!/^[A-Za-z0-9.:-]{1,253}$/.test(h)) throw new UsageError(`Expected --host to be a DNS name or address, got ${JSON.stringify(h)}`);
   await mkdir(dir, { recursive: true, mode: 0o700 });
   const f = (n: string) => `${dir}/${n}`;
   for (const n of ["ca.pem", "hub.pem"]) if (existsSync(f(n))) throw new UsageError(`${f(n)} exists already; move it away to make new certificates`);
-  const san = hosts.map((h) => (parseAddress(h) ? `IP:${h}` : `DNS:${h}`)).join(",");
+  const san = certNames(hosts).map((h) => (parseAddress(h) ? `IP:${h}` : `DNS:${h}`)).join(",");
   const ssl = (...args: string[]) => execFileSync("openssl", args, { stdio: ["ignore", "ignore", "pipe"] });
   ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f("ca.key"), "-out", f("ca.pem"), "-days", String(days), "-subj", "/CN=banshare fleet CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign");
   ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", f("hub.key"), "-out", f("hub.csr"), "-subj", `/CN=${hosts[0]}`);
@@ -3727,7 +3732,7 @@ export async function genCert(dir: string, hosts: string[], days: number): Promi
 
 export type ParsedArgs =
   | { command: "serve"; options: Omit<HubOptions, "log"> }
-  | { command: "add-node"; name: string; tokensFile: string; role: Role }
+  | { command: "add-node"; name: string; tokensFile: string; role: Role; out?: string }
   | { command: "gen-cert"; dir: string; hosts: string[]; days: number };
 
 /**
@@ -3866,9 +3871,10 @@ export function parseArgs(argv: string[]): ParsedArgs {
         (y) =>
           y
             .positional("name", { type: "string", demandOption: true, describe: "Node name, usually the host name" })
-            .option("role", { choices: ROLES, default: "node" as Role, describe: "node: send and receive; reader: receive only; admin: node plus fleet-wide unban" }),
+            .option("role", { choices: ROLES, default: "node" as Role, describe: "node: send and receive; reader: receive only; admin: node plus fleet-wide unban" })
+            .option("out", { type: "string", describe: "Write the token to this new file, mode 600 (instead of printing it); refuses an existing file" }),
         (a) => {
-          result = { command: "add-node", name: a.name, tokensFile: a.tokens!, role: a.role as Role };
+          result = { command: "add-node", name: a.name, tokensFile: a.tokens!, role: a.role as Role, ...(a.out ? { out: a.out } : {}) };
         },
       )
       .command(
@@ -3927,7 +3933,7 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   if (args.command === "gen-cert") {
     try {
       const files = await genCert(args.dir, args.hosts, args.days);
-      process.stderr.write(`Wrote ${files.join(", ")}.\nHub: --tls-cert ${files[2]} --tls-key ${files[3]}. Nodes: copy ${files[0]} and use --ca ca.pem with wss://${args.hosts[0]}:${DEFAULT_PORT}. Keep ca.key offline.\n`);
+      process.stderr.write(`Wrote ${files.join(", ")}; hub.pem covers ${certNames(args.hosts).join(", ")}.\nHub: --tls-cert ${files[2]} --tls-key ${files[3]}. Nodes: copy ${files[0]} to /etc/banshare/tls/ca.pem on each server (the "ca" of agent.json and ban.json) and use wss://${args.hosts[0]}:${DEFAULT_PORT}. Keep ca.key offline.\n`);
     } catch (e) {
       reportError(e);
     }
@@ -3935,9 +3941,24 @@ export async function main(argv = process.argv.slice(2)): Promise<void> {
   }
   if (args.command === "add-node") {
     try {
-      const token = await addNode(args.tokensFile, args.name, args.role);
-      process.stdout.write(token + "\n");
-      process.stderr.write(`Added ${args.name} (${args.role}) to ${args.tokensFile}. Save the token above on that node in a root-only file (e.g. /etc/banshare/token, mode 600); it is not shown again. A running hub loads it on SIGHUP.\n`);
+      // The file first, "wx" and 0600: a token is never left readable, nor written over another.
+      const fh = args.out ? await open(args.out, "wx", 0o600).catch((e: NodeJS.ErrnoException) => {
+        throw new UsageError(e.code === "EEXIST" ? `Expected --out ${args.out} to be a new file, got one that exists: move it away or choose another name` : `Expected --out ${args.out} to be a file this user can create: ${e.message}`);
+      }) : undefined;
+      const token = await addNode(args.tokensFile, args.name, args.role).catch(async (e) => {
+        await fh?.close();
+        if (args.out) await rm(args.out, { force: true });
+        throw e;
+      });
+      if (fh) {
+        await fh.writeFile(token + "\n");
+        await fh.sync();
+        await fh.close();
+        process.stderr.write(`Added ${args.name} (${args.role}) to ${args.tokensFile}; its token is in ${args.out} (mode 600). Copy it to that node's /etc/banshare/token (mode 600). A running hub loads it on SIGHUP.\n`);
+      } else {
+        process.stdout.write(token + "\n");
+        process.stderr.write(`Added ${args.name} (${args.role}) to ${args.tokensFile}. Save the token above on that node in a root-only file (e.g. /etc/banshare/token, mode 600; or use --out FILE, which writes it so); it is not shown again. A running hub loads it on SIGHUP.\n`);
+      }
     } catch (e) {
       reportError(e);
     }
