@@ -43,6 +43,8 @@ export interface ProcOptions {
    * group is still killed by stop()/the exit hooks).
    */
   pdeathsig?: boolean;
+  /** tsx(): the node binary to run the script with (default: this process's, process.execPath). */
+  node?: string;
 }
 
 export interface ExitInfo {
@@ -373,7 +375,7 @@ export function tsx(script: string, args: string[] = [], opts: ProcOptions = {})
   // agent.ts and ban.ts may send it their token (BANSHARE_INSECURE, as --insecure), unless the
   // test says otherwise (`env: { BANSHARE_INSECURE: null }` to see the refusal).
   const insecure = opts.netns && !(opts.env && 'BANSHARE_INSECURE' in opts.env) ? { BANSHARE_INSECURE: 'true' } : {};
-  return spawnProc(process.execPath, ['--import', tsxLoader(), abs, ...args], {
+  return spawnProc(opts.node ?? process.execPath, ['--import', tsxLoader(), abs, ...args], {
     ...opts,
     env: { ...insecure, ...opts.env },
     cwd,
