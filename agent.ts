@@ -2419,14 +2419,19 @@ export class Spool {
   /** The event `id`, in `path`, went on this connection by other means (the hand-off): not sent again from here, and its answer is the file's. */
   track(id: string, path: string): void {
     this.sent.set(id, path);
+    this.handed.add(id);
   }
+
+  /** Tracked events (handed in by ban.ts, sent at once): their file's removal is no delivery from the spool, and not logged as one. */
+  private readonly handed = new Set<string>();
 
   /** The hub has the event `id` in its journal: its file goes. */
   acked(id: string): void {
     const path = this.sent.get(id);
     if (!path) return;
     this.sent.delete(id);
-    void unlink(path).then(() => this.log(`delivered spooled event ${id}`)).catch(() => {});
+    const handed = this.handed.delete(id);
+    void unlink(path).then(() => handed || this.log(`delivered spooled event ${id}`)).catch(() => {});
   }
 
   /** The hub refused the event `id`: over the rate limit or a hub-side write error it stays for the next round, otherwise it is moved aside. */
@@ -2434,6 +2439,7 @@ export class Spool {
     const path = this.sent.get(id);
     if (!path) return;
     this.sent.delete(id);
+    this.handed.delete(id);
     if (code !== "rate_limited" && code !== "internal") void this.reject(path).catch(() => {});
   }
 
