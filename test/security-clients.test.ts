@@ -245,7 +245,7 @@ describe("security: what a hostile hub or node writes cannot forge a log line, a
     const { url, server } = await fakeHttpHub((_m, path) => ({ status: 200, body: JSON.stringify(path === "/v1/bans" ? bans : nodes) }));
     try {
       const token = join(dir, "t.token");
-      await writeFile(token, "t".repeat(43));
+      await writeFile(token, "t".repeat(43), { mode: 0o600 });
       const l = await runBan(["list", "--hub", url, "--token-file", token]);
       assert.equal(l.code, 0, l.output);
       assert.equal(l.output.trimEnd().split("\n").length, 3, l.output);
