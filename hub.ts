@@ -1483,6 +1483,10 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
  * bans and unbans, through the append script, whose merge rule skips what the store still has:
  * the stream and the hash hold the fleet state again, and every hub's full syncs are complete.
  */
+/** How long a hub remembers the events it acked for a write-back (its stream reader has them back in milliseconds), and at most how many. */
+const RECENT_ACKED_MS = 60_000;
+const MAX_RECENT_ACKED = 100_000;
+
 class RedisStore implements Store {
   hubId = "";
   /** ID of the last stream entry handed to `listener.durable`: what this hub's agents have been sent. */
@@ -1498,6 +1502,12 @@ class RedisStore implements Store {
   private writtenBack = 0;
   /** A write-back on its way, and whether one is still owed (a write-back that failed halfway). */
   private restoring?: Promise<void>;
+  /**
+   * Events this hub appended and acked in the last RECENT_ACKED_MS: until its stream reader has
+   * read them back they are in no hub's claims, so a store emptied in that moment would lose
+   * them; the write-back puts them back with the claims.
+   */
+  private readonly recentAcked: Array<{ e: FleetEvent; at: number }> = [];
   private owed = false;
   /** Stream entries this hub has read since it started: `banshare_seq` (a stream ID is no count). */
   private read = 0;
@@ -1716,7 +1726,8 @@ class RedisStore implements Store {
   private async writeBack(): Promise<void> {
     this.owed = false;
     const cmd = this.cmd;
-    const claims = [...this.snapshot.live(Date.now())];
+    const now = Date.now();
+    const claims = [...this.snapshot.live(now), ...this.recentAcked.filter((r) => now - r.at <= RECENT_ACKED_MS && !isExpired(r.e, now)).map((r) => r.e)];
     let appended = 0;
     try {
       if (!cmd) throw new Error("not connected");
@@ -1790,6 +1801,9 @@ class RedisStore implements Store {
     const p = (async () => {
       const out: string[] = [];
       for (const e of events) out.push((e.seq = await this.appendOne(e)));
+      const now = Date.now();
+      for (const e of events) this.recentAcked.push({ e, at: now });
+      while (this.recentAcked.length && (this.recentAcked.length > MAX_RECENT_ACKED || now - this.recentAcked[0].at > RECENT_ACKED_MS)) this.recentAcked.shift();
       return out;
     })();
     this.inflight.add(p);
