@@ -2499,6 +2499,8 @@ export interface Publisher {
   publish(frame: BanFrame | UnbanFrame, file: string): Promise<PublishResult> | undefined;
   /** Why the link cannot deliver for now and needs a hand (TLS, token), or undefined. */
   readonly problem: string | undefined;
+  /** How long to wait for the hub's answer once the spool holds an event: a few of its recent answer times, 10-100 ms; 0 with no connection. */
+  ackWaitMs(): number;
 }
 
 /** Connections the hand-off socket serves at once. */
@@ -2599,7 +2601,19 @@ export class Handoff {
     void Promise.all([sent ?? { status: "lost" as const }, written]).then(([h, w]) => {
       if (w.status === "written" && (h.status === "acked" || refusedForGood)) void unlink(file).catch(() => {});
     });
-    const first = await Promise.race([hub, written]);
+    let first: PublishResult | { status: "written" } | { status: "unwritten"; message: string } = await Promise.race([hub, written]);
+    // On disk: the hub usually answers within milliseconds, and its refusal belongs in Fail2Ban's
+    // log (exit 1). Wait that long for it, no longer: a hub that went silent costs the action
+    // only a few of its recent round trips.
+    if (first.status === "written" && sent) {
+      const wait = this.link.ackWaitMs();
+      let timer: NodeJS.Timeout | undefined;
+      const h = await Promise.race([sent, new Promise<undefined>((r) => {
+        timer = setTimeout(() => r(undefined), wait);
+      })]);
+      clearTimeout(timer);
+      if (h && h.status !== "lost") first = h;
+    }
     if (first.status === "acked") return { type: "queued", id: frame.id, via: "hub", seq: first.seq };
     if (first.status === "refused" && first.code !== "rate_limited" && first.code !== "internal") {
       // ban.ts says so in Fail2Ban's log; nothing is left to deliver.
@@ -2774,6 +2788,8 @@ export class Session {
   private spool: Spool | undefined;
   /** Events handed in by ban.ts and sent on this connection, waiting for the hub's answer. */
   private readonly waiting = new Map<string, (r: PublishResult) => void>();
+  /** Recent time from publishing an event to the hub's answer (ms, smoothed): what the hand-off waits for, a few times over. */
+  private answerMs = 10;
   /** When the hello went, on the monotonic clock: the welcome's `now` is placed at the middle of the round trip. */
   private helloAt = 0;
 
@@ -2853,7 +2869,18 @@ export class Session {
     if (!this.hubId || this.sock.readyState !== WebSocket.OPEN || this.waiting.has(frame.id)) return undefined;
     this.spool?.track(frame.id, file);
     this.send({ ...frame, sentAt: Date.now() });
-    return new Promise((resolve) => this.waiting.set(frame.id, resolve));
+    const t0 = performance.now();
+    return new Promise((resolve) =>
+      this.waiting.set(frame.id, (r) => {
+        if (r.status !== "lost") this.answerMs = 0.7 * this.answerMs + 0.3 * (performance.now() - t0);
+        resolve(r);
+      }),
+    );
+  }
+
+  /** How long the hand-off waits for the hub's answer once an event is on disk: 3 recent answer times, 10-100 ms. */
+  ackWaitMs(): number {
+    return Math.round(Math.min(100, Math.max(10, 3 * this.answerMs)));
   }
 
   /** Stops the session's timers; what it had not sent is dropped. */
@@ -3033,6 +3060,10 @@ export class HubLink implements SessionHost, Publisher {
 
   publish(frame: BanFrame | UnbanFrame, file: string): Promise<PublishResult> | undefined {
     return this.welcomedSession === this.session ? this.session?.publish(frame, file) : undefined;
+  }
+
+  ackWaitMs(): number {
+    return this.session?.ackWaitMs() ?? 0;
   }
 
   synced(): void {
